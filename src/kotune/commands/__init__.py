@@ -1,0 +1,1 @@
+"""Subcommands of the ``kotune`` CLI; each module has ``register(subparsers)``."""

@@ -1,0 +1,61 @@
+"""``kotune data preview CONFIG``: the tokenized rows exactly as training sees them."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from kotune.commands.train import add_config_arguments
+from kotune.config import load_config
+from kotune.encoding import IGNORE, Example
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="inspect the data as training sees it")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    preview = data_sub.add_parser("preview", help="tokenized rows with trained and masked tokens marked")
+    add_config_arguments(preview)
+    preview.add_argument("--limit", type=int, default=5, help="rows to show (default 5)")
+    preview.add_argument("--json", action="store_true", help='one JSON line per row: {"row", "input_ids", "labels"}')
+    preview.add_argument("--split", choices=("train", "validation"), default="train")
+    preview.set_defaults(run=run_preview)
+
+
+def load_examples(cfg, split: str) -> tuple[list[Example], object]:
+    from kotune.assets import resolve_model
+    from kotune.model import load_tokenizer
+    from kotune.prepare import prepare
+
+    tokenizer = load_tokenizer(resolve_model(cfg.model.path), cfg.model)
+    data = prepare(cfg, tokenizer)
+    return (data.train if split == "train" else data.validation), tokenizer
+
+
+def render_example(example: Example, tokenizer, color: bool) -> str:
+    """Masked tokens dim (or in [brackets] without colour), trained tokens plain; a legend says which."""
+    parts = []
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        text = tokenizer.decode([token])
+        if label == IGNORE:
+            parts.append(f"\x1b[2m{text}\x1b[0m" if color else f"[{text}]")
+        else:
+            parts.append(f"\x1b[1;32m{text}\x1b[0m" if color else text)
+    trained = example.trained_tokens
+    head = f"── row {example.row}: {len(example.input_ids)} tokens, {trained} trained"
+    return f"{head}\n{''.join(parts)}\n"
+
+
+def run_preview(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    examples, tokenizer = load_examples(cfg, args.split)
+    shown = examples[: args.limit]
+    if args.json:
+        for e in shown:
+            print(json.dumps({"row": e.row, "input_ids": e.input_ids, "labels": e.labels}))
+        return 0
+    color = sys.stdout.isatty()
+    legend = "masked = dim, trained = green" if color else "masked = [bracketed], trained = plain"
+    print(f"kotune data preview: {len(examples)} rows ({args.split}); {legend}\n")
+    for e in shown:
+        print(render_example(e, tokenizer, color))
+    return 0

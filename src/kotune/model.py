@@ -1,0 +1,112 @@
+"""Loading the tokenizer and the base model (4-bit NF4 / 8-bit / full precision) and attaching LoRA."""
+
+from __future__ import annotations
+
+import torch
+
+from kotune.config import Config, LoraConfig, ModelConfig
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_tokenizer(path: str, cfg: ModelConfig):
+    """The base model's tokenizer with a pad token set (``model.pad_token``, its own, else EOS)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.pad_token is not None:
+        if cfg.pad_token not in tokenizer.get_vocab():
+            raise ValueError(f"model.pad_token '{cfg.pad_token}' is not in the tokenizer's vocabulary")
+        tokenizer.pad_token = cfg.pad_token
+    elif tokenizer.pad_token is None:
+        # Safe here: collation pads labels with -100 by position, so the real EOS stays trained.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def quantization_config(cfg: ModelConfig):
+    """The walkthrough's ``BitsAndBytesConfig`` for ``4bit``; None for ``none``."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = DTYPES[cfg.compute_dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def device_map() -> dict[str, object]:
+    """Whole model on this process's device: its local GPU under torchrun / accelerate, else the CPU."""
+    if torch.cuda.is_available():
+        import os
+
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def load_base_model(path: str, cfg: ModelConfig):
+    """The base model, quantized as configured, in training-ready state for k-bit LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    quant = quantization_config(cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=quant,
+        dtype=DTYPES[cfg.compute_dtype],
+        device_map=device_map(),
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+    )
+    model.config.use_cache = False
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def attach_lora(model, cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as stored elements, like the walkthrough's printout."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def load_for_training(cfg: Config, path: str):
+    """Tokenizer and LoRA-wrapped model for a run; prints trainable / total parameters like the walkthrough."""
+    tokenizer = load_tokenizer(path, cfg.model)
+    torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random
+    model = attach_lora(load_base_model(path, cfg.model), cfg.lora)
+    trainable, total = parameter_counts(model)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    return tokenizer, model
