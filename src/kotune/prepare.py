@@ -42,7 +42,7 @@ def render_rows(
             elif fmt == "prompt_completion":
                 rendered.append(render_prompt_completion(row, cfg.data.train_on_inputs, where))
             else:
-                from kotune.chat import render_conversation
+                from kotune.conversations import render_conversation
 
                 rendered.append(render_conversation(row, fmt, tokenizer, cfg.data, where))
         except SkipRow as reason:
