@@ -14,7 +14,8 @@ import inspect
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -106,7 +107,7 @@ class TrainConfig:
     lr_scheduler: str = "cosine"
     """Schedule after warm-up: ``cosine``, ``linear`` or ``constant``."""
     optimizer: str = "paged_adamw_8bit"
-    """``paged_adamw_8bit``, ``adamw_8bit`` (bitsandbytes, CUDA) or ``adamw_torch``. CPU falls back to ``adamw_torch``."""
+    """``paged_adamw_8bit``, ``adamw_8bit`` (bitsandbytes, CUDA) or ``adamw_torch`` (what CPU runs use)."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.95
@@ -185,64 +186,84 @@ def all_keys() -> list[str]:
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
+    """An error naming the unknown key and the closest valid one (by full key, else by its last part)."""
     keys = all_keys()
-    leaf_matches = [k for k in keys if k.split(".")[1] == key.split(".")[-1]]
-    close = leaf_matches or difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if not close:
-        close = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[1] for k in keys], n=1, cutoff=0.6)
-        close = [k for k in keys if close and k.endswith("." + close[0])]
+        leaves = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[1] for k in keys], n=1, cutoff=0.6)
+        same_leaf = [k for k in keys if leaves and k.split(".")[1] == leaves[0]]
+        close = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
 def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     """Check and convert a YAML or command-line value to the field's type."""
-    origin, args = get_origin(hint), get_args(hint)
+    args = get_args(hint)
     if value is None:
         if type(None) in args:
             return None
         raise ConfigError(f"{where}: '{key}' cannot be null")
-    if args and type(None) in args:  # Optional[X] / X | None
-        rest = [a for a in args if a is not type(None)]
-        return _coerce(value, rest[0] if len(rest) == 1 else rest, key, where)
-    if isinstance(hint, list):  # a union such as list[str] | str
-        for h in hint:
+    if get_origin(hint) in (Union, UnionType):  # X | None becomes X; X | Y is tried in order
+        args = tuple(a for a in args if a is not type(None))
+        hint = args[0] if len(args) == 1 else args
+    if isinstance(hint, tuple):  # a union such as list[str] | str: the first type that fits
+        for option in hint:
             try:
-                return _coerce(value, h, key, where)
+                return _coerce(value, option, key, where)
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: '{key}' has value {value!r} of the wrong type")
+    origin = get_origin(hint)
     if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
-        return [_coerce(v, args[0], key, where) for v in value]
+        return _coerce_list(value, get_args(hint)[0], key, where)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
         return {str(k): str(v) for k, v in value.items()}
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
-    if hint in (int, float):
-        if isinstance(value, bool):
+    return SCALARS[hint](value, key, where)
+
+
+def _coerce_list(value: Any, item: Any, key: str, where: str) -> list:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
+    return [_coerce(v, item, key, where) for v in value]
+
+
+def _to_bool(value: Any, key: str, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+
+
+def _to_number(kind: type):
+    def convert(value: Any, key: str, where: str):
+        if isinstance(value, bool) or isinstance(value, dict | list):
             raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
         try:
-            number = float(value) if hint is float else int(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}") from None
-        if hint is int and isinstance(value, float) and value != int(value):
-            raise ConfigError(f"{where}: '{key}' must be a whole number, got {value!r}")
+        if kind is int:
+            if number != int(number):
+                raise ConfigError(f"{where}: '{key}' must be a whole number, got {value!r}")
+            return int(number)
         return number
-    if hint is str:
-        if isinstance(value, dict | list):
-            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
-        return str(value)
-    return value
+
+    return convert
+
+
+def _to_str(value: Any, key: str, where: str) -> str:
+    if isinstance(value, dict | list):
+        raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+    return str(value)
+
+
+SCALARS = {bool: _to_bool, int: _to_number(int), float: _to_number(float), str: _to_str}
 
 
 def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
@@ -331,7 +352,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.train.learning_rate <= 0:
         raise ConfigError(f"'train.learning_rate' must be positive, got {cfg.train.learning_rate}")
-    if isinstance(cfg.lora.target_modules, str) and cfg.lora.target_modules != "all-linear":
+    if cfg.lora.target_modules in (["all-linear"], "all-linear"):
+        cfg.lora.target_modules = "all-linear"  # peft's keyword, not a module name
+    elif isinstance(cfg.lora.target_modules, str):
         cfg.lora.target_modules = [cfg.lora.target_modules]
 
 
