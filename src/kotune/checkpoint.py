@@ -1,7 +1,13 @@
 """Checkpoints: everything a run needs to continue exactly, in safetensors + JSON, written atomically.
 
 A checkpoint folder is first written under a temporary name and renamed when complete; a ``COMPLETE``
-marker holding the files' checksums is the last thing written. Loading checks the marker and checksums.
+marker holding the files' checksums is the last thing written. Loading checks the marker and checksums,
+and refuses a folder holding pickle files (kotune never writes one; a transformers Trainer checkpoint does).
+
+Contents of ``checkpoint-STEP/``: the adapter (``adapter_model.safetensors`` + config), ``optimizer.safetensors``,
+``rng.safetensors`` (torch CPU / CUDA generators), ``trainer_state.json`` (step counters, data position,
+best eval, Python RNG, the optimizer's non-tensor state), ``fingerprint.json`` (see ``kotune.fingerprint``),
+``best_adapter.safetensors`` once an evaluation has run, and ``COMPLETE``.
 """
 
 from __future__ import annotations
@@ -17,8 +23,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from kotune import __version__
+from kotune.security import inside, pickle_files
+
 PREFIX = "checkpoint-"
 MARKER = "COMPLETE"
+STATE = "trainer_state.json"
+FINGERPRINT = "fingerprint.json"
+ADAPTER = "adapter_model.safetensors"
+BEST = "best"
+BEST_ADAPTER = "best_adapter.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -90,34 +104,139 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_checkpoint(output_dir: Path, step: int, model, optimizer, state: dict[str, Any]) -> Path:
-    """Write ``checkpoint-STEP`` atomically: adapter, optimizer, RNG and trainer state, then the marker."""
-    final = output_dir / f"{PREFIX}{step}"
-    tmp = output_dir / f".tmp-{PREFIX}{step}"
+def estimate_size(model, optimizer, with_best: bool) -> int:
+    """Bytes a checkpoint will take: the adapter (twice with the best one), the optimizer state, ~1 MiB of JSON."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    adapter = sum(p.numel() * p.element_size() for p in trainable)
+    moments = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    # Before the first step AdamW has no state yet; it will hold two float32 moments per parameter.
+    opt = sum(t.numel() * t.element_size() for t in moments) or 8 * sum(p.numel() for p in trainable)
+    return adapter * (2 if with_best else 1) + opt + (1 << 20)
+
+
+def check_free_space(output_dir: Path, needed: int, keep_free: int) -> None:
+    """Raise CheckpointError if writing ``needed`` bytes would leave less than ``keep_free`` on the disk."""
+    free = shutil.disk_usage(output_dir).free
+    if free - needed >= keep_free:
+        return
+    previous = latest_good(output_dir, log=lambda _: None)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no checkpoint has been written yet"
+    raise CheckpointError(
+        f"{output_dir}: {free / 1e9:.2f} GB free; a checkpoint needs about {needed / 1e6:.1f} MB and "
+        f"train.min_free_disk_gb asks to keep {keep_free / 1e9:.2f} GB free; {kept}. Free some space "
+        "(or lower train.save_total_limit) and resume with --resume"
+    )
+
+
+def write_checkpoint(
+    output_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    state: dict[str, Any],
+    fingerprint: dict[str, Any] | None = None,
+    keep_free: int = 0,
+) -> Path:
+    """Write ``checkpoint-STEP`` atomically: adapter, optimizer, RNG, trainer state, fingerprint, best adapter.
+
+    The disk is checked first; a failed write (e.g. disk full) removes the partial folder and leaves the
+    previous checkpoints as they were. The new checkpoint is verified before this returns.
+    """
+    final = inside(output_dir, f"{PREFIX}{step}")
+    tmp = inside(output_dir, f".tmp-{PREFIX}{step}")
+    best = inside(output_dir, BEST) / ADAPTER
+    check_free_space(output_dir, estimate_size(model, optimizer, best.is_file()), keep_free)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+        _write_files(tmp, model, optimizer, state, fingerprint, best)
+        _fsync_tree(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: could not be written ({exc}); the previous checkpoints are intact") from exc
+    replace_dir(tmp, final)
+    verify(final)
+    return final
+
+
+def _write_files(tmp: Path, model, optimizer, state, fingerprint, best: Path) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     opt_tensors, opt_rest = flatten_state(optimizer.state_dict())
     save_file(opt_tensors or {"_empty": torch.zeros(0)}, tmp / "optimizer.safetensors")
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
-    (tmp / "trainer_state.json").write_text(
-        json.dumps({**state, "optimizer": opt_rest, "rng": rng_meta}, indent=1), encoding="utf-8"
-    )
+    (tmp / STATE).write_text(json.dumps({**state, "optimizer": opt_rest, "rng": rng_meta}, indent=1), encoding="utf-8")
+    if fingerprint is not None:
+        (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1, ensure_ascii=False), encoding="utf-8")
+    if best.is_file():  # the best-eval adapter so far, so a resume can restore best/ as it was at this step
+        shutil.copyfile(best, tmp / BEST_ADAPTER)
     checksums = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    marker = tmp / MARKER
-    marker.write_text(json.dumps({"step": step, "sha256": checksums}, indent=1), encoding="utf-8")
-    _fsync_tree(tmp)
+    marker = {"step": state.get("step"), "kotune": __version__, "sha256": checksums}
+    (tmp / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")  # last: the folder is complete
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished folder ``tmp`` to ``final``; an older ``final`` is moved aside first, then deleted."""
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)
-    return final
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(final.parent)
+
+
+def save_adapter(model, folder: Path) -> Path:
+    """``model.save_pretrained`` into ``folder`` atomically (written beside it, then renamed)."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    _fsync_tree(tmp)
+    replace_dir(tmp, folder)
+    return folder
+
+
+def restore_best(checkpoint: Path, output_dir: Path) -> None:
+    """Make ``best/`` what it was when ``checkpoint`` was written (absent if there was no best adapter yet)."""
+    best = inside(output_dir, BEST)
+    if not (checkpoint / BEST_ADAPTER).is_file():
+        shutil.rmtree(best, ignore_errors=True)
+        return
+    tmp = best.with_name(f".tmp-{BEST}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    shutil.copyfile(checkpoint / BEST_ADAPTER, tmp / ADAPTER)
+    shutil.copyfile(checkpoint / "adapter_config.json", tmp / "adapter_config.json")
+    replace_dir(tmp, best)
+
+
+def remove_partial(output_dir: Path) -> list[Path]:
+    """Delete folders a killed save left behind (``.tmp-*``, ``.old-*``); returns what was removed."""
+    leftovers = [p for p in output_dir.glob(".tmp-*") if p.is_dir()]
+    leftovers += [p for p in output_dir.glob(".old-*") if p.is_dir()]
+    for folder in leftovers:
+        shutil.rmtree(folder)
+    return leftovers
 
 
 def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with path.open("rb") as f:
             os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable: fsync the directory that holds it (not possible on every platform)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def verify(folder: Path) -> None:
@@ -156,16 +275,49 @@ def latest_good(output_dir: Path, log=print) -> Path | None:
 
 def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(adapter weights, optimizer state dict, trainer state) of a verified checkpoint."""
-    verify(folder)
+    if found := pickle_files(folder):
+        raise CheckpointError(
+            f"{folder}: holds pickle files ({', '.join(p.name for p in found)}); kotune checkpoints are "
+            "safetensors only and kotune never unpickles (pickle can run code). Is this a transformers "
+            "Trainer checkpoint? Resume from a kotune checkpoint-N folder instead"
+        )
     if not (folder / "optimizer.safetensors").is_file():
-        raise CheckpointError(f"{folder}: optimizer state is missing; refusing to restart the optimizer silently")
-    state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        raise CheckpointError(
+            f"{folder}: optimizer.safetensors is missing; refusing to restart the optimizer silently "
+            "(resume from an earlier checkpoint-N, or start a new run)"
+        )
+    verify(folder)
+    state = json.loads((folder / STATE).read_text(encoding="utf-8"))
     opt_tensors = load_file(folder / "optimizer.safetensors")
     opt_tensors.pop("_empty", None)
     optimizer_state = unflatten_state(opt_tensors, state.pop("optimizer"))
-    adapter = load_file(folder / "adapter_model.safetensors")
+    adapter = load_file(folder / ADAPTER)
     state["rng_tensors"] = load_file(folder / "rng.safetensors")
     return adapter, optimizer_state, state
+
+
+def trim_metrics(path: Path, last_step: int) -> int:
+    """Drop metrics.jsonl records after ``last_step`` (and a line torn by a kill); returns how many went.
+
+    A resumed run replays the steps after its checkpoint, so their old records would otherwise appear twice.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            keep = json.loads(line)["step"] <= last_step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
 
 def prune(output_dir: Path, keep: int | None, protect: set[Path]) -> None:

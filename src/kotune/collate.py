@@ -33,3 +33,23 @@ def collate(batch: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -> d
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_packed(batch: list[Example]) -> dict[str, torch.Tensor]:
+    """Rows laid end to end in one sequence: ``[1, total]`` ids and labels, per-row positions, row offsets.
+
+    Each row's first label is set to -100: it would otherwise be the target of the previous row's last
+    token. On its own a row's first label is never a target, so the loss is the unpacked one.
+    """
+    ids = [t for e in batch for t in e.input_ids]
+    labels, positions, offsets = [], [], [0]
+    for e in batch:
+        labels += [IGNORE] + list(e.labels[1:])
+        positions += range(len(e.input_ids))
+        offsets.append(offsets[-1] + len(e.input_ids))
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "cu_seqlens": torch.tensor(offsets, dtype=torch.int32),
+    }

@@ -38,6 +38,8 @@ class ModelConfig:
     """Recompute activations in the backward pass instead of storing them (less memory, ~30% more compute)."""
     trust_remote_code: bool = False
     """Allow model code from the hub to run. Off unless you trust the repository."""
+    allow_pickle: bool = False
+    """Load base-model weights stored as pickle (``.bin``, ``.pt``), which can run code. Off: safetensors only."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: ``sdpa``, ``eager`` or ``flash_attention_2``."""
     pad_token: str | None = None
@@ -118,6 +120,8 @@ class TrainConfig:
     """Gradient clipping norm (0 disables)."""
     eval_steps: int = 50
     """Evaluate validation loss every N optimizer steps."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step, as a baseline for the curve (and for ``load_best_model_at_end``)."""
     save_steps: int = 50
     """Write a checkpoint every N optimizer steps."""
     save_total_limit: int | None = None
@@ -138,10 +142,13 @@ class TrainConfig:
     """Pad each batch to a multiple of this (the walkthrough's collator uses 8)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
+    min_free_disk_gb: float = 1.0
+    """Free space (GB) a checkpoint must leave on the output disk; a save that would go below stops the run."""
     kernels: str = "auto"
-    """Fast path: ``auto`` (on with CUDA), ``off``. Plain PyTorch on CPU always."""
+    """``auto``: the fast path (docs/fast-path.md) on CUDA for Llama, Mistral, Qwen2 models; ``off``: plain forward."""
     packing: bool = False
-    """Pack variable-length rows into one sequence with per-row positions (no cross-row attention)."""
+    """Feed each step's rows end to end in sequences of up to micro_batch_size x cutoff_len tokens (no padding,
+    per-row positions, no cross-row attention); the steps and their loss are the unpacked ones."""
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Reading rows: local json / jsonl / csv / parquet files or folders, or a hub dataset; column mapping; split.
 
-Rows are plain dicts. Every row carries ``_row``: its position in the source, so errors and reports
-can name it. Problems a user can fix raise ``DataError`` naming the file and line, row or column.
+Rows are plain dicts. Every row carries ``_row`` (its position in the source, counted from 0, so reports can
+name it) and ``_source`` (where it is: ``FILE line N`` for jsonl / csv, ``FILE row N`` otherwise). Problems a
+user can fix raise ``DataError`` naming the file and the line, row or column.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from kotune.config import DataConfig
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ALPACA_COLUMNS = ("instruction", "input", "output")
@@ -35,9 +34,10 @@ def _decode(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise DataError(
-            f"{path}: line {line} is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-            "Korean files saved on Windows are often cp949 (euc-kr): convert with "
+            f"{path}: line {line}, column {column} is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start}); Korean files saved on Windows are often cp949 (euc-kr): convert with "
             f"`iconv -f cp949 -t utf-8 {path.name} > fixed.{path.suffix.lstrip('.')}`"
         ) from None
 
@@ -53,6 +53,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {number} is a JSON {type(row).__name__}, expected an object")
+        row["_source"] = f"{path} line {number}"
         rows.append(row)
     return rows
 
@@ -75,20 +76,42 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     for i, row in enumerate(data):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {i} is a JSON {type(row).__name__}, expected an object")
+        row["_source"] = f"{path} row {i}"
     return data
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    return [dict(r) for r in csv.DictReader(_decode(path).splitlines(keepends=True))]
+    reader = csv.reader(_decode(path).splitlines(keepends=True))
+    rows: list[dict[str, Any]] = []
+    try:
+        header = next(reader, None)
+        if header is None:
+            return rows
+        line = reader.line_num + 1
+        for fields in reader:
+            if fields:
+                if len(fields) != len(header):
+                    raise DataError(
+                        f"{path}: line {line} has {len(fields)} fields, the header has {len(header)} "
+                        f"({', '.join(header)}); quote fields that hold commas"
+                    )
+                rows.append({**dict(zip(header, fields, strict=True)), "_source": f"{path} line {line}"})
+            line = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({exc})") from None
+    return rows
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise DataError(f"{path}: cannot read as parquet ({exc})") from None
+    for i, row in enumerate(rows):
+        row["_source"] = f"{path} row {i}"
+    return rows
 
 
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
@@ -119,12 +142,10 @@ def read_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for file in local_files(spec):
             if file.stat().st_size == 0:
-                raise DataError(f"{file}: file is empty")
+                raise DataError(f"{file}: file is empty (0 bytes); expected {file.suffix.lstrip('.')} rows")
             file_rows = READERS[file.suffix](file)
             if not file_rows:
-                raise DataError(f"{file}: file holds no rows")
-            for i, row in enumerate(file_rows):
-                row["_source"] = f"{file}:{i}"
+                raise DataError(f"{file}: file holds no rows (only blank lines or a header)")
             rows.extend(file_rows)
     else:
         rows = _read_hub(spec, split)
@@ -144,54 +165,80 @@ def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
         raise DataError(f"'{name}': cannot load from the hub ({type(exc).__name__}: {exc})") from None
     rows = table.to_list()
     for i, row in enumerate(rows):
-        row["_source"] = f"{name}[{split}]:{i}"
+        row["_source"] = f"{name}[{split}] row {i}"
     return rows
+
+
+def columns_present(rows: list[dict[str, Any]]) -> list[str]:
+    """The user-visible columns of any row, sorted (kotune's ``_row`` / ``_source`` left out)."""
+    present: set[str] = set()
+    for row in rows:
+        present.update(row.keys())
+    return sorted(c for c in present if not c.startswith("_"))
 
 
 def apply_columns(rows: list[dict[str, Any]], mapping: dict[str, str], where: str) -> list[dict[str, Any]]:
     """Rename the user's columns to kotune's (``mapping`` is kotune name -> user column)."""
     if not mapping:
         return rows
-    present = set().union(*(r.keys() for r in rows[:1000])) if rows else set()
+    present = columns_present(rows)
     for ours, theirs in mapping.items():
         if theirs not in present:
-            columns = ", ".join(sorted(c for c in present if not c.startswith("_")))
             raise DataError(
-                f"{where}: data.columns maps '{ours}' to column '{theirs}', which is absent; columns present: {columns}"
+                f"{where}: data.columns maps '{ours}' to column '{theirs}', which is absent; "
+                f"columns present: {', '.join(present)}"
             )
+    theirs = set(mapping.values())
     renamed = []
     for row in rows:
-        row = dict(row)
-        for ours, theirs in mapping.items():
-            row[ours] = row.pop(theirs, None)
-        renamed.append(row)
+        picked = {ours: row.get(column) for ours, column in mapping.items()}  # all read first: swaps work
+        renamed.append({**{k: v for k, v in row.items() if k not in theirs}, **picked})
     return renamed
+
+
+def _kind_of_type(kind: type) -> str:
+    """The JSON kind of values of a Python type, as a user would name it."""
+    if kind is bool:
+        return "boolean"
+    for python, name in ((int, "number"), (float, "number"), (str, "text"), (list, "list"), (dict, "object")):
+        if issubclass(kind, python):
+            return name
+    return kind.__name__
+
+
+def check_types(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    """Each column holds one kind of value (nulls aside); the first row that breaks this is named."""
+    for column in columns:
+        types = {type(row.get(column)) for row in rows} - {type(None)}
+        if len({_kind_of_type(t) for t in types}) <= 1:  # the common case, without a pass per value
+            continue
+        first_kind, first_row = None, None
+        for row in rows:
+            value = row.get(column)
+            if value is None:
+                continue
+            kind = _kind_of_type(type(value))
+            if first_kind is None:
+                first_kind, first_row = kind, row
+            elif kind != first_kind:
+                raise DataError(
+                    f"{row['_source']}: column '{column}' holds {kind} ({str(value)[:40]!r}), but it holds "
+                    f"{first_kind} in earlier rows (first at {first_row['_source']}); make the column one type"
+                )
+
+
+def split_indices(n_rows: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded train / validation split of ``range(n_rows)``: (train in shuffled order, validation)."""
+    order = list(range(n_rows))
+    random.Random(seed).shuffle(order)
+    n_val = round(n_rows * val_size) if val_size > 0 else 0
+    if val_size > 0 and n_rows > 1:
+        n_val = max(1, n_val)
+    val_ids = set(order[:n_val])
+    return [i for i in order if i not in val_ids], order[:n_val]
 
 
 def split_rows(rows: list[dict[str, Any]], val_size: float, seed: int) -> Split:
     """Seeded train / validation split: the same rows go to validation on every run with the same seed."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_val = round(len(rows) * val_size) if val_size > 0 else 0
-    if val_size > 0 and len(rows) > 1:
-        n_val = max(1, n_val)
-    val_ids = set(order[:n_val])
-    return Split(
-        train=[rows[i] for i in order if i not in val_ids],
-        validation=[rows[i] for i in order[:n_val]],
-    )
-
-
-def load_split(cfg: DataConfig) -> Split:
-    """Rows for training and validation, as the config says."""
-    rows = apply_columns(read_rows(cfg.path, cfg.split), cfg.columns, cfg.path)
-    if cfg.validation_path:
-        val = apply_columns(read_rows(cfg.validation_path, "validation"), cfg.columns, cfg.validation_path)
-        order = list(range(len(rows)))
-        random.Random(cfg.seed).shuffle(order)
-        split = Split(train=[rows[i] for i in order], validation=val)
-    else:
-        split = split_rows(rows, cfg.val_size, cfg.seed)
-    if cfg.max_rows is not None:
-        split.train = split.train[: cfg.max_rows]
-    return split
+    train, validation = split_indices(len(rows), val_size, seed)
+    return Split(train=[rows[i] for i in train], validation=[rows[i] for i in validation])

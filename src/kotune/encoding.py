@@ -3,12 +3,19 @@
 Each segment of a rendered row is encoded on its own (no special tokens), the ids are concatenated, BOS is
 put in front once when the tokenizer's own encoding starts with it, and EOS closes the response. Labels copy
 the ids of trained segments and hold -100 elsewhere, so the mask cannot shift whatever the tokenizer merges.
+
+Many rows are encoded in batches (the tokenizer spreads a batch over the cores) into an ``ExampleTable``: ids
+and labels of all rows in two flat arrays, so a table can be cached and memory-mapped back without a copy.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
+
+import numpy as np
 
 from kotune.formats import Rendered
 
@@ -33,7 +40,7 @@ class EncodeStats:
     truncated: int = 0
     """Rows cut at the cutoff (kept if any trained token is left)."""
     eos_lost: int = 0
-    """Kept rows whose closing EOS was cut off by the cutoff."""
+    """Kept rows whose closing EOS (or end-of-turn token) was cut off by the cutoff."""
     skipped: Counter = field(default_factory=Counter)
     """Rows left out, by reason."""
     skipped_rows: dict[str, list[int]] = field(default_factory=dict)
@@ -61,10 +68,53 @@ def bos_id_to_add(tokenizer) -> int | None:
 
 
 def encode_segments(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, encoded alone, without special tokens, in one batched call."""
+    """Token ids of each text, encoded alone, without special tokens, in one batched call.
+
+    A fast tokenizer's Rust backend is called directly (``encode_batch_fast``: no offsets, no Python per-text
+    work); it is what ``tokenizer(texts)`` runs too, and tests check the ids are the same.
+    """
     if not texts:
         return []
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "split_special_tokens", False):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+@dataclass
+class Assembled:
+    """One row's ids and labels before the cutoff."""
+
+    input_ids: list[int]
+    labels: list[int]
+    ends_trained: bool
+    """The row ends in a trained token that closes a response (EOS or an end-of-turn token)."""
+
+
+def assemble(rendered: Rendered, segment_ids: list[list[int]], bos: int | None, eos: int) -> Assembled:
+    """Concatenate a row's encoded segments behind BOS, mask untrained ones, close with EOS if asked."""
+    ids: list[int] = [bos] if bos is not None else []
+    labels: list[int] = [IGNORE] * len(ids)
+    for (_, trained), seg in zip(rendered.segments, segment_ids, strict=True):
+        ids.extend(seg)
+        labels.extend(seg if trained else [IGNORE] * len(seg))
+    if rendered.append_eos:
+        ids.append(eos)
+        labels.append(eos)
+    ends_trained = rendered.append_eos or bool(rendered.segments and rendered.segments[-1][1])
+    return Assembled(ids, labels, ends_trained)
+
+
+def apply_cutoff(row: Assembled, cutoff_len: int) -> tuple[list[int], list[int], str | None]:
+    """Ids and labels cut at the cutoff, and why the row cannot train (None when it can)."""
+    ids, labels = row.input_ids, row.labels
+    if len(ids) > cutoff_len:
+        ids, labels = ids[:cutoff_len], labels[:cutoff_len]
+        if all(t == IGNORE for t in labels):
+            return ids, labels, "no trained token left after the cutoff"
+    elif all(t == IGNORE for t in labels):
+        return ids, labels, "no trained token"
+    return ids, labels, None
 
 
 def build_example(
@@ -76,27 +126,24 @@ def build_example(
     stats: EncodeStats,
 ) -> Example | None:
     """Concatenate a row's encoded segments, mask untrained ones, apply the cutoff; None if nothing is trained."""
-    ids: list[int] = [bos] if bos is not None else []
-    labels: list[int] = [IGNORE] * len(ids)
-    for (_, trained), seg in zip(rendered.segments, segment_ids, strict=True):
-        ids.extend(seg)
-        labels.extend(seg if trained else [IGNORE] * len(seg))
-    if rendered.append_eos:
-        ids.append(eos)
-        labels.append(eos)
+    row = assemble(rendered, segment_ids, bos, eos)
+    ids, labels, reason = apply_cutoff(row, cutoff_len)
     stats.rows += 1
-    if len(ids) > cutoff_len:
-        stats.truncated += 1
-        ids, labels = ids[:cutoff_len], labels[:cutoff_len]
-        if all(t == IGNORE for t in labels):
-            stats.skip("no trained token left after the cutoff", rendered.row)
-            return None
-        stats.eos_lost += rendered.append_eos
-    elif all(t == IGNORE for t in labels):
-        stats.skip("no trained token", rendered.row)
+    truncated = len(row.input_ids) > cutoff_len
+    stats.truncated += truncated
+    if reason is not None:
+        stats.skip(reason, rendered.row)
         return None
+    stats.eos_lost += truncated and row.ends_trained
     stats.kept += 1
     return Example(rendered.row, ids, labels)
+
+
+def _special_ids(tokenizer) -> tuple[int | None, int]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; set one in its tokenizer_config.json")
+    return bos_id_to_add(tokenizer), eos
 
 
 def encode_rows(
@@ -104,9 +151,7 @@ def encode_rows(
 ) -> tuple[list[Example], EncodeStats]:
     """Encode rendered rows in batches; returns the kept examples and what was truncated or skipped."""
     stats = stats if stats is not None else EncodeStats()
-    bos, eos = bos_id_to_add(tokenizer), tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no EOS token; set one in its tokenizer_config.json")
+    bos, eos = _special_ids(tokenizer)
     examples: list[Example] = []
     for start in range(0, len(rendered), batch_size):
         chunk = rendered[start : start + batch_size]
@@ -119,3 +164,161 @@ def encode_rows(
             if example is not None:
                 examples.append(example)
     return examples, stats
+
+
+class ExampleTable(Sequence):
+    """Examples stored flat: ``ids`` and ``labels`` of all rows in two arrays, example ``i`` at
+    ``starts[i]:ends[i]``. Indexing builds an ``Example``; ``take`` selects rows without copying tokens."""
+
+    def __init__(self, ids: np.ndarray, labels: np.ndarray, starts: np.ndarray, ends: np.ndarray, rows: np.ndarray):
+        self.ids, self.labels = ids, labels
+        self.starts, self.ends, self.rows = starts, ends, rows
+
+    @classmethod
+    def from_lists(cls, rows: list[int], ids: list[list[int]], labels: list[list[int]]) -> ExampleTable:
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        total = int(lengths.sum())
+        flat_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=total)
+        flat_labels = np.fromiter(chain.from_iterable(labels), dtype=np.int32, count=total)
+        return cls.from_arrays(np.asarray(rows, dtype=np.int64), lengths, flat_ids, flat_labels)
+
+    @classmethod
+    def from_arrays(cls, rows: np.ndarray, lengths: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> ExampleTable:
+        """Examples laid end to end in ``ids`` / ``labels``, ``lengths[i]`` tokens each."""
+        ends = np.cumsum(lengths)
+        return cls(ids, labels, ends - lengths, ends, rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        a, b = int(self.starts[index]), int(self.ends[index])
+        return Example(int(self.rows[index]), self.ids[a:b].tolist(), self.labels[a:b].tolist())
+
+    def lengths(self) -> np.ndarray:
+        return self.ends - self.starts
+
+    def take(self, indices: np.ndarray) -> ExampleTable:
+        """The examples at ``indices``, in that order, sharing this table's token arrays."""
+        return ExampleTable(self.ids, self.labels, self.starts[indices], self.ends[indices], self.rows[indices])
+
+
+@dataclass
+class Encoded:
+    """Every row of one source encoded: the kept examples, and per row (by ``_row``) what happened to it."""
+
+    examples: ExampleTable
+    length: np.ndarray
+    """Tokens per row before the cutoff (0 for rows skipped before encoding)."""
+    truncated: np.ndarray
+    """Per row: cut at the cutoff."""
+    eos_lost: np.ndarray
+    """Per row: kept, but the closing EOS / end-of-turn token was cut off."""
+    skip: np.ndarray
+    """Per row: -1 when kept, else the index of its reason in ``reasons``."""
+    reasons: list[str]
+
+    def example_index(self) -> np.ndarray:
+        """Per row: the index of its example in ``examples``, -1 when skipped."""
+        index = np.full(len(self.skip), -1, dtype=np.int64)
+        index[self.examples.rows] = np.arange(len(self.examples))
+        return index
+
+    def select(self, rows: Sequence[int]) -> ExampleTable:
+        """The kept examples of ``rows``, in that order."""
+        index = self.example_index()[np.asarray(rows, dtype=np.int64)]
+        return self.examples.take(index[index >= 0])
+
+    def stats(self, rows: Sequence[int]) -> EncodeStats:
+        """What happened to ``rows`` (in that order), as counts and row ids."""
+        rows = np.asarray(rows, dtype=np.int64)
+        stats = EncodeStats(rows=len(rows))
+        stats.kept = int((self.skip[rows] == -1).sum())
+        stats.truncated = int(self.truncated[rows].sum())
+        stats.eos_lost = int(self.eos_lost[rows].sum())
+        for row in rows[self.skip[rows] >= 0].tolist():
+            stats.skip(self.reasons[self.skip[row]], row)
+        return stats
+
+
+@dataclass
+class Batch:
+    """Rows of one batch assembled at once: per-row counts, and the tokens of the rows that train."""
+
+    length: np.ndarray
+    """Tokens per row before the cutoff."""
+    trained: np.ndarray
+    """Trained tokens per row after the cutoff (0: the row cannot train)."""
+    ends_trained: np.ndarray
+    """Per row: ends in a trained closing token (see ``Assembled``)."""
+    ids: np.ndarray
+    """Ids of the rows with ``trained > 0``, cut at the cutoff, flat."""
+    labels: np.ndarray
+
+
+def assemble_batch(
+    rendered: list[Rendered], segment_ids: list[list[int]], bos: int | None, eos: int, cutoff_len: int
+) -> Batch:
+    """``assemble`` and ``apply_cutoff`` for many rows with array operations instead of a loop per row."""
+    n = len(rendered)
+    n_segments = np.fromiter((len(r.segments) for r in rendered), np.int64, n)
+    seg_len = np.fromiter(map(len, segment_ids), np.int64, len(segment_ids))
+    seg_trained = np.fromiter((t for r in rendered for _, t in r.segments), bool, len(segment_ids))
+    append_eos = np.fromiter((r.append_eos for r in rendered), bool, n)
+    flat = np.fromiter(chain.from_iterable(segment_ids), np.int32, int(seg_len.sum()))
+    n_bos = int(bos is not None)
+    seg_row = np.repeat(np.arange(n), n_segments)
+    body = np.bincount(seg_row, weights=seg_len, minlength=n).astype(np.int64)  # segment tokens per row
+    length = n_bos + body + append_eos
+    start = np.cumsum(length) - length
+    # Each segment token moves from its place in ``flat`` to its row's start, behind BOS.
+    token_row = np.repeat(seg_row, seg_len)
+    dest = np.arange(len(flat)) + (start - (np.cumsum(body) - body) + n_bos)[token_row]
+    ids = np.empty(int(length.sum()), np.int32)
+    labels = np.full(len(ids), IGNORE, np.int32)
+    ids[dest] = flat
+    token_trained = np.repeat(seg_trained, seg_len)
+    labels[dest[token_trained]] = flat[token_trained]
+    if bos is not None:
+        ids[start] = bos
+    closing = (start + length - 1)[append_eos]
+    ids[closing], labels[closing] = eos, eos
+    position_row = np.repeat(np.arange(n), length)
+    within = np.arange(len(ids)) - start[position_row] < cutoff_len
+    trained = np.bincount(position_row[within & (labels != IGNORE)], minlength=n)
+    last_segment = seg_trained[np.maximum(np.cumsum(n_segments) - 1, 0)] if len(seg_trained) else np.zeros(n, bool)
+    keep = within & (trained > 0)[position_row]
+    return Batch(length, trained, append_eos | (last_segment & (n_segments > 0)), ids[keep], labels[keep])
+
+
+def encode_table(
+    tokenizer, rendered: list[Rendered], n_rows: int, skipped: dict[int, str], cutoff_len: int, batch_size: int = 4096
+) -> Encoded:
+    """Encode rendered rows in batches into an ``Encoded``; ``skipped`` holds rows left out before encoding."""
+    bos, eos = _special_ids(tokenizer)
+    reasons = sorted(set(skipped.values()) | {"no trained token", "no trained token left after the cutoff"})
+    code = {reason: i for i, reason in enumerate(reasons)}
+    length = np.zeros(n_rows, dtype=np.int64)
+    truncated = np.zeros(n_rows, dtype=bool)
+    eos_lost = np.zeros(n_rows, dtype=bool)
+    skip = np.full(n_rows, -1, dtype=np.int16)
+    for row, reason in skipped.items():
+        skip[row] = code[reason]
+    empty = np.zeros(0, np.int64)
+    parts = [(empty, empty, empty.astype(np.int32), empty.astype(np.int32))]  # rows, lengths, ids, labels
+    for start in range(0, len(rendered), batch_size):
+        chunk = rendered[start : start + batch_size]
+        rows = np.fromiter((r.row for r in chunk), np.int64, len(chunk))
+        batch = assemble_batch(
+            chunk, encode_segments(tokenizer, [t for r in chunk for t, _ in r.segments]), bos, eos, cutoff_len
+        )
+        cut, kept = batch.length > cutoff_len, batch.trained > 0
+        length[rows], truncated[rows] = batch.length, cut
+        skip[rows[~kept & cut]] = code["no trained token left after the cutoff"]
+        skip[rows[~kept & ~cut]] = code["no trained token"]
+        eos_lost[rows] = kept & cut & batch.ends_trained
+        parts.append((rows[kept], np.minimum(batch.length, cutoff_len)[kept], batch.ids, batch.labels))
+    examples = ExampleTable.from_arrays(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
+    return Encoded(examples, length, truncated, eos_lost, skip, reasons)

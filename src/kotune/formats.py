@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kotune.data import DataError
+from kotune.data import DataError, columns_present
 from kotune.templates import Template
 
 
@@ -33,6 +33,15 @@ FORMAT_COLUMNS = {
     "messages": ("messages",),
     "sharegpt": ("conversations",),
 }
+"""Columns each format requires."""
+
+OPTIONAL_COLUMNS = {"alpaca": ("input",)}
+"""Columns a format reads when present (alpaca's ``input``: absent or empty uses the no-input prompt)."""
+
+
+def used_columns(fmt: str) -> tuple[str, ...]:
+    """Every column a format reads, required first."""
+    return FORMAT_COLUMNS[fmt] + OPTIONAL_COLUMNS.get(fmt, ())
 
 
 def detect_format(rows: list[dict[str, Any]], where: str) -> str:
@@ -53,11 +62,13 @@ def detect_format(rows: list[dict[str, Any]], where: str) -> str:
 
 def check_columns(rows: list[dict[str, Any]], fmt: str, where: str) -> None:
     """Every required column is present in the rows; names the missing one and the columns present."""
-    present = set().union(*(r.keys() for r in rows)) if rows else set()
+    present = columns_present(rows)
     for column in FORMAT_COLUMNS[fmt]:
         if column not in present:
-            shown = ", ".join(sorted(c for c in present if not c.startswith("_")))
-            raise DataError(f"{where}: column '{column}' is missing (format {fmt}); columns present: {shown}")
+            raise DataError(
+                f"{where}: column '{column}' is missing (format {fmt}); columns present: {', '.join(present)}. "
+                "Map yours with data.columns, e.g. data.columns={" + column + ": your_column}"
+            )
 
 
 def _text(row: dict[str, Any], key: str, where: str, optional: bool = False) -> str | None:
@@ -68,7 +79,7 @@ def _text(row: dict[str, Any], key: str, where: str, optional: bool = False) -> 
         raise SkipRow(f"null {key}")
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise DataError(
-            f"{where}: row {row['_row']} ({row.get('_source', '?')}): column '{key}' holds a "
+            f"{row.get('_source', where)} (row {row['_row']}): column '{key}' holds a "
             f"{type(value).__name__}, expected text"
         )
     return str(value)

@@ -52,8 +52,13 @@ def device_map() -> dict[str, object]:
     return {"": "cpu"}
 
 
-def load_base_model(path: str, cfg: ModelConfig):
-    """The base model, quantized as configured, in training-ready state for k-bit LoRA."""
+def load_base_model(path: str, cfg: ModelConfig, fast_path: bool = False):
+    """The base model, quantized as configured, in training-ready state for k-bit LoRA.
+
+    ``fast_path``: leave dtypes as loaded and skip transformers' gradient checkpointing; ``kotune.fast``
+    checkpoints layers itself and never needs the fp32 copies of embeddings, norms and output layer that
+    peft's ``prepare_model_for_kbit_training`` makes (2 GiB more for an 8B model).
+    """
     from transformers import AutoModelForCausalLM
 
     quant = quantization_config(cfg)
@@ -66,6 +71,8 @@ def load_base_model(path: str, cfg: ModelConfig):
         attn_implementation=cfg.attn_implementation,
     )
     model.config.use_cache = False
+    if fast_path:
+        return model
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -106,7 +113,12 @@ def load_for_training(cfg: Config, path: str):
     """Tokenizer and LoRA-wrapped model for a run; prints trainable / total parameters like the walkthrough."""
     tokenizer = load_tokenizer(path, cfg.model)
     torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random
-    model = attach_lora(load_base_model(path, cfg.model), cfg.lora)
+    from transformers import AutoConfig
+
+    from kotune import fast
+
+    fast_path, _ = fast.wanted(cfg, AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code))
+    model = attach_lora(load_base_model(path, cfg.model, fast_path), cfg.lora)
     trainable, total = parameter_counts(model)
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
     return tokenizer, model

@@ -1,13 +1,23 @@
-"""From config to tokenized train / validation examples: read, map columns, split, render, encode."""
+"""From config to tokenized train / validation examples: read, map columns, check, render, encode, audit, split.
+
+Each data source (``data.path``, and ``data.validation_path`` when set) is encoded whole and audited once; the
+result is cached (``kotune.cache``), so a second run with the same inputs skips straight to the split.
+"""
 
 from __future__ import annotations
 
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kotune import cache
+from kotune.audit import AuditReport, audit_source
 from kotune.config import Config
-from kotune.data import load_split
-from kotune.encoding import EncodeStats, Example, encode_rows
+from kotune.data import apply_columns, check_types, read_rows, split_indices
+from kotune.encoding import Encoded, EncodeStats, Example, encode_table
 from kotune.formats import (
     Rendered,
     SkipRow,
@@ -15,26 +25,51 @@ from kotune.formats import (
     detect_format,
     render_alpaca,
     render_prompt_completion,
+    used_columns,
 )
 from kotune.templates import Template, load_template
+
+CHAT_FORMATS = ("messages", "sharegpt")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 @dataclass
 class Prepared:
-    train: list[Example]
-    validation: list[Example]
+    train: Sequence[Example]
+    validation: Sequence[Example]
     train_stats: EncodeStats
     validation_stats: EncodeStats
     template: Template
     format: str
+    chat_template: str | None = None
+    """The chat template conversations were rendered with (None for other formats)."""
+    audits: tuple[AuditReport, ...] = ()
+    """The audit of ``data.path``, then of ``data.validation_path`` when set."""
+
+
+@dataclass
+class Source:
+    """One data source encoded whole, with its audit."""
+
+    encoded: Encoded
+    format: str
+    audit: AuditReport
 
 
 def render_rows(
-    rows: list[dict[str, Any]], fmt: str, cfg: Config, template: Template, tokenizer, stats: EncodeStats
-) -> list[Rendered]:
-    """Render each row to segments; rows that cannot train (e.g. a null output) are skipped and counted."""
+    rows: list[dict[str, Any]], fmt: str, cfg: Config, template: Template, tokenizer
+) -> tuple[list[Rendered], dict[int, str]]:
+    """Each row as segments, and the rows that cannot train (e.g. a null output) with the reason."""
     where = cfg.data.path
-    rendered = []
+    rendered, skipped = [], {}
+    renderer = None
+    if fmt in CHAT_FORMATS:
+        from kotune.conversations import ChatRenderer
+
+        renderer = ChatRenderer(tokenizer, cfg.data)
     for row in rows:
         try:
             if fmt == "alpaca":
@@ -42,31 +77,73 @@ def render_rows(
             elif fmt == "prompt_completion":
                 rendered.append(render_prompt_completion(row, cfg.data.train_on_inputs, where))
             else:
-                from kotune.conversations import render_conversation
-
-                rendered.append(render_conversation(row, fmt, tokenizer, cfg.data, where))
+                rendered.append(renderer.render(row, fmt, where))
         except SkipRow as reason:
-            stats.rows += 1
-            stats.skip(str(reason), row["_row"])
-    return rendered
+            skipped[row["_row"]] = str(reason)
+    return rendered, skipped
 
 
-def encode_split(
-    rows: list[dict[str, Any]], fmt: str, cfg: Config, template: Template, tokenizer
-) -> tuple[list[Example], EncodeStats]:
-    stats = EncodeStats()
-    rendered = render_rows(rows, fmt, cfg, template, tokenizer, stats)
-    return encode_rows(tokenizer, rendered, cfg.data.cutoff_len, stats)
+def chat_template_for(cfg: Config, tokenizer) -> str | None:
+    """The chat template conversations would use, None when neither the config nor the tokenizer has one."""
+    from kotune.conversations import resolve_chat_template
+    from kotune.templates import TemplateError
+
+    try:
+        return resolve_chat_template(cfg.data.chat_template, tokenizer)
+    except TemplateError:
+        if cfg.data.chat_template is not None:
+            raise
+        return None
 
 
-def prepare(cfg: Config, tokenizer) -> Prepared:
+def encode_source(spec: str, split: str, cfg: Config, tokenizer, template: Template, log: Callable) -> Source:
+    """Read, check, render, encode and audit one source, or take it from the cache."""
+    templates = {"prompt": f"{template.prompt_input}\x00{template.prompt_no_input}"}
+    templates["chat"] = chat_template_for(cfg, tokenizer)
+    key = cache.cache_key(spec, cfg.data, tokenizer, templates) if cfg.data.cache else None
+    hit = cache.load(key) if key else None
+    if hit is not None:
+        encoded, meta = hit
+        log(f"kotune: data: {spec}: reused the tokenized data cached in {cache.data_cache_dir() / key}")
+        return Source(encoded, meta["format"], AuditReport.from_dict(meta["audit"]))
+    start = time.perf_counter()
+    rows = apply_columns(read_rows(spec, split), cfg.data.columns, spec)
+    fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(rows, spec)
+    check_columns(rows, fmt, spec)
+    check_types(rows, used_columns(fmt))
+    rendered, skipped = render_rows(rows, fmt, cfg, template, tokenizer)
+    encoded = encode_table(tokenizer, rendered, len(rows), skipped, cfg.data.cutoff_len)
+    audit = audit_source(spec, rows, fmt, template, encoded, tokenizer, cfg.data.cutoff_len)
+    took = f"kotune: data: {spec}: tokenized {len(rows)} rows in {time.perf_counter() - start:.1f}s"
+    if key:
+        folder = cache.save(key, encoded, {"format": fmt, "audit": audit.to_dict(), "source": spec})
+        took += f"; cached in {folder}"
+    log(took)
+    return Source(encoded, fmt, audit)
+
+
+def prepare(cfg: Config, tokenizer, log: Callable[[str], None] = _stderr) -> Prepared:
     """Tokenized examples for training and validation, with counts of what was truncated or skipped."""
-    split = load_split(cfg.data)
-    fmt = cfg.data.format
-    if fmt == "auto":
-        fmt = detect_format(split.train, cfg.data.path)
-    check_columns(split.train, fmt, cfg.data.path)
     template = load_template(cfg.data.template)
-    train, train_stats = encode_split(split.train, fmt, cfg, template, tokenizer)
-    validation, val_stats = encode_split(split.validation, fmt, cfg, template, tokenizer)
-    return Prepared(train, validation, train_stats, val_stats, template, fmt)
+    main = encode_source(cfg.data.path, cfg.data.split, cfg, tokenizer, template, log)
+    n_rows = len(main.encoded.length)
+    if cfg.data.validation_path:
+        val = encode_source(cfg.data.validation_path, "validation", cfg, tokenizer, template, log)
+        train_rows = list(range(n_rows))
+        random.Random(cfg.data.seed).shuffle(train_rows)
+        val_rows: list[int] = list(range(len(val.encoded.length)))
+    else:
+        val = main
+        train_rows, val_rows = split_indices(n_rows, cfg.data.val_size, cfg.data.seed)
+    if cfg.data.max_rows is not None:
+        train_rows = train_rows[: cfg.data.max_rows]
+    return Prepared(
+        train=main.encoded.select(train_rows),
+        validation=val.encoded.select(val_rows),
+        train_stats=main.encoded.stats(train_rows),
+        validation_stats=val.encoded.stats(val_rows),
+        template=template,
+        format=main.format,
+        chat_template=chat_template_for(cfg, tokenizer) if main.format in CHAT_FORMATS else None,
+        audits=(main.audit, val.audit) if cfg.data.validation_path else (main.audit,),
+    )

@@ -8,32 +8,82 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from kotune import dist
+import torch
+
+from kotune import dist, fingerprint
 from kotune.assets import resolve_model
+from kotune.audit import add_model_checks, fatal_error, summary_lines
 from kotune.config import Config
-from kotune.model import load_for_training
-from kotune.prepare import prepare
+from kotune.data import DataError
+from kotune.model import load_for_training, load_tokenizer
+from kotune.prepare import Prepared, prepare
+from kotune.security import inside, redact, refuse_pickle
+from kotune.signals import StopOnSignal
 from kotune.train import Fit, find_resume, write_summary
 
 CONFIG_FILE = "kotune_config.yaml"
 
 
-def train(cfg: Config, resume: str | None = None) -> Path:
-    """Run the whole job; returns the output folder holding the adapter."""
+class OutOfMemory(RuntimeError):
+    """CUDA ran out of memory; the message names the settings to change and a smaller value to try."""
+
+
+def train(cfg: Config, resume: str | None = None, force: bool = False) -> Path:
+    """Run the whole job; returns the output folder holding the adapter.
+
+    ``resume``: ``auto`` or a checkpoint folder; ``force`` resumes even if the fingerprint changed.
+    """
+    try:
+        return _train(cfg, resume, force)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise OutOfMemory(oom_advice(cfg)) from exc
+
+
+def oom_advice(cfg: Config) -> str:
+    """What to change after a CUDA out-of-memory: halve the micro-batch (same effective batch), else the cutoff."""
+    d, t = cfg.data, cfg.train
+    if t.micro_batch_size > 1:
+        mbs, gas = t.micro_batch_size // 2, t.gradient_accumulation_steps * 2
+        smaller = f"train.micro_batch_size={mbs} train.gradient_accumulation_steps={gas}"
+        smaller += f" (effective batch {t.micro_batch_size * t.gradient_accumulation_steps} -> {mbs * gas})"
+    else:
+        smaller = f"data.cutoff_len={max(64, d.cutoff_len // 2)} (longer rows are cut; `kotune data audit` counts them)"
+    if not cfg.model.gradient_checkpointing:
+        smaller += ", or model.gradient_checkpointing=true"
+    return (
+        f"CUDA out of memory with data.cutoff_len={d.cutoff_len} and train.micro_batch_size={t.micro_batch_size} "
+        f"(model.quantization={cfg.model.quantization}); try {smaller}. "
+        "Checkpoints already written stay usable: rerun with --resume"
+    )
+
+
+def _train(cfg: Config, resume: str | None, force: bool) -> Path:
     dist.init()
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(cfg.model.path)
-    tokenizer, model = load_for_training(cfg, model_path)
-    data = prepare(cfg, tokenizer)
+    if Path(model_path).is_dir():
+        refuse_pickle(model_path, cfg.model.allow_pickle, "model folder", "model.allow_pickle: true")
+    # Tokenizer, data and its audit first: a data problem stops the run before the model loads.
+    tokenizer = load_tokenizer(model_path, cfg.model)
+    data = prepare(cfg, tokenizer, log=print)
+    audit_data(data, model_path, tokenizer)
     print(f"kotune: data ({data.format}): train {data.train_stats.summary()}")
     if data.validation_stats.rows:
         print(f"kotune: data: validation {data.validation_stats.summary()}")
     if not data.train:
         raise SystemExit("kotune: no training rows left after tokenization; run `kotune data audit` on the config")
-    (output_dir / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
-    fit = Fit(cfg, model, tokenizer, data.train, data.validation, output_dir, resume=find_resume(output_dir, resume))
-    state = fit.run()
+    if data.chat_template is not None:
+        tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
+    _, model = load_for_training(cfg, model_path)
+    fp = fingerprint.compute(cfg, tokenizer, data.template, data.train, data.validation)
+    folder = find_resume(output_dir, resume)
+    if folder is not None:
+        fingerprint.check_resume(folder, fp, force)
+    inside(output_dir, CONFIG_FILE).write_text(redact(cfg.to_yaml()), encoding="utf-8")
+    fit = Fit(cfg, model, tokenizer, data.train, data.validation, output_dir, resume=folder, fingerprint=fp)
+    with StopOnSignal() as stop:
+        state = fit.run(stop)
     if fit.rank == 0:
         save_final(fit, data.template, tokenizer, output_dir)
         write_summary(
@@ -48,6 +98,17 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         )
         print(f"kotune: adapter written to {output_dir}")
     return output_dir
+
+
+def audit_data(data: Prepared, model_path: str, tokenizer) -> None:
+    """Print the data audit's summary; a fatal problem raises DataError (the run stops before the model loads)."""
+    add_model_checks(data.audits, model_path, tokenizer)
+    for report in data.audits:
+        for line in summary_lines(report):
+            print(line)
+    message = fatal_error(data.audits)
+    if message is not None:
+        raise DataError(f"{message}\nSee `kotune data audit` for the full report.")
 
 
 def save_final(fit: Fit, template, tokenizer, output_dir: Path) -> None:

@@ -15,13 +15,33 @@ from pathlib import Path
 
 import torch
 
-from kotune import dist
-from kotune.checkpoint import latest_good, prune, read_checkpoint, restore_rng, write_checkpoint
-from kotune.collate import collate, epoch_order, length_grouped_order
+from kotune import dist, fast
+from kotune.checkpoint import (
+    BEST,
+    CheckpointError,
+    latest_good,
+    list_checkpoints,
+    prune,
+    read_checkpoint,
+    remove_partial,
+    restore_best,
+    restore_rng,
+    save_adapter,
+    trim_metrics,
+    write_checkpoint,
+)
+from kotune.collate import collate, collate_packed, epoch_order, length_grouped_order
 from kotune.config import Config
 from kotune.encoding import IGNORE, Example
+from kotune.fast.packing import block_causal_mask, pack_groups
 from kotune.optim import build_optimizer, lr_at
 from kotune.report import Reporter
+from kotune.security import inside
+from kotune.signals import Interrupted, StopOnSignal
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Too many consecutive steps had a non-finite loss or gradient norm; the message names step and rows."""
 
 
 @dataclass
@@ -42,7 +62,11 @@ class RunState:
 
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropy over supervised positions, in float32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if "cu_seqlens" in batch:  # packed rows (collate_packed): a block-diagonal causal mask keeps them apart
+        mask = block_causal_mask(batch["cu_seqlens"], batch["input_ids"].shape[1])[None, None]
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
     logits = logits[:, :-1]
     keep = labels != IGNORE
@@ -73,7 +97,7 @@ def total_steps(cfg: Config, n_examples: int, world: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], cfg: Config, pad_id: int, device) -> float:
+def evaluate(model, examples: list[Example], cfg: Config, pad_id: int, device, loss_fn=loss_sum) -> float:
     """Validation loss: token-mean over all supervised tokens of the validation rows (all ranks)."""
     model.eval()
     rank, world = dist.rank_and_world()
@@ -83,7 +107,7 @@ def evaluate(model, examples: list[Example], cfg: Config, pad_id: int, device) -
         batch = collate(mine[i : i + cfg.train.micro_batch_size], pad_id, cfg.train.pad_to_multiple_of)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(cfg, device):
-            total[0] += loss_sum(model, batch).double()
+            total[0] += loss_fn(model, batch).double()
         total[1] += (batch["labels"][:, 1:] != IGNORE).sum()
     dist.all_reduce_sum(total)
     model.train()
@@ -107,33 +131,55 @@ class Fit:
         validation: list[Example],
         output_dir: Path,
         resume: Path | None = None,
+        fingerprint: dict | None = None,
     ):
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
+        self.fingerprint = fingerprint
+        """What this run trains on (``kotune.fingerprint``), written into every checkpoint."""
         self.train_rows, self.val_rows = train, validation
         self.output_dir = output_dir
         self.rank, self.world = dist.rank_and_world()
         self.device = next(p for p in model.parameters() if p.requires_grad).device
-        self.ddp_model = dist.wrap(model)
+        self.fast = self._fast_model(model)
+        self.loss_fn = fast.loss_sum if self.fast is not None else loss_sum
+        self.ddp_model = dist.wrap(self.fast if self.fast is not None else model)
         self.optimizer = build_optimizer(model, cfg.train, self.device)
         self.steps, self.per_epoch = total_steps(cfg, len(train), self.world)
         self.state = RunState()
         self.reporter = Reporter(cfg, output_dir, self.rank == 0)
+        self.saved_step: int | None = None
+        if self.rank == 0:
+            for folder in remove_partial(output_dir):
+                self.reporter.info(f"removed {folder.name}, left behind by a save that did not finish")
         if resume is not None:
             self._resume(resume)
+        elif self.rank == 0 and trim_metrics(self.reporter.metrics_path, 0):
+            self.reporter.warn(f"{self.reporter.metrics_path} held an earlier run's records; starting it afresh")
 
     # -- data -------------------------------------------------------------------------------------
     def _window(self, micro_step: int) -> list[dict[str, torch.Tensor]]:
-        """The micro-batches of the optimizer step that starts at ``micro_step``."""
-        batches = []
-        for m in range(micro_step, micro_step + self.cfg.train.gradient_accumulation_steps):
+        """The micro-batches of the optimizer step that starts at ``micro_step``.
+
+        With ``train.packing`` the same rows come as few packed sequences of at most micro_batch_size x
+        cutoff_len tokens (the most an unpacked micro-batch can hold), so the step and its loss are unchanged.
+        """
+        t = self.cfg.train
+        groups = []
+        for m in range(micro_step, micro_step + t.gradient_accumulation_steps):
             epoch, index = divmod(m, self.per_epoch)
-            ids = self._epoch_batches(epoch)[index]
-            batches.append(
-                collate(
-                    [self.train_rows[i] for i in ids], self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of
-                )
-            )
-        return batches
+            groups.append([self.train_rows[i] for i in self._epoch_batches(epoch)[index]])
+        if not t.packing:
+            return [collate(g, self.tokenizer.pad_token_id, t.pad_to_multiple_of) for g in groups]
+        rows = [e for g in groups for e in g]
+        packs = pack_groups([len(e.input_ids) for e in rows], t.micro_batch_size * self.cfg.data.cutoff_len)
+        return [collate_packed([rows[i] for i in pack]) for pack in packs]
+
+    def _fast_model(self, model):
+        """The fast-path model (``kotune.fast``) when ``train.kernels`` and the model allow it, else None."""
+        use, why = fast.wanted(self.cfg, model.config, self.device.type)
+        if self.rank == 0 and self.cfg.train.kernels != "off":
+            print(f"kotune: fast path {'on' if use else 'off'} ({why})")
+        return fast.build(model, self.cfg) if use else None
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if getattr(self, "_cached_epoch", None) != epoch:
@@ -152,10 +198,10 @@ class Fit:
         for i, batch in enumerate(window):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with dist.no_sync(model, last=i == len(window) - 1), autocast(self.cfg, self.device):
-                loss = loss_sum(model, batch)
+                loss = self.loss_fn(model, batch)
                 (loss / n_tokens.clamp(min=1)).backward()
             total += loss.detach().double()
-        self.state.micro_step += len(window)
+        self.state.micro_step += cfg.gradient_accumulation_steps  # packing may feed them as fewer sequences
         dist.all_reduce_sum(total)
         loss_value = (total / n_tokens.clamp(min=1)).item()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -184,9 +230,12 @@ class Fit:
         }
 
     # -- the loop ---------------------------------------------------------------------------------
-    def run(self) -> RunState:
+    def run(self, stop: StopOnSignal | None = None) -> RunState:
+        """Train to the last step; with ``stop``, a signal saves a checkpoint and raises Interrupted."""
         cfg = self.cfg.train
         progress = self.reporter.progress(self.steps, self.state.step)
+        if cfg.eval_at_start and self.val_rows and self.state.step == 0:
+            self._evaluate()
         window_start, window_tokens = time.perf_counter(), 0
         while self.state.step < self.steps:
             record = self.step()
@@ -194,10 +243,8 @@ class Fit:
             if record["skipped"]:
                 self.reporter.warn(f"step {record['step']}: non-finite loss or gradient norm; update skipped")
                 if self.state.bad_steps >= cfg.max_bad_steps:
-                    raise FloatingPointError(
-                        f"{self.state.bad_steps} consecutive steps with a non-finite loss or gradient norm "
-                        f"(last at step {record['step']}); lower train.learning_rate or check the data"
-                    )
+                    progress.close()
+                    raise self._numerical_fault(record)
             if self.state.step % cfg.logging_steps == 0 or self.state.step == self.steps:
                 elapsed = time.perf_counter() - window_start
                 record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
@@ -210,29 +257,45 @@ class Fit:
                 self._evaluate()
             if self.state.step % cfg.save_steps == 0 and self.state.step < self.steps:
                 self.save_checkpoint()
+            if stop is not None and self.state.step < self.steps and self._stop_requested(stop):
+                progress.close()
+                self._interrupt(stop)
         progress.close()
         return self.state
 
     def _evaluate(self) -> None:
-        eval_loss = evaluate(self.ddp_model, self.val_rows, self.cfg, self.tokenizer.pad_token_id, self.device)
+        eval_loss = evaluate(
+            self.ddp_model, self.val_rows, self.cfg, self.tokenizer.pad_token_id, self.device, self.loss_fn
+        )
         self.reporter.log({"step": self.state.step, "eval_loss": eval_loss})
         if self.state.best_eval_loss is None or eval_loss < self.state.best_eval_loss:
             self.state.best_eval_loss, self.state.best_step = eval_loss, self.state.step
             if self.rank == 0:
-                self.model.save_pretrained(self.output_dir / "best", safe_serialization=True)
+                save_adapter(self.model, inside(self.output_dir, BEST))
 
-    # -- checkpoints ------------------------------------------------------------------------------
+    # -- checkpoints, interruption, faults ---------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoint-STEP`` (rank 0) and prune old ones; the new one is verified first."""
+        self.saved_step = self.state.step
         if self.rank != 0:
             dist.barrier()
             return None
         state = {k: v for k, v in self.state.__dict__.items() if k != "history"}
-        folder = write_checkpoint(self.output_dir, self.state.step, self.model, self.optimizer, state)
+        folder = write_checkpoint(
+            self.output_dir,
+            self.state.step,
+            self.model,
+            self.optimizer,
+            state,
+            fingerprint=self.fingerprint,
+            keep_free=int(self.cfg.train.min_free_disk_gb * 1e9),
+        )
         prune(self.output_dir, self.cfg.train.save_total_limit, protect={folder})
         dist.barrier()
         return folder
 
     def _resume(self, folder: Path) -> None:
+        """Restore adapter, optimizer, RNG, counters and best/ from ``folder``; drop metrics logged after it."""
         from peft import set_peft_model_state_dict
 
         adapter, optimizer_state, state = read_checkpoint(folder)
@@ -242,16 +305,65 @@ class Fit:
         for key, value in state.items():
             if hasattr(self.state, key):
                 setattr(self.state, key, value)
-        self.reporter.info(f"resumed from {folder} at step {self.state.step}")
+        self.saved_step = self.state.step
+        dropped = 0
+        if self.rank == 0:
+            restore_best(folder, self.output_dir)
+            dropped = trim_metrics(self.reporter.metrics_path, self.state.step)
+        replay = f"; {dropped} metrics records after it will be logged again" if dropped else ""
+        self.reporter.info(f"resumed from {folder} at step {self.state.step}{replay}")
+
+    def _stop_requested(self, stop: StopOnSignal) -> bool:
+        """Whether a process got a stop signal; all processes must agree, or rank 0's save would wait forever."""
+        if not dist.is_distributed():
+            return stop.requested
+        flag = torch.tensor(float(stop.requested), device=self.device)
+        dist.all_reduce_sum(flag)
+        return flag.item() > 0
+
+    def _interrupt(self, stop: StopOnSignal):
+        """Save a checkpoint at this step (unless one was just written) and raise Interrupted."""
+        folder = self.output_dir / f"checkpoint-{self.state.step}"
+        if self.saved_step != self.state.step:
+            folder = self.save_checkpoint()
+        raise Interrupted(stop.signum, self.state.step, folder if self.rank == 0 else None)
+
+    def _numerical_fault(self, record: dict) -> NonFiniteLoss:
+        """The error that stops a run after ``max_bad_steps`` bad steps: step, rows and what to try."""
+        start = self.state.micro_step - self.cfg.train.gradient_accumulation_steps
+        rows = sorted(self.train_rows[i].row for m in range(start, self.state.micro_step) for i in self._batch_ids(m))
+        good = latest_good(self.output_dir, log=lambda _: None)
+        kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
+        t = self.cfg.train
+        return NonFiniteLoss(
+            f"{self.state.bad_steps} consecutive steps with a non-finite loss or gradient norm, the last at step "
+            f"{record['step']} (loss {record['loss']}, grad_norm {record['grad_norm']}) on data rows {rows}; "
+            f"{kept}. Check those rows (`kotune data audit`), or lower train.learning_rate "
+            f"(now {t.learning_rate:g}, try {t.learning_rate / 4:g}); with compute_dtype float16 try bfloat16"
+        )
+
+    def _batch_ids(self, micro_step: int) -> list[int]:
+        """Indices into the training rows of micro-batch ``micro_step``."""
+        epoch, index = divmod(micro_step, self.per_epoch)
+        return self._epoch_batches(epoch)[index]
 
 
-def find_resume(output_dir: Path, spec: str | None) -> Path | None:
-    """``auto``: the newest complete checkpoint (None if there is none); else the given folder."""
+def find_resume(output_dir: Path, spec: str | None, log=print) -> Path | None:
+    """``auto``: the newest complete checkpoint (None only if there is none at all); else the given folder."""
     if spec is None:
         return None
-    if spec == "auto":
-        return latest_good(output_dir)
-    return Path(spec)
+    if spec != "auto":
+        return Path(spec)
+    if not list_checkpoints(output_dir):
+        log(f"kotune: no checkpoint in {output_dir} yet; starting from step 0")
+        return None
+    found = latest_good(output_dir, log)
+    if found is None:
+        raise CheckpointError(
+            f"{output_dir}: every checkpoint is incomplete or corrupt (see above); "
+            "refusing to start over silently. Move them away to start a new run"
+        )
+    return found
 
 
 def write_summary(output_dir: Path, state: RunState, extra: dict) -> None:

@@ -1,4 +1,6 @@
-"""``kotune data preview CONFIG``: the tokenized rows exactly as training sees them."""
+"""``kotune data preview CONFIG``: the tokenized rows exactly as training sees them.
+``kotune data audit CONFIG``: what would go wrong in training, over the whole dataset (exit 1 on a fatal problem).
+"""
 
 from __future__ import annotations
 
@@ -19,15 +21,25 @@ def register(sub) -> None:
     preview.add_argument("--json", action="store_true", help='one JSON line per row: {"row", "input_ids", "labels"}')
     preview.add_argument("--split", choices=("train", "validation"), default="train")
     preview.set_defaults(run=run_preview)
+    audit = data_sub.add_parser("audit", help="check the whole dataset for problems that would spoil training")
+    add_config_arguments(audit)
+    audit.add_argument("--json", action="store_true", help="the reports as one JSON object")
+    audit.set_defaults(run=run_audit)
 
 
-def load_examples(cfg, split: str) -> tuple[list[Example], object]:
+def load_prepared(cfg):
+    """The model path, its tokenizer and the prepared (tokenized, audited) data of a config."""
     from kotune.assets import resolve_model
     from kotune.model import load_tokenizer
     from kotune.prepare import prepare
 
-    tokenizer = load_tokenizer(resolve_model(cfg.model.path), cfg.model)
-    data = prepare(cfg, tokenizer)
+    model_path = resolve_model(cfg.model.path)
+    tokenizer = load_tokenizer(model_path, cfg.model)
+    return model_path, tokenizer, prepare(cfg, tokenizer)
+
+
+def load_examples(cfg, split: str) -> tuple[list[Example], object]:
+    _, tokenizer, data = load_prepared(cfg)
     return (data.train if split == "train" else data.validation), tokenizer
 
 
@@ -59,3 +71,18 @@ def run_preview(args) -> int:
     for e in shown:
         print(render_example(e, tokenizer, color))
     return 0
+
+
+def run_audit(args) -> int:
+    from kotune.audit import add_model_checks, format_report
+
+    cfg = load_config(args.config, args.overrides)
+    model_path, tokenizer, data = load_prepared(cfg)
+    add_model_checks(data.audits, model_path, tokenizer)
+    fatal = sum(len(r.fatal()) for r in data.audits)
+    if args.json:
+        print(json.dumps({"fatal": fatal, "reports": [r.to_dict() for r in data.audits]}, ensure_ascii=False))
+    else:
+        print("\n\n".join(format_report(r) for r in data.audits))
+        print(f"\n{fatal} fatal problem(s)" + ("; training would stop here" if fatal else ""))
+    return 1 if fatal else 0

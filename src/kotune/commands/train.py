@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
+
 from kotune.config import load_config
 
 
@@ -23,15 +26,38 @@ def register(sub) -> None:
         metavar="auto|PATH",
         help="continue from the newest complete checkpoint (auto) or a given one",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: continue even if the data, tokenizer, template or training config changed",
+    )
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(cfg.to_yaml(), end="")
-        return 0
-    from kotune.recipe import train
+        from kotune.security import redact
 
-    train(cfg, resume=args.resume)
+        print(redact(cfg.to_yaml()), end="")
+        return 0
+    from kotune.recipe import OutOfMemory, train
+    from kotune.signals import Interrupted
+    from kotune.train import NonFiniteLoss
+
+    try:
+        train(cfg, resume=args.resume, force=args.force)
+    except Interrupted as stop:
+        print(f"kotune: {stop}\nkotune: to continue, run: {resume_command(args)}", file=sys.stderr)
+        return stop.exit_code
+    except (NonFiniteLoss, OutOfMemory) as exc:
+        print(f"kotune: error: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def resume_command(args) -> str:
+    """The command line that continues this run (tokens, if any were typed, redacted)."""
+    from kotune.security import redact
+
+    return redact(shlex.join(["kotune", "train", args.config, *args.overrides, "--resume"]))

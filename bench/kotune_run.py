@@ -1,0 +1,204 @@
+"""kotune's side of the GPU benchmark: ``Fit.step`` (the body of ``kotune train``'s loop) timed per case.
+
+    python bench/kotune_run.py --cases S,A,L --variants fast,unfused,resident      # fast path (kernels: auto)
+    python bench/kotune_run.py --cases S --plain                                  # kernels: off, prepared model
+    python bench/kotune_run.py --cases V,P --init /tmp/init_adapter.safetensors   # epoch / same-maths check
+    python bench/kotune_run.py --dump-v /tmp/v_rows.json                          # V rows, in kotune's order
+
+The model is loaded once per process the way ``kotune.model`` loads it (fast path: no fp32 copies; plain:
+peft's ``prepare_model_for_kbit_training``), then each case attaches LoRA with ``kotune.model.attach_lora``
+and trains through ``kotune.train.Fit``. Tokens/s counts non-padding input tokens of the timed steps (after
+``warm`` steps) over their wall time with the GPU synchronised; peak is ``torch.cuda.max_memory_allocated``
+from after the model load (the anchor's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CASES, MODEL_DIR, V_ROWS, V_SEED, Case, anchor, emit, fixed_rows, gpu_name  # noqa: E402
+
+from kotune import fast  # noqa: E402
+from kotune.collate import epoch_order  # noqa: E402
+from kotune.config import Config, load_config  # noqa: E402
+from kotune.encoding import Example  # noqa: E402
+from kotune.model import attach_lora, load_base_model, load_tokenizer  # noqa: E402
+from kotune.train import Fit  # noqa: E402
+
+VARIANTS = {
+    "fast": {},
+    "unfused": {"fused": False},  # no liger kernels: plain PyTorch RMSNorm / RoPE / SiLU
+    "resident": {"offload": False},  # checkpoints stay on the GPU
+    "packed": {"packing": True},  # fixed rows packed two by two (same steps, longer sequences)
+}
+
+
+def case_config(case: Case, model_dir: str, plain: bool, packing: bool, steps: int | None) -> Config:
+    values = {
+        "model.path": model_dir,
+        "lora.r": 16,
+        "lora.alpha": 16,
+        "lora.dropout": case.dropout,
+        "lora.target_modules": "[" + ",".join(case.targets) + "]",
+        "data.val_size": 0,
+        "train.micro_batch_size": 1,
+        "train.gradient_accumulation_steps": 8,
+        "train.warmup_steps": 2,
+        "train.learning_rate": 2e-4,
+        "train.optimizer": "paged_adamw_8bit",
+        "train.kernels": "off" if plain else "auto",
+        "train.packing": packing,
+        "train.max_steps": "null" if steps is None else steps,
+        "train.seed": 42,
+    }
+    if not torch.cuda.is_available():  # CPU dry run of this script on a tiny model
+        values.update(
+            {"model.compute_dtype": "float32", "model.quantization": "none", "train.optimizer": "adamw_torch"}
+        )
+    return load_config(None, [f"{k}={v}" for k, v in values.items()])
+
+
+def v_examples(cfg: Config, tokenizer, n: int = V_ROWS) -> list[Example]:
+    """Case V's rows through kotune's own pipeline (template, tokenization, masks)."""
+    import vdata
+
+    from kotune.prepare import prepare
+
+    path = vdata.write(Path(tempfile.mkdtemp()) / "v.jsonl", n, V_SEED)
+    cfg.data.path = str(path)
+    return prepare(cfg, tokenizer).train
+
+
+def rows_for(case: Case, cfg: Config, tokenizer, v_rows: int) -> list[Example]:
+    if case.seq is not None:
+        return [Example(i, r["input_ids"], r["labels"]) for i, r in enumerate(fixed_rows(case))]
+    return v_examples(cfg, tokenizer, v_rows)
+
+
+def step_tokens(fit: Fit) -> int:
+    """Non-padding input tokens of the step ``fit.step()`` will run next."""
+    t = fit.cfg.train
+    start = fit.state.micro_step
+    ids = []
+    for m in range(start, start + t.gradient_accumulation_steps):
+        epoch, index = divmod(m, fit.per_epoch)
+        ids += fit._epoch_batches(epoch)[index]
+    return sum(len(fit.train_rows[i].input_ids) for i in ids)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_run(fit: Fit, warm: int) -> dict:
+    """Run every step of ``fit``; per-step seconds, input tokens and losses, peak memory."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    seconds, tokens, losses = [], [], []
+    while fit.state.step < fit.steps:
+        tokens.append(step_tokens(fit))
+        sync()
+        start = time.perf_counter()
+        losses.append(fit.step()["loss"])
+        sync()
+        seconds.append(time.perf_counter() - start)
+    timed_s, timed_tokens = sum(seconds[warm:]), sum(tokens[warm:])
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    return {
+        "tokens_per_s": round(timed_tokens / timed_s, 1) if timed_s else None,
+        "s_per_step": round(timed_s / max(1, len(seconds) - warm), 3),
+        "peak_gib": round(peak, 2),
+        "steps": len(seconds),
+        "wall_s": round(sum(seconds), 1),
+        "losses": losses,
+        "step_s": [round(s, 4) for s in seconds],
+        "step_tokens": tokens,
+    }
+
+
+def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
+    options = dict(VARIANTS.get(variant, {}))
+    packing = options.pop("packing", case.seq is None)  # variable-length cases train packed
+    steps = None if case.name == "V" else case.steps + case.warm
+    cfg = case_config(case, args.model_dir, args.plain, packing, steps)
+    cfg.train.output_dir = tempfile.mkdtemp()
+    rows = rows_for(case, cfg, tokenizer, args.v_rows)
+    torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random, as in kotune.model.load_for_training
+    model = attach_lora(base, cfg.lora)
+    if args.init and case.name == "P":  # start from the seed recipe's own initial adapter
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(args.init))
+    fit = Fit(cfg, model, tokenizer, rows, [], Path(cfg.train.output_dir))
+    if (fit.fast is not None and options) or (args.quick and not args.plain and fit.fast is None):
+        # an ablation (the fast path without one lever), or a CPU dry run forcing the fast path on
+        fit.fast = fit.ddp_model = fast.build(model, cfg, **options)
+        fit.loss_fn = fast.loss_sum
+    record = {"tool": "kotune-plain" if args.plain else "kotune", "case": case.name, "variant": variant}
+    record.update(fast_path=fit.fast is not None, packing=packing, rows=len(rows), gpu=gpu_name())
+    record.update(timed_run(fit, case.warm))
+    del fit
+    model.unload()  # takes the LoRA layers out again, so the next case starts from the bare base model
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return record
+
+
+def dump_v(path: str, model_dir: str, n: int) -> None:
+    """Case V's tokenized rows in the order kotune's first epoch visits them (for the seed recipe's run)."""
+    import vdata
+
+    cfg = case_config(CASES["V"], model_dir, plain=False, packing=True, steps=None)
+    rows = v_examples(cfg, load_tokenizer(model_dir, cfg.model), n)
+    print("V rows (tokens):", json.dumps(vdata.summary([len(r.input_ids) for r in rows])))
+    order = epoch_order(len(rows), cfg.train.seed, 0)
+    data = [{"input_ids": rows[i].input_ids, "labels": rows[i].labels} for i in order]
+    Path(path).write_text(json.dumps(data), encoding="utf-8")
+    print(f"wrote {len(data)} V rows to {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="S")
+    ap.add_argument("--variants", default="fast")
+    ap.add_argument("--plain", action="store_true", help="kernels: off on a prepared (fp32-upcast) model")
+    ap.add_argument("--init", help="initial adapter (safetensors) for case P")
+    ap.add_argument("--dump-v", help="write case V's rows in kotune's epoch order to this JSON file and exit")
+    ap.add_argument("--model-dir", default=MODEL_DIR)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--v-rows", type=int, default=V_ROWS, help="rows of case V (4,000; fewer for a dry run)")
+    ap.add_argument("--quick", action="store_true", help="dry run: one warm-up and one timed step per case")
+    args = ap.parse_args()
+    if torch.cuda.is_available():
+        anchor().build_model_dir(args.model_dir, args.layers)
+    if args.dump_v:
+        return dump_v(args.dump_v, args.model_dir, args.v_rows)
+    cfg = case_config(CASES["S"], args.model_dir, args.plain, False, 1)
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(args.model_dir, cfg.model)
+    base = load_base_model(args.model_dir, cfg.model, fast_path=not args.plain)
+    print(f"model loaded in {time.perf_counter() - started:.1f}s", flush=True)
+    for name in args.cases.split(","):
+        for variant in args.variants.split(",") if name in ("S", "A") else ["fast"]:
+            case = CASES[name]
+            if args.quick:
+                case = replace(case, steps=min(case.steps, 1), warm=min(case.warm, 1))
+            emit(run_case(base, tokenizer, case, variant, args))
+
+
+if __name__ == "__main__":
+    main()

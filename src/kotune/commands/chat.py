@@ -1,0 +1,95 @@
+"""``kotune chat RUN_DIR|MODEL_DIR``: talk to a fine-tuned model in the terminal, tokens streamed as they come."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+
+from kotune.config import field_docs
+from kotune.inference import Sampling
+
+CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=512)
+"""Chat samples by default (replies read less repetitive than greedy); ``--temperature 0`` makes it greedy."""
+
+HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
+
+
+def add_model_arguments(parser) -> None:
+    """PATH and ``--base``, shared by chat and generate."""
+    parser.add_argument("path", help="a training run's output folder (adapter) or a merged model folder")
+    parser.add_argument(
+        "--base",
+        choices=("4bit", "8bit", "none"),
+        default=None,
+        help="for an adapter: load the base model quantized like this (default: as it was trained)",
+    )
+
+
+def add_sampling_arguments(parser, defaults: Sampling) -> None:
+    """One option per Sampling field, help from the field docstrings."""
+    docs = field_docs(Sampling)
+    for f in fields(Sampling):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(
+            flag,
+            type=type(getattr(defaults, f.name)),
+            default=getattr(defaults, f.name),
+            help=f"{docs[f.name]} (default {getattr(defaults, f.name)})",
+        )
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (default: a fresh one each run)")
+
+
+def sampling_from(args) -> Sampling:
+    return Sampling(**{f.name: getattr(args, f.name) for f in fields(Sampling)})
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a fine-tuned model in the terminal")
+    add_model_arguments(p)
+    add_sampling_arguments(p, CHAT_SAMPLING)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from kotune.inference import ChatSession, FolderError, load_model, open_folder
+
+    try:
+        folder = open_folder(args.path)
+    except FolderError as exc:
+        print(f"kotune: error: {exc}", file=sys.stderr)
+        return 2
+    model, tokenizer = load_model(folder, args.base)
+    session = ChatSession(model, tokenizer, folder, sampling_from(args), args.seed)
+    mode = "conversation, history kept" if session.keeps_history else f"{folder.template.name} template, one turn"
+    print(f"kotune chat: {folder.path} ({'merged' if folder.merged else 'adapter'}; {mode}). {HELP}", flush=True)
+    converse(session)
+    return 0
+
+
+def converse(session) -> None:
+    """Read lines until /exit or end of input; stream each reply."""
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        command = line.strip()
+        if command == "/exit":
+            return
+        if command == "/reset":
+            session.reset()
+            print("(conversation cleared)", flush=True)
+            continue
+        if not command:
+            continue
+        if command.startswith("/"):
+            print(f"(unknown command {command}; {HELP})", flush=True)
+            continue
+        print("bot> ", end="", flush=True)
+        try:
+            for piece in session.reply(line):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print(flush=True)

@@ -1,0 +1,53 @@
+"""kotune's fast GPU training path: the same loss and gradients as the plain path, in less time and memory.
+
+Chosen by ``train.kernels`` (``auto``: on when CUDA is there and the model is one it computes exactly,
+``off``: never). What it changes, and why each change keeps the maths, is in ``docs/fast-path.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kotune.config import Config
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def wanted(cfg: Config, model_config, device_type: str | None = None) -> tuple[bool, str]:
+    """(use the fast path?, why) for this config and the base model's transformers config."""
+    from kotune.fast.llama import unsupported_reason
+
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.train.kernels == "off":
+        return False, "train.kernels is off"
+    if device_type != "cuda":
+        return False, f"no CUDA device ({device_type})"
+    if cfg.model.quantization == "8bit":
+        return False, "8-bit weights"
+    reason = unsupported_reason(model_config, cfg.lora.target_modules)
+    if reason:
+        return False, reason
+    return True, "CUDA and a supported model"
+
+
+def build(peft_model, cfg: Config, offload: bool = True, fused: bool = True):
+    """The :class:`~kotune.fast.llama.FastCausalLM` computing ``peft_model``'s training loss."""
+    from kotune.fast.llama import FastCausalLM
+
+    return FastCausalLM(
+        peft_model,
+        compute_dtype=DTYPES[cfg.model.compute_dtype],
+        checkpoint=cfg.model.gradient_checkpointing,
+        offload=offload,
+        fused=fused,
+    )
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token loss through the fast model (or its DDP wrapper); the plain path's ``loss_sum`` twin."""
+    return model(
+        input_ids=batch["input_ids"],
+        labels=batch["labels"],
+        position_ids=batch.get("position_ids"),
+        cu_seqlens=batch.get("cu_seqlens"),
+    )

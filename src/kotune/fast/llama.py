@@ -1,0 +1,136 @@
+"""The fast training forward for Llama-shaped decoders (Llama, Mistral, Qwen2): same function, leaner path.
+
+It reads the modules of a peft-wrapped transformers model (never replaces them) and computes the summed
+next-token loss of a batch:
+
+    embed -> [RMSNorm -> q,k,v (+LoRA) -> RoPE -> causal attention -> o (+LoRA) -> residual
+              -> RMSNorm -> gate, up (+LoRA) -> SiLU(gate) * up -> down (+LoRA) -> residual] x layers
+          -> RMSNorm -> chunked linear cross-entropy
+
+in the compute dtype, with no fp32 copies of embeddings or the output layer, 4-bit weights dequantized per
+use (:mod:`kotune.fast.lora`), layers checkpointed with optional host offload (:mod:`kotune.fast.checkpoint`)
+and packed rows kept apart by variable-length attention (:mod:`kotune.fast.attention`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kotune.fast.attention import causal_attention, packed_attention
+from kotune.fast.checkpoint import ActivationStore, checkpointed
+from kotune.fast.lora import Projection, UnsupportedModule, project, read_projection
+from kotune.fast.loss import linear_cross_entropy_sum
+from kotune.fast.ops import Ops
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Rows:
+    """Per-forward inputs every layer needs: rotary tables and, for packed rows, where each row starts."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cu_seqlens: torch.Tensor | None
+    bounds: list[int] | None
+    training: bool
+
+
+class DecoderLayer:
+    """One decoder layer's computation over the module's own weights."""
+
+    def __init__(self, layer: torch.nn.Module, ops: Ops):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.proj: dict[str, Projection] = {n: read_projection(getattr(attn, n)) for n in ATTENTION}
+        self.proj.update({n: read_projection(getattr(mlp, n)) for n in MLP})
+        self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        self.head_dim = attn.head_dim
+        self.groups = attn.num_key_value_groups
+        self.ops = ops
+        self._params = [p for proj in self.proj.values() for p in proj.trainable()]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The layer's trainable (LoRA) tensors."""
+        return self._params
+
+    def _norm(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        norm = self.norms[which]
+        return self.ops.rms_norm(x, norm.weight, norm.variance_epsilon)
+
+    def __call__(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+        b, t, _ = x.shape
+        p, train = self.proj, rows.training
+        h = self._norm(x, 0)
+        q, k, v = (project(h, p[n], train).view(b, t, -1, self.head_dim).transpose(1, 2) for n in ATTENTION[:3])
+        q, k = self.ops.rope(q, k, rows.cos, rows.sin)
+        if rows.cu_seqlens is None:
+            a = causal_attention(q, k, v, self.groups)
+        else:
+            a = packed_attention(q, k, v, self.groups, rows.cu_seqlens, rows.bounds)
+        x = x + project(a.transpose(1, 2).reshape(b, t, -1), p["o_proj"], train)
+        h = self._norm(x, 1)
+        m = self.ops.silu_mul(project(h, p["gate_proj"], train), project(h, p["up_proj"], train))
+        return x + project(m, p["down_proj"], train)
+
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+def unsupported_reason(config, lora_targets) -> str | None:
+    """Why the fast path cannot compute this model exactly (None when it can), from configs alone."""
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED:
+        return f"model type {kind!r} (the fast path knows {', '.join(SUPPORTED)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    if getattr(config, "attention_dropout", 0.0):
+        return "attention dropout"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and (kind != "qwen2" or getattr(config, "use_sliding_window", False)):
+        return "sliding-window attention"
+    targets = [lora_targets] if isinstance(lora_targets, str) else list(lora_targets)
+    extra = [t for t in targets if t != "all-linear" and t not in ATTENTION + MLP]
+    if extra:
+        return f"LoRA targets outside the decoder's linear layers: {extra}"
+    return None
+
+
+class FastCausalLM(torch.nn.Module):
+    """``forward(**batch)`` -> summed next-token loss (fp32), like ``kotune.train.loss_sum`` on the plain path."""
+
+    def __init__(self, peft_model, compute_dtype: torch.dtype, checkpoint: bool, offload: bool, fused: bool):
+        super().__init__()
+        self.model = peft_model  # registered, so parameters() and DDP see the adapter
+        base = peft_model.get_base_model()
+        reason = unsupported_reason(base.config, [])
+        if reason:
+            raise UnsupportedModule(reason)
+        inner = base.model
+        self.dtype_, self.checkpoint = compute_dtype, checkpoint
+        self._parts = (inner.embed_tokens, inner.norm, inner.rotary_emb, base.get_output_embeddings())
+        if getattr(self._parts[3].weight, "quant_state", None) is not None:
+            raise UnsupportedModule("a quantized output layer")
+        self.ops = Ops(fused)
+        self.layers = [DecoderLayer(layer, self.ops) for layer in inner.layers]
+        self.store = ActivationStore(self._parts[0].weight.device, offload)
+
+    def forward(self, input_ids, labels, position_ids=None, cu_seqlens=None):
+        """Summed loss of ``labels`` (right-padded batch, or one packed row with ``position_ids``/``cu_seqlens``)."""
+        embed, norm, rotary, head = self._parts
+        device = input_ids.device
+        with torch.autocast(device.type, enabled=False):
+            x = embed(input_ids).to(self.dtype_)
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=device)[None].expand(input_ids.shape[0], -1)
+            cos, sin = rotary(x, position_ids)
+            bounds = None if cu_seqlens is None else cu_seqlens.tolist()
+            rows = Rows(cos, sin, cu_seqlens, bounds, self.training and torch.is_grad_enabled())
+            keep = self.checkpoint and torch.is_grad_enabled()
+            rng = rows.training and any(p.dropout > 0 for layer in self.layers for p in layer.proj.values())
+            for i, layer in enumerate(self.layers):
+                x = checkpointed(layer, x, (rows,), self.store, i, rng) if keep else layer(x, rows)
+            x = self.ops.rms_norm(x, norm.weight, norm.variance_epsilon)
+            return linear_cross_entropy_sum(x, head.weight.to(self.dtype_), labels)

@@ -1,0 +1,125 @@
+"""A frozen (optionally 4-bit) linear layer plus its LoRA update, as one autograd function.
+
+``y = x W^T + b + s * (dropout(x) A^T) B^T``. Forward dequantizes ``W`` into a temporary, backward
+dequantizes it again instead of keeping it: per layer only ``dropout(x)`` and the rank-r product
+``dropout(x) A^T`` are saved. Gradients: ``dx = dy W + s (dy B) A`` (through the dropout mask),
+``dB = s dy^T (x A^T)``, ``dA = s (dy B)^T dropout(x)``. The module objects stay peft's and bitsandbytes'
+(read, never replaced), so saving and loading the adapter is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Projection:
+    """What the fast path reads from one linear module (peft LoRA layer, bitsandbytes 4-bit, or plain)."""
+
+    base: torch.nn.Module
+    lora_a: torch.nn.Parameter | None = None
+    lora_b: torch.nn.Parameter | None = None
+    scale: float = 0.0
+    dropout: float = 0.0
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen weight ``[out, in]`` in ``dtype``; a fresh dequantized copy for 4-bit layers."""
+        w = self.base.weight
+        if getattr(w, "quant_state", None) is not None:
+            import bitsandbytes.functional as bnb_functional
+
+            return bnb_functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
+        return w.to(dtype)
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        b = getattr(self.base, "bias", None)
+        return None if b is None else b.to(dtype)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in (self.lora_a, self.lora_b) if p is not None]
+
+
+class UnsupportedModule(ValueError):
+    """A module the fast path cannot read exactly (it then stays on the plain path)."""
+
+
+def read_projection(module: torch.nn.Module) -> Projection:
+    """A :class:`Projection` for a peft LoRA linear layer or a bare (4-bit or plain) linear layer."""
+    if hasattr(module, "lora_A"):
+        active = list(module.active_adapters)
+        if module.merged or module.disable_adapters or len(active) != 1:
+            raise UnsupportedModule(f"{type(module).__name__}: needs exactly one active, unmerged adapter")
+        name = active[0]
+        if module.use_dora.get(name) or getattr(module, "lora_bias", {}).get(name) or module.lora_variant:
+            raise UnsupportedModule(f"{type(module).__name__}: DoRA, LoRA bias and variants are not supported")
+        dropout = module.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
+        base = module.get_base_layer()
+        _check_base(base)
+        return Projection(base, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name], p)
+    _check_base(module)
+    return Projection(module)
+
+
+def _check_base(module: torch.nn.Module) -> None:
+    w = getattr(module, "weight", None)
+    if w is None or w.requires_grad:
+        raise UnsupportedModule(f"{type(module).__name__}: base weight must exist and be frozen")
+    if w.dtype in (torch.int8, torch.uint8) and getattr(w, "quant_state", None) is None:
+        raise UnsupportedModule(f"{type(module).__name__}: 8-bit weights are not supported")
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_lora, proj: Projection, a, b, dtype):
+        w = proj.weight(dtype)
+        out = torch.nn.functional.linear(x, w, proj.bias(dtype))
+        del w
+        ctx.proj, ctx.dtype, ctx.shared = proj, dtype, x_lora is x
+        if a is None:
+            ctx.save_for_backward(None, None, None, None)
+            return out
+        flat = x_lora.reshape(-1, x_lora.shape[-1])
+        xa = flat @ a.to(dtype).T
+        out2d = out.view(-1, out.shape[-1])
+        out2d.addmm_(xa, b.to(dtype).T, alpha=proj.scale)
+        ctx.save_for_backward(flat, xa, a, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        flat, xa, a, b = ctx.saved_tensors
+        proj, dtype = ctx.proj, ctx.dtype
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        grad_x = grad_x_lora = grad_a = grad_b = None
+        gb = None if a is None else (g @ b.to(dtype)) * proj.scale
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ proj.weight(dtype)
+            if gb is not None and ctx.shared:
+                grad_x.addmm_(gb, a.to(dtype))
+            grad_x = grad_x.view(grad_out.shape[:-1] + (grad_x.shape[-1],))
+        if gb is not None and ctx.needs_input_grad[1] and not ctx.shared:
+            grad_x_lora = (gb @ a.to(dtype)).view(grad_out.shape[:-1] + (a.shape[1],))
+        if a is not None:
+            grad_a = (gb.T @ flat).to(a.dtype)
+            grad_b = (proj.scale * (g.T @ xa)).to(b.dtype)
+        return grad_x, grad_x_lora, None, grad_a, grad_b, None
+
+
+def project(x: torch.Tensor, proj: Projection, training: bool) -> torch.Tensor:
+    """``proj``'s output for ``x`` in ``x``'s dtype (LoRA dropout applied when training)."""
+    x_lora = x
+    if proj.lora_a is not None and training and proj.dropout > 0:
+        x_lora = torch.nn.functional.dropout(x, proj.dropout, training=True)
+    return _LoraLinear.apply(x, x_lora, proj, proj.lora_a, proj.lora_b, x.dtype)
+
+
+def reference_project(x: torch.Tensor, proj: Projection, training: bool) -> torch.Tensor:
+    """The same output from plain autograd ops, for tests."""
+    out = torch.nn.functional.linear(x, proj.weight(x.dtype), proj.bias(x.dtype))
+    if proj.lora_a is None:
+        return out
+    x_lora = torch.nn.functional.dropout(x, proj.dropout, training=training and proj.dropout > 0)
+    return out + (x_lora @ proj.lora_a.to(x.dtype).T) @ proj.lora_b.to(x.dtype).T * proj.scale

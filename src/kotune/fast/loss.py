@@ -1,0 +1,77 @@
+"""Linear + cross-entropy in row chunks: the loss of a 128k vocabulary without its full fp32 logits.
+
+The plain path computes ``lm_head(h)`` for every position (seq x 128,256 logits, upcast to fp32: 1 GiB at
+2,048 tokens) and then the loss. Here only positions with a label are projected, a chunk of rows at a time;
+for each chunk the loss and, when a gradient is needed, the gradient of the hidden rows are computed at once
+(softmax minus one-hot, times the weight), so backward only scales a stored [rows, hidden] tensor. Peak extra
+memory is one chunk's logits. The maths is the plain path's: logits from a matrix product in the weight's
+dtype, log-softmax in fp32, summed over the labelled rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+LOGIT_ELEMENTS_PER_CHUNK = 1 << 26
+"""fp32 logits held at once (256 MiB): 523 rows of a 128,256-word vocabulary."""
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk so that one chunk's fp32 logits stay near ``LOGIT_ELEMENTS_PER_CHUNK``."""
+    return max(1, LOGIT_ELEMENTS_PER_CHUNK // vocab_size)
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """Sum over rows of ``-log softmax(hidden @ weight.T)[target]``; every target is a valid class id."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int):
+        need_grad = ctx.needs_input_grad[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        for start in range(0, hidden.shape[0], rows):
+            h, t = hidden[start : start + rows], targets[start : start + rows]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_grad:
+                # d loss / d logits = softmax - one_hot(target), built in place over the chunk's logits
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                grad_hidden[start : start + rows] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int | None = None
+) -> torch.Tensor:
+    """Summed next-token cross-entropy (fp32) of ``hidden [batch, seq, dim]`` against ``labels [batch, seq]``.
+
+    Position ``t`` predicts ``labels[:, t + 1]``; positions whose next label is -100 are dropped before the
+    projection, so prompt and padding tokens cost nothing. ``weight`` (the output embedding) must be frozen.
+    """
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy_sum needs a frozen output weight (LoRA training)")
+    targets = labels[:, 1:].reshape(-1)
+    keep = (targets != IGNORE).nonzero().squeeze(1)
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    if keep.numel() == 0:
+        return (flat.sum() * 0.0).float()  # keeps the graph connected when a micro-batch has no labelled token
+    rows = rows or chunk_rows(weight.shape[0])
+    return _LinearCrossEntropySum.apply(flat.index_select(0, keep), weight, targets.index_select(0, keep), rows)
+
+
+def reference_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain path's maths, for tests: full logits, fp32 log-softmax, summed over labelled positions."""
+    logits = hidden[:, :-1] @ weight.T
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    return torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")

@@ -1,0 +1,77 @@
+"""The decoder's elementwise pieces: RMSNorm, rotary embedding, SiLU-gated product.
+
+Each has a plain PyTorch form (the reference, and what runs on CPU) that follows transformers' Llama code
+operation by operation. On CUDA, when ``liger-kernel`` is importable, fused Triton kernels from it take their
+place (one kernel each instead of five to ten); ``tests/test_fast_ops.py`` compares both forms, outputs and
+gradients, on the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: statistics in fp32, normalised value cast back, then times the weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embedding of ``q [b, heads, t, d]`` and ``k`` with ``cos, sin [b, t, d]`` (Llama's half rotation)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+@functools.cache
+def liger_available() -> bool:
+    """True when liger-kernel and a CUDA device are there (checked once)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import liger_kernel.ops.rms_norm  # noqa: F401
+        import liger_kernel.ops.rope  # noqa: F401
+        import liger_kernel.ops.swiglu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Ops:
+    """The three functions the fast decoder calls, fused on CUDA when asked and available."""
+
+    def __init__(self, fused: bool):
+        self.fused = fused and liger_available()
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if self.fused and x.is_cuda:
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+            return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", True)
+        return rms_norm_reference(x, weight, eps)
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        if self.fused and q.is_cuda:
+            from liger_kernel.ops.rope import LigerRopeFunction
+
+            return LigerRopeFunction.apply(q, k, cos, sin)
+        return rope_reference(q, k, cos, sin)
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.fused and gate.is_cuda:
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+            return LigerSiLUMulFunction.apply(gate, up)
+        return silu_mul_reference(gate, up)

@@ -1,0 +1,423 @@
+"""Inference as small functions: format → encode → prefill → decode step → sample → strip.
+
+Prompts are built exactly as training built them: the template saved with the run (or the tokenizer's chat
+template for runs trained on conversations), encoded without special tokens and with BOS put in front only
+when the tokenizer itself does that (``kotune.encoding``). Generation stops at EOS or an end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kotune.config import Config, load_config
+from kotune.templates import Template, load_saved_template
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and transformers are imported inside the functions that use them, so that `kotune --help` and
+# argument parsing (which read Sampling's defaults) stay fast.
+
+CONFIG_FILE = "kotune_config.yaml"
+"""The resolved config a run saves (``kotune.recipe.CONFIG_FILE``); a merged folder carries a copy."""
+
+CHAT_FORMATS = ("messages", "sharegpt")
+"""Training row formats whose prompts come from the tokenizer's chat template."""
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    """Sampling temperature; 0 picks the most likely token (greedy, reproducible)."""
+    top_p: float = 1.0
+    """Sample only from the smallest set of tokens whose probabilities add up to this (1 = all)."""
+    max_new_tokens: int = 256
+    """Stop after this many new tokens when no EOS / end-of-turn token came."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    ids: list[int]
+    """Generated token ids, without the stop token."""
+    stopped: bool
+    """True when a stop token ended it; False when ``max_new_tokens`` ran out."""
+
+
+class FolderError(ValueError):
+    """A folder that is not a kotune run or merged model, or lacks a file; the message names it."""
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """What a training run (adapter) or a merge (full model) left behind, read back."""
+
+    path: Path
+    merged: bool
+    """True for a merged full model, False for a run folder holding a LoRA adapter."""
+    config: Config
+    """The run's resolved config."""
+    template: Template
+    """The prompt template training used."""
+    fmt: str
+    """The training rows' format (``alpaca``, ``prompt_completion``, ``messages``, ``sharegpt``)."""
+
+
+# -- load -------------------------------------------------------------------------------------------
+def open_folder(path: str | Path) -> ModelFolder:
+    """Read a run folder (``adapter_config.json``) or a merged folder (``config.json``) with its saved config."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FolderError(f"{folder}: no such folder; give a training run's output_dir or a merged model folder")
+    merged = not (folder / "adapter_config.json").is_file()
+    if merged and not (folder / "config.json").is_file():
+        raise FolderError(f"{folder}: holds neither adapter_config.json (a run) nor config.json (a merged model)")
+    if not (folder / CONFIG_FILE).is_file():
+        raise FolderError(f"{folder}: no {CONFIG_FILE}; is this a kotune output folder?")
+    cfg = load_config(folder / CONFIG_FILE)
+    return ModelFolder(folder, merged, cfg, load_saved_template(folder), training_format(cfg, folder / CONFIG_FILE))
+
+
+def training_format(cfg: Config, where: Path) -> str:
+    """The row format the run trained on; ``auto`` is detected again from the first row of its data."""
+    if cfg.data.format != "auto":
+        return cfg.data.format
+    from kotune.data import DataError, read_rows
+    from kotune.formats import detect_format
+
+    try:
+        return detect_format(read_rows(cfg.data.path, cfg.data.split)[:1], cfg.data.path)
+    except DataError as exc:
+        raise FolderError(
+            f"{where}: data.format is auto and the training data cannot be read to tell it ({exc}); "
+            "set data.format in that file"
+        ) from None
+
+
+def load_base(model_cfg, quantization: str):
+    """The base model as ``model_cfg`` names it, quantized as asked (``4bit``, ``8bit`` or ``none``), for inference."""
+    from transformers import AutoModelForCausalLM
+
+    from kotune.assets import resolve_model
+    from kotune.model import DTYPES, device_map, quantization_config
+    from kotune.security import refuse_pickle
+
+    model_cfg = replace(model_cfg, quantization=quantization)
+    path = resolve_model(model_cfg.path)
+    if Path(path).is_dir():
+        refuse_pickle(path, model_cfg.allow_pickle, "model folder", "model.allow_pickle: true")
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=quantization_config(model_cfg),
+        dtype=DTYPES[model_cfg.compute_dtype],
+        device_map=device_map(),
+        trust_remote_code=model_cfg.trust_remote_code,
+        attn_implementation=model_cfg.attn_implementation,
+    )
+
+
+def load_model(folder: ModelFolder, base: str | None = None):
+    """(model, tokenizer) ready to generate: the merged model, or the adapter on its base.
+
+    ``base`` picks the base's quantization for an adapter (``4bit``, ``8bit``, ``none``); unset: as trained.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kotune.model import device_map
+
+    tokenizer = AutoTokenizer.from_pretrained(folder.path)
+    if folder.merged:
+        # kotune merge writes safetensors only; never fall back to pickle weights someone put there
+        model = AutoModelForCausalLM.from_pretrained(
+            folder.path, dtype="auto", device_map=device_map(), use_safetensors=True
+        )
+    else:
+        from peft import PeftModel
+
+        quantization = base or folder.config.model.quantization
+        model = PeftModel.from_pretrained(load_base(folder.config.model, quantization), folder.path)
+    model.eval()
+    return model, tokenizer
+
+
+def pad_id(tokenizer) -> int:
+    """Padding for left-padded prompts: the tokenizer's pad token, else EOS (masked out either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# -- format -----------------------------------------------------------------------------------------
+def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]]:
+    """A conversation row as ``[{role, content}]``, cut before a final assistant turn (that is what we generate)."""
+    from kotune.data import DataError
+
+    key = "messages" if fmt == "messages" else "conversations"
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: row {row.get('_row', '?')}: '{key}' must be a non-empty list of turns")
+    messages = []
+    for turn in turns:
+        if fmt == "messages":
+            role, content = turn.get("role"), turn.get("content")
+        else:
+            role, content = SHAREGPT_ROLES.get(str(turn.get("from"))), turn.get("value")
+        if role is None or not isinstance(content, str):
+            raise DataError(f"{where}: row {row.get('_row', '?')}: turn {turn!r} has no known role or no text")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return messages
+
+
+def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The tokenizer's chat template over ``messages``, ending with the assistant's header."""
+    if not tokenizer.chat_template:
+        from kotune.data import DataError
+
+        raise DataError("conversation rows need a chat template, and this model's tokenizer has none")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def row_prompt(row: dict[str, Any], fmt: str, template: Template, tokenizer, where: str) -> str:
+    """The prompt text for a data row of any supported format, as training formatted it."""
+    if fmt == "alpaca":
+        return template.format(str(row["instruction"]), row.get("input"))
+    if fmt == "prompt_completion":
+        return str(row["prompt"])
+    return chat_prompt(tokenizer, to_messages(row, fmt, where))
+
+
+# -- encode -----------------------------------------------------------------------------------------
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids as training encoded them: the text alone, BOS in front when the tokenizer adds one."""
+    from kotune.encoding import bos_id_to_add, encode_segments
+
+    ids = encode_segments(tokenizer, [text])[0]
+    bos = bos_id_to_add(tokenizer)
+    if bos is not None and (not ids or ids[0] != bos):  # a chat template may already start with BOS
+        ids = [bos, *ids]
+    return ids
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (``<|eot_id|>``, ``<|im_end|>``)."""
+    if not tokenizer.chat_template:
+        return None
+    probe = "kotune-probe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False
+        )
+    except Exception:  # a template may reject this conversation (jinja raises its own types)
+        return None
+    after = text[text.rindex(probe) + len(probe) :] if probe in text else ""
+    specials = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token, token_id in specials.items():
+        if after.startswith(token):
+            return token_id
+    return None
+
+
+def stop_ids(tokenizer, generation_config=None) -> list[int]:
+    """Ids that end a reply: the tokenizer's EOS (what training appended), end-of-turn, the model's own EOS ids."""
+    found: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        found.append(tokenizer.eos_token_id)
+    eot = end_of_turn_id(tokenizer)
+    if eot is not None:
+        found.append(eot)
+    configured = getattr(generation_config, "eos_token_id", None)
+    found.extend([configured] if isinstance(configured, int) else configured or [])
+    return list(dict.fromkeys(found))
+
+
+# -- prefill, decode step, sample -------------------------------------------------------------------
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, so every row's next token lands in the last column."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (padding gets 0, it is masked anyway)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor):
+    """Run the prompts; returns the last position's logits (float32) and the KV cache."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), out.past_key_values
+
+
+def decode_step(model, token: torch.Tensor, mask: torch.Tensor, cache):
+    """One new token per row through the cache; ``mask`` already covers it. Returns logits and the cache."""
+    position = mask.sum(-1, keepdim=True) - 1
+    out = model(
+        input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+    )
+    return out.logits[:, -1].float(), out.past_key_values
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else nucleus sampling at the given temperature."""
+    import torch
+
+    if sampling.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Drop tokens once the mass before them reaches top_p; the most likely token always stays.
+    drop = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    choice = torch.multinomial(sorted_probs.cpu(), 1, generator=generator).to(logits.device)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def decode(
+    model,
+    prompts: list[list[int]],
+    pad_id: int,
+    stops: list[int],
+    sampling: Sampling,
+    generator: torch.Generator | None = None,
+) -> Iterator[list[int | None]]:
+    """Per step, the token each row produced (its stop token included), None for rows that already stopped."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id, device)
+    with torch.inference_mode():
+        logits, cache = prefill(model, ids, mask)
+    running = torch.ones(len(prompts), dtype=torch.bool, device=device)
+    stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
+    for step in range(sampling.max_new_tokens):
+        token = sample(logits, sampling, generator)
+        yield [t if alive else None for t, alive in zip(token.tolist(), running.tolist(), strict=True)]
+        running &= ~torch.isin(token, stop_tensor)
+        if not running.any() or step + 1 == sampling.max_new_tokens:
+            return
+        token = torch.where(running, token, torch.full_like(token, pad_id))
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        with torch.inference_mode():
+            logits, cache = decode_step(model, token, mask, cache)
+
+
+# -- strip ------------------------------------------------------------------------------------------
+def generate(
+    model,
+    prompts: list[list[int]],
+    pad_id: int,
+    stops: list[int],
+    sampling: Sampling,
+    generator: torch.Generator | None = None,
+) -> list[Generation]:
+    """Batched generation (left padding): each row's new ids up to, not including, its stop token."""
+    out: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    stop_set = set(stops)
+    for step in decode(model, prompts, pad_id, stops, sampling, generator):
+        for i, token in enumerate(step):
+            if token is None:
+                continue
+            if token in stop_set:
+                stopped[i] = True
+            else:
+                out[i].append(token)
+    return [Generation(ids, done) for ids, done in zip(out, stopped, strict=True)]
+
+
+def stream(
+    model,
+    prompt: list[int],
+    pad_id: int,
+    stops: list[int],
+    sampling: Sampling,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """One prompt's new token ids as they come, ending before the stop token."""
+    for (token,) in decode(model, [prompt], pad_id, stops, sampling, generator):
+        if token is None or token in stops:
+            return
+        yield token
+
+
+def completion_text(tokenizer, ids: list[int]) -> str:
+    """The reply's text: special tokens dropped, nothing else touched (no clean-up of spaces)."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+class TextStream:
+    """Turn streamed token ids into text pieces, holding back a token that ends inside a UTF-8 character.
+
+    Byte-level tokenizers split a Hangul syllable over several tokens; decoding such a prefix gives U+FFFD.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the text that became complete (maybe empty)."""
+        self.ids.append(token)
+        text = completion_text(self.tokenizer, self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[self.shown :], len(text)
+        return piece
+
+    def text(self) -> str:
+        return completion_text(self.tokenizer, self.ids)
+
+
+class ChatSession:
+    """A terminal conversation formatted the way the run trained.
+
+    Runs trained on conversations keep the history and format it with the tokenizer's chat template. Runs
+    trained on instruction rows answer each message on its own through the saved template, which has no place
+    for earlier turns; ``prompt_completion`` runs take the message as the raw prompt.
+    """
+
+    def __init__(self, model, tokenizer, folder: ModelFolder, sampling: Sampling, seed: int | None = None):
+        import torch
+
+        self.model, self.tokenizer, self.folder, self.sampling = model, tokenizer, folder, sampling
+        self.stops = stop_ids(tokenizer, getattr(model, "generation_config", None))
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.history: list[dict[str, str]] = []
+
+    @property
+    def keeps_history(self) -> bool:
+        return self.folder.fmt in CHAT_FORMATS
+
+    def prompt(self, text: str) -> str:
+        """The prompt text for a new user message."""
+        if self.keeps_history:
+            return chat_prompt(self.tokenizer, [*self.history, {"role": "user", "content": text}])
+        if self.folder.fmt == "prompt_completion":
+            return text
+        return self.folder.template.format(text)
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the reply's text; a finished reply joins the history."""
+        decoded = TextStream(self.tokenizer)
+        ids = encode_prompt(self.tokenizer, self.prompt(text))
+        for token in stream(self.model, ids, pad_id(self.tokenizer), self.stops, self.sampling, self.generator):
+            piece = decoded.push(token)
+            if piece:
+                yield piece
+        if self.keeps_history:
+            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": decoded.text()}]
+
+    def reset(self) -> None:
+        self.history.clear()

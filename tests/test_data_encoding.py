@@ -1,0 +1,99 @@
+"""Batched encoding: the direct backend call gives the tokenizer's own ids, the flat table gives the same examples
+and counts as the per-row reference, and the index-based split is the row-based one."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from tricky_rows import TRICKY_ROWS
+
+from kotune.data import split_indices, split_rows
+from kotune.encoding import ExampleTable, encode_rows, encode_segments, encode_table
+from kotune.formats import Rendered, detect_format, render_alpaca, render_prompt_completion
+from kotune.templates import KO_ALPACA
+
+
+def tricky_texts() -> list[str]:
+    texts = []
+    for row in TRICKY_ROWS.values():
+        texts += [KO_ALPACA.format(row["instruction"], row.get("input")), row["output"]]
+    return texts + ["", " ", "<|eot_id|>안녕<|end_of_text|>", "###답변:\n\"인용\"", "a\r\n\r\nb", "😊" * 3]
+
+
+def test_backend_call_gives_the_tokenizers_own_ids(llama3_tokenizer):
+    texts = tricky_texts()
+    assert encode_segments(llama3_tokenizer, texts) == llama3_tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def rendered_rows(n: int, seed: int) -> list[Rendered]:
+    rng = random.Random(seed)
+    rows = list(TRICKY_ROWS.values())
+    out = []
+    for i in range(n):
+        source = {**rng.choice(rows), "_row": i}
+        if i % 11 == 0:  # conversation-like: no EOS appended, untrained text after the last trained segment
+            out.append(Rendered(i, [("질문", False), ("답<|eot_id|>", i % 2 == 0), ("꼬리 " * (i % 9), False)], False))
+        elif i % 4 == 3:
+            out.append(render_prompt_completion({"prompt": "p" * (i % 7), "completion": "", "_row": i}, False, ""))
+        else:
+            out.append(render_alpaca(source, KO_ALPACA, train_on_inputs=i % 5 == 0, where=""))
+    return out
+
+
+@pytest.mark.parametrize("cutoff", [4, 24, 48, 4098])
+def test_flat_table_equals_the_per_row_reference(llama3_tokenizer, cutoff):
+    rendered = rendered_rows(200, seed=cutoff)
+    reference, ref_stats = encode_rows(llama3_tokenizer, rendered, cutoff, batch_size=64)
+    encoded = encode_table(llama3_tokenizer, rendered, len(rendered), {}, cutoff, batch_size=64)
+    assert [(e.row, e.input_ids, e.labels) for e in encoded.examples] == [
+        (e.row, e.input_ids, e.labels) for e in reference
+    ]
+    stats = encoded.stats(range(len(rendered)))
+    assert (stats.rows, stats.kept, stats.truncated, stats.eos_lost) == (
+        ref_stats.rows,
+        ref_stats.kept,
+        ref_stats.truncated,
+        ref_stats.eos_lost,
+    )
+    assert stats.skipped_rows == ref_stats.skipped_rows
+
+
+def test_rows_skipped_before_encoding_are_counted(llama3_tokenizer):
+    rendered = [r for r in rendered_rows(10, seed=1) if r.row not in (2, 5)]
+    encoded = encode_table(llama3_tokenizer, rendered, 10, {2: "null output", 5: "null output"}, 4098)
+    stats = encoded.stats([5, 0, 2, 1])
+    assert (stats.rows, stats.kept) == (4, 2) and stats.skipped_rows == {"null output": [5, 2]}
+    assert [e.row for e in encoded.select([5, 1, 0, 2])] == [1, 0]
+
+
+def test_example_table_indexing():
+    table = ExampleTable.from_lists([7, 8, 9], [[1, 2], [3], [4, 5, 6]], [[-100, 2], [3], [-100, -100, 6]])
+    assert len(table) == 3 and table[-1].row == 9 and table[1].input_ids == [3]
+    assert [e.row for e in table[::2]] == [7, 9]
+    assert [e.labels for e in table] == [[-100, 2], [3], [-100, -100, 6]]  # iteration stops at IndexError
+    picked = table.take([2, 0])
+    assert [(e.row, e.input_ids) for e in picked] == [(9, [4, 5, 6]), (7, [1, 2])]
+    assert picked.lengths().tolist() == [3, 2] and len(ExampleTable.from_lists([], [], [])) == 0
+
+
+@pytest.mark.parametrize(("n", "val_size", "seed"), [(1, 0.5, 0), (10, 0.0, 1), (10, 0.2, 42), (1001, 0.005, 3)])
+def test_index_split_is_the_row_split(n, val_size, seed):
+    rows = [{"_row": i} for i in range(n)]
+    by_rows = split_rows(rows, val_size, seed)
+    train, validation = split_indices(n, val_size, seed)
+    assert [r["_row"] for r in by_rows.train] == train and [r["_row"] for r in by_rows.validation] == validation
+
+
+def test_format_detection_by_columns():
+    assert detect_format([{"instruction": "a", "output": "b"}], "") == "alpaca"
+    assert detect_format([{"prompt": "a", "completion": "b"}], "") == "prompt_completion"
+    assert detect_format([{"messages": []}], "") == "messages"
+    assert detect_format([{"conversations": []}], "") == "sharegpt"
+
+
+def test_prompt_completion_masks_the_prompt(llama3_tokenizer):
+    rendered = render_prompt_completion({"prompt": "질문: 수도는?", "completion": " 서울", "_row": 0}, False, "")
+    (example,), _ = encode_rows(llama3_tokenizer, [rendered], 4098)
+    completion = llama3_tokenizer(" 서울", add_special_tokens=False)["input_ids"]
+    assert [t for t in example.labels if t != -100] == completion + [llama3_tokenizer.eos_token_id]

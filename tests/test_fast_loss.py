@@ -1,0 +1,83 @@
+"""Chunked linear cross-entropy against the plain path's full-logits loss: values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kotune.fast.loss import IGNORE, chunk_rows, linear_cross_entropy_sum, reference_cross_entropy_sum
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _case(batch, seq, dim, vocab, masked, seed, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq, dim, generator=g).to(device, dtype)
+    weight = (torch.randn(vocab, dim, generator=g) / dim**0.5).to(device, dtype)
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels[torch.rand(batch, seq, generator=g) < masked] = IGNORE
+    return hidden, weight, labels.to(device)
+
+
+def _loss_and_grad(fn, hidden, weight, labels, **kw):
+    h = hidden.clone().requires_grad_(True)
+    loss = fn(h, weight, labels, **kw)
+    (loss * 0.37).backward()  # a non-unit upstream gradient
+    return loss.detach(), h.grad
+
+
+@pytest.mark.parametrize(
+    ("batch", "seq", "dim", "vocab", "masked", "rows"),
+    [
+        (1, 2, 8, 5, 0.0, 1),  # shortest sequence, one row per chunk
+        (2, 17, 16, 33, 0.3, 4),  # rows not a multiple of the chunk
+        (3, 9, 8, 1000, 0.9, 1000),  # one chunk holds everything
+        (1, 64, 32, 257, 0.5, None),  # default chunking
+    ],
+)
+def test_matches_full_logits_loss_and_gradient(batch, seq, dim, vocab, masked, rows):
+    hidden, weight, labels = _case(batch, seq, dim, vocab, masked, seed=seq + vocab)
+    ref, ref_grad = _loss_and_grad(reference_cross_entropy_sum, hidden.double(), weight.double(), labels)
+    got, got_grad = _loss_and_grad(linear_cross_entropy_sum, hidden, weight, labels, rows=rows)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_no_labelled_token_gives_zero_and_zero_gradient():
+    hidden, weight, labels = _case(2, 5, 8, 11, 0.0, seed=1)
+    labels[:] = IGNORE
+    loss, grad = _loss_and_grad(linear_cross_entropy_sum, hidden, weight, labels)
+    assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
+
+
+def test_last_position_and_masked_positions_get_no_gradient():
+    hidden, weight, labels = _case(1, 6, 8, 13, 0.0, seed=2)
+    labels[0, 3] = IGNORE  # so position 2 predicts nothing
+    _, grad = _loss_and_grad(linear_cross_entropy_sum, hidden, weight, labels)
+    assert torch.count_nonzero(grad[0, 2]) == 0 and torch.count_nonzero(grad[0, -1]) == 0
+    assert torch.count_nonzero(grad[0, 1]) > 0
+
+
+def test_trainable_output_weight_is_refused():
+    hidden, weight, labels = _case(1, 4, 8, 7, 0.0, seed=3)
+    with pytest.raises(ValueError, match="frozen"):
+        linear_cross_entropy_sum(hidden, weight.requires_grad_(True), labels)
+
+
+def test_chunk_rows_bounds_logit_memory():
+    assert chunk_rows(128_256) == 523
+    assert chunk_rows(10) > 1_000_000
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize(("seq", "vocab"), [(2048, 128_256), (7, 32_000), (1, 50)])
+def test_bf16_on_gpu_matches_fp32_reference(seq, vocab):
+    hidden, weight, labels = _case(1, seq + 1, 256, vocab, 0.3, seed=seq, dtype=torch.bfloat16, device="cuda")
+    ref, ref_grad = _loss_and_grad(reference_cross_entropy_sum, hidden.float(), weight.float(), labels)
+    got, got_grad = _loss_and_grad(linear_cross_entropy_sum, hidden, weight, labels)
+    assert torch.isfinite(got)
+    assert abs(got.item() - ref.item()) <= 2e-3 * abs(ref.item()) + 1e-3
+    rel = (got_grad.float() - ref_grad).norm() / ref_grad.norm().clamp(min=1e-12)
+    assert rel < 1e-2

@@ -1,0 +1,160 @@
+"""kotune generate: prompts from any format, output equal to in-process greedy generation, resume after a kill
+without duplicated rows, and the demo fine-tune stopping with EOS (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_kotune, write_jsonl
+
+from kotune.commands.generate import completed_rows, prompt_format
+from kotune.data import DataError
+
+
+# -- resume bookkeeping -----------------------------------------------------------------------------
+def test_completed_rows_cuts_a_torn_last_line(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"row": 0, "generated": "a"}\n{"row": 2, "generated": "b"}\n{"row": 1, "genera')
+    assert completed_rows(out) == {0, 2}
+    assert out.read_bytes() == b'{"row": 0, "generated": "a"}\n{"row": 2, "generated": "b"}\n'
+    assert completed_rows(tmp_path / "missing.jsonl") == set()
+
+
+def test_completed_rows_refuses_a_foreign_file(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"row": 0}\nnot json\n{"row": 1}\n')
+    with pytest.raises(DataError, match="line 2"):
+        completed_rows(out)
+
+
+def test_prompt_format_needs_only_the_prompt_side():
+    assert prompt_format([{"instruction": "a"}, {"instruction": "b", "input": "c"}], "f") == "alpaca"
+    assert prompt_format([{"prompt": "a"}], "f") == "prompt_completion"
+    assert prompt_format([{"messages": []}], "f") == "messages"
+    with pytest.raises(DataError, match="instruction, prompt, messages, conversations"):
+        prompt_format([{"instruction": "a"}, {"prompt": "b"}], "f")
+
+
+def test_conversation_prompts_use_the_chat_template(tiny_qlora_run, tmp_path, llama3_tokenizer):
+    from kotune.commands.generate import read_prompts
+    from kotune.inference import open_folder
+
+    messages = [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "네."}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    [(row, prompt)] = read_prompts(str(path), open_folder(tiny_qlora_run[0]), llama3_tokenizer)
+    assert row["_row"] == 0
+    assert prompt == llama3_tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+
+
+# -- the command ------------------------------------------------------------------------------------
+ROWS = [{"instruction": f"질문 {i}: 하늘은 왜 파란가요?", "input": "과학" if i % 3 == 0 else ""} for i in range(12)]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_output(tiny_qlora_run, tmp_path_factory):
+    """An uninterrupted ``kotune generate`` over ROWS (adapter on the 4-bit base, greedy, 8 new tokens)."""
+    run, cache, _ = tiny_qlora_run
+    folder = tmp_path_factory.mktemp("generate")
+    prompts = write_jsonl(folder / "prompts.jsonl", ROWS)
+    out = folder / "out.jsonl"
+    args = ["generate", str(run), "--input", str(prompts), "--output", str(out), "--max-new-tokens", "8"]
+    result = run_kotune([*args, "--batch-size", "5"], {"KOTUNE_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return prompts, out, args
+
+
+def test_generate_writes_the_models_greedy_replies(tiny_qlora_run, reference_output):
+    from kotune.inference import (
+        Sampling,
+        completion_text,
+        encode_prompt,
+        generate,
+        load_model,
+        open_folder,
+        pad_id,
+        stop_ids,
+    )
+
+    _, out, _ = reference_output
+    rows = read_jsonl(out)
+    assert [r["row"] for r in rows] == list(range(len(ROWS)))
+    assert all(r["instruction"] == ROWS[r["row"]]["instruction"] for r in rows)
+    assert {r["finish"] for r in rows} <= {"stop", "length"}
+    folder = open_folder(tiny_qlora_run[0])
+    model, tokenizer = load_model(folder)
+    prompts = [encode_prompt(tokenizer, folder.template.format(r["instruction"], r["input"])) for r in ROWS]
+    expected = generate(model, prompts, pad_id(tokenizer), stop_ids(tokenizer), Sampling(max_new_tokens=8))
+    assert [r["generated"] for r in rows] == [completion_text(tokenizer, g.ids) for g in expected]
+    assert [r["finish"] == "stop" for r in rows] == [g.stopped for g in expected]
+
+
+@pytest.mark.slow
+def test_generate_resumes_after_a_kill_without_duplicating_rows(tiny_qlora_run, reference_output, tmp_path):
+    _, cache, _ = tiny_qlora_run
+    prompts, reference, args = reference_output
+    out = tmp_path / "out.jsonl"
+    args = [a if a != str(reference) else str(out) for a in args]
+    env = {**os.environ, "KOTUNE_CACHE": str(cache)}
+    command = [sys.executable, "-m", "kotune.cli", *args, "--batch-size", "1"]
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if out.is_file() and out.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "generate finished before it could be interrupted"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = out.read_bytes().count(b"\n")
+    assert 3 <= written < len(ROWS)
+    with out.open("ab") as f:  # what a kill in the middle of a write leaves
+        f.write(b'{"row": 11, "instruction": "\xec\xa7\x88')
+
+    result = run_kotune([*args, "--batch-size", "4"], {"KOTUNE_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{written} rows already in" in result.stdout
+    rows = read_jsonl(out)
+    assert sorted(r["row"] for r in rows) == list(range(len(ROWS)))  # each row once
+    assert sorted(rows, key=lambda r: r["row"]) == read_jsonl(reference)
+
+    again = run_kotune(args, {"KOTUNE_CACHE": str(cache)})
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert read_jsonl(out) == rows
+
+
+# -- the demo fine-tune must stop -------------------------------------------------------------------
+DEMO_CONFIG = ROOT / "examples" / "ko-demo.yaml"
+DEMO_HELDOUT = ROOT / "data" / "ko-instruct-demo-heldout.jsonl"
+DEMO_MAX_NEW_TOKENS = 256
+"""Twice the longest held-out answer (132 SmolLM2 tokens)."""
+MIN_STOPPED_SHARE = 0.9
+
+
+@pytest.mark.slow
+def test_demo_fine_tune_ends_replies_with_eos(tmp_path):
+    """After the CPU demo fine-tune of SmolLM2-135M-Instruct, >= 90% of the held-out prompts end with EOS,
+    through the adapter on the 4-bit base and through the merged model."""
+    run, merged = tmp_path / "demo", tmp_path / "merged"
+    result = run_kotune(["train", str(DEMO_CONFIG), f"train.output_dir={run}"], timeout=3600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_kotune(["merge", str(run), "--out", str(merged)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for folder in (run, merged):
+        out = tmp_path / f"{folder.name}.jsonl"
+        args = ["generate", str(folder), "--input", str(DEMO_HELDOUT), "--output", str(out)]
+        result = run_kotune([*args, "--max-new-tokens", str(DEMO_MAX_NEW_TOKENS), "--batch-size", "10"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = read_jsonl(out)
+        stopped = sum(r["finish"] == "stop" for r in rows) / len(rows)
+        assert stopped >= MIN_STOPPED_SHARE, f"{folder.name}: only {stopped:.0%} of held-out replies ended with EOS"

@@ -1,0 +1,154 @@
+"""Inference functions: sampling, left padding, batched greedy generation against transformers' own generate,
+stop tokens, streamed text, prompts encoded exactly as training encoded them, chat history."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kotune import inference
+from kotune.inference import Sampling
+
+
+# -- sample, pad, positions: hand-checkable ---------------------------------------------------------
+def test_greedy_picks_argmax_per_row():
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 4.9]])
+    assert inference.sample(logits, Sampling(temperature=0.0)).tolist() == [1, 0]
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    draws = {inference.sample(logits, Sampling(temperature=1.0, top_p=0.7), generator).item() for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 < 0.7 so token 1 is needed; 0.8 >= 0.7 so tokens 2 and 3 are cut
+    tiny_p = {inference.sample(logits, Sampling(temperature=1.0, top_p=0.01), generator).item() for _ in range(50)}
+    assert tiny_p == {0}
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    logits = torch.randn(3, 50)
+    a = [inference.sample(logits, Sampling(temperature=1.0), torch.Generator().manual_seed(7)) for _ in range(2)]
+    b = [inference.sample(logits, Sampling(temperature=1.0), torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_left_pad_and_positions():
+    ids, mask = inference.left_pad([[5, 6, 7], [8]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert inference.positions(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+# -- generation on the tiny model -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tiny_llama3_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama3_model, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_llama3_model)
+
+
+PROMPTS = [[128000, 9906, 1917, 11, 1268], [128000, 101193, 124409], [128000, 40, 1093, 4447, 12, 220, 17, 18, 19]]
+
+
+def test_batched_left_padded_greedy_matches_transformers_generate(tiny):
+    model, tokenizer = tiny
+    ours = inference.generate(model, PROMPTS, tokenizer.eos_token_id, [], Sampling(max_new_tokens=8))
+    for prompt, got in zip(PROMPTS, ours, strict=True):
+        expected = model.generate(
+            torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
+        assert got.ids == expected
+        assert got.stopped is False
+
+
+def test_generation_stops_at_a_stop_token_and_leaves_other_rows_alone(tiny):
+    model, tokenizer = tiny
+    free = inference.generate(model, PROMPTS, tokenizer.eos_token_id, [], Sampling(max_new_tokens=6))
+    stop = free[0].ids[2]  # the third token row 0 produces
+    assert stop not in free[1].ids, "pick a stop token that only row 0 meets"
+    stopped = inference.generate(model, PROMPTS, tokenizer.eos_token_id, [stop], Sampling(max_new_tokens=6))
+    first = free[0].ids.index(stop)
+    assert stopped[0].ids == free[0].ids[:first] and stopped[0].stopped is True
+    assert stopped[1].ids == free[1].ids and stopped[1].stopped is False
+    streamed = list(inference.stream(model, PROMPTS[0], tokenizer.eos_token_id, [stop], Sampling(max_new_tokens=6)))
+    assert streamed == stopped[0].ids
+
+
+def test_text_stream_never_shows_half_a_hangul_syllable(llama3_tokenizer):
+    text = "뷁꿿 똠방각하 쌰럄 안녕하세요"
+    ids = llama3_tokenizer(text, add_special_tokens=False)["input_ids"]
+    prefixes = [llama3_tokenizer.decode(ids[:k]) for k in range(1, len(ids))]
+    assert any(p.endswith("\ufffd") for p in prefixes), "the text should split a syllable over tokens"
+    stream = inference.TextStream(llama3_tokenizer)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == text == stream.text()
+    assert not any("\ufffd" in p for p in pieces)
+
+
+# -- prompts as training built them -----------------------------------------------------------------
+def test_prompt_ids_are_the_training_rows_prompt_ids(llama3_train_tokenizer):
+    from kotune.encoding import IGNORE, encode_rows
+    from kotune.formats import render_alpaca
+    from kotune.templates import KO_ALPACA
+
+    rows = [
+        {"_row": 0, "instruction": "다음 문장을 요약하세요", "input": '"따옴표"로 시작', "output": "요약입니다."},
+        {"_row": 1, "instruction": "하늘은 왜 파란가요?", "input": "", "output": "\n산란 때문입니다."},
+    ]
+    rendered = [render_alpaca(r, KO_ALPACA, False, "test") for r in rows]
+    examples, _ = encode_rows(llama3_train_tokenizer, rendered, cutoff_len=512)
+    for row, example in zip(rows, examples, strict=True):
+        prompt = inference.row_prompt(row, "alpaca", KO_ALPACA, llama3_train_tokenizer, "test")
+        ids = inference.encode_prompt(llama3_train_tokenizer, prompt)
+        assert example.input_ids[: len(ids)] == ids
+        assert set(example.labels[: len(ids)]) == {IGNORE} and example.labels[len(ids)] != IGNORE
+
+
+def test_stop_ids_hold_eos_and_the_chat_templates_end_of_turn(llama3_tokenizer):
+    eot = llama3_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert inference.end_of_turn_id(llama3_tokenizer) == eot
+    stops = inference.stop_ids(llama3_tokenizer)
+    assert stops[:2] == [llama3_tokenizer.eos_token_id, eot]
+
+
+def test_conversation_rows_become_messages_without_the_final_answer():
+    row = {
+        "_row": 3,
+        "conversations": [
+            {"from": "system", "value": "짧게 답하세요."},
+            {"from": "human", "value": "안녕?"},
+            {"from": "gpt", "value": "안녕하세요."},
+        ],
+    }
+    assert inference.to_messages(row, "sharegpt", "f.jsonl") == [
+        {"role": "system", "content": "짧게 답하세요."},
+        {"role": "user", "content": "안녕?"},
+    ]
+    from kotune.data import DataError
+
+    with pytest.raises(DataError, match="row 3"):
+        inference.to_messages({"_row": 3, "conversations": [{"from": "robot", "value": "x"}]}, "sharegpt", "f")
+
+
+def test_chat_session_keeps_history_for_conversation_runs(tiny, tmp_path):
+    from kotune.config import Config
+    from kotune.templates import KO_ALPACA
+
+    model, tokenizer = tiny
+    folder = inference.ModelFolder(tmp_path, True, Config(), KO_ALPACA, "messages")
+    session = inference.ChatSession(model, tokenizer, folder, Sampling(max_new_tokens=4))
+    first = "".join(session.reply("안녕?"))
+    assert [m["role"] for m in session.history] == ["user", "assistant"]
+    assert session.history[1]["content"] == first
+    second_prompt = session.prompt("다음 질문")
+    assert "안녕?" in second_prompt and second_prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    session.reset()
+    assert session.history == [] and "안녕?" not in session.prompt("다음 질문")
+
+    one_turn = inference.ChatSession(
+        model, tokenizer, folder.__class__(tmp_path, True, Config(), KO_ALPACA, "alpaca"), Sampling(max_new_tokens=4)
+    )
+    assert one_turn.prompt("질문") == KO_ALPACA.format("질문")
+    list(one_turn.reply("질문"))
+    assert one_turn.history == []

@@ -1,0 +1,238 @@
+"""kotune merge: the report's numbers against logits computed here with plain transformers / peft, the merged
+weights against dequantize + LoRA delta by hand, greedy agreement, drift refusal, idempotency, sharding."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from kotune import merge as merging
+
+
+# -- the drift arithmetic, by hand ------------------------------------------------------------------
+def test_drift_sums_hand_values():
+    merged = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    adapter = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    labels = torch.tensor([-100, 1, 2])  # positions 0 and 1 predict tokens 1 and 2
+    sums = merging.drift_sums(merged, adapter, labels)
+    assert sums["abs_diff"] == pytest.approx(3.0)  # 1 at [0,0], 1 at [1,0], 1 at [1,1]
+    assert sums["max_abs_diff"] == pytest.approx(1.0)
+    assert sums["agree"] == 2  # position 1 picks token 1 vs token 0
+    assert sums["positions"] == 3 and sums["elements"] == 9 and sums["tokens"] == 2
+    nll = torch.nn.functional.cross_entropy
+    assert sums["nll_merged"] == pytest.approx(nll(merged[:2], torch.tensor([1, 2]), reduction="sum").item())
+    drift = merging.summarize([sums, sums])
+    assert drift.mean_abs_logit_diff == pytest.approx(3 / 9)
+    assert drift.top1_agreement == pytest.approx(2 / 3)
+    assert drift.perplexity_adapter == pytest.approx(math.exp(sums["nll_adapter"] / 2))
+    assert not drift.within_threshold()
+
+
+# -- the merge of a 4-bit-trained adapter -----------------------------------------------------------
+def nf4_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=torch.float32,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qlora_run):
+    """The run's config, validation rows and adapter on the NF4 base, loaded with plain transformers / peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kotune.config import load_config
+    from kotune.prepare import prepare
+
+    run, _, _ = tiny_qlora_run
+    cfg = load_config(run / "kotune_config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    rows = prepare(cfg, tokenizer).validation
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=nf4_config(), dtype=torch.float32)
+    adapter = PeftModel.from_pretrained(base, run).eval()
+    return cfg, rows, adapter
+
+
+@torch.no_grad()
+def independent_drift(merged, adapter, rows) -> dict:
+    """Mean |Δ logit|, top-1 agreement and perplexities, with transformers' own loss for the perplexity."""
+    abs_sum = elements = agree = positions = nll_m = nll_a = tokens = 0.0
+    for e in rows:
+        ids, labels = torch.tensor([e.input_ids]), torch.tensor([e.labels])
+        out_m, out_a = merged(input_ids=ids, labels=labels), adapter(input_ids=ids, labels=labels)
+        diff = (out_m.logits - out_a.logits).abs()
+        abs_sum, elements = abs_sum + diff.sum().item(), elements + diff.numel()
+        agree += (out_m.logits.argmax(-1) == out_a.logits.argmax(-1)).sum().item()
+        positions += ids.shape[1]
+        n = (labels[0, 1:] != -100).sum().item()
+        nll_m, nll_a, tokens = nll_m + out_m.loss.item() * n, nll_a + out_a.loss.item() * n, tokens + n
+    return {
+        "mean_abs_logit_diff": abs_sum / elements,
+        "top1_agreement": agree / positions,
+        "perplexity_merged": math.exp(nll_m / tokens),
+        "perplexity_adapter": math.exp(nll_a / tokens),
+    }
+
+
+def check_against(report_target: dict, expected: dict) -> None:
+    for key, value in expected.items():
+        assert report_target[key] == pytest.approx(value, rel=1e-3, abs=1e-7), key
+
+
+def test_report_numbers_match_independent_logits_for_both_targets(tiny_qlora_run, tiny_merged, reference):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run, _, _ = tiny_qlora_run
+    out, log = tiny_merged
+    cfg, rows, adapter = reference
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["verification"] == {"split": "validation", "rows": [e.row for e in rows]}
+    assert report["into"] == "dequantized" and report["dtype"] == "fp32"
+    assert set(report["targets"]) == {"dequantized", "original"}
+    assert "merge check, dequantized (chosen)" in log and "merge check, original" in log
+
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    check_against(report["targets"]["dequantized"], independent_drift(merged, adapter, rows))
+    assert report["targets"]["dequantized"]["top1_agreement"] == 1.0
+    assert report["targets"]["dequantized"]["within_threshold"] is True
+
+    full = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+    original = PeftModel.from_pretrained(full, run).merge_and_unload().eval()
+    expected = independent_drift(original, adapter, rows)
+    check_against(report["targets"]["original"], expected)
+    assert expected["mean_abs_logit_diff"] > 100 * report["targets"]["dequantized"]["mean_abs_logit_diff"]
+
+
+def test_merged_weights_are_dequantized_nf4_plus_lora_delta(tiny_qlora_run, tiny_merged):
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run, _, _ = tiny_qlora_run
+    out, _ = tiny_merged
+    config = json.loads((run / "adapter_config.json").read_text())
+    adapter = load_file(run / "adapter_model.safetensors")
+    merged = load_file(out / "model.safetensors")
+    base_path = json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
+    original = load_file(f"{base_path}/model.safetensors")
+    quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=nf4_config(), dtype=torch.float32)
+
+    def dequantized(name: str) -> torch.Tensor:
+        weight = quantized.get_submodule(name).weight
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+    prefix = "base_model.model.model.layers.1.self_attn.q_proj"
+    a, b = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]
+    assert b.abs().max() > 1e-3, "the fixture's adapter should have moved away from zero"
+    delta = config["lora_alpha"] / config["r"] * b @ a
+    q_proj = "model.layers.1.self_attn.q_proj"
+    torch.testing.assert_close(merged[f"{q_proj}.weight"], dequantized(q_proj) + delta, atol=1e-6, rtol=0)
+    assert (merged[f"{q_proj}.weight"] - (original[f"{q_proj}.weight"] + delta)).abs().max() > 1e-4
+    # a 4-bit layer without LoRA is the dequantized weight exactly; unquantized tensors are the original's
+    gate = "model.layers.0.mlp.gate_proj"
+    torch.testing.assert_close(merged[f"{gate}.weight"], dequantized(gate), atol=0, rtol=0)
+    torch.testing.assert_close(merged["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+
+
+def test_merged_and_adapter_greedy_generations_agree_token_for_token(tiny_qlora_run, tiny_merged, reference):
+    from kotune.inference import Sampling, encode_prompt, generate, load_model, open_folder, pad_id, stop_ids
+
+    run, _, _ = tiny_qlora_run
+    out, _ = tiny_merged
+    cfg, rows, _ = reference
+    adapter, tokenizer = load_model(open_folder(run))
+    merged, _ = load_model(open_folder(out))
+    folder = open_folder(run)
+    prompts = [encode_prompt(tokenizer, folder.template.format(f"질문 {i}: 하늘은 왜 파란가요?")) for i in range(4)]
+    sampling = Sampling(max_new_tokens=16)
+    stops = stop_ids(tokenizer)
+    from_adapter = generate(adapter, prompts, pad_id(tokenizer), stops, sampling)
+    from_merged = generate(merged, prompts, pad_id(tokenizer), stops, sampling)
+    assert [g.ids for g in from_adapter] == [g.ids for g in from_merged]
+    assert all(len(g.ids) > 0 for g in from_adapter)
+
+
+def test_generation_config_stops_at_eos_and_end_of_turn(tiny_merged, llama3_tokenizer):
+    from transformers import GenerationConfig
+
+    out, _ = tiny_merged
+    config = GenerationConfig.from_pretrained(out)
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    assert llama3_tokenizer.convert_tokens_to_ids("<|end_of_text|>") in eos  # the EOS training appended
+    assert llama3_tokenizer.convert_tokens_to_ids("<|eot_id|>") in eos  # the chat template's end of turn
+    assert config.pad_token_id is not None
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert {"kotune_template.yaml", "kotune_config.yaml", "merge_report.json"} <= names
+    assert not any(n.endswith((".bin", ".pt")) for n in names)
+
+
+@pytest.mark.slow
+def test_original_target_drift_is_refused_unless_allowed(tiny_qlora_run, tmp_path, capsys):
+    run, _, _ = tiny_qlora_run
+    out = tmp_path / "original"
+    with pytest.raises(merging.MergeError, match="drifts from the adapter beyond the threshold"):
+        merging.merge(run, out, into="original", dtype="fp32")
+    assert not out.exists()
+    assert not any(tmp_path.iterdir()), "a refused merge leaves nothing behind"
+    merging.merge(run, out, into="original", dtype="fp32", allow_drift=True)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["into"] == "original" and report["allow_drift"] is True
+    assert report["targets"]["original"]["within_threshold"] is False
+    assert report["targets"]["original"]["top1_agreement"] < merging.MIN_TOP1_AGREEMENT
+    assert "merge check, original (chosen)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_merge_is_idempotent_and_refuses_to_overwrite(tiny_qlora_run, tiny_merged, tmp_path, capsys):
+    run, _, _ = tiny_qlora_run
+    out, _ = tiny_merged
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    merging.merge(run, out, dtype="fp32")
+    assert "already holds this merge" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    with pytest.raises(merging.MergeError, match="--force"):
+        merging.merge(run, out, dtype="bf16")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    merging.merge(run, copy, dtype="fp32", force=True)  # redone from scratch: the same bytes come out
+    for name in ("model.safetensors", "merge_report.json", "config.json", "generation_config.json"):
+        assert (copy / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_sharded_save_loads_with_plain_transformers(tiny_merged, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kotune.inference import open_folder
+
+    out, _ = tiny_merged
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    sharded = tmp_path / "sharded"
+    merging.save_merged(model, AutoTokenizer.from_pretrained(out), open_folder(out), sharded, shard_size="10MB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    ids = torch.tensor([[128000, 1234, 5678, 91011]])
+    reloaded = AutoModelForCausalLM.from_pretrained(sharded).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_merge_refuses_merged_folder_and_non_runs(tiny_merged, tmp_path):
+    from kotune.inference import FolderError
+
+    out, _ = tiny_merged
+    with pytest.raises(merging.MergeError, match="already a merged model"):
+        merging.merge(out, tmp_path / "x")
+    with pytest.raises(FolderError, match="neither adapter_config.json"):
+        merging.merge(tmp_path, tmp_path / "x")

@@ -1,0 +1,198 @@
+"""Interrupt-and-resume: a run killed anywhere and resumed matches an uninterrupted one; changed inputs are refused.
+
+The kill is an exception raised from a global forward pre-hook (``torch.nn.modules.module.
+register_module_forward_pre_hook``, a public PyTorch API) at the N-th training forward, so the real
+``kotune.recipe.train`` runs unchanged and nothing after the kill point is executed, as with ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_TRAIN_ROWS, write_jsonl
+from safetensors.torch import load_file
+
+from kotune.checkpoint import latest_good
+from kotune.fingerprint import FingerprintMismatch
+from kotune.recipe import train
+from kotune.signals import Interrupted
+
+
+class SimulatedKill(Exception):
+    """Stands for ``kill -9``: raised inside a forward, so no code of the run runs after it."""
+
+
+class AtForward:
+    """Call ``action()`` at the ``n``-th training-mode forward (one per micro-batch) of the LoRA model."""
+
+    def __init__(self, n: int, action):
+        self.n, self.action, self.seen = n, action, 0
+
+    def __enter__(self):
+        from peft import PeftModel
+
+        def hook(module, args):
+            if isinstance(module, PeftModel) and module.training:
+                self.seen += 1
+                if self.seen == self.n:
+                    self.action()
+
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def kill_at_forward(n: int) -> AtForward:
+    def kill():
+        raise SimulatedKill(f"killed at training forward {n}")
+
+    return AtForward(n, kill)
+
+
+def records(output_dir: Path) -> list[dict]:
+    lines = (output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def by_step(output_dir: Path, key: str) -> dict[int, float]:
+    """``step -> value`` of one metric, failing if a step was logged twice."""
+    found = [(r["step"], r[key]) for r in records(output_dir) if key in r]
+    steps = [s for s, _ in found]
+    assert len(steps) == len(set(steps)), f"{key} logged twice for a step: {steps}"
+    return dict(found)
+
+
+def assert_close_rel(got: dict[int, float], want: dict[int, float], rel: float = 1e-6) -> None:
+    assert got.keys() == want.keys()
+    for step in want:
+        assert abs(got[step] - want[step]) <= rel * abs(want[step]), (step, got[step], want[step])
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys() and ta
+    for name in ta:
+        torch.testing.assert_close(ta[name], tb[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Same per-step losses and eval losses (1e-6 relative), same final and best adapters, same counters."""
+    assert_close_rel(by_step(run, "loss"), by_step(reference, "loss"))
+    assert_close_rel(by_step(run, "eval_loss"), by_step(reference, "eval_loss"))
+    assert_same_adapter(run / "adapter_model.safetensors", reference / "adapter_model.safetensors")
+    assert_same_adapter(run / "best" / "adapter_model.safetensors", reference / "best" / "adapter_model.safetensors")
+    summary = json.loads((run / "run_summary.json").read_text())
+    expected = json.loads((reference / "run_summary.json").read_text())
+    for key in ("steps", "tokens", "skipped_steps", "best_step", "best_eval_loss"):
+        assert summary[key] == expected[key], key
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_train_config, tmp_path_factory) -> Path:
+    """An uninterrupted six-step run (checkpoints at steps 2 and 4, evals at 3 and 6)."""
+    out = tmp_path_factory.mktemp("reference")
+    train(tiny_train_config(out))
+    assert sorted(by_step(out, "loss")) == [1, 2, 3, 4, 5, 6]
+    return out
+
+
+# (training forward to kill at, checkpoint the resume must start from). Two micro-batches per step:
+# forward 5 starts step 3 right after checkpoint-2; forward 8 is mid-window of step 4, after step 3 and its
+# eval were logged (so the log must be trimmed and best/ rolled back); forward 10 is mid-window of step 5.
+KILLS = [(5, 2), (8, 2), (10, 4)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("forward", "checkpoint"), KILLS, ids=[f"forward{f}" for f, _ in KILLS])
+def test_killed_run_resumes_to_the_same_losses_and_adapter(tiny_train_config, reference, tmp_path, forward, checkpoint):
+    out = tmp_path / "run"
+    cfg = tiny_train_config(out)
+    with pytest.raises(SimulatedKill), kill_at_forward(forward):
+        train(cfg)
+    assert latest_good(out).name == f"checkpoint-{checkpoint}"
+    steps_logged_before = max(r["step"] for r in records(out))
+    assert steps_logged_before == (forward - 1) // 2
+    train(cfg, resume="auto")
+    assert_same_run(out, reference)
+
+
+def test_sigint_mid_window_saves_that_step_and_resumes_to_the_same_run(tiny_train_config, reference, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_train_config(out)
+    with pytest.raises(Interrupted) as stopped, AtForward(5, lambda: os.kill(os.getpid(), signal.SIGINT)):
+        train(cfg)
+    # forward 5 opens step 3: the step is finished (and evaluated) first, then saved off the save_steps cadence
+    assert (stopped.value.step, stopped.value.exit_code) == (3, 130)
+    assert stopped.value.checkpoint == out / "checkpoint-3" and latest_good(out) == out / "checkpoint-3"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    train(cfg, resume="auto")
+    assert_same_run(out, reference)
+
+
+@pytest.mark.slow
+def test_killed_4bit_run_resumes_to_the_same_losses_and_adapter(tiny_train_config, tmp_path):
+    overrides = {"model.quantization": "4bit"}
+    reference_dir = tmp_path / "reference"
+    train(tiny_train_config(reference_dir, overrides))
+    out = tmp_path / "run"
+    cfg = tiny_train_config(out, overrides)
+    with pytest.raises(SimulatedKill), kill_at_forward(8):
+        train(cfg)
+    train(cfg, resume="auto")
+    assert_same_run(out, reference_dir)
+
+
+def test_resume_auto_without_checkpoints_starts_from_step_zero(tiny_train_config, reference, tmp_path, capsys):
+    out = tmp_path / "fresh"
+    train(tiny_train_config(out), resume="auto")
+    assert "no checkpoint" in capsys.readouterr().out
+    assert_same_run(out, reference)
+
+
+@pytest.fixture
+def finished_copy(reference, tmp_path) -> Path:
+    """A copy of the reference run, so a resume attempt cannot disturb the shared one."""
+    return Path(shutil.copytree(reference, tmp_path / "copy"))
+
+
+def test_resume_with_changed_dataset_is_refused_then_forced(tiny_train_config, finished_copy, tmp_path, capsys):
+    rows = [dict(r) for r in TINY_TRAIN_ROWS]
+    rows[3]["output"] = "다른 답변입니다."
+    (tmp_path / "changed").mkdir()
+    changed = write_jsonl(tmp_path / "changed" / "train.jsonl", rows)  # same file name, other content
+    cfg = tiny_train_config(finished_copy, {"data.path": str(changed)})
+    before = (finished_copy / "metrics.jsonl").read_bytes()
+    with pytest.raises(FingerprintMismatch) as refused:
+        train(cfg, resume="auto")
+    message = str(refused.value)
+    assert "checkpoint-4" in message and "data file train:train.jsonl: content changed" in message
+    assert "--force" in message
+    assert (finished_copy / "metrics.jsonl").read_bytes() == before, "a refused resume must not touch the run"
+
+    train(cfg, resume="auto", force=True)
+    assert "warning: resuming from" in capsys.readouterr().out
+    assert sorted(by_step(finished_copy, "loss")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_changed_training_config_names_the_key(tiny_train_config, finished_copy):
+    cfg = tiny_train_config(finished_copy, {"train.learning_rate": 5e-4, "lora.dropout": 0.2})
+    with pytest.raises(FingerprintMismatch) as refused:
+        train(cfg, resume="auto")
+    assert "config train.learning_rate: 0.001 -> 0.0005" in str(refused.value)
+    assert "config lora.dropout: 0.1 -> 0.2" in str(refused.value)
+
+
+def test_resume_may_change_bookkeeping_settings(tiny_train_config, finished_copy, reference):
+    # The evaluation cadence does not change the weights (and evaluation draws no random numbers), so it is
+    # not fingerprinted and the resumed steps match the reference.
+    train(tiny_train_config(finished_copy, {"train.eval_steps": 1}), resume="auto")
+    assert_close_rel(by_step(finished_copy, "loss"), by_step(reference, "loss"))
+    assert sorted(by_step(finished_copy, "eval_loss")) == [3, 5, 6]
