@@ -7,13 +7,15 @@ Llama-3-8B architecture, random bf16 weights, a word-level tokenizer where ``t<i
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL7 = QKVO + ["gate_proj", "up_proj", "down_proj"]
-MODEL_DIR = "/tmp/llama3-8b-rand"
+MODEL_DIR = os.environ.get("BENCH_MODEL_DIR", "/tmp/llama3-8b-rand")
+"""anchor_bench.py's default folder (a tiny CPU model for dry runs through BENCH_MODEL_DIR)."""
 V_ROWS, V_SEED = 4000, 0
 
 

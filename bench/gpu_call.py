@@ -36,11 +36,6 @@ for name in ("bitsandbytes", "liger_kernel", "datasets"):
         m = importlib.import_module(name); print(name, getattr(m, "__version__", "?"))
     except Exception as exc:
         print(name, "MISSING", exc)
-import bitsandbytes as bnb
-lin = bnb.nn.Linear4bit(256, 256, compute_dtype=torch.bfloat16, quant_type="nf4").cuda()
-x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
-w = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
-print("bnb 4-bit on CUDA, max |matmul - dequant@x|:", (lin(x) - x @ w.T).abs().max().item())
 from kotune.fast.attention import varlen_available
 print("varlen attention:", varlen_available(torch.device("cuda")))
 from kotune.fast.ops import liger_available
@@ -64,10 +59,14 @@ def stage_commands(stage: str) -> list[tuple[str, list[str], dict]]:
     if kind == "check":
         return [("-", [py, "-c", CHECK], {})]
     if kind == "pytest":
-        return [("-", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], {})]
-    if kind == "kotune":
-        cases, _, variants = rest.partition(":")
-        return [("-", [py, str(HERE / "kotune_run.py"), "--cases", cases, "--variants", variants or "fast"], {})]
+        names = rest.split(",") if rest else ["*"]  # pytest[:attention,nf4]
+        tests = sorted(str(p) for n in names for p in (HERE.parent / "tests").glob(f"test_fast_{n}.py"))
+        return [("-", [py, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider", *tests], {})]
+    if kind == "kotune":  # kotune:CASES[:VARIANTS[:profile]]
+        cases, _, more = rest.partition(":")
+        variants, _, profile = more.partition(":")
+        argv = [py, str(HERE / "kotune_run.py"), "--cases", cases, "--variants", variants or "fast"]
+        return [("-", argv + (["--profile"] if profile else []), {})]
     if kind == "plain":
         return [("-", [py, str(HERE / "kotune_run.py"), "--cases", rest, "--plain"], {})]
     if kind in ("seed", "unsloth"):

@@ -36,14 +36,16 @@ from kotune.model import attach_lora, load_base_model, load_tokenizer  # noqa: E
 from kotune.train import Fit  # noqa: E402
 
 VARIANTS = {
-    "fast": {},
+    "fast": {},  # kotune's default on CUDA: every lever on, the step's rows packed (train.packing: auto)
+    "unpacked": {"packing": "off"},  # micro-batches of exactly one row, as the walkthrough feeds them
     "unfused": {"fused": False},  # no liger kernels: plain PyTorch RMSNorm / RoPE / SiLU
-    "resident": {"offload": False},  # checkpoints stay on the GPU
-    "packed": {"packing": True},  # fixed rows packed two by two (same steps, longer sequences)
+    "resident": {"offload": False},  # layer inputs stay on the GPU
+    "gpuembed": {"host_embeddings": False},  # input embedding table stays on the GPU
+    "bnbdequant": {"triton_dequant": False},  # bitsandbytes' own NF4 dequantization
 }
 
 
-def case_config(case: Case, model_dir: str, plain: bool, packing: bool, steps: int | None) -> Config:
+def case_config(case: Case, model_dir: str, plain: bool, packing: str, steps: int | None) -> Config:
     values = {
         "model.path": model_dir,
         "lora.r": 16,
@@ -62,9 +64,7 @@ def case_config(case: Case, model_dir: str, plain: bool, packing: bool, steps: i
         "train.seed": 42,
     }
     if not torch.cuda.is_available():  # CPU dry run of this script on a tiny model
-        values.update(
-            {"model.compute_dtype": "float32", "model.quantization": "none", "train.optimizer": "adamw_torch"}
-        )
+        values.update({"model.compute_dtype": "float32", "train.optimizer": "adamw_torch"})
     return load_config(None, [f"{k}={v}" for k, v in values.items()])
 
 
@@ -128,8 +128,8 @@ def timed_run(fit: Fit, warm: int) -> dict:
 
 
 def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
-    options = dict(VARIANTS.get(variant, {}))
-    packing = options.pop("packing", case.seq is None)  # variable-length cases train packed
+    options = dict(VARIANTS[variant])
+    packing = options.pop("packing", "auto")
     steps = None if case.name == "V" else case.steps + case.warm
     cfg = case_config(case, args.model_dir, args.plain, packing, steps)
     cfg.train.output_dir = tempfile.mkdtemp()
@@ -149,6 +149,10 @@ def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
     record = {"tool": "kotune-plain" if args.plain else "kotune", "case": case.name, "variant": variant}
     record.update(fast_path=fit.fast is not None, packing=packing, rows=len(rows), gpu=gpu_name())
     record.update(timed_run(fit, case.warm))
+    if args.profile and torch.cuda.is_available():
+        from profile_step import profile
+
+        record.update(profile(fit, f"{case.name}/{variant}"))
     del fit
     model.unload()  # takes the LoRA layers out again, so the next case starts from the bare base model
     del model
@@ -162,7 +166,11 @@ def dump_v(path: str, model_dir: str, n: int) -> None:
     """Case V's tokenized rows in the order kotune's first epoch visits them (for the seed recipe's run)."""
     import vdata
 
-    cfg = case_config(CASES["V"], model_dir, plain=False, packing=True, steps=None)
+    if Path(path).is_file():
+        print(f"{path} already written")
+        return
+
+    cfg = case_config(CASES["V"], model_dir, plain=False, packing="auto", steps=None)
     rows = v_examples(cfg, load_tokenizer(model_dir, cfg.model), n)
     print("V rows (tokens):", json.dumps(vdata.summary([len(r.input_ids) for r in rows])))
     order = epoch_order(len(rows), cfg.train.seed, 0)
@@ -182,12 +190,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--v-rows", type=int, default=V_ROWS, help="rows of case V (4,000; fewer for a dry run)")
     ap.add_argument("--quick", action="store_true", help="dry run: one warm-up and one timed step per case")
+    ap.add_argument("--profile", action="store_true", help="after each run, profile one more step")
+    ap.add_argument("--steps", type=int, help="timed steps of every case instead of the case's own")
     args = ap.parse_args()
     if torch.cuda.is_available():
         anchor().build_model_dir(args.model_dir, args.layers)
     if args.dump_v:
         return dump_v(args.dump_v, args.model_dir, args.v_rows)
-    cfg = case_config(CASES["S"], args.model_dir, args.plain, False, 1)
+    cfg = case_config(CASES["S"], args.model_dir, args.plain, "auto", 1)
     started = time.perf_counter()
     tokenizer = load_tokenizer(args.model_dir, cfg.model)
     base = load_base_model(args.model_dir, cfg.model, fast_path=not args.plain)
@@ -197,6 +207,8 @@ def main() -> None:
             case = CASES[name]
             if args.quick:
                 case = replace(case, steps=min(case.steps, 1), warm=min(case.warm, 1))
+            if args.steps:
+                case = replace(case, steps=args.steps)
             emit(run_case(base, tokenizer, case, variant, args))
 
 

@@ -68,6 +68,12 @@ def test_no_trainable_token_at_all_is_fatal(data_config, llama3_train_tokenizer)
     assert fatal.code == "nothing_to_train" and fatal.rows == [0, 1]
 
 
+def test_every_row_skipped_is_fatal_and_names_them(data_config, llama3_train_tokenizer):
+    _, report = audit(data_config, llama3_train_tokenizer, [row(output=None), row(output=None), row(output=None)])
+    (fatal,) = report.fatal()
+    assert fatal.rows == [0, 1, 2] and "(rows 0, 1, 2)" in fatal.message
+
+
 def test_empty_or_whitespace_fields(data_config, llama3_train_tokenizer):
     rows = [row(), row(output=""), row(instruction="   "), row(output=" \n"), row(input="")]
     _, report = audit(data_config, llama3_train_tokenizer, rows)

@@ -90,7 +90,7 @@ def test_same_size_edit_is_still_seen(data_config, llama3_train_tokenizer, tmp_p
     run(cfg, llama3_train_tokenizer)
     path = tmp_path / "data.jsonl"
     text = path.read_text(encoding="utf-8")
-    path.write_text(text.replace("질문 1\"", "질문 7\"", 1), encoding="utf-8")  # same size, same line count
+    path.write_text(text.replace('질문 1"', '질문 7"', 1), encoding="utf-8")  # same size, same line count
     _, log = run(cfg, llama3_train_tokenizer)
     assert "tokenized" in log[0]
 

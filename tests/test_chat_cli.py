@@ -32,7 +32,7 @@ class Terminal:
         os.close(slave)
         self.master, self.pending = master, b""
 
-    def read_until(self, marker: bytes, timeout: float = 600) -> tuple[bytes, int]:
+    def read_until(self, marker: bytes, timeout: float = 300) -> tuple[bytes, int]:
         """Bytes before ``marker`` and how many reads they took."""
         reads, deadline = 0, time.monotonic() + timeout
         while marker not in self.pending:
@@ -58,23 +58,23 @@ class Terminal:
         return code
 
 
-def expected_reply(path, base: str | None) -> str:
-    from kotune.inference import ChatSession, Sampling, load_model, open_folder
+def expected_reply(path) -> str:
+    from kotune.commands.chat import ChatSession
+    from kotune.inference import Sampling, load_model, open_folder
 
     folder = open_folder(path)
-    model, tokenizer = load_model(folder, base)
+    model, tokenizer = load_model(folder)
     session = ChatSession(model, tokenizer, folder, Sampling(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS))
     return "".join(session.reply(MESSAGE))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["adapter-4bit", "adapter-full-base", "merged"])
+@pytest.mark.parametrize("which", ["adapter-4bit", "merged"])
 def test_chat_streams_the_greedy_reply_and_exits(which, tiny_qlora_run, tiny_merged, tmp_path):
     run, _, _ = tiny_qlora_run
     path = tiny_merged[0] if which == "merged" else run
-    base = "none" if which == "adapter-full-base" else None
     args = ["chat", str(path), "--temperature", "0", "--max-new-tokens", str(MAX_NEW_TOKENS)]
-    terminal = Terminal([*args, *(["--base", base] if base else [])], tmp_path / "stderr.txt")
+    terminal = Terminal(args, tmp_path / "stderr.txt")
     banner, _ = terminal.read_until(PROMPT)
     assert b"kotune chat:" in banner and b"one turn" in banner
 
@@ -82,7 +82,7 @@ def test_chat_streams_the_greedy_reply_and_exits(which, tiny_qlora_run, tiny_mer
     echo, _ = terminal.read_until(b"bot> ")
     assert MESSAGE.encode() in echo  # the terminal echoes what was typed
     reply, reads = terminal.read_until(PROMPT)
-    expected = expected_reply(path, base)
+    expected = expected_reply(path)
     assert expected, "the tiny model should say something before EOS"
     # the terminal turns each newline into CR LF; the reply ends with one newline
     assert reply == (expected + "\n").replace("\n", "\r\n").encode("utf-8")

@@ -18,7 +18,7 @@ def tricky_texts() -> list[str]:
     texts = []
     for row in TRICKY_ROWS.values():
         texts += [KO_ALPACA.format(row["instruction"], row.get("input")), row["output"]]
-    return texts + ["", " ", "<|eot_id|>안녕<|end_of_text|>", "###답변:\n\"인용\"", "a\r\n\r\nb", "😊" * 3]
+    return texts + ["", " ", "<|eot_id|>안녕<|end_of_text|>", '###답변:\n"인용"', "a\r\n\r\nb", "😊" * 3]
 
 
 def test_backend_call_gives_the_tokenizers_own_ids(llama3_tokenizer):

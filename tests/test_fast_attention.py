@@ -96,7 +96,8 @@ def test_varlen_on_gpu_matches_reference(lengths):
         out.float().backward(upstream)
         outs.append(out.float())
         grads.append([t.grad.float() for t in leaves])
-    for got, want in zip([outs[0], *grads[0]], [outs[1], *grads[1]], strict=True):
-        assert torch.isfinite(got).all()
-        rel = (got - want).norm() / want.norm().clamp(min=1e-12)
-        assert rel < 2e-2, rel
+    for name, got, want in zip(["out", "dq", "dk", "dv"], [outs[0], *grads[0]], [outs[1], *grads[1]], strict=True):
+        assert torch.isfinite(got).all(), name
+        # one-token rows have exactly zero dq and dk: there the bound is absolute (bf16 rounding noise)
+        error, bound = (got - want).norm(), 2e-2 * want.norm() + 1e-3 * got.numel() ** 0.5
+        assert error <= bound, (name, error.item(), bound.item())

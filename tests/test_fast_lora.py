@@ -36,7 +36,7 @@ def _peft_block(dim_in=24, dim_out=40, bias=True, dropout=0.0, r=4, alpha=8, see
 def _grads(fn, x, params):
     x = x.clone().requires_grad_(True)
     out = fn(x)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype).to(out.device)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, [x, *params], upstream)
     return out.detach(), grads
 

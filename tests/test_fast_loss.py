@@ -66,7 +66,8 @@ def test_trainable_output_weight_is_refused():
 
 
 def test_chunk_rows_bounds_logit_memory():
-    assert chunk_rows(128_256) == 523
+    assert chunk_rows(128_256) == 128
+    assert chunk_rows(50_000) == 335 // 64 * 64
     assert chunk_rows(10) > 1_000_000
 
 

@@ -154,6 +154,27 @@ def test_cuda_out_of_memory_is_reported_with_a_smaller_setting(tiny_train_config
     assert isinstance(caught.value.__cause__, torch.cuda.OutOfMemoryError)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_real_cuda_out_of_memory_is_reported_with_a_smaller_setting(tiny_train_config, tmp_path):
+    # 128 rows of ~4k tokens in one micro-batch: the plain path's logits alone (128 x 4096 x 128k fp32) are 270 GB.
+    rows = [{"instruction": "질문", "input": "", "output": "하늘 " * 4000} for _ in range(128)]
+    overrides = {
+        "data.path": str(write_jsonl(tmp_path / "long.jsonl", rows)),
+        "data.val_size": 0,
+        "data.cutoff_len": 4096,
+        "train.micro_batch_size": 128,
+        "train.gradient_accumulation_steps": 1,
+        "train.max_steps": 1,
+        "train.kernels": "off",
+    }
+    with pytest.raises(OutOfMemory) as caught:
+        train(tiny_train_config(tmp_path / "run", overrides))
+    message = str(caught.value)
+    assert "data.cutoff_len=4096 and train.micro_batch_size=128" in message
+    assert "try train.micro_batch_size=64 train.gradient_accumulation_steps=2 (effective batch 128 -> 128)" in message
+
+
 def test_oom_advice_halves_the_cutoff_when_the_micro_batch_is_one(tiny_train_config, tmp_path):
     cfg = tiny_train_config(tmp_path, {"data.cutoff_len": 4096, "model.gradient_checkpointing": False})
     advice = oom_advice(cfg)
@@ -220,7 +241,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
     assert "second signal (SIGINT): exiting now" in done.stderr
 
 
-def test_signal_handlers_are_restored_after_training(tmp_path):
+def test_signal_handlers_are_restored_on_leaving(tmp_path):
     from kotune.signals import StopOnSignal
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)

@@ -79,11 +79,11 @@ def test_generate_writes_the_models_greedy_replies(tiny_qlora_run, reference_out
         Sampling,
         completion_text,
         encode_prompt,
+        folder_stop_ids,
         generate,
         load_model,
         open_folder,
         pad_id,
-        stop_ids,
     )
 
     _, out, _ = reference_output
@@ -94,7 +94,8 @@ def test_generate_writes_the_models_greedy_replies(tiny_qlora_run, reference_out
     folder = open_folder(tiny_qlora_run[0])
     model, tokenizer = load_model(folder)
     prompts = [encode_prompt(tokenizer, folder.template.format(r["instruction"], r["input"])) for r in ROWS]
-    expected = generate(model, prompts, pad_id(tokenizer), stop_ids(tokenizer), Sampling(max_new_tokens=8))
+    stops = folder_stop_ids(folder, tokenizer, model)
+    expected = generate(model, prompts, pad_id(tokenizer), stops, Sampling(max_new_tokens=8))
     assert [r["generated"] for r in rows] == [completion_text(tokenizer, g.ids) for g in expected]
     assert [r["finish"] == "stop" for r in rows] == [g.stopped for g in expected]
 

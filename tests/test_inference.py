@@ -3,6 +3,8 @@ stop tokens, streamed text, prompts encoded exactly as training encoded them, ch
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -88,6 +90,7 @@ def test_text_stream_never_shows_half_a_hangul_syllable(llama3_tokenizer):
 
 # -- prompts as training built them -----------------------------------------------------------------
 def test_prompt_ids_are_the_training_rows_prompt_ids(llama3_train_tokenizer):
+    from kotune.config import Config
     from kotune.encoding import IGNORE, encode_rows
     from kotune.formats import render_alpaca
     from kotune.templates import KO_ALPACA
@@ -98,8 +101,9 @@ def test_prompt_ids_are_the_training_rows_prompt_ids(llama3_train_tokenizer):
     ]
     rendered = [render_alpaca(r, KO_ALPACA, False, "test") for r in rows]
     examples, _ = encode_rows(llama3_train_tokenizer, rendered, cutoff_len=512)
+    folder = inference.ModelFolder(Path("run"), False, Config(), KO_ALPACA, "alpaca")
     for row, example in zip(rows, examples, strict=True):
-        prompt = inference.row_prompt(row, "alpaca", KO_ALPACA, llama3_train_tokenizer, "test")
+        prompt = inference.row_prompt(row, "alpaca", folder, llama3_train_tokenizer, "test")
         ids = inference.encode_prompt(llama3_train_tokenizer, prompt)
         assert example.input_ids[: len(ids)] == ids
         assert set(example.labels[: len(ids)]) == {IGNORE} and example.labels[len(ids)] != IGNORE
@@ -121,23 +125,53 @@ def test_conversation_rows_become_messages_without_the_final_answer():
             {"from": "gpt", "value": "안녕하세요."},
         ],
     }
-    assert inference.to_messages(row, "sharegpt", "f.jsonl") == [
+    assert inference.prompt_messages(row, "sharegpt", "f.jsonl") == [
         {"role": "system", "content": "짧게 답하세요."},
         {"role": "user", "content": "안녕?"},
     ]
     from kotune.data import DataError
 
     with pytest.raises(DataError, match="row 3"):
-        inference.to_messages({"_row": 3, "conversations": [{"from": "robot", "value": "x"}]}, "sharegpt", "f")
+        inference.prompt_messages({"_row": 3, "conversations": [{"from": "robot", "value": "x"}]}, "sharegpt", "f")
+    with pytest.raises(DataError, match="no turn before the answer"):
+        inference.prompt_messages({"_row": 4, "messages": [{"role": "assistant", "content": "x"}]}, "messages", "f")
+
+
+def test_conversation_prompts_follow_the_chat_template_training_used(llama3_train_tokenizer):
+    """The prompt is the training rendering of the turns before the reply; with the plain template, EOS ends turns."""
+    from kotune.config import Config
+    from kotune.conversations import resolve_chat_template
+    from kotune.encoding import encode_rows
+    from kotune.prepare import render_rows
+    from kotune.templates import KO_ALPACA
+
+    messages = [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "네, 안녕하세요."}]
+    for chat_template in (None, "plain"):
+        cfg = Config()
+        cfg.data.chat_template = chat_template
+        rendered, _ = render_rows(
+            [{"_row": 0, "messages": messages}], "messages", cfg, KO_ALPACA, llama3_train_tokenizer
+        )
+        [example], _ = encode_rows(llama3_train_tokenizer, rendered, cutoff_len=512)
+        prompt = inference.chat_prompt(llama3_train_tokenizer, messages[:1], cfg.data)
+        ids = inference.encode_prompt(llama3_train_tokenizer, prompt)
+        assert example.input_ids[: len(ids)] == ids, chat_template
+        assert example.labels[len(ids) - 1] == -100 and example.labels[len(ids)] != -100
+        trained_end = example.input_ids[max(i for i, t in enumerate(example.labels) if t != -100)]
+        stops = inference.stop_ids(
+            llama3_train_tokenizer, None, resolve_chat_template(chat_template, llama3_train_tokenizer)
+        )
+        assert trained_end in stops  # the token training ends an assistant turn with stops generation
 
 
 def test_chat_session_keeps_history_for_conversation_runs(tiny, tmp_path):
+    from kotune.commands.chat import ChatSession
     from kotune.config import Config
     from kotune.templates import KO_ALPACA
 
     model, tokenizer = tiny
     folder = inference.ModelFolder(tmp_path, True, Config(), KO_ALPACA, "messages")
-    session = inference.ChatSession(model, tokenizer, folder, Sampling(max_new_tokens=4))
+    session = ChatSession(model, tokenizer, folder, Sampling(max_new_tokens=4))
     first = "".join(session.reply("안녕?"))
     assert [m["role"] for m in session.history] == ["user", "assistant"]
     assert session.history[1]["content"] == first
@@ -146,9 +180,23 @@ def test_chat_session_keeps_history_for_conversation_runs(tiny, tmp_path):
     session.reset()
     assert session.history == [] and "안녕?" not in session.prompt("다음 질문")
 
-    one_turn = inference.ChatSession(
+    one_turn = ChatSession(
         model, tokenizer, folder.__class__(tmp_path, True, Config(), KO_ALPACA, "alpaca"), Sampling(max_new_tokens=4)
     )
     assert one_turn.prompt("질문") == KO_ALPACA.format("질문")
     list(one_turn.reply("질문"))
     assert one_turn.history == []
+
+
+def test_an_adapter_loads_on_the_4bit_or_the_full_precision_base(tiny_qlora_run):
+    import bitsandbytes as bnb
+
+    folder = inference.open_folder(tiny_qlora_run[0])
+    as_trained, _ = inference.load_model(folder)
+    full, _ = inference.load_model(folder, base="none")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in as_trained.modules())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in full.modules())
+    ids = torch.tensor([[128000, 1234, 5678]])
+    with torch.no_grad():
+        drift = (full(input_ids=ids).logits - as_trained(input_ids=ids).logits).abs().max()
+    assert 0 < drift < 1  # the same adapter on weights that differ by the NF4 rounding

@@ -13,6 +13,16 @@ import torch
 from kotune import merge as merging
 
 
+@pytest.mark.parametrize("command", ["merge", "chat", "generate", "push"])
+def test_help_text_renders(command, capsys):
+    from kotune.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: kotune {command}" in capsys.readouterr().out
+
+
 # -- the drift arithmetic, by hand ------------------------------------------------------------------
 def test_drift_sums_hand_values():
     merged = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])

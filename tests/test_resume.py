@@ -37,8 +37,11 @@ class AtForward:
     def __enter__(self):
         from peft import PeftModel
 
+        from kotune.fast.llama import FastCausalLM
+
         def hook(module, args):
-            if isinstance(module, PeftModel) and module.training:
+            # the module the loop calls: the LoRA model, or its fast-path wrapper on CUDA; never evaluation
+            if isinstance(module, PeftModel | FastCausalLM) and module.training and torch.is_grad_enabled():
                 self.seen += 1
                 if self.seen == self.n:
                     self.action()
@@ -150,6 +153,21 @@ def test_killed_4bit_run_resumes_to_the_same_losses_and_adapter(tiny_train_confi
     assert_same_run(out, reference_dir)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_killed_bf16_gpu_run_resumes_to_the_same_losses_and_adapter(tiny_train_config, tmp_path):
+    # bf16 on CUDA takes the fast path (train.kernels auto); CUDA's RNG state is saved and restored too.
+    overrides = {"model.compute_dtype": "bfloat16"}
+    reference_dir = tmp_path / "reference"
+    train(tiny_train_config(reference_dir, overrides))
+    out = tmp_path / "run"
+    cfg = tiny_train_config(out, overrides)
+    with pytest.raises(SimulatedKill), kill_at_forward(8):
+        train(cfg)
+    train(cfg, resume="auto")
+    assert_same_run(out, reference_dir)
+
+
 def test_resume_auto_without_checkpoints_starts_from_step_zero(tiny_train_config, reference, tmp_path, capsys):
     out = tmp_path / "fresh"
     train(tiny_train_config(out), resume="auto")
@@ -196,3 +214,10 @@ def test_resume_may_change_bookkeeping_settings(tiny_train_config, finished_copy
     train(tiny_train_config(finished_copy, {"train.eval_steps": 1}), resume="auto")
     assert_close_rel(by_step(finished_copy, "loss"), by_step(reference, "loss"))
     assert sorted(by_step(finished_copy, "eval_loss")) == [3, 5, 6]
+
+
+def test_every_key_a_resume_may_change_is_a_real_config_key():
+    from kotune.config import all_keys
+    from kotune.fingerprint import NOT_FINGERPRINTED
+
+    assert sorted(NOT_FINGERPRINTED - set(all_keys())) == []

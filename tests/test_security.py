@@ -38,6 +38,16 @@ def test_inside_refuses_a_symlink_that_leaves_the_folder(tmp_path):
         inside(out, "best")
 
 
+def test_training_refuses_an_output_folder_with_a_link_leading_out(tiny_train_config, tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "metrics.jsonl").symlink_to(elsewhere / "stolen.jsonl")
+    with pytest.raises(SecurityError, match=r"metrics.jsonl resolves to .*stolen.jsonl, outside the output folder"):
+        train(tiny_train_config(out))
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_a_checkpoint_save_does_not_follow_a_planted_symlink(tiny_train_config, tmp_path):
     from kotune.model import load_for_training
     from kotune.optim import build_optimizer

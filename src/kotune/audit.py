@@ -94,9 +94,8 @@ def length_stats(lengths: np.ndarray, bins: int = 10) -> tuple[dict[str, int], l
     ordered = np.sort(lengths)
     stats = {"min": int(ordered[0]), "median": nearest_rank(ordered, 50), "p95": nearest_rank(ordered, 95)}
     stats["max"] = int(ordered[-1])
-    edges = np.linspace(stats["min"], stats["max"] + 1, bins + 1).astype(int)
-    counts, _ = np.histogram(lengths, bins=np.unique(edges))
-    edges = np.unique(edges)
+    edges = np.unique(np.linspace(stats["min"], stats["max"] + 1, bins + 1).astype(int))
+    counts, _ = np.histogram(lengths, bins=edges)
     return stats, [[int(edges[i]), int(edges[i + 1] - 1), int(c)] for i, c in enumerate(counts)]
 
 
@@ -119,8 +118,7 @@ def audit_source(
         trained_tokens=int((labels != IGNORE).sum()),
         special_ids=special_ids_used(encoded, tokenizer),
     )
-    for check in (_cutoff_findings, _skip_findings):
-        report.findings += check(encoded, cutoff_len)
+    report.findings += _cutoff_findings(encoded, cutoff_len) + _skip_findings(encoded)
     report.findings += _empty_fields(rows, fmt) + _duplicates(rows, fmt)
     report.findings += _columns(rows, fmt, template)
     report.findings.append(_eos_reaches_labels(encoded, tokenizer))
@@ -163,7 +161,7 @@ def _cutoff_findings(encoded: Encoded, cutoff_len: int) -> list[Finding]:
     return out
 
 
-def _skip_findings(encoded: Encoded, cutoff_len: int) -> list[Finding]:
+def _skip_findings(encoded: Encoded) -> list[Finding]:
     out = []
     codes = {reason: i for i, reason in enumerate(encoded.reasons)}
     no_trained = np.flatnonzero(np.isin(encoded.skip, [codes[r] for r in NO_TRAINED])).tolist()
@@ -181,13 +179,14 @@ def _skip_findings(encoded: Encoded, cutoff_len: int) -> list[Finding]:
         if rows and reason not in NO_TRAINED:
             out.append(Finding("skipped", WARNING, f"{len(rows)} rows skipped: {reason} ({row_list(rows)})", rows))
     if len(encoded.examples) == 0:
+        every = list(range(len(encoded.skip)))
         out.append(
             Finding(
                 "nothing_to_train",
                 FATAL,
-                "no row has a trainable token; training would learn nothing "
+                f"no row has a trainable token ({row_list(every)}); training would learn nothing "
                 "(check the columns, data.train_on_inputs and data.cutoff_len)",
-                no_trained,
+                every,
             )
         )
     return out
@@ -374,7 +373,7 @@ def check_embeddings(model_path: str, token_ids: list[int], tokenizer) -> Findin
         f"special tokens the data uses look untrained in the base "
         f"model: {names}. The model must learn them from scratch through LoRA alone, which often fails "
         "(it never stops). Fix: data.chat_template=plain (plain-text turn markers, turns end with EOS), "
-        "or train those embedding rows",
+        "or train those embedding rows (peft's trainable_token_indices; not a kotune option yet)",
     )
 
 
@@ -384,33 +383,6 @@ def add_model_checks(reports: tuple[AuditReport, ...], model_path: str, tokenize
         finding = check_embeddings(model_path, report.special_ids, tokenizer)
         if finding is not None:
             report.findings.append(finding)
-
-
-def histogram_lines(report: AuditReport, width: int = 40) -> list[str]:
-    """The token-length histogram as text bars, bins past the cutoff marked."""
-    peak = max((count for _, _, count in report.histogram), default=0) or 1
-    lines = []
-    for low, high, count in report.histogram:
-        bar = "█" * max(1 if count else 0, round(width * count / peak))
-        cut = "  > cutoff" if high > report.cutoff_len else ""
-        lines.append(f"    {low:>6}–{high:<6} {bar} {count}{cut}")
-    return lines
-
-
-def format_report(report: AuditReport) -> str:
-    """The full text report of ``kotune data audit``."""
-    s = report.lengths
-    lines = [
-        f"kotune data audit: {report.source} ({report.format}): {report.rows} rows, {report.kept} trainable",
-        f"  tokens per row: min {s['min']} · median {s['median']} · p95 {s['p95']} · max {s['max']} "
-        f"(cutoff_len {report.cutoff_len})",
-        *histogram_lines(report),
-        f"  trained tokens: {report.trained_tokens:,} of {report.tokens:,} ({100 * report.trained_share:.1f}%)",
-    ]
-    order = {FATAL: 0, WARNING: 1, INFO: 2}
-    for finding in sorted(report.findings, key=lambda f: order[f.level]):
-        lines.append(f"  {finding.level.upper() if finding.level == FATAL else finding.level}: {finding.message}")
-    return "\n".join(lines)
 
 
 def summary_lines(report: AuditReport) -> list[str]:

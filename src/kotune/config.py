@@ -146,9 +146,10 @@ class TrainConfig:
     """Free space (GB) a checkpoint must leave on the output disk; a save that would go below stops the run."""
     kernels: str = "auto"
     """``auto``: the fast path (docs/fast-path.md) on CUDA for Llama, Mistral, Qwen2 models; ``off``: plain forward."""
-    packing: bool = False
-    """Feed each step's rows end to end in sequences of up to micro_batch_size x cutoff_len tokens (no padding,
-    per-row positions, no cross-row attention); the steps and their loss are the unpacked ones."""
+    packing: str = "auto"
+    """``on``: feed each step's rows end to end in sequences of up to micro_batch_size x cutoff_len tokens (no
+    padding, per-row positions, no cross-row attention; same steps and loss as unpacked). ``auto``: on with the
+    fast path. ``off``: padded micro-batches."""
 
 
 @dataclass
@@ -267,6 +268,8 @@ def _to_number(kind: type):
 def _to_str(value: Any, key: str, where: str) -> str:
     if isinstance(value, dict | list):
         raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+    if isinstance(value, bool):  # YAML reads a bare on / off / yes / no as a boolean
+        return "on" if value else "off"
     return str(value)
 
 
@@ -331,6 +334,7 @@ CHOICES = {
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw_torch"),
     "train.kernels": ("auto", "off"),
+    "train.packing": ("auto", "on", "off"),
 }
 
 

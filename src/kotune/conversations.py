@@ -66,6 +66,7 @@ def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str
     """A row's turns as ``[{role, content}]``; bad structure is a DataError naming the row and turn."""
     key = "messages" if fmt == "messages" else "conversations"
     role_key, text_key = ("role", "content") if fmt == "messages" else ("from", "value")
+    roles = {role: role for role in ROLES} if fmt == "messages" else SHAREGPT_ROLES
     source = f"{row.get('_source', where)} (row {row['_row']})"
     turns = row.get(key)
     if turns is None:
@@ -77,15 +78,9 @@ def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str
         if not isinstance(turn, dict):
             raise DataError(f"{source}: {key}[{i}] is {type(turn).__name__}, expected {{{role_key}, {text_key}}}")
         role = turn.get(role_key)
-        if not isinstance(role, str):
-            mapped = None
-        elif fmt == "messages":
-            mapped = role if role in ROLES else None
-        else:
-            mapped = SHAREGPT_ROLES.get(role)
+        mapped = roles.get(role) if isinstance(role, str) else None
         if mapped is None:
-            allowed = ROLES if fmt == "messages" else tuple(SHAREGPT_ROLES)
-            raise DataError(f"{source}: {key}[{i}].{role_key} is {role!r}; use one of {', '.join(allowed)}")
+            raise DataError(f"{source}: {key}[{i}].{role_key} is {role!r}; use one of {', '.join(roles)}")
         content = turn.get(text_key)
         if content is None:
             raise SkipRow(f"null {text_key} in a turn")

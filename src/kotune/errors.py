@@ -1,8 +1,9 @@
 """Errors a user can fix: the CLI prints their message (which names the file, row or key) without a traceback."""
 
+from kotune.assets import AssetError
 from kotune.checkpoint import CheckpointError
 from kotune.config import ConfigError
 from kotune.data import DataError
 from kotune.templates import TemplateError
 
-USER_ERRORS = (ConfigError, DataError, TemplateError, CheckpointError)
+USER_ERRORS = (AssetError, ConfigError, DataError, TemplateError, CheckpointError)

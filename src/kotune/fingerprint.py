@@ -37,6 +37,7 @@ NOT_FINGERPRINTED = frozenset(
         "train.kernels",
         # Bookkeeping that does not touch the weights.
         "train.eval_steps",
+        "train.eval_at_start",
         "train.save_steps",
         "train.save_total_limit",
         "train.load_best_model_at_end",

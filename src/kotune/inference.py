@@ -21,13 +21,8 @@ if TYPE_CHECKING:
 # torch and transformers are imported inside the functions that use them, so that `kotune --help` and
 # argument parsing (which read Sampling's defaults) stay fast.
 
-CONFIG_FILE = "kotune_config.yaml"
-"""The resolved config a run saves (``kotune.recipe.CONFIG_FILE``); a merged folder carries a copy."""
-
 CHAT_FORMATS = ("messages", "sharegpt")
 """Training row formats whose prompts come from the tokenizer's chat template."""
-
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +65,8 @@ class ModelFolder:
 # -- load -------------------------------------------------------------------------------------------
 def open_folder(path: str | Path) -> ModelFolder:
     """Read a run folder (``adapter_config.json``) or a merged folder (``config.json``) with its saved config."""
+    from kotune.recipe import CONFIG_FILE
+
     folder = Path(path)
     if not folder.is_dir():
         raise FolderError(f"{folder}: no such folder; give a training run's output_dir or a merged model folder")
@@ -144,50 +141,50 @@ def load_model(folder: ModelFolder, base: str | None = None):
     return model, tokenizer
 
 
+def folder_stop_ids(folder: ModelFolder, tokenizer, model) -> list[int]:
+    """``stop_ids`` for a run or merged folder: its chat template as training resolved it, its model's EOS ids."""
+    from kotune.prepare import chat_template_for
+
+    return stop_ids(tokenizer, getattr(model, "generation_config", None), chat_template_for(folder.config, tokenizer))
+
+
 def pad_id(tokenizer) -> int:
     """Padding for left-padded prompts: the tokenizer's pad token, else EOS (masked out either way)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 # -- format -----------------------------------------------------------------------------------------
-def to_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]]:
-    """A conversation row as ``[{role, content}]``, cut before a final assistant turn (that is what we generate)."""
+def prompt_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]]:
+    """A conversation row's turns (``kotune.conversations``), cut before a final assistant turn: the reply to make."""
+    from kotune.conversations import to_messages
     from kotune.data import DataError
+    from kotune.formats import SkipRow
 
-    key = "messages" if fmt == "messages" else "conversations"
-    turns = row.get(key)
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: row {row.get('_row', '?')}: '{key}' must be a non-empty list of turns")
-    messages = []
-    for turn in turns:
-        if fmt == "messages":
-            role, content = turn.get("role"), turn.get("content")
-        else:
-            role, content = SHAREGPT_ROLES.get(str(turn.get("from"))), turn.get("value")
-        if role is None or not isinstance(content, str):
-            raise DataError(f"{where}: row {row.get('_row', '?')}: turn {turn!r} has no known role or no text")
-        messages.append({"role": role, "content": content})
-    if messages[-1]["role"] == "assistant":
+    try:
+        messages = to_messages(row, fmt, where)
+    except SkipRow as reason:
+        raise DataError(f"{where}: row {row['_row']}: {reason}; no prompt can be made of it") from None
+    if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
+    if not messages:
+        raise DataError(f"{where}: row {row['_row']}: no turn before the answer to prompt with")
     return messages
 
 
-def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
-    """The tokenizer's chat template over ``messages``, ending with the assistant's header."""
-    if not tokenizer.chat_template:
-        from kotune.data import DataError
+def chat_prompt(tokenizer, messages: list[dict[str, str]], data_cfg) -> str:
+    """The conversation through the chat template training used (``data.chat_template``), up to the reply."""
+    from kotune.conversations import ChatRenderer
 
-        raise DataError("conversation rows need a chat template, and this model's tokenizer has none")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return ChatRenderer(tokenizer, data_cfg).apply(messages, add_generation_prompt=True, source="prompt")
 
 
-def row_prompt(row: dict[str, Any], fmt: str, template: Template, tokenizer, where: str) -> str:
-    """The prompt text for a data row of any supported format, as training formatted it."""
+def row_prompt(row: dict[str, Any], fmt: str, folder: ModelFolder, tokenizer, where: str) -> str:
+    """The prompt text for a data row of any supported format, as the run formatted its training rows."""
     if fmt == "alpaca":
-        return template.format(str(row["instruction"]), row.get("input"))
+        return folder.template.format(str(row["instruction"]), row.get("input"))
     if fmt == "prompt_completion":
         return str(row["prompt"])
-    return chat_prompt(tokenizer, to_messages(row, fmt, where))
+    return chat_prompt(tokenizer, prompt_messages(row, fmt, where), folder.config.data)
 
 
 # -- encode -----------------------------------------------------------------------------------------
@@ -202,14 +199,17 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def end_of_turn_id(tokenizer) -> int | None:
-    """The special token the chat template closes an assistant turn with (``<|eot_id|>``, ``<|im_end|>``)."""
-    if not tokenizer.chat_template:
+def end_of_turn_id(tokenizer, chat_template: str | None = None) -> int | None:
+    """The special token a chat template (default: the tokenizer's) closes an assistant turn with."""
+    chat_template = chat_template or tokenizer.chat_template
+    if not chat_template:
         return None
     probe = "kotune-probe"
     try:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+            chat_template=chat_template,
+            tokenize=False,
         )
     except Exception:  # a template may reject this conversation (jinja raises its own types)
         return None
@@ -221,12 +221,13 @@ def end_of_turn_id(tokenizer) -> int | None:
     return None
 
 
-def stop_ids(tokenizer, generation_config=None) -> list[int]:
-    """Ids that end a reply: the tokenizer's EOS (what training appended), end-of-turn, the model's own EOS ids."""
+def stop_ids(tokenizer, generation_config=None, chat_template: str | None = None) -> list[int]:
+    """Ids that end a reply: the tokenizer's EOS (what training appended), the chat template's end-of-turn
+    token, and the model's own EOS ids from its generation config."""
     found: list[int] = []
     if tokenizer.eos_token_id is not None:
         found.append(tokenizer.eos_token_id)
-    eot = end_of_turn_id(tokenizer)
+    eot = end_of_turn_id(tokenizer, chat_template)
     if eot is not None:
         found.append(eot)
     configured = getattr(generation_config, "eos_token_id", None)
@@ -378,46 +379,3 @@ class TextStream:
 
     def text(self) -> str:
         return completion_text(self.tokenizer, self.ids)
-
-
-class ChatSession:
-    """A terminal conversation formatted the way the run trained.
-
-    Runs trained on conversations keep the history and format it with the tokenizer's chat template. Runs
-    trained on instruction rows answer each message on its own through the saved template, which has no place
-    for earlier turns; ``prompt_completion`` runs take the message as the raw prompt.
-    """
-
-    def __init__(self, model, tokenizer, folder: ModelFolder, sampling: Sampling, seed: int | None = None):
-        import torch
-
-        self.model, self.tokenizer, self.folder, self.sampling = model, tokenizer, folder, sampling
-        self.stops = stop_ids(tokenizer, getattr(model, "generation_config", None))
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.history: list[dict[str, str]] = []
-
-    @property
-    def keeps_history(self) -> bool:
-        return self.folder.fmt in CHAT_FORMATS
-
-    def prompt(self, text: str) -> str:
-        """The prompt text for a new user message."""
-        if self.keeps_history:
-            return chat_prompt(self.tokenizer, [*self.history, {"role": "user", "content": text}])
-        if self.folder.fmt == "prompt_completion":
-            return text
-        return self.folder.template.format(text)
-
-    def reply(self, text: str) -> Iterator[str]:
-        """Stream the reply's text; a finished reply joins the history."""
-        decoded = TextStream(self.tokenizer)
-        ids = encode_prompt(self.tokenizer, self.prompt(text))
-        for token in stream(self.model, ids, pad_id(self.tokenizer), self.stops, self.sampling, self.generator):
-            piece = decoded.push(token)
-            if piece:
-                yield piece
-        if self.keeps_history:
-            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": decoded.text()}]
-
-    def reset(self) -> None:
-        self.history.clear()

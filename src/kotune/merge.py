@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kotune.inference import ModelFolder, open_folder, stop_ids
+from kotune.inference import ModelFolder, folder_stop_ids, open_folder
 
 if TYPE_CHECKING:
     import torch
@@ -225,12 +225,30 @@ def check_output(out: Path, source: dict, force: bool) -> bool:
     raise MergeError(f"{out} already exists and is not this merge; pass --force to replace it, or choose --out")
 
 
-def check_run(folder: ModelFolder, into: str) -> None:
+def merge_targets(folder: ModelFolder, into: str) -> tuple[tuple[str, ...], str]:
+    """The targets to build and verify, and the one to save (a run trained unquantized has only ``original``)."""
     if folder.merged:
         raise MergeError(f"{folder.path} is already a merged model; give the training run's folder")
     quantization = folder.config.model.quantization
-    if into == "dequantized" and quantization == "8bit":
+    if quantization == "none":
+        if into == "dequantized":
+            print("kotune: the run trained on unquantized weights: merging into them (dequantized = original)")
+        return ("original",), "original"
+    if quantization == "8bit" and into == "dequantized":
         raise MergeError(f"{folder.path}: merging into dequantized 8-bit weights is not supported; use --into original")
+    return TARGETS, into
+
+
+def build_and_verify(folder: ModelFolder, target: str, dtype: str, adapter, rows, save_to: Path | None) -> Drift:
+    """Merge into ``target``, compare with the adapter, and save the merged model when ``save_to`` is given."""
+    model = merged_model(folder, target, dtype)
+    drift = measure_drift(model, adapter, rows)
+    print(f"kotune: merge check, {target}{' (chosen)' if save_to else ''}: {drift.summary()}")
+    if save_to is not None:
+        from transformers import AutoTokenizer
+
+        save_merged(model, AutoTokenizer.from_pretrained(folder.path), folder, save_to)
+    return drift
 
 
 def merge(
@@ -249,40 +267,31 @@ def merge(
     from kotune.inference import load_base
 
     folder = open_folder(run_dir)
-    check_run(folder, into)
+    targets, into = merge_targets(folder, into)
     dtype = dtype or {torch_name: name for name, torch_name in DTYPES.items()}[folder.config.model.compute_dtype]
     out = Path(out) if out is not None else folder.path / "merged"
     source = fingerprint(folder, into, dtype)
     if check_output(out, source, force):
         print(f"kotune: {out} already holds this merge (same adapter, target and dtype); nothing to do")
         return out
-    tokenizer = AutoTokenizer.from_pretrained(folder.path)
-    split, rows = verification_rows(folder, tokenizer, verify_rows)
+    split, rows = verification_rows(folder, AutoTokenizer.from_pretrained(folder.path), verify_rows)
     trained = load_base(folder.config.model, folder.config.model.quantization)
     adapter = PeftModel.from_pretrained(trained, folder.path).eval()
-    targets = TARGETS if folder.config.model.quantization != "none" else ("original",)
-    if into not in targets:
-        print("kotune: the run trained on unquantized weights, so dequantized and original are the same target")
-        into = "original"
-    report: dict = {"source": source, "into": into, "dtype": dtype, "allow_drift": allow_drift}
-    report["verification"] = {"split": split, "rows": [e.row for e in rows]}
-    report["thresholds"] = {"min_top1_agreement": MIN_TOP1_AGREEMENT, "max_perplexity_change": MAX_PERPLEXITY_CHANGE}
-    report["targets"] = {}
-    partial = out.with_name(f".{out.name}.partial")
+    partial = out.with_name(f".{out.name}.partial")  # renamed to ``out`` only once complete and accepted
     shutil.rmtree(partial, ignore_errors=True)
-    for target in targets:
-        model = merged_model(folder, target, dtype)
-        drift = measure_drift(model, adapter, rows)
-        report["targets"][target] = drift.to_dict()
-        chosen = target == into
-        print(f"kotune: merge check, {target}{' (chosen)' if chosen else ''}: {drift.summary()}")
-        if chosen:
-            save_merged(model, tokenizer, folder, partial)
-            chosen_drift = drift
-        del model
-    if not chosen_drift.within_threshold() and not allow_drift:
+    drifts = {t: build_and_verify(folder, t, dtype, adapter, rows, partial if t == into else None) for t in targets}
+    if not drifts[into].within_threshold() and not allow_drift:
         shutil.rmtree(partial, ignore_errors=True)
-        raise MergeError(drift_message(into, chosen_drift))
+        raise MergeError(drift_message(into, drifts[into]))
+    report = {
+        "source": source,
+        "into": into,
+        "dtype": dtype,
+        "allow_drift": allow_drift,
+        "verification": {"split": split, "rows": [e.row for e in rows]},
+        "thresholds": {"min_top1_agreement": MIN_TOP1_AGREEMENT, "max_perplexity_change": MAX_PERPLEXITY_CHANGE},
+        "targets": {t: d.to_dict() for t, d in drifts.items()},
+    }
     write_report(partial, report)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
@@ -301,7 +310,7 @@ def drift_message(into: str, drift: Drift) -> str:
 
 def save_merged(model, tokenizer, folder: ModelFolder, out: Path, shard_size: str = SHARD_SIZE) -> None:
     """Sharded safetensors, config, generation config that stops at EOS / end-of-turn, tokenizer, run files."""
-    stops = stop_ids(tokenizer, model.generation_config)
+    stops = folder_stop_ids(folder, tokenizer, model)
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

@@ -78,6 +78,7 @@ def push(path: str | Path, repo: str, private: bool = False, dry_run: str | Path
 
 def upload(plan: dict[str, Path | bytes], repo: str, private: bool, what: str) -> None:
     """One commit with every planned file; the token is whatever huggingface_hub finds on its own."""
+    import httpx
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -93,6 +94,8 @@ def upload(plan: dict[str, Path | bytes], repo: str, private: bool, what: str) -
         api.create_commit(repo_id=repo, operations=operations, commit_message=f"kotune push: {what}")
     except HfHubHTTPError as exc:
         raise PublishError(f"the hub refused the upload to {repo}: {exc}") from None
+    except httpx.TransportError as exc:
+        raise PublishError(f"cannot reach the hub to upload {repo} ({type(exc).__name__}: {exc})") from None
     print(f"kotune: {what} uploaded to https://huggingface.co/{repo}")
 
 

@@ -17,7 +17,7 @@ from kotune.config import Config
 from kotune.data import DataError
 from kotune.model import load_for_training, load_tokenizer
 from kotune.prepare import Prepared, prepare
-from kotune.security import inside, redact, refuse_pickle
+from kotune.security import inside, redact, refuse_escaping_links, refuse_pickle
 from kotune.signals import StopOnSignal
 from kotune.train import Fit, find_resume, write_summary
 
@@ -61,6 +61,7 @@ def _train(cfg: Config, resume: str | None, force: bool) -> Path:
     dist.init()
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    refuse_escaping_links(output_dir)
     model_path = resolve_model(cfg.model.path)
     if Path(model_path).is_dir():
         refuse_pickle(model_path, cfg.model.allow_pickle, "model folder", "model.allow_pickle: true")

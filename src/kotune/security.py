@@ -45,6 +45,16 @@ def inside(root: str | Path, *parts: str | Path) -> Path:
     return target
 
 
+def refuse_escaping_links(output_dir: str | Path) -> None:
+    """Raise SecurityError if a symlink under ``output_dir`` points outside it (kotune would write through it)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            inside(root, path.relative_to(root))
+
+
 def pickle_files(folder: str | Path) -> list[Path]:
     """Pickle-format files directly in ``folder``, sorted."""
     folder = Path(folder)

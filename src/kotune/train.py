@@ -153,14 +153,14 @@ class Fit:
                 self.reporter.info(f"removed {folder.name}, left behind by a save that did not finish")
         if resume is not None:
             self._resume(resume)
-        elif self.rank == 0 and trim_metrics(self.reporter.metrics_path, 0):
+        elif self.rank == 0 and trim_metrics(self.reporter.metrics_path, -1):
             self.reporter.warn(f"{self.reporter.metrics_path} held an earlier run's records; starting it afresh")
 
     # -- data -------------------------------------------------------------------------------------
     def _window(self, micro_step: int) -> list[dict[str, torch.Tensor]]:
         """The micro-batches of the optimizer step that starts at ``micro_step``.
 
-        With ``train.packing`` the same rows come as few packed sequences of at most micro_batch_size x
+        Packed (``train.packing``), the same rows come as few sequences of at most micro_batch_size x
         cutoff_len tokens (the most an unpacked micro-batch can hold), so the step and its loss are unchanged.
         """
         t = self.cfg.train
@@ -168,7 +168,7 @@ class Fit:
         for m in range(micro_step, micro_step + t.gradient_accumulation_steps):
             epoch, index = divmod(m, self.per_epoch)
             groups.append([self.train_rows[i] for i in self._epoch_batches(epoch)[index]])
-        if not t.packing:
+        if not (t.packing == "on" or (t.packing == "auto" and self.fast is not None)):
             return [collate(g, self.tokenizer.pad_token_id, t.pad_to_multiple_of) for g in groups]
         rows = [e for g in groups for e in g]
         packs = pack_groups([len(e.input_ids) for e in rows], t.micro_batch_size * self.cfg.data.cutoff_len)

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import fields
 
 from kotune.config import field_docs
-from kotune.inference import Sampling
+from kotune.inference import (
+    CHAT_FORMATS,
+    ModelFolder,
+    Sampling,
+    TextStream,
+    chat_prompt,
+    encode_prompt,
+    folder_stop_ids,
+    pad_id,
+    stream,
+)
 
 CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=512)
 """Chat samples by default (replies read less repetitive than greedy); ``--temperature 0`` makes it greedy."""
@@ -51,7 +62,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from kotune.inference import ChatSession, FolderError, load_model, open_folder
+    from kotune.inference import FolderError, load_model, open_folder
 
     try:
         folder = open_folder(args.path)
@@ -66,11 +77,56 @@ def run(args) -> int:
     return 0
 
 
-def converse(session) -> None:
+class ChatSession:
+    """A terminal conversation formatted the way the run trained.
+
+    Runs trained on conversations keep the history and format it with the tokenizer's chat template. Runs
+    trained on instruction rows answer each message on its own through the saved template, which has no place
+    for earlier turns; ``prompt_completion`` runs take the message as the raw prompt.
+    """
+
+    def __init__(self, model, tokenizer, folder: ModelFolder, sampling: Sampling, seed: int | None = None):
+        import torch
+
+        self.model, self.tokenizer, self.folder, self.sampling = model, tokenizer, folder, sampling
+        self.stops = folder_stop_ids(folder, tokenizer, model)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.history: list[dict[str, str]] = []
+
+    @property
+    def keeps_history(self) -> bool:
+        return self.folder.fmt in CHAT_FORMATS
+
+    def prompt(self, text: str) -> str:
+        """The prompt text for a new user message."""
+        if self.keeps_history:
+            messages = [*self.history, {"role": "user", "content": text}]
+            return chat_prompt(self.tokenizer, messages, self.folder.config.data)
+        if self.folder.fmt == "prompt_completion":
+            return text
+        return self.folder.template.format(text)
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the reply's text; a finished reply joins the history."""
+        decoded = TextStream(self.tokenizer)
+        ids = encode_prompt(self.tokenizer, self.prompt(text))
+        for token in stream(self.model, ids, pad_id(self.tokenizer), self.stops, self.sampling, self.generator):
+            piece = decoded.push(token)
+            if piece:
+                yield piece
+        if self.keeps_history:
+            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": decoded.text()}]
+
+    def reset(self) -> None:
+        self.history.clear()
+
+
+def converse(session: ChatSession) -> None:
     """Read lines until /exit or end of input; stream each reply."""
     while True:
+        print("you> ", end="", flush=True)  # on stdout: input() writes its prompt to stderr on a terminal
         try:
-            line = input("you> ")
+            line = input()
         except (EOFError, KeyboardInterrupt):
             print()
             return

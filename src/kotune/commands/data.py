@@ -73,8 +73,35 @@ def run_preview(args) -> int:
     return 0
 
 
+def histogram_lines(report, width: int = 40) -> list[str]:
+    """The token-length histogram as text bars, bins past the cutoff marked."""
+    peak = max((count for _, _, count in report.histogram), default=0) or 1
+    lines = []
+    for low, high, count in report.histogram:
+        bar = "█" * max(1 if count else 0, round(width * count / peak))
+        cut = "  > cutoff" if high > report.cutoff_len else ""
+        lines.append(f"    {low:>6}–{high:<6} {bar} {count}{cut}")
+    return lines
+
+
+def format_report(report) -> str:
+    """The full text report of ``kotune data audit``."""
+    s = report.lengths
+    lines = [
+        f"kotune data audit: {report.source} ({report.format}): {report.rows} rows, {report.kept} trainable",
+        f"  tokens per row: min {s['min']} · median {s['median']} · p95 {s['p95']} · max {s['max']} "
+        f"(cutoff_len {report.cutoff_len})",
+        *histogram_lines(report),
+        f"  trained tokens: {report.trained_tokens:,} of {report.tokens:,} ({100 * report.trained_share:.1f}%)",
+    ]
+    order = {"fatal": 0, "warning": 1, "info": 2}
+    for finding in sorted(report.findings, key=lambda f: order[f.level]):
+        lines.append(f"  {finding.level.upper() if finding.level == 'fatal' else finding.level}: {finding.message}")
+    return "\n".join(lines)
+
+
 def run_audit(args) -> int:
-    from kotune.audit import add_model_checks, format_report
+    from kotune.audit import add_model_checks
 
     cfg = load_config(args.config, args.overrides)
     model_path, tokenizer, data = load_prepared(cfg)

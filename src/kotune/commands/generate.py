@@ -68,7 +68,7 @@ def read_prompts(path: str, folder, tokenizer) -> list[tuple[dict, str]]:
 
     rows = read_rows(path)
     fmt = prompt_format(rows, path)
-    return [(row, row_prompt(row, fmt, folder.template, tokenizer, path)) for row in rows]
+    return [(row, row_prompt(row, fmt, folder, tokenizer, path)) for row in rows]
 
 
 def output_line(row: dict, text: str, stopped: bool) -> str:
@@ -97,18 +97,18 @@ def run(args) -> int:
     if done:
         print(f"kotune: {len(prompts) - len(todo)} rows already in {output}; generating the other {len(todo)}")
     model, tokenizer = load_model(folder, args.base)
-    write_generations(model, tokenizer, todo, output, sampling_from(args), args)
+    write_generations(model, tokenizer, folder, todo, output, sampling_from(args), args)
     return 0
 
 
-def write_generations(model, tokenizer, todo, output: Path, sampling: Sampling, args) -> None:
+def write_generations(model, tokenizer, folder, todo, output: Path, sampling: Sampling, args) -> None:
     """Generate batch by batch; each finished batch is appended and flushed before the next starts."""
     import torch
     from tqdm.auto import tqdm
 
-    from kotune.inference import completion_text, encode_prompt, generate, pad_id, stop_ids
+    from kotune.inference import completion_text, encode_prompt, folder_stop_ids, generate, pad_id
 
-    stops = stop_ids(tokenizer, getattr(model, "generation_config", None))
+    stops = folder_stop_ids(folder, tokenizer, model)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     output.parent.mkdir(parents=True, exist_ok=True)
     total = len(todo)

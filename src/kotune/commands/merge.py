@@ -8,11 +8,7 @@ from kotune import merge as merging
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "merge",
-        help="fold the adapter into the base weights, verify, and save a plain transformers model",
-        description=merging.__doc__,
-    )
+    p = sub.add_parser("merge", help="fold the adapter into the base weights, verify, and save a plain model folder")
     p.add_argument("run_dir", help="the training run's output folder (adapter, template, resolved config)")
     p.add_argument(
         "--into",
@@ -32,8 +28,8 @@ def register(sub) -> None:
     p.add_argument(
         "--allow-drift",
         action="store_true",
-        help=f"keep the merge even if top-1 agreement < {merging.MIN_TOP1_AGREEMENT:.0%} or the perplexity "
-        f"moves more than {merging.MAX_PERPLEXITY_CHANGE:.0%} from the adapter's",
+        help=f"keep the merge even if top-1 agreement < {100 * merging.MIN_TOP1_AGREEMENT:.0f}%% or the perplexity "
+        f"moves more than {100 * merging.MAX_PERPLEXITY_CHANGE:.0f}%% from the adapter's",
     )
     p.set_defaults(run=run)
 

@@ -30,16 +30,20 @@ def wanted(cfg: Config, model_config, device_type: str | None = None) -> tuple[b
     return True, "CUDA and a supported model"
 
 
-def build(peft_model, cfg: Config, offload: bool = True, fused: bool = True):
-    """The :class:`~kotune.fast.llama.FastCausalLM` computing ``peft_model``'s training loss."""
+def build(peft_model, cfg: Config, **levers):
+    """The :class:`~kotune.fast.llama.FastCausalLM` computing ``peft_model``'s training loss.
+
+    Every lever is on by default; ``levers`` (``offload``, ``fused``, ``host_embeddings``, ``triton_dequant``)
+    turn one off, for the benchmark's ablations.
+    """
     from kotune.fast.llama import FastCausalLM
 
+    options = {"offload": True, "fused": True, "host_embeddings": True, "triton_dequant": True, **levers}
     return FastCausalLM(
         peft_model,
         compute_dtype=DTYPES[cfg.model.compute_dtype],
         checkpoint=cfg.model.gradient_checkpointing,
-        offload=offload,
-        fused=fused,
+        **options,
     )
 
 

@@ -76,6 +76,27 @@ class DecoderLayer:
         return x + project(m, p["down_proj"], train)
 
 
+class HostEmbedding:
+    """The input embedding table kept in host memory: a forward needs only its batch's rows (1 GiB saved at 8B).
+
+    Rows are gathered on the CPU into a reused pinned buffer and copied to the device asynchronously.
+    """
+
+    def __init__(self, module: torch.nn.Embedding):
+        module.to("cpu")
+        self.weight = module.weight.detach()
+        self._buffer = torch.empty(0, dtype=self.weight.dtype)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.reshape(-1).cpu()  # waits for the device: the previous copy out of the buffer is done
+        n, dim = ids.numel(), self.weight.shape[1]
+        if self._buffer.numel() < n * dim:
+            self._buffer = torch.empty(n * dim, dtype=self.weight.dtype, pin_memory=True)
+        rows = self._buffer[: n * dim].view(n, dim)
+        torch.index_select(self.weight, 0, ids, out=rows)
+        return rows.to(input_ids.device, non_blocking=True).view(*input_ids.shape, dim)
+
+
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
@@ -101,7 +122,19 @@ def unsupported_reason(config, lora_targets) -> str | None:
 class FastCausalLM(torch.nn.Module):
     """``forward(**batch)`` -> summed next-token loss (fp32), like ``kotune.train.loss_sum`` on the plain path."""
 
-    def __init__(self, peft_model, compute_dtype: torch.dtype, checkpoint: bool, offload: bool, fused: bool):
+    def __init__(
+        self,
+        peft_model,
+        compute_dtype: torch.dtype,
+        checkpoint: bool,
+        offload: bool,
+        fused: bool,
+        host_embeddings: bool = False,
+        triton_dequant: bool = True,
+    ):
+        """``offload``: layer inputs wait in host memory; ``fused``: liger kernels; ``host_embeddings``: the
+        input embedding table moves to host memory (untied embeddings on CUDA only); ``triton_dequant``: NF4
+        weights dequantized by ``kotune.fast.nf4``."""
         super().__init__()
         self.model = peft_model  # registered, so parameters() and DDP see the adapter
         base = peft_model.get_base_model()
@@ -115,14 +148,23 @@ class FastCausalLM(torch.nn.Module):
             raise UnsupportedModule("a quantized output layer")
         self.ops = Ops(fused)
         self.layers = [DecoderLayer(layer, self.ops) for layer in inner.layers]
-        self.store = ActivationStore(self._parts[0].weight.device, offload)
+        for proj in (p for layer in self.layers for p in layer.proj.values()):
+            proj.triton_dequant = triton_dequant
+        device = self._parts[3].weight.device  # the output layer's: the embedding may already be in host memory
+        self.store = ActivationStore(device, offload)
+        tied = inner.embed_tokens.weight.data_ptr() == self._parts[3].weight.data_ptr()
+        self.host_embedding = None
+        if host_embeddings and device.type == "cuda" and not tied:
+            self.host_embedding = HostEmbedding(inner.embed_tokens)
+        else:  # where an earlier fast model of this peft model may have left it
+            inner.embed_tokens.to(device)
 
     def forward(self, input_ids, labels, position_ids=None, cu_seqlens=None):
         """Summed loss of ``labels`` (right-padded batch, or one packed row with ``position_ids``/``cu_seqlens``)."""
         embed, norm, rotary, head = self._parts
         device = input_ids.device
         with torch.autocast(device.type, enabled=False):
-            x = embed(input_ids).to(self.dtype_)
+            x = (self.host_embedding or embed)(input_ids).to(self.dtype_)
             if position_ids is None:
                 position_ids = torch.arange(input_ids.shape[1], device=device)[None].expand(input_ids.shape[0], -1)
             cos, sin = rotary(x, position_ids)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 
 IGNORE = -100
-LOGIT_ELEMENTS_PER_CHUNK = 1 << 26
-"""fp32 logits held at once (256 MiB): 523 rows of a 128,256-word vocabulary."""
+LOGIT_ELEMENTS_PER_CHUNK = 1 << 24
+"""fp32 logits held at once (64 MiB): 128 rows of a 128,256-word vocabulary."""
 
 
 def chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk so that one chunk's fp32 logits stay near ``LOGIT_ELEMENTS_PER_CHUNK``."""
-    return max(1, LOGIT_ELEMENTS_PER_CHUNK // vocab_size)
+    """Rows per chunk: one chunk's fp32 logits near ``LOGIT_ELEMENTS_PER_CHUNK``, a multiple of 64 when large."""
+    rows = max(1, LOGIT_ELEMENTS_PER_CHUNK // vocab_size)
+    return rows // 64 * 64 if rows >= 64 else rows
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -33,11 +34,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start : start + rows], targets[start : start + rows]
             logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            peak = logits.amax(dim=1, keepdim=True)
+            exp = logits.sub_(peak).exp_()  # in place: the chunk's fp32 logits are the only large buffer
+            sums = exp.sum(dim=1)
+            total += (sums.log() + peak.squeeze(1) - picked).sum()
             if need_grad:
-                # d loss / d logits = softmax - one_hot(target), built in place over the chunk's logits
-                probs = logits.sub_(lse[:, None]).exp_()
+                # d loss / d logits = softmax - one_hot(target), built in place
+                probs = exp.div_(sums[:, None])
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 grad_hidden[start : start + rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)

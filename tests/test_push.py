@@ -1,0 +1,151 @@
+"""kotune push: the dry-run folder is exactly the upload and loads with plain transformers / peft; the model
+card says what was trained; a planted hub token appears in no file or log of train, merge, generate or push."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import PLANTED_TOKEN, run_kotune
+
+from kotune.publish import PublishError, push
+
+ADAPTER_UPLOAD = {
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "kotune_template.yaml",
+    "kotune_config.yaml",
+    "run_summary.json",
+    "metrics.jsonl",
+}
+MERGED_UPLOAD = ADAPTER_UPLOAD - {"adapter_config.json", "adapter_model.safetensors"} | {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "merge_report.json",
+}
+IDS = torch.tensor([[128000, 1234, 5678, 91011, 220]])
+
+
+def front_matter(card: str) -> dict:
+    _, head, _ = card.split("---\n", 2)
+    return yaml.safe_load(head)
+
+
+def test_adapter_dry_run_is_the_upload_and_loads_with_peft(tiny_qlora_run, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, _, _ = tiny_qlora_run
+    monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
+    dry = tmp_path / "dry"
+    push(run, "someone/tiny-ko", dry_run=dry)
+    assert {p.name for p in dry.iterdir()} == ADAPTER_UPLOAD  # no checkpoints, no best/, no peft README
+    for name in ADAPTER_UPLOAD - {"README.md"}:
+        assert (dry / name).read_bytes() == (run / name).read_bytes(), name
+
+    base_path = json.loads((dry / "adapter_config.json").read_text())["base_model_name_or_path"]
+    from_dry = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), dry).eval()
+    from_run = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), run).eval()
+    auto = AutoPeftModelForCausalLM.from_pretrained(dry).eval()
+    with torch.no_grad():
+        expected = from_run(input_ids=IDS).logits
+        torch.testing.assert_close(from_dry(input_ids=IDS).logits, expected)
+        torch.testing.assert_close(auto(input_ids=IDS).logits, expected)
+    assert (
+        AutoTokenizer.from_pretrained(dry)("안녕하세요")["input_ids"]
+        == AutoTokenizer.from_pretrained(run)("안녕하세요")["input_ids"]
+    )
+
+    card = (dry / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["library_name"] == "peft" and "kotune" in meta["tags"] and "qlora" in meta["tags"]
+    assert "base_model" not in meta  # a local folder is no hub model id
+    assert "###답변:" in card and "| learning rate, schedule, warm-up | 0.01," in card
+    assert "best validation loss" in card and "train rows: 19, validation rows: 5" in card
+
+
+def test_merged_dry_run_loads_with_plain_transformers(tiny_merged, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out, _ = tiny_merged
+    dry = tmp_path / "dry"
+    push(out, "someone/tiny-ko-merged", dry_run=dry)
+    assert {p.name for p in dry.iterdir()} == MERGED_UPLOAD
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(dry).eval()(input_ids=IDS).logits
+        expected = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=IDS).logits
+    torch.testing.assert_close(got, expected)
+    card = (dry / "README.md").read_text()
+    assert front_matter(card)["library_name"] == "transformers"
+    assert "## Merge check" in card and "| dequantized (this model) |" in card and "| original |" in card
+
+
+def test_push_refuses_bad_repo_ids_and_used_dry_run_folders(tiny_qlora_run, tmp_path):
+    run, _, _ = tiny_qlora_run
+    with pytest.raises(PublishError, match="USER/NAME"):
+        push(run, "just-a-name", dry_run=tmp_path / "a")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "x").write_text("keep me")
+    with pytest.raises(PublishError, match="not empty"):
+        push(run, "me/x", dry_run=used)
+    assert (used / "x").read_text() == "keep me"
+
+
+def test_push_without_a_token_says_how_to_log_in(tiny_qlora_run, tmp_path):
+    run, _, _ = tiny_qlora_run
+    env = {"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": "", "HF_HOME": str(tmp_path / "hf")}
+    result = run_kotune(["push", str(run), "--repo", "me/tiny"], env)
+    assert result.returncode == 2
+    assert "no Hugging Face token" in result.stderr and "hf auth login" in result.stderr
+
+
+# -- the planted token ------------------------------------------------------------------------------
+def files_holding(root: Path, secret: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def test_planted_token_is_in_no_file_or_log(tiny_qlora_run, tiny_merged, tmp_path, monkeypatch, capsys):
+    run, cache, train_log = tiny_qlora_run
+    merged, merge_log = tiny_merged
+    env = {"HF_TOKEN": PLANTED_TOKEN, "KOTUNE_CACHE": str(cache)}
+    monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
+    push(run, "me/tiny", dry_run=tmp_path / "dry-adapter")
+    push(merged, "me/tiny-merged", dry_run=tmp_path / "dry-merged")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "안녕?"}\n', encoding="utf-8")
+    generated = run_kotune(
+        [
+            "generate",
+            str(merged),
+            "--input",
+            str(prompts),
+            "--output",
+            str(tmp_path / "out.jsonl"),
+            "--max-new-tokens",
+            "2",
+        ],
+        env,
+    )
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    # an upload that cannot reach a hub: the error must not carry the token either
+    offline = run_kotune(["push", str(run), "--repo", "me/tiny"], {**env, "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert offline.returncode == 2 and "cannot reach the hub" in offline.stderr
+
+    written = [p for root in (run, cache, merged, tmp_path) for p in root.rglob("*") if p.is_file()]
+    assert len(written) > 40 and any(p.suffix == ".safetensors" for p in written)
+    assert [p for root in (run, cache, merged, tmp_path) for p in files_holding(root, PLANTED_TOKEN)] == []
+    logs = [train_log, merge_log, generated.stdout + generated.stderr, offline.stdout + offline.stderr]
+    logs.append(capsys.readouterr().out)
+    assert not any(PLANTED_TOKEN in log for log in logs)
+    # the scan itself finds a token where there is one
+    (tmp_path / "control.txt").write_text(f"token={PLANTED_TOKEN}")
+    assert files_holding(tmp_path, PLANTED_TOKEN) == [tmp_path / "control.txt"]
