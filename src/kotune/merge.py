@@ -37,7 +37,11 @@ TARGETS = ("dequantized", "original")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """``--dtype`` names and the torch dtypes they stand for."""
 
-MIN_TOP1_AGREEMENT = 0.98
+# Calibrated on SmolLM2-135M (demo data, 8 rows, a random LoRA on all linear layers), bf16 compute: the
+# dequantized target merged and saved in fp32 agrees with the bf16 adapter on 96.5% of top-1 tokens, perplexity
+# +0.4% (bf16 rounding in the adapter alone); saved in bf16, 96.4% and +0.3%. The original target: 60-62% and
+# -24% (the NF4 error of the base). The thresholds pass the first and stop the second with margin.
+MIN_TOP1_AGREEMENT = 0.90
 """Share of positions where merged and adapter model must pick the same next token."""
 MAX_PERPLEXITY_CHANGE = 0.02
 """Largest relative change of validation perplexity, merged vs adapter (0.02 = 2%)."""

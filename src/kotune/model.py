@@ -69,6 +69,7 @@ def load_base_model(path: str, cfg: ModelConfig, fast_path: bool = False):
         device_map=device_map(),
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
+        use_safetensors=None if cfg.allow_pickle else True,  # hub names too: no pickle weights unless allowed
     )
     model.config.use_cache = False
     if fast_path:

@@ -143,6 +143,9 @@ class Fit:
         self.fast = self._fast_model(model)
         self.loss_fn = fast.loss_sum if self.fast is not None else loss_sum
         self.ddp_model = dist.wrap(self.fast if self.fast is not None else model)
+        # peft's get_peft_model sets training mode on its wrapper only; the layers stay in from_pretrained's
+        # eval mode, where transformers skips gradient checkpointing and LoRA dropout is off
+        self.ddp_model.train()
         self.optimizer = build_optimizer(model, cfg.train, self.device)
         self.steps, self.per_epoch = total_steps(cfg, len(train), self.world)
         self.state = RunState()
