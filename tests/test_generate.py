@@ -142,12 +142,13 @@ DEMO_MAX_NEW_TOKENS = 256
 MIN_STOPPED_SHARE = 0.9
 
 
-@pytest.mark.slow
+@pytest.mark.full_demo
 def test_demo_fine_tune_ends_replies_with_eos(tmp_path):
     """After the CPU demo fine-tune of SmolLM2-135M-Instruct, >= 90% of the held-out prompts end with EOS,
     through the adapter on the 4-bit base and through the merged model."""
     run, merged = tmp_path / "demo", tmp_path / "merged"
-    result = run_kotune(["train", str(DEMO_CONFIG), f"train.output_dir={run}"], timeout=3600)
+    # The full epoch (the shipped demo stops after 8 steps, which does not yet teach the model to stop).
+    result = run_kotune(["train", str(DEMO_CONFIG), f"train.output_dir={run}", "train.max_steps=null"], timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_kotune(["merge", str(run), "--out", str(merged)])
     assert result.returncode == 0, result.stderr[-3000:]
