@@ -9,7 +9,14 @@ import pytest
 from tricky_rows import TRICKY_ROWS
 
 from kotune.data import split_indices, split_rows
-from kotune.encoding import ExampleTable, encode_rows, encode_segments, encode_table
+from kotune.encoding import (
+    ExampleTable,
+    encode_flat,
+    encode_rows,
+    encode_segments,
+    encode_table,
+    splits_at_lines,
+)
 from kotune.formats import Rendered, detect_format, render_alpaca, render_prompt_completion
 from kotune.templates import KO_ALPACA
 
@@ -24,6 +31,57 @@ def tricky_texts() -> list[str]:
 def test_backend_call_gives_the_tokenizers_own_ids(llama3_tokenizer):
     texts = tricky_texts()
     assert encode_segments(llama3_tokenizer, texts) == llama3_tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+# Fragments chosen to meet at line starts in every way the pre-tokenizer regex distinguishes: letters, digits,
+# punctuation runs, quotes, contractions, special tokens, and whitespace the regex and Python see differently.
+FRAGMENTS = [
+    "\n", "\n", "\n\n", "\r\n", " \n", "\t\n", "\n ", "\n\t", "\u00a0", "\u3000", "\x1c", "\u2028", "\u0085",
+    " ", "  ", "\t", "###답변:", "###입력:", ":", "#", '"', "'s", "'", "(", "-", "...", "?!", "\u0301", "123", "4567",
+    "서울", "한국어", "안녕하세요", "a", "Hello", "world", "<|eot_id|>", "<|begin_of_text|>", "😊", "é", "ㄱ", ".",
+]
+
+
+def fuzz_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 14))) for _ in range(n)]
+
+
+def test_llama3_ids_are_unchanged_by_cutting_at_line_starts(llama3_tokenizer):
+    assert splits_at_lines(llama3_tokenizer)
+    texts = fuzz_texts(3000, seed=0) + tricky_texts()
+    texts += [KO_ALPACA.format(t, None) for t in texts[:200]]  # template lines shared by many texts
+    flat, counts = encode_flat(llama3_tokenizer, texts, by_line=True)
+    expected = encode_segments(llama3_tokenizer, texts)
+    assert counts.tolist() == [len(ids) for ids in expected]
+    assert flat.tolist() == [t for ids in expected for t in ids]
+    assert sum("\n" in t for t in texts) > 1000  # the cut was exercised, not skipped
+
+
+def test_gpt2_style_pre_tokenizers_are_not_cut_at_lines(llama3_tokenizer):
+    """GPT-2's regex pre-tokenizes "a \n" + "b" differently from "a \nb": kotune must not cut such tokenizers."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    gpt2_style = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    whole = [p for p, _ in gpt2_style.pre_tokenize_str("a \nb")]
+    cut = [p for text in ("a \n", "b") for p, _ in gpt2_style.pre_tokenize_str(text)]
+    assert whole != cut
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = gpt2_style
+    assert not splits_at_lines(PreTrainedTokenizerFast(tokenizer_object=backend))
+    llama3 = Tokenizer.from_str(llama3_tokenizer.backend_tokenizer.to_str())
+    llama3.normalizer = normalizers.NFC()  # a normalizer may join characters across the cut
+    assert not splits_at_lines(PreTrainedTokenizerFast(tokenizer_object=llama3))
+
+
+def test_added_tokens_holding_a_newline_stop_the_cut(llama3_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama3_dir)
+    assert splits_at_lines(tokenizer)
+    tokenizer.add_tokens(["\n###"])
+    assert not splits_at_lines(tokenizer)
 
 
 def rendered_rows(n: int, seed: int) -> list[Rendered]:

@@ -42,6 +42,44 @@ def test_prompt_format_needs_only_the_prompt_side():
         prompt_format([{"instruction": "a"}, {"prompt": "b"}], "f")
 
 
+def test_a_run_folder_opens_without_its_training_data(tiny_qlora_run, tmp_path):
+    """The saved config names the format detected at training time (the run asked for auto), so a run copied
+    to another machine, without its data file, still opens."""
+    import shutil
+
+    from kotune.config import load_config
+    from kotune.inference import open_folder
+    from kotune.recipe import CONFIG_FILE
+
+    run = tiny_qlora_run[0]
+    saved = load_config(run / CONFIG_FILE)
+    assert saved.data.format == "alpaca"
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    config = moved / CONFIG_FILE
+    config.write_text(config.read_text().replace(saved.data.path, str(tmp_path / "gone.jsonl")))
+    assert open_folder(moved).fmt == "alpaca"
+
+
+def test_a_chat_template_file_is_left_to_the_saved_tokenizer(tmp_path):
+    from types import SimpleNamespace
+
+    from kotune.config import load_config
+    from kotune.recipe import saved_config
+
+    jinja = tmp_path / "chat.jinja"
+    jinja.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    cfg = load_config(None, [f"data.chat_template={jinja}"])
+    saved = saved_config(cfg, SimpleNamespace(format="messages", chat_template=jinja.read_text()))
+    assert (saved.data.format, saved.data.chat_template) == ("messages", None)
+    cfg = load_config(None, ["data.chat_template=plain"])
+    saved = saved_config(cfg, SimpleNamespace(format="sharegpt", chat_template="..."))
+    assert (saved.data.format, saved.data.chat_template) == ("sharegpt", "plain")
+    assert saved_config(load_config(None, []), SimpleNamespace(format="alpaca", chat_template=None)).data.format == (
+        "alpaca"
+    )
+
+
 def test_conversation_prompts_use_the_chat_template(tiny_qlora_run, tmp_path, llama3_tokenizer):
     from kotune.commands.generate import read_prompts
     from kotune.inference import open_folder

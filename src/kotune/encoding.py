@@ -6,12 +6,18 @@ the ids of trained segments and hold -100 elsewhere, so the mask cannot shift wh
 
 Many rows are encoded in batches (the tokenizer spreads a batch over the cores) into an ``ExampleTable``: ids
 and labels of all rows in two flat arrays, so a table can be cached and memory-mapped back without a copy.
+While the tokenizer encodes one batch (it releases Python's lock), the next is prepared and the last assembled.
+For tokenizers whose ids provably do not change when a text is cut where a line ends (``splits_at_lines``),
+a batch is encoded line by line with each distinct line encoded once: a template's fixed lines cost nothing.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -79,6 +85,79 @@ def encode_segments(tokenizer, texts: list[str]) -> list[list[int]]:
     if backend is None or getattr(tokenizer, "split_special_tokens", False):
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+# The pre-tokenizer regex of Llama 3 (and, with \p{N} for \p{N}{1,3}, of Qwen 2). No alternative of it can match a
+# newline followed by a character that is not whitespace, and no match ending at such a place depends on what
+# follows it (the one lookahead, in \s+(?!\S), is never reached there: \s*[\r\n]+ is tried first and takes the
+# newline). So the pre-tokens, and hence the ids, of "A\nB" are those of "A\n" then those of "B" when B starts
+# with a non-space character. GPT-2's regex lacks this: "a \n" + "b" splits " ", "\n" whole but " \n" alone.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+LINE_SAFE_PATTERNS = (LLAMA3_SPLIT, LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"))
+LINE_STARTS = re.compile(r"(?<=\n)(?=\S)")
+"""Where a line that starts with a non-space character begins (Python's \\s counts every character the
+regex's \\s does as whitespace, and a few more, so no cut is made that the proof above does not cover)."""
+
+
+def splits_at_lines(tokenizer) -> bool:
+    """Whether cutting a text after a newline that a non-space character follows leaves its ids unchanged.
+
+    True only for a fast tokenizer with no normalizer, whose pre-tokenizer is one of ``LINE_SAFE_PATTERNS``
+    (isolated) followed by byte-level mapping without a prefix space, and whose added tokens hold no newline
+    and strip nothing around them (an added token is matched in the text before pre-tokenization).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "split_special_tokens", False) or backend.normalizer is not None:
+        return False
+    if backend.pre_tokenizer is None:
+        return False
+    state = json.loads(backend.pre_tokenizer.__getstate__())
+    steps = state.get("pretokenizers", [state]) if state.get("type") == "Sequence" else [state]
+    expected = [
+        {"type": "Split", "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False},
+    ]
+    if len(steps) != len(expected):
+        return False
+    if any(step.get(key) != value for step, want in zip(steps, expected, strict=True) for key, value in want.items()):
+        return False
+    if steps[0].get("pattern", {}).get("Regex") not in LINE_SAFE_PATTERNS:
+        return False
+    return not any(
+        "\n" in t.content or t.lstrip or t.rstrip for t in backend.get_added_tokens_decoder().values()
+    )
+
+
+def encode_flat(tokenizer, texts: list[str], by_line: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of ``texts`` end to end (int32) and the count of each, as ``encode_segments`` gives them.
+
+    ``by_line`` (only where ``splits_at_lines`` holds): cut each text where a line starting with a non-space
+    character begins, encode each distinct piece once, and lay the pieces' ids back in order.
+    """
+    if not by_line:
+        ids = encode_segments(tokenizer, texts)
+        counts = np.fromiter(map(len, ids), np.int64, len(ids))
+        return np.fromiter(chain.from_iterable(ids), np.int32, int(counts.sum())), counts
+    if not texts:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    distinct: dict[str, int] = {}
+    order: list[int] = []
+    pieces_per_text = np.empty(len(texts), np.int64)
+    for i, text in enumerate(texts):
+        pieces = LINE_STARTS.split(text) if "\n" in text else (text,)
+        pieces_per_text[i] = len(pieces)
+        order.extend([distinct.setdefault(piece, len(distinct)) for piece in pieces])
+    piece_ids, piece_counts = encode_flat(tokenizer, list(distinct))
+    piece_order = np.asarray(order, np.int64)
+    counts = piece_counts[piece_order]
+    source_start = np.cumsum(piece_counts) - piece_counts
+    target_start = np.cumsum(counts) - counts
+    gather = np.arange(int(counts.sum())) + np.repeat(source_start[piece_order] - target_start, counts)
+    text_counts = np.add.reduceat(counts, np.cumsum(pieces_per_text) - pieces_per_text)
+    return piece_ids[gather], text_counts
 
 
 @dataclass
@@ -259,15 +338,16 @@ class Batch:
 
 
 def assemble_batch(
-    rendered: list[Rendered], segment_ids: list[list[int]], bos: int | None, eos: int, cutoff_len: int
+    rendered: list[Rendered], flat: np.ndarray, seg_len: np.ndarray, bos: int | None, eos: int, cutoff_len: int
 ) -> Batch:
-    """``assemble`` and ``apply_cutoff`` for many rows with array operations instead of a loop per row."""
+    """``assemble`` and ``apply_cutoff`` for many rows with array operations instead of a loop per row.
+
+    ``flat`` holds the ids of every segment of ``rendered`` end to end, ``seg_len`` the count of each.
+    """
     n = len(rendered)
     n_segments = np.fromiter((len(r.segments) for r in rendered), np.int64, n)
-    seg_len = np.fromiter(map(len, segment_ids), np.int64, len(segment_ids))
-    seg_trained = np.fromiter((t for r in rendered for _, t in r.segments), bool, len(segment_ids))
+    seg_trained = np.fromiter((t for r in rendered for _, t in r.segments), bool, len(seg_len))
     append_eos = np.fromiter((r.append_eos for r in rendered), bool, n)
-    flat = np.fromiter(chain.from_iterable(segment_ids), np.int32, int(seg_len.sum()))
     n_bos = int(bos is not None)
     seg_row = np.repeat(np.arange(n), n_segments)
     body = np.bincount(seg_row, weights=seg_len, minlength=n).astype(np.int64)  # segment tokens per row
@@ -296,8 +376,13 @@ def assemble_batch(
 def encode_table(
     tokenizer, rendered: list[Rendered], n_rows: int, skipped: dict[int, str], cutoff_len: int, batch_size: int = 4096
 ) -> Encoded:
-    """Encode rendered rows in batches into an ``Encoded``; ``skipped`` holds rows left out before encoding."""
+    """Encode rendered rows in batches into an ``Encoded``; ``skipped`` holds rows left out before encoding.
+
+    One worker thread encodes batch k+1 (the tokenizer runs without Python's lock, on all cores) while this
+    thread assembles batch k.
+    """
     bos, eos = _special_ids(tokenizer)
+    by_line = splits_at_lines(tokenizer)
     reasons = sorted(set(skipped.values()) | {"no trained token", "no trained token left after the cutoff"})
     code = {reason: i for i, reason in enumerate(reasons)}
     length = np.zeros(n_rows, dtype=np.int64)
@@ -308,17 +393,25 @@ def encode_table(
         skip[row] = code[reason]
     empty = np.zeros(0, np.int64)
     parts = [(empty, empty, empty.astype(np.int32), empty.astype(np.int32))]  # rows, lengths, ids, labels
-    for start in range(0, len(rendered), batch_size):
-        chunk = rendered[start : start + batch_size]
-        rows = np.fromiter((r.row for r in chunk), np.int64, len(chunk))
-        batch = assemble_batch(
-            chunk, encode_segments(tokenizer, [t for r in chunk for t, _ in r.segments]), bos, eos, cutoff_len
-        )
-        cut, kept = batch.length > cutoff_len, batch.trained > 0
-        length[rows], truncated[rows] = batch.length, cut
-        skip[rows[~kept & cut]] = code["no trained token left after the cutoff"]
-        skip[rows[~kept & ~cut]] = code["no trained token"]
-        eos_lost[rows] = kept & cut & batch.ends_trained
-        parts.append((rows[kept], np.minimum(batch.length, cutoff_len)[kept], batch.ids, batch.labels))
+    chunks = [rendered[start : start + batch_size] for start in range(0, len(rendered), batch_size)]
+
+    def encode(chunk: list[Rendered]) -> tuple[np.ndarray, np.ndarray]:
+        return encode_flat(tokenizer, [t for r in chunk for t, _ in r.segments], by_line)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kotune-encode") as worker:
+        pending = [worker.submit(encode, chunk) for chunk in chunks[:2]]
+        for k, chunk in enumerate(chunks):
+            flat, seg_len = pending[k].result()
+            if k + 2 < len(chunks):
+                pending.append(worker.submit(encode, chunks[k + 2]))
+            pending[k] = None  # free the batch's ids once assembled
+            rows = np.fromiter((r.row for r in chunk), np.int64, len(chunk))
+            batch = assemble_batch(chunk, flat, seg_len, bos, eos, cutoff_len)
+            cut, kept = batch.length > cutoff_len, batch.trained > 0
+            length[rows], truncated[rows] = batch.length, cut
+            skip[rows[~kept & cut]] = code["no trained token left after the cutoff"]
+            skip[rows[~kept & ~cut]] = code["no trained token"]
+            eos_lost[rows] = kept & cut & batch.ends_trained
+            parts.append((rows[kept], np.minimum(batch.length, cutoff_len)[kept], batch.ids, batch.labels))
     examples = ExampleTable.from_arrays(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
     return Encoded(examples, length, truncated, eos_lost, skip, reasons)

@@ -4,6 +4,18 @@ from kotune.assets import AssetError
 from kotune.checkpoint import CheckpointError
 from kotune.config import ConfigError
 from kotune.data import DataError
+from kotune.inference import FolderError
+from kotune.merge import MergeError
+from kotune.publish import PublishError
 from kotune.templates import TemplateError
 
-USER_ERRORS = (AssetError, ConfigError, DataError, TemplateError, CheckpointError)
+USER_ERRORS = (
+    AssetError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    FolderError,
+    MergeError,
+    PublishError,
+    TemplateError,
+)

@@ -6,6 +6,7 @@ read data -> template -> tokenize + mask -> 4-bit base + LoRA -> train (eval / s
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -81,7 +82,7 @@ def _train(cfg: Config, resume: str | None, force: bool) -> Path:
     folder = find_resume(output_dir, resume)
     if folder is not None:
         fingerprint.check_resume(folder, fp, force)
-    inside(output_dir, CONFIG_FILE).write_text(redact(cfg.to_yaml()), encoding="utf-8")
+    inside(output_dir, CONFIG_FILE).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
     fit = Fit(cfg, model, tokenizer, data.train, data.validation, output_dir, resume=folder, fingerprint=fp)
     with StopOnSignal() as stop:
         state = fit.run(stop)
@@ -99,6 +100,18 @@ def _train(cfg: Config, resume: str | None, force: bool) -> Path:
         )
         print(f"kotune: adapter written to {output_dir}")
     return output_dir
+
+
+def saved_config(cfg: Config, data: Prepared) -> Config:
+    """The config written beside the adapter, readable without the training data or template files: the data
+    format as detected, and a chat template read from a file left to the tokenizer saved with the run (it holds
+    that template), so merge / chat / generate / push work on another machine."""
+    from kotune.conversations import BUILTIN_CHAT_TEMPLATES
+
+    chat_template = cfg.data.chat_template
+    if data.chat_template is not None and chat_template not in BUILTIN_CHAT_TEMPLATES:
+        chat_template = None
+    return replace(cfg, data=replace(cfg.data, format=data.format, chat_template=chat_template))
 
 
 def audit_data(data: Prepared, model_path: str, tokenizer) -> None:

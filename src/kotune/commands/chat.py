@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import fields
 
@@ -62,13 +61,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from kotune.inference import FolderError, load_model, open_folder
+    from kotune.inference import load_model, open_folder
 
-    try:
-        folder = open_folder(args.path)
-    except FolderError as exc:
-        print(f"kotune: error: {exc}", file=sys.stderr)
-        return 2
+    folder = open_folder(args.path)
     model, tokenizer = load_model(folder, args.base)
     session = ChatSession(model, tokenizer, folder, sampling_from(args), args.seed)
     mode = "conversation, history kept" if session.keeps_history else f"{folder.template.name} template, one turn"

@@ -80,13 +80,9 @@ def output_line(row: dict, text: str, stopped: bool) -> str:
 def run(args) -> int:
     from transformers import AutoTokenizer
 
-    from kotune.inference import FolderError, load_model, open_folder
+    from kotune.inference import load_model, open_folder
 
-    try:
-        folder = open_folder(args.path)
-    except FolderError as exc:
-        print(f"kotune: error: {exc}", file=sys.stderr)
-        return 2
+    folder = open_folder(args.path)
     output = Path(args.output)
     done = completed_rows(output)
     prompts = read_prompts(args.input, folder, AutoTokenizer.from_pretrained(folder.path))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from kotune import merge as merging
 
 
@@ -35,11 +33,5 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from kotune.inference import FolderError
-
-    try:
-        merging.merge(args.run_dir, args.out, args.into, args.dtype, args.force, args.allow_drift)
-    except (FolderError, merging.MergeError) as exc:
-        print(f"kotune: error: {exc}", file=sys.stderr)
-        return 2
+    merging.merge(args.run_dir, args.out, args.into, args.dtype, args.force, args.allow_drift)
     return 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def register(sub) -> None:
     p = sub.add_parser("push", help="upload the adapter or merged model with a generated model card")
@@ -20,12 +18,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from kotune.inference import FolderError
-    from kotune.publish import PublishError, push
+    from kotune.publish import push
 
-    try:
-        push(args.path, args.repo, args.private, args.dry_run)
-    except (FolderError, PublishError) as exc:
-        print(f"kotune: error: {exc}", file=sys.stderr)
-        return 2
+    push(args.path, args.repo, args.private, args.dry_run)
     return 0
