@@ -6,7 +6,7 @@
 
 Both sides run in this process on the same JSONL file with the real Llama-3 tokenizer loaded as ``kotune train``
 loads it. Each side goes from the file to tokenized train / validation rows: the walkthrough loads it with
-``datasets.load_dataset("json")``, splits, shuffles and maps (its functions are copied below as written);
+``datasets.load_dataset("json")``, splits, shuffles and maps (its functions as written, from tests/walkthrough.py);
 kotune runs ``prepare`` (read, check, render, encode in batches, audit, split) with a fresh cache, then again
 with the cache it wrote. Rounds alternate the two sides so neither always runs on a warmer tokenizer cache.
 Wall time (perf_counter) and process CPU time (all threads) are both reported; rows/s uses wall time.
@@ -69,58 +69,13 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
-# -- the walkthrough's tokenization (seed chapter 3), as written there; ``tokenizer`` is set in main() -----
-tokenizer = None
+# -- the walkthrough's tokenization (seed chapter 3): tests/walkthrough.py keeps its functions as written ----------
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from walkthrough import make_generate_and_tokenize_prompt  # noqa: E402
+
+tokenizer = None  # set in main()
 cut_off_len = 4098  # max context length
 val_size = 0.005  # 보다 적절한 것은, validation set을 따로 구축하기.
-train_on_inputs = False
-add_eos_token = False
-
-# 답변에 띄어쓰기 X
-template = {
-    "prompt_input": "아래는 문제를 설명하는 지시사항과, 구체적인 답변을 방식을 요구하는 입력이 함께 있는 문장입니다. 이 요청에 대해 적절하게 답변해주세요.\n###입력:{input}\n###지시사항:{instruction}\n###답변:",  # noqa: E501
-    "prompt_no_input": "아래는 문제를 설명하는 지시사항입니다. 이 요청에 대해 적절하게 답변해주세요.\n###지시사항:{instruction}\n###답변:",  # noqa: E501
-}
-
-
-def generate_prompt(instruction, input=None, label=None, verbose=False):
-    if input:
-        res = template["prompt_input"].format(instruction=instruction, input=input)
-    else:
-        res = template["prompt_no_input"].format(instruction=instruction)
-    if label:
-        res = f"{res}{label}"
-    if verbose:
-        print(res)
-    return res
-
-
-def tokenize(prompt, add_eos_token=True):
-    result = tokenizer(
-        prompt,
-        truncation=True,
-        max_length=cut_off_len,
-        padding=False,
-        return_tensors=None,
-    )
-    if result["input_ids"][-1] != tokenizer.eos_token_id and len(result["input_ids"]) < cut_off_len and add_eos_token:
-        result["input_ids"].append(tokenizer.eos_token_id)
-        result["attention_mask"].append(1)
-    result["labels"] = result["input_ids"].copy()
-    return result
-
-
-def generate_and_tokenize_prompt(data_point):
-    full_prompt = generate_prompt(data_point["instruction"], data_point["input"], data_point["output"])
-    tokenized_full_prompt = tokenize(full_prompt)
-    if not train_on_inputs:
-        user_prompt = generate_prompt(data_point["instruction"], data_point["input"])
-        tokenized_user_prompt = tokenize(user_prompt, add_eos_token=add_eos_token)
-        user_prompt_len = len(tokenized_user_prompt["input_ids"])
-        if add_eos_token:
-            user_prompt_len -= 1
-        tokenized_full_prompt["labels"] = [-100] * user_prompt_len + tokenized_full_prompt["labels"][user_prompt_len:]
-    return tokenized_full_prompt
 
 
 def walkthrough(path: Path) -> tuple[int, None]:
@@ -130,6 +85,7 @@ def walkthrough(path: Path) -> tuple[int, None]:
     disable_progress_bars()
     data = load_dataset("json", data_files=str(path))
     train_val = data["train"].train_test_split(test_size=val_size, shuffle=True, seed=42)
+    generate_and_tokenize_prompt = make_generate_and_tokenize_prompt(tokenizer, cut_off_len)
     train_data = train_val["train"].shuffle().map(generate_and_tokenize_prompt)
     val_data = train_val["test"].shuffle().map(generate_and_tokenize_prompt)
     return len(train_data) + len(val_data), None

@@ -14,17 +14,12 @@ import functools
 
 import torch
 
+from kotune.fast import cuda_with
 
-@functools.cache
+
 def available() -> bool:
     """Triton and CUDA are both there."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return cuda_with("triton")
 
 
 @functools.cache

@@ -8,9 +8,9 @@ gradients, on the GPU.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from kotune.fast import cuda_with
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -35,18 +35,9 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-@functools.cache
 def liger_available() -> bool:
     """True when liger-kernel and a CUDA device are there (checked once)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import liger_kernel.ops.rms_norm  # noqa: F401
-        import liger_kernel.ops.rope  # noqa: F401
-        import liger_kernel.ops.swiglu  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return cuda_with("liger_kernel.ops.rms_norm", "liger_kernel.ops.rope", "liger_kernel.ops.swiglu")
 
 
 class Ops:
