@@ -11,11 +11,12 @@ from tricky_rows import TRICKY_ROWS
 from kotune.data import split_indices, split_rows
 from kotune.encoding import (
     ExampleTable,
+    cuts_at_words,
     encode_flat,
     encode_rows,
     encode_segments,
     encode_table,
-    splits_at_lines,
+    word_pieces,
 )
 from kotune.formats import Rendered, detect_format, render_alpaca, render_prompt_completion
 from kotune.templates import KO_ALPACA
@@ -47,15 +48,16 @@ def fuzz_texts(n: int, seed: int) -> list[str]:
     return ["".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 14))) for _ in range(n)]
 
 
-def test_llama3_ids_are_unchanged_by_cutting_at_line_starts(llama3_tokenizer):
-    assert splits_at_lines(llama3_tokenizer)
+def test_llama3_ids_are_unchanged_by_cutting_at_words(llama3_tokenizer):
+    assert cuts_at_words(llama3_tokenizer)
     texts = fuzz_texts(3000, seed=0) + tricky_texts()
     texts += [KO_ALPACA.format(t, None) for t in texts[:200]]  # template lines shared by many texts
-    flat, counts = encode_flat(llama3_tokenizer, texts, by_line=True)
+    flat, counts = encode_flat(llama3_tokenizer, texts, by_word=True)
     expected = encode_segments(llama3_tokenizer, texts)
     assert counts.tolist() == [len(ids) for ids in expected]
     assert flat.tolist() == [t for ids in expected for t in ids]
-    assert sum("\n" in t for t in texts) > 1000  # the cut was exercised, not skipped
+    assert sum("\n" in t for t in texts) > 1000  # the cuts were exercised, not skipped
+    assert sum(len(word_pieces(t)) > 1 for t in texts) > 1000
 
 
 def test_gpt2_style_pre_tokenizers_are_not_cut_at_lines(llama3_tokenizer):
@@ -69,19 +71,22 @@ def test_gpt2_style_pre_tokenizers_are_not_cut_at_lines(llama3_tokenizer):
     assert whole != cut
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = gpt2_style
-    assert not splits_at_lines(PreTrainedTokenizerFast(tokenizer_object=backend))
+    assert not cuts_at_words(PreTrainedTokenizerFast(tokenizer_object=backend))
     llama3 = Tokenizer.from_str(llama3_tokenizer.backend_tokenizer.to_str())
     llama3.normalizer = normalizers.NFC()  # a normalizer may join characters across the cut
-    assert not splits_at_lines(PreTrainedTokenizerFast(tokenizer_object=llama3))
+    assert not cuts_at_words(PreTrainedTokenizerFast(tokenizer_object=llama3))
 
 
-def test_added_tokens_holding_a_newline_stop_the_cut(llama3_dir):
+def test_added_tokens_holding_a_space_or_newline_stop_the_cuts(llama3_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(llama3_dir)
-    assert splits_at_lines(tokenizer)
+    assert cuts_at_words(tokenizer)
     tokenizer.add_tokens(["\n###"])
-    assert not splits_at_lines(tokenizer)
+    assert not cuts_at_words(tokenizer)
+    spaced = AutoTokenizer.from_pretrained(llama3_dir)
+    spaced.add_tokens(["### 답변"])
+    assert not cuts_at_words(spaced)
 
 
 def rendered_rows(n: int, seed: int) -> list[Rendered]:

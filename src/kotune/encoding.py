@@ -7,8 +7,8 @@ the ids of trained segments and hold -100 elsewhere, so the mask cannot shift wh
 Many rows are encoded in batches (the tokenizer spreads a batch over the cores) into an ``ExampleTable``: ids
 and labels of all rows in two flat arrays, so a table can be cached and memory-mapped back without a copy.
 While the tokenizer encodes one batch (it releases Python's lock), the next is prepared and the last assembled.
-For tokenizers whose ids provably do not change when a text is cut where a line ends (``splits_at_lines``),
-a batch is encoded line by line with each distinct line encoded once: a template's fixed lines cost nothing.
+For tokenizers whose ids provably do not change when a text is cut before a word (``cuts_at_words``), a batch is
+cut into words and each distinct word is encoded once: the tokenizer sees a small part of the text.
 """
 
 from __future__ import annotations
@@ -87,27 +87,35 @@ def encode_segments(tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
-# The pre-tokenizer regex of Llama 3 (and, with \p{N} for \p{N}{1,3}, of Qwen 2). No alternative of it can match a
-# newline followed by a character that is not whitespace, and no match ending at such a place depends on what
-# follows it (the one lookahead, in \s+(?!\S), is never reached there: \s*[\r\n]+ is tried first and takes the
-# newline). So the pre-tokens, and hence the ids, of "A\nB" are those of "A\n" then those of "B" when B starts
-# with a non-space character. GPT-2's regex lacks this: "a \n" + "b" splits " ", "\n" whole but " \n" alone.
+# Cutting a text into pieces and encoding each piece alone gives the same ids as encoding it whole when every
+# cut falls where the pre-tokenizer puts a boundary anyway and no pre-token next to it looks across it. For the
+# pre-tokenizer regex of Llama 3 (and of Qwen 2, with \p{N} for \p{N}{1,3}) two kinds of cut are such places:
+# - before a space that follows a non-space character: no alternative matches a non-space character followed by
+#   a space (letters, digits and punctuation runs exclude spaces, and [\r\n]* takes only newlines), and the
+#   match ending before the cut stops there whatever follows, as it stops at the end of the text;
+# - after a newline that a non-space character follows: only whitespace alternatives match a newline, none of
+#   them can go on into a non-space character, and \s*[\r\n]+ (tried before the one lookahead, \s+(?!\S))
+#   takes the newline whether the text goes on or not.
+# The regex has no lookbehind, so matching after a cut starts as it would at the start of a text. GPT-2's regex
+# lacks the second property: "a \n" + "b" pre-tokenizes as " ", "\n" whole but " \n" alone.
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
-LINE_SAFE_PATTERNS = (LLAMA3_SPLIT, LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"))
+CUT_SAFE_PATTERNS = (LLAMA3_SPLIT, LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"))
 LINE_STARTS = re.compile(r"(?<=\n)(?=\S)")
-"""Where a line that starts with a non-space character begins (Python's \\s counts every character the
-regex's \\s does as whitespace, and a few more, so no cut is made that the proof above does not cover)."""
+SPACE_AFTER_SPACE = re.compile(r"\s ")
+"""Python's \\s counts every character the regex's \\s does as whitespace (and a few more), so a character it
+calls non-space is non-space for the regex too: no cut is made that the argument above does not cover."""
 
 
-def splits_at_lines(tokenizer) -> bool:
-    """Whether cutting a text after a newline that a non-space character follows leaves its ids unchanged.
+def cuts_at_words(tokenizer) -> bool:
+    """Whether cutting a text before a space after a non-space character, or after a newline before a non-space
+    character, leaves its ids unchanged (see ``CUT_SAFE_PATTERNS``).
 
-    True only for a fast tokenizer with no normalizer, whose pre-tokenizer is one of ``LINE_SAFE_PATTERNS``
-    (isolated) followed by byte-level mapping without a prefix space, and whose added tokens hold no newline
-    and strip nothing around them (an added token is matched in the text before pre-tokenization).
+    True only for a fast tokenizer with no normalizer, whose pre-tokenizer is one of ``CUT_SAFE_PATTERNS``
+    (isolated) followed by byte-level mapping without a prefix space, and whose added tokens hold no space or
+    newline and strip nothing around them (added tokens are matched in the text before pre-tokenization).
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or getattr(tokenizer, "split_special_tokens", False) or backend.normalizer is not None:
@@ -124,20 +132,33 @@ def splits_at_lines(tokenizer) -> bool:
         return False
     if any(step.get(key) != value for step, want in zip(steps, expected, strict=True) for key, value in want.items()):
         return False
-    if steps[0].get("pattern", {}).get("Regex") not in LINE_SAFE_PATTERNS:
+    if steps[0].get("pattern", {}).get("Regex") not in CUT_SAFE_PATTERNS:
         return False
     return not any(
-        "\n" in t.content or t.lstrip or t.rstrip for t in backend.get_added_tokens_decoder().values()
+        " " in t.content or "\n" in t.content or t.lstrip or t.rstrip
+        for t in backend.get_added_tokens_decoder().values()
     )
 
 
-def encode_flat(tokenizer, texts: list[str], by_line: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def word_pieces(text: str) -> list[str]:
+    """``text`` cut as ``cuts_at_words`` allows: words with their leading space, lines split where they start."""
+    if SPACE_AFTER_SPACE.search(text):  # a space after whitespace: that cut is not covered; cut at lines only
+        return LINE_STARTS.split(text) if "\n" in text else [text]
+    first, *rest = text.split(" ")
+    pieces = [first, *[" " + word for word in rest]]
+    if "\n" in text:
+        pieces = [line for piece in pieces for line in (LINE_STARTS.split(piece) if "\n" in piece else (piece,))]
+    return pieces
+
+
+def encode_flat(tokenizer, texts: list[str], by_word: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The ids of ``texts`` end to end (int32) and the count of each, as ``encode_segments`` gives them.
 
-    ``by_line`` (only where ``splits_at_lines`` holds): cut each text where a line starting with a non-space
-    character begins, encode each distinct piece once, and lay the pieces' ids back in order.
+    ``by_word`` (only where ``cuts_at_words`` holds): cut each text into ``word_pieces``, encode each distinct
+    piece once, and lay the pieces' ids back in order. Text repeats at the word level, so the tokenizer sees a
+    small part of the text; the ids are the same (``tests/test_data_encoding.py`` checks it on crafted text).
     """
-    if not by_line:
+    if not by_word:
         ids = encode_segments(tokenizer, texts)
         counts = np.fromiter(map(len, ids), np.int64, len(ids))
         return np.fromiter(chain.from_iterable(ids), np.int32, int(counts.sum())), counts
@@ -147,7 +168,7 @@ def encode_flat(tokenizer, texts: list[str], by_line: bool = False) -> tuple[np.
     order: list[int] = []
     pieces_per_text = np.empty(len(texts), np.int64)
     for i, text in enumerate(texts):
-        pieces = LINE_STARTS.split(text) if "\n" in text else (text,)
+        pieces = word_pieces(text)
         pieces_per_text[i] = len(pieces)
         order.extend([distinct.setdefault(piece, len(distinct)) for piece in pieces])
     piece_ids, piece_counts = encode_flat(tokenizer, list(distinct))
@@ -382,7 +403,7 @@ def encode_table(
     thread assembles batch k.
     """
     bos, eos = _special_ids(tokenizer)
-    by_line = splits_at_lines(tokenizer)
+    by_word = cuts_at_words(tokenizer)
     reasons = sorted(set(skipped.values()) | {"no trained token", "no trained token left after the cutoff"})
     code = {reason: i for i, reason in enumerate(reasons)}
     length = np.zeros(n_rows, dtype=np.int64)
@@ -396,7 +417,7 @@ def encode_table(
     chunks = [rendered[start : start + batch_size] for start in range(0, len(rendered), batch_size)]
 
     def encode(chunk: list[Rendered]) -> tuple[np.ndarray, np.ndarray]:
-        return encode_flat(tokenizer, [t for r in chunk for t, _ in r.segments], by_line)
+        return encode_flat(tokenizer, [t for r in chunk for t, _ in r.segments], by_word)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kotune-encode") as worker:
         pending = [worker.submit(encode, chunk) for chunk in chunks[:2]]
