@@ -30,14 +30,25 @@ def as_messages(row: dict) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}
 
 
-def replies(model, tokenizer, folder, rows) -> list:
+def decodings() -> list[tuple[str, int, float]]:
+    """(label, max new tokens, repetition penalty) of each way to generate: greedy at ``MAX_NEW_TOKENS``, and the
+    variants in ``SWEEP_DECODINGS`` ("512:1.0,256:1.2", say)."""
+    found = [("greedy", MAX_NEW_TOKENS, 1.0)]
+    for spec in filter(None, os.environ.get("SWEEP_DECODINGS", "").split(",")):
+        tokens, penalty = spec.split(":")
+        found.append((f"t{tokens}_p{penalty}", int(tokens), float(penalty)))
+    return found
+
+
+def replies(model, tokenizer, folder, rows, max_new_tokens: int, penalty: float) -> list:
     from kotune.inference import Sampling, encode_prompt, folder_stop_ids, generate, pad_id, row_prompt
 
     if folder.fmt == "messages":
         rows = [{**as_messages(r), "_row": i} for i, r in enumerate(rows)]
     prompts = [encode_prompt(tokenizer, row_prompt(r, folder.fmt, folder, tokenizer, str(HELDOUT))) for r in rows]
     stops = folder_stop_ids(folder, tokenizer, model)
-    return generate(model, prompts, pad_id(tokenizer), stops, Sampling(max_new_tokens=MAX_NEW_TOKENS))
+    sampling = Sampling(max_new_tokens=max_new_tokens, repetition_penalty=penalty)
+    return generate(model, prompts, pad_id(tokenizer), stops, sampling)
 
 
 def run(name: str, overrides: list[str], model_path: str, work: Path) -> dict:
@@ -69,10 +80,14 @@ def run(name: str, overrides: list[str], model_path: str, work: Path) -> dict:
         if gen_model is None:
             del model
             gen_model = merged_model(folder, "dequantized", "fp32")
-        result = replies(gen_model, tokenizer, folder, rows)
-        record[f"{path}_stopped"] = sum(r.stopped for r in result)
-        record[f"{path}_median_len"] = statistics.median(len(r.ids) for r in result)
-        record[f"{path}_first"] = tokenizer.decode(result[0].ids)[:60]
+        for label, max_new_tokens, penalty in decodings():
+            result = replies(gen_model, tokenizer, folder, rows, max_new_tokens, penalty)
+            key = path if label == "greedy" else f"{path}_{label}"
+            record[f"{key}_stopped"] = sum(r.stopped for r in result)
+            record[f"{key}_median_len"] = statistics.median(len(r.ids) for r in result)
+            if label == "greedy":
+                record[f"{path}_first"] = tokenizer.decode(result[0].ids)[:60]
+                record[f"{path}_unstopped"] = [tokenizer.decode(r.ids)[-80:] for r in result if not r.stopped][:3]
     record["seconds"] = round(time.perf_counter() - start, 1)
     return record
 

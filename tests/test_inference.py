@@ -64,6 +64,44 @@ def test_batched_left_padded_greedy_matches_transformers_generate(tiny):
         assert got.stopped is False
 
 
+def test_repetition_penalty_is_transformers_and_ignores_padding():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    ids, logits = torch.randint(0, 50, (3, 12)), torch.randn(3, 50) * 3
+    ours = inference.SeenTokens(ids, torch.ones_like(ids), 50).penalize(logits, 1.3)
+    assert torch.allclose(ours, RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
+    assert not torch.equal(ours, logits)
+    ids, mask = inference.left_pad([[4], [7, 4]], pad_id=7, device="cpu")  # 7 pads row 0, is text in row 1
+    assert ids.tolist() == [[7, 4], [7, 4]]
+    penalized = inference.SeenTokens(ids, mask, 10).penalize(torch.full((2, 10), 2.0), 2.0)
+    assert penalized.tolist() == [[2, 2, 2, 2, 1, 2, 2, 2, 2, 2], [2, 2, 2, 2, 1, 2, 2, 1, 2, 2]]
+
+
+class FavouriteTokens(torch.nn.Module):
+    """A stand-in model whose next-token scores are always 10 for token 5, 9 for token 6, 0 for the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, **_):
+        from types import SimpleNamespace
+
+        logits = torch.zeros(*input_ids.shape, 20)
+        logits[..., 5], logits[..., 6] = 10.0, 9.0
+        return SimpleNamespace(logits=logits, past_key_values=None)
+
+
+def test_repetition_penalty_counts_the_reply_as_it_grows():
+    model = FavouriteTokens()
+    plain = inference.generate(model, [[1, 2]], 0, [], Sampling(max_new_tokens=4))
+    assert plain[0].ids == [5, 5, 5, 5]
+    # 5 once said scores 10/2 = 5 < 9, so 6; then 6 scores 4.5 < 5, so 5 again, and 5 stays ahead
+    penalized = inference.generate(model, [[1, 2]], 0, [], Sampling(max_new_tokens=4, repetition_penalty=2.0))
+    assert penalized[0].ids == [5, 6, 5, 5]
+
+
 def test_generation_stops_at_a_stop_token_and_leaves_other_rows_alone(tiny):
     model, tokenizer = tiny
     free = inference.generate(model, PROMPTS, tokenizer.eos_token_id, [], Sampling(max_new_tokens=6))
