@@ -212,3 +212,16 @@ def smollm2_dir() -> str:
         if _need_assets():
             raise
         pytest.skip(f"SmolLM2 unavailable: {exc}")
+
+
+DEMO_CONFIG = ROOT / "examples" / "ko-demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, smollm2_dir):
+    """The embedded demo exactly as shipped (``kotune train examples/ko-demo.yaml``), only its output elsewhere."""
+    from kotune.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["train", str(DEMO_CONFIG), f"train.output_dir={out}"]) == 0
+    return out

@@ -1,4 +1,4 @@
-"""End to end on CPU: the demo config, shortened, trains SmolLM2-135M-Instruct in 4-bit NF4 through the CLI."""
+"""End to end on CPU: the shipped demo trains SmolLM2-135M-Instruct in 4-bit NF4 through the CLI (``demo_run``)."""
 
 from __future__ import annotations
 
@@ -8,25 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "examples" / "ko-demo.yaml"
-SHORT = [  # the demo config, shortened further: 6 steps of 4 rows
-    "data.max_rows=24",
-    "train.max_steps=6",
-    "train.learning_rate=1e-3",
-    "train.eval_steps=3",
-    "train.save_steps=100",
-]
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, smollm2_dir):
-    from kotune.cli import main
-
-    out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["train", str(DEMO), *SHORT, f"train.output_dir={out}"]) == 0
-    return out
 
 
 def records(run: Path) -> list[dict]:

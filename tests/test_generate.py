@@ -173,28 +173,28 @@ def test_generate_resumes_after_a_kill_without_duplicating_rows(tiny_qlora_run, 
 
 
 # -- the demo fine-tune must stop -------------------------------------------------------------------
-DEMO_CONFIG = ROOT / "examples" / "ko-demo.yaml"
 DEMO_HELDOUT = ROOT / "data" / "ko-instruct-demo-heldout.jsonl"
 DEMO_MAX_NEW_TOKENS = 256
 """Twice the longest held-out answer (132 SmolLM2 tokens)."""
 MIN_STOPPED_SHARE = 0.9
 
 
-@pytest.mark.full_demo
-def test_demo_fine_tune_ends_replies_with_eos(tmp_path):
-    """After the CPU demo fine-tune of SmolLM2-135M-Instruct, >= 90% of the held-out prompts end with EOS,
-    through the adapter on the 4-bit base and through the merged model."""
-    run, merged = tmp_path / "demo", tmp_path / "merged"
-    # The full epoch (the shipped demo stops after 8 steps, which does not yet teach the model to stop).
-    result = run_kotune(["train", str(DEMO_CONFIG), f"train.output_dir={run}", "train.max_steps=null"], timeout=3600)
+@pytest.mark.slow
+def test_demo_fine_tune_ends_replies_with_eos(demo_run, tmp_path):
+    """After the CPU demo fine-tune of SmolLM2-135M-Instruct (the shipped config), >= 90% of the 30 held-out
+    prompts get a greedy reply that ends with EOS, through the adapter on the 4-bit base and through the merged
+    model. (The GPU sweep in bench/RESULTS.md shows how this share moves with the training seed.)"""
+    merged = tmp_path / "merged"
+    result = run_kotune(["merge", str(demo_run), "--out", str(merged)])
     assert result.returncode == 0, result.stderr[-3000:]
-    result = run_kotune(["merge", str(run), "--out", str(merged)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    for folder in (run, merged):
-        out = tmp_path / f"{folder.name}.jsonl"
+    shares = {}
+    for name, folder in (("adapter", demo_run), ("merged", merged)):
+        out = tmp_path / f"{name}.jsonl"
         args = ["generate", str(folder), "--input", str(DEMO_HELDOUT), "--output", str(out)]
-        result = run_kotune([*args, "--max-new-tokens", str(DEMO_MAX_NEW_TOKENS), "--batch-size", "10"])
+        result = run_kotune([*args, "--max-new-tokens", str(DEMO_MAX_NEW_TOKENS), "--batch-size", "30"])
         assert result.returncode == 0, result.stderr[-3000:]
         rows = read_jsonl(out)
-        stopped = sum(r["finish"] == "stop" for r in rows) / len(rows)
-        assert stopped >= MIN_STOPPED_SHARE, f"{folder.name}: only {stopped:.0%} of held-out replies ended with EOS"
+        assert len(rows) == 30
+        shares[name] = sum(r["finish"] == "stop" for r in rows) / len(rows)
+    print(f"held-out replies that ended with EOS: {shares}")
+    assert min(shares.values()) >= MIN_STOPPED_SHARE, shares
