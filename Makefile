@@ -4,17 +4,17 @@ setup:
 	bash scripts/setup.sh
 
 test:
-	python3 -m pytest -q
+	.venv/bin/python -m pytest -q
 
 lint:
-	ruff check src tests bench
-	ruff format --check src tests bench
+	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff format --check src tests bench
 
 format:
-	ruff format src tests bench
+	.venv/bin/ruff format src tests bench
 
 docs:
-	python3 -m kotune.docs README.md
+	.venv/bin/python -m kotune.docs README.md
 
 demo:
-	kotune train examples/ko-demo.yaml
+	.venv/bin/kotune train examples/ko-demo.yaml

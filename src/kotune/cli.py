@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from kotune.errors import USER_ERRORS
+    from kotune.model import quiet_bitsandbytes
 
+    quiet_bitsandbytes()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling a positional list at the first option: `train C.yaml --dry-run a=1` leaves

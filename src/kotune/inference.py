@@ -7,6 +7,7 @@ when the tokenizer itself does that (``kotune.encoding``). Generation stops at E
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -103,14 +104,14 @@ def load_base(model_cfg, quantization: str):
     from transformers import AutoModelForCausalLM
 
     from kotune.assets import resolve_model
-    from kotune.model import DTYPES, device_map, quantization_config
+    from kotune.model import DTYPES, device_map, keep_4bit_weights_exact, quantization_config
     from kotune.security import refuse_pickle
 
     model_cfg = replace(model_cfg, quantization=quantization)
     path = resolve_model(model_cfg.path)
     if Path(path).is_dir():
         refuse_pickle(path, model_cfg.allow_pickle, "model folder", "model.allow_pickle: true")
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=quantization_config(model_cfg),
         dtype=DTYPES[model_cfg.compute_dtype],
@@ -118,6 +119,9 @@ def load_base(model_cfg, quantization: str):
         trust_remote_code=model_cfg.trust_remote_code,
         attn_implementation=model_cfg.attn_implementation,
     )
+    if quantization == "4bit":
+        keep_4bit_weights_exact(model)  # the adapter must run on the weights it was trained against
+    return model
 
 
 def load_model(folder: ModelFolder, base: str | None = None):
@@ -139,7 +143,10 @@ def load_model(folder: ModelFolder, base: str | None = None):
         from peft import PeftModel
 
         quantization = base or folder.config.model.quantization
-        model = PeftModel.from_pretrained(load_base(folder.config.model, quantization), folder.path)
+        from kotune.model import peft_quietly
+
+        with peft_quietly():
+            model = PeftModel.from_pretrained(load_base(folder.config.model, quantization), folder.path)
     model.eval()
     return model, tokenizer
 
@@ -257,19 +264,26 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@functools.cache
+def cache_name() -> str:
+    """The KV cache's keyword and output field: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor):
     """Run the prompts; returns the last position's logits (float32) and the KV cache."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float(), out.past_key_values
+    return out.logits[:, -1].float(), getattr(out, cache_name())
 
 
 def decode_step(model, token: torch.Tensor, mask: torch.Tensor, cache):
     """One new token per row through the cache; ``mask`` already covers it. Returns logits and the cache."""
     position = mask.sum(-1, keepdim=True) - 1
-    out = model(
-        input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
-    )
-    return out.logits[:, -1].float(), out.past_key_values
+    name = cache_name()
+    out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True, **{name: cache})
+    return out.logits[:, -1].float(), getattr(out, name)
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:

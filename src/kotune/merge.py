@@ -174,6 +174,7 @@ def merged_model(folder: ModelFolder, target: str, dtype: str):
     from peft import PeftModel
 
     from kotune.inference import load_base
+    from kotune.model import peft_quietly
 
     full = load_base(replace(folder.config.model, compute_dtype="float32"), "none")
     if target == "dequantized" and folder.config.model.quantization != "none":
@@ -181,7 +182,8 @@ def merged_model(folder: ModelFolder, target: str, dtype: str):
         if copy_dequantized(quantized, full) == 0:
             raise MergeError(f"{folder.path}: the base loaded in 4-bit has no 4-bit layers to dequantize")
         del quantized
-    merged = PeftModel.from_pretrained(full, folder.path).merge_and_unload()
+    with peft_quietly():
+        merged = PeftModel.from_pretrained(full, folder.path).merge_and_unload()
     return merged.to(getattr(torch, DTYPES[dtype])).eval()
 
 
@@ -269,6 +271,7 @@ def merge(
     from transformers import AutoTokenizer
 
     from kotune.inference import load_base
+    from kotune.model import peft_quietly
 
     folder = open_folder(run_dir)
     targets, into = merge_targets(folder, into)
@@ -280,7 +283,8 @@ def merge(
         return out
     split, rows = verification_rows(folder, AutoTokenizer.from_pretrained(folder.path), verify_rows)
     trained = load_base(folder.config.model, folder.config.model.quantization)
-    adapter = PeftModel.from_pretrained(trained, folder.path).eval()
+    with peft_quietly():
+        adapter = PeftModel.from_pretrained(trained, folder.path).eval()
     partial = out.with_name(f".{out.name}.partial")  # renamed to ``out`` only once complete and accepted
     shutil.rmtree(partial, ignore_errors=True)
     drifts = {t: build_and_verify(folder, t, dtype, adapter, rows, partial if t == into else None) for t in targets}

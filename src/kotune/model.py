@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+
 import torch
 
 from kotune.config import Config, LoraConfig, ModelConfig
@@ -43,6 +47,69 @@ def quantization_config(cfg: ModelConfig):
     )
 
 
+def keep_4bit_weights_exact(model) -> int:
+    """Stop bitsandbytes from repacking this model's 4-bit weights for its CPU inference kernel; returns the count.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) rewrites a ``Linear4bit``'s weight in place the first time it
+    runs in eval mode without gradients (``Linear4bit.forward`` -> ``_convert_weight_packed_for_cpu``): the absmax
+    constants are rounded to bfloat16 and the matrix product runs in bfloat16 from then on, also after going back
+    to training. That made an evaluation change later training steps, and the adapter on the 4-bit base drift
+    (2.3e-4 mean |logit| difference) from the exact dequantized merge. The packed layout only feeds a kernel
+    fetched from the hub (kernels-community), so turning it off costs nothing here. ``tests/test_model_load.py``
+    fails when a bitsandbytes release no longer has the attribute or the repacking.
+    """
+    import bitsandbytes as bnb
+
+    modules = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for module in modules:
+        module.support_avx512bf16_for_cpu = False
+    return len(modules)
+
+
+class _DropExactMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_bitsandbytes() -> None:
+    """Drop bitsandbytes' import-time warning that its hub-fetched CPU kernel is missing (``kernels`` package).
+
+    kotune never uses that kernel (``keep_4bit_weights_exact``), so the message is noise a user cannot act on.
+    Only that one message of that one logger is dropped; call before bitsandbytes is imported.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        _DropExactMessage("Failed to load CPU gemm_4bit_forward from kernels-community")
+    )
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing through the transformers API of the installed version.
+
+    transformers 5.24 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old
+    name warns); 5.17 has only the old name.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """Wrap a model in peft without the FutureWarning peft 0.21 triggers in transformers 5.24.
+
+    ``PeftModel.__init__`` reads ``is_gradient_checkpointing``, a property transformers 5.24 deprecated: nothing
+    a kotune user can change. Only that message, and only inside this block, is ignored.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def device_map() -> dict[str, object]:
     """Whole model on this process's device: its local GPU under torchrun / accelerate, else the CPU."""
     if torch.cuda.is_available():
@@ -72,19 +139,19 @@ def load_base_model(path: str, cfg: ModelConfig, fast_path: bool = False):
         use_safetensors=None if cfg.allow_pickle else True,  # hub names too: no pickle weights unless allowed
     )
     model.config.use_cache = False
+    if cfg.quantization == "4bit":
+        keep_4bit_weights_exact(model)
     if fast_path:
         return model
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        # peft would enable checkpointing through the name transformers 5.24 deprecated; it is done below
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+        if quant is None:  # non-reentrant checkpointing needs no input gradients; this keeps the earlier setup
+            model.enable_input_require_grads()
     return model
 
 
@@ -100,7 +167,8 @@ def attach_lora(model, cfg: LoraConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    with peft_quietly():
+        return get_peft_model(model, peft_config)
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -121,5 +189,7 @@ def load_for_training(cfg: Config, path: str):
     fast_path, _ = fast.wanted(cfg, AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code))
     model = attach_lora(load_base_model(path, cfg.model, fast_path), cfg.lora)
     trainable, total = parameter_counts(model)
-    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    from kotune.dist import print0
+
+    print0(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
     return tokenizer, model
