@@ -1,7 +1,8 @@
 """Several processes through torchrun or ``accelerate launch``: both set RANK / WORLD_SIZE / LOCAL_RANK.
 
-One process per GPU, each holding the whole 4-bit model; DDP averages LoRA gradients. With one process
-every function here is a no-op, so the training loop reads the same either way.
+One process per GPU, each holding the whole 4-bit model on its own device; PyTorch's DDP all-reduces the LoRA
+gradients and nothing else. With one process every function here is a no-op, so the training loop reads the
+same either way.
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ def is_distributed() -> bool:
     return rank_and_world()[1] > 1
 
 
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """``print`` on the first process only, so N processes do not repeat every message."""
+    if is_main():
+        print(*args, **kwargs)
+
+
 def init() -> None:
     """Join the process group when launched with several processes."""
     if is_distributed() and not torch_dist.is_initialized():
@@ -30,14 +41,32 @@ def init() -> None:
         torch_dist.init_process_group(backend)
 
 
+@contextlib.contextmanager
+def main_first():
+    """The first process runs the block before the others do (they then read what it cached)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
 def wrap(model):
-    """DDP over the trainable (LoRA) parameters when distributed; the model itself otherwise."""
+    """DDP over the trainable (LoRA) parameters only, when distributed; the model itself otherwise.
+
+    Frozen weights (4-bit, or the fast path's embedding table kept in host memory) and buffers are loaded the
+    same on every process, so DDP is told to ignore them: never checked, broadcast or all-reduced. That also
+    lets a module whose frozen parameters live on two device types (CPU embedding, GPU layers) be wrapped.
+    """
     if not is_distributed():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    ignored = [name for name, p in model.named_parameters() if not p.requires_grad]
+    ignored += [name for name, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def no_sync(model, last: bool):

@@ -13,10 +13,10 @@ import torch
 
 from kotune import dist, fingerprint
 from kotune.assets import resolve_model
-from kotune.audit import add_model_checks, fatal_error, summary_lines
+from kotune.audit import add_model_checks, fatal_error, summary_lines, untrained_token_ids
 from kotune.config import Config
 from kotune.data import DataError
-from kotune.model import load_for_training, load_tokenizer
+from kotune.model import load_for_training, load_tokenizer, trainable_token_ids
 from kotune.prepare import Prepared, prepare
 from kotune.security import inside, redact, refuse_escaping_links, refuse_pickle
 from kotune.signals import StopOnSignal
@@ -68,21 +68,26 @@ def _train(cfg: Config, resume: str | None, force: bool) -> Path:
         refuse_pickle(model_path, cfg.model.allow_pickle, "model folder", "model.allow_pickle: true")
     # Tokenizer, data and its audit first: a data problem stops the run before the model loads.
     tokenizer = load_tokenizer(model_path, cfg.model)
-    data = prepare(cfg, tokenizer, log=print)
+    with dist.main_first():  # the first process tokenizes into the cache, the others read it
+        data = prepare(cfg, tokenizer, log=dist.print0)
     audit_data(data, model_path, tokenizer)
-    print(f"kotune: data ({data.format}): train {data.train_stats.summary()}")
+    dist.print0(f"kotune: data ({data.format}): train {data.train_stats.summary()}")
     if data.validation_stats.rows:
-        print(f"kotune: data: validation {data.validation_stats.summary()}")
+        dist.print0(f"kotune: data: validation {data.validation_stats.summary()}")
     if not data.train:
         raise SystemExit("kotune: no training rows left after tokenization; run `kotune data audit` on the config")
     if data.chat_template is not None:
         tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
-    _, model = load_for_training(cfg, model_path)
+    token_ids = trainable_token_ids(cfg.lora, tokenizer, untrained_token_ids(data.audits))
+    if cfg.lora.trainable_tokens == "auto":  # the saved config and the fast-path choice see what was resolved
+        cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
+    _, model = load_for_training(cfg, model_path, token_ids)
     fp = fingerprint.compute(cfg, tokenizer, data.template, data.train, data.validation)
     folder = find_resume(output_dir, resume)
     if folder is not None:
         fingerprint.check_resume(folder, fp, force)
-    inside(output_dir, CONFIG_FILE).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
+    if dist.is_main():
+        inside(output_dir, CONFIG_FILE).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
     fit = Fit(cfg, model, tokenizer, data.train, data.validation, output_dir, resume=folder, fingerprint=fp)
     with StopOnSignal() as stop:
         state = fit.run(stop)
@@ -119,7 +124,7 @@ def audit_data(data: Prepared, model_path: str, tokenizer) -> None:
     add_model_checks(data.audits, model_path, tokenizer)
     for report in data.audits:
         for line in summary_lines(report):
-            print(line)
+            dist.print0(line)
     message = fatal_error(data.audits)
     if message is not None:
         raise DataError(f"{message}\nSee `kotune data audit` for the full report.")

@@ -1,8 +1,9 @@
 """The training loop: a thin, readable loop over plain PyTorch, multi-GPU through torchrun / accelerate launch.
 
-One optimizer step = ``gradient_accumulation_steps`` micro-batches; the loss is the sum of token losses
-divided by the number of supervised tokens in the whole step (on every rank), so long and short rows weigh
-what they should whatever the accumulation.
+One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``micro_batch_size`` rows, whatever the
+number of processes: N processes split those rows between them (balanced by tokens), so 1 and N GPUs train the
+same steps on the same rows. The loss is the sum of token losses divided by the number of supervised tokens in
+the whole step (all processes), so long and short rows weigh what they should whatever the accumulation.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class RunState:
     step: int = 0
     """Optimizer steps done."""
     micro_step: int = 0
-    """Micro-batches consumed (this rank), which fixes the data position."""
+    """Micro-batches of the data order consumed (all processes together), which fixes the data position."""
     tokens: int = 0
     """Supervised tokens trained on, all ranks."""
     bad_steps: int = 0
@@ -57,6 +58,8 @@ class RunState:
     skipped_steps: int = 0
     best_eval_loss: float | None = None
     best_step: int | None = None
+    processes: int = 1
+    """Processes that trained the steps so far (the last of them); a resume on another number is allowed."""
     history: list[dict] = field(default_factory=list)
 
 
@@ -73,23 +76,52 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
 
 
-def micro_batches(examples: list[Example], cfg: Config, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's micro-batches (lists of example indices) for an epoch."""
+def input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens a batch feeds the model, padding not counted."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel()
+
+
+def micro_batches(examples: list[Example], cfg: Config, epoch: int) -> list[list[int]]:
+    """An epoch's micro-batches (lists of example indices), the same for any number of processes."""
     t = cfg.train
     if t.group_by_length:
         order = length_grouped_order([len(e.input_ids) for e in examples], t.seed, epoch, 64 * t.micro_batch_size)
     else:
         order = epoch_order(len(examples), t.seed, epoch)
-    order = order[rank::world]
     size = t.micro_batch_size
     return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
 
 
+def share(rows: list[int], lengths: list[int], rank: int, world: int) -> list[int]:
+    """This process's part of a step's rows: longest first to the least loaded process, kept in step order.
+
+    Every process computes the same split from the same step, so no message is exchanged; each gets at least
+    one row when the step has at least ``world`` rows. With one process, all rows in their order.
+    """
+    if world == 1:
+        return rows
+    load, mine = [0] * world, []
+    for position in sorted(range(len(rows)), key=lambda j: -lengths[j]):
+        target = min(range(world), key=lambda k: load[k])
+        load[target] += lengths[position]
+        if target == rank:
+            mine.append(position)
+    return [rows[p] for p in sorted(mine)]
+
+
 def total_steps(cfg: Config, n_examples: int, world: int) -> tuple[int, int]:
-    """(optimizer steps, micro-batches per epoch on one rank)."""
-    per_epoch = n_examples // world // cfg.train.micro_batch_size
+    """(optimizer steps, micro-batches per epoch); the step's rows are split over ``world`` processes."""
+    t = cfg.train
+    per_epoch = n_examples // t.micro_batch_size
     if per_epoch == 0:
-        raise ValueError(f"{n_examples} training rows are fewer than one micro-batch on each of {world} process(es)")
+        raise ValueError(f"{n_examples} training rows are fewer than one micro-batch ({t.micro_batch_size} rows)")
+    if t.micro_batch_size * t.gradient_accumulation_steps < world:
+        raise ValueError(
+            f"a step of {t.micro_batch_size * t.gradient_accumulation_steps} row(s) cannot be split over {world} "
+            "processes: raise train.gradient_accumulation_steps to at least the number of processes"
+        )
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps, per_epoch
     steps = math.floor(per_epoch * cfg.train.num_epochs / cfg.train.gradient_accumulation_steps)
@@ -148,7 +180,7 @@ class Fit:
         self.ddp_model.train()
         self.optimizer = build_optimizer(model, cfg.train, self.device)
         self.steps, self.per_epoch = total_steps(cfg, len(train), self.world)
-        self.state = RunState()
+        self.state = RunState(processes=self.world)
         self.reporter = Reporter(cfg, output_dir, self.rank == 0)
         self.saved_step: int | None = None
         if self.rank == 0:
@@ -167,13 +199,12 @@ class Fit:
         cutoff_len tokens (the most an unpacked micro-batch can hold), so the step and its loss are unchanged.
         """
         t = self.cfg.train
-        groups = []
-        for m in range(micro_step, micro_step + t.gradient_accumulation_steps):
-            epoch, index = divmod(m, self.per_epoch)
-            groups.append([self.train_rows[i] for i in self._epoch_batches(epoch)[index]])
+        ids = [i for m in range(micro_step, micro_step + t.gradient_accumulation_steps) for i in self._batch_ids(m)]
+        ids = share(ids, [len(self.train_rows[i].input_ids) for i in ids], self.rank, self.world)
+        rows = [self.train_rows[i] for i in ids]
         if not (t.packing == "on" or (t.packing == "auto" and self.fast is not None)):
-            return [collate(g, self.tokenizer.pad_token_id, t.pad_to_multiple_of) for g in groups]
-        rows = [e for g in groups for e in g]
+            size, pad = t.micro_batch_size, self.tokenizer.pad_token_id
+            return [collate(rows[i : i + size], pad, t.pad_to_multiple_of) for i in range(0, len(rows), size)]
         packs = pack_groups([len(e.input_ids) for e in rows], t.micro_batch_size * self.cfg.data.cutoff_len)
         return [collate_packed([rows[i] for i in pack]) for pack in packs]
 
@@ -187,7 +218,7 @@ class Fit:
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if getattr(self, "_cached_epoch", None) != epoch:
             self._cached_epoch = epoch
-            self._cached = micro_batches(self.train_rows, self.cfg, epoch, self.rank, self.world)
+            self._cached = micro_batches(self.train_rows, self.cfg, epoch)
         return self._cached
 
     # -- one optimizer step -----------------------------------------------------------------------
@@ -195,14 +226,19 @@ class Fit:
         """Forward / backward over one accumulation window, clip, check finiteness, update."""
         cfg, model = self.cfg.train, self.ddp_model
         window = self._window(self.state.micro_step)
-        n_tokens = torch.tensor(float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in window)), device=self.device)
-        dist.all_reduce_sum(n_tokens)  # normalise by the supervised tokens of the whole step, all ranks
+        # [supervised tokens, input tokens of process 0, 1, ...]: one all-reduce gives the step's totals
+        counts = torch.zeros(1 + self.world, dtype=torch.float64, device=self.device)
+        counts[0] = float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in window))
+        counts[1 + self.rank] = float(sum(input_tokens(b) for b in window))
+        dist.all_reduce_sum(counts)
+        n_tokens = counts[0].float()  # normalise by the supervised tokens of the whole step, all processes
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(window):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with dist.no_sync(model, last=i == len(window) - 1), autocast(self.cfg, self.device):
                 loss = self.loss_fn(model, batch)
-                (loss / n_tokens.clamp(min=1)).backward()
+                # DDP averages the processes' gradients; the step's gradient is their sum
+                (loss * self.world / n_tokens.clamp(min=1)).backward()
             total += loss.detach().double()
         self.state.micro_step += cfg.gradient_accumulation_steps  # packing may feed them as fewer sequences
         dist.all_reduce_sum(total)
@@ -223,7 +259,7 @@ class Fit:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens += int(n_tokens.item())
-        return {
+        record = {
             "step": self.state.step,
             "loss": loss_value,
             "grad_norm": grad_norm,
@@ -231,6 +267,10 @@ class Fit:
             "tokens": int(n_tokens.item()),
             "skipped": not finite,
         }
+        record["input_tokens"] = int(counts[1:].sum().item())
+        if self.world > 1:
+            record.update(processes=self.world, input_tokens_per_process=[int(c) for c in counts[1:].tolist()])
+        return record
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, stop: StopOnSignal | None = None) -> RunState:
@@ -308,6 +348,9 @@ class Fit:
         for key, value in state.items():
             if hasattr(self.state, key):
                 setattr(self.state, key, value)
+        if self.state.processes != self.world:  # the steps hold the same rows on any number of processes
+            self.reporter.info(f"checkpoint written by {self.state.processes} process(es), resumed on {self.world}")
+            self.state.processes = self.world
         self.saved_step = self.state.step
         dropped = 0
         if self.rank == 0:

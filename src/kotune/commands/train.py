@@ -41,6 +41,7 @@ def run(args) -> int:
 
         print(redact(cfg.to_yaml()), end="")
         return 0
+    from kotune.dist import is_main
     from kotune.recipe import OutOfMemory, train
     from kotune.signals import Interrupted
     from kotune.train import NonFiniteLoss
@@ -48,7 +49,8 @@ def run(args) -> int:
     try:
         train(cfg, resume=args.resume, force=args.force)
     except Interrupted as stop:
-        print(f"kotune: {stop}\nkotune: to continue, run: {resume_command(args)}", file=sys.stderr)
+        if is_main():  # every process stopped at the same step; one message
+            print(f"kotune: {stop}\nkotune: to continue, run: {resume_command(args)}", file=sys.stderr)
         return stop.exit_code
     except (NonFiniteLoss, OutOfMemory) as exc:
         print(f"kotune: error: {exc}", file=sys.stderr)
