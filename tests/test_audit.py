@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from conftest import build_tiny_model, write_jsonl
 
 from kotune.audit import FATAL, check_embeddings
@@ -181,7 +182,8 @@ def test_untrained_chat_tokens_are_named_with_the_fix(base_like_model, llama3_tr
     f = check_embeddings(path, [bos, eos, *ids], llama3_train_tokenizer)
     named = [t for t in (llama3_train_tokenizer.convert_ids_to_tokens(i) for i in (bos, eos, *ids)) if t in f.message]
     assert named == list(CHAT_TOKENS)
-    assert "data.chat_template=plain" in f.message
+    assert "data.chat_template=plain" in f.message and "lora.trainable_tokens=auto" in f.message
+    assert f.tokens == sorted(ids)
 
 
 def test_trained_rows_raise_no_warning(tiny_llama3_model, llama3_train_tokenizer):
@@ -222,6 +224,35 @@ def test_cli_audit_warns_about_base_model_chat_tokens(tmp_path, base_like_model,
     assert main(["data", "audit", config, "data.chat_template=plain", "--json"]) == 0
     (report,) = json.loads(capsys.readouterr().out)["reports"]
     assert "untrained_special_tokens" not in {f["code"] for f in report["findings"]}
+
+
+def test_trainable_tokens_auto_trains_exactly_the_untrained_rows(tmp_path, base_like_model, tiny_train_config):
+    """The audit's fix, in kotune: ``lora.trainable_tokens=auto`` trains the flagged embedding rows (input and
+    output) and leaves every other row of the base as it was."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kotune.config import load_config
+
+    path, ids = base_like_model
+    turns = [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "안녕하세요!"}]
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns}] * 8)
+    overrides = {"model.path": path, "data.path": str(data), "data.val_size": 0, "data.cache": False}
+    overrides |= {"lora.trainable_tokens": "auto", "train.max_steps": 2, "train.micro_batch_size": 2}
+    cfg = tiny_train_config(tmp_path / "run", overrides)
+    config = tmp_path / "config.yaml"
+    config.write_text(cfg.to_yaml(), encoding="utf-8")
+    assert main(["train", str(config)]) == 0
+    saved = load_config(tmp_path / "run" / "kotune_config.yaml")
+    assert saved.lora.trainable_tokens == list(CHAT_TOKENS)  # "auto" as resolved, sorted by id
+    base = AutoModelForCausalLM.from_pretrained(path)
+    before = [base.get_input_embeddings().weight.detach().clone(), base.lm_head.weight.detach().clone()]
+    merged = PeftModel.from_pretrained(base, tmp_path / "run").merge_and_unload()
+    after = [merged.get_input_embeddings().weight.detach(), merged.lm_head.weight.detach()]
+    others = [i for i in range(before[0].shape[0]) if i not in ids]
+    for old, new in zip(before, after, strict=True):
+        assert (new[ids] != 0).any(dim=1).all()  # every flagged row moved off zero
+        assert torch.equal(new[others], old[others])
 
 
 def test_cli_audit_exits_non_zero_on_fatal_and_names_rows(tmp_path, tiny_llama3_model, monkeypatch, capsys):

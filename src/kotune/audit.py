@@ -40,6 +40,8 @@ class Finding:
     message: str
     rows: list[int] = field(default_factory=list)
     """All row ids concerned (``_row``)."""
+    tokens: list[int] = field(default_factory=list)
+    """Token ids concerned (``untrained_special_tokens``)."""
 
 
 @dataclass
@@ -372,8 +374,9 @@ def check_embeddings(model_path: str, token_ids: list[int], tokenizer) -> Findin
         WARNING,
         f"special tokens the data uses look untrained in the base "
         f"model: {names}. The model must learn them from scratch through LoRA alone, which often fails "
-        "(it never stops). Fix: data.chat_template=plain (plain-text turn markers, turns end with EOS), "
-        "or train those embedding rows (peft's trainable_token_indices; not a kotune option yet)",
+        "(it never stops, or its gradients turn non-finite). Fix: lora.trainable_tokens=auto (trains those "
+        "embedding rows too), or data.chat_template=plain (plain-text turn markers, turns end with EOS)",
+        tokens=sorted(flagged),
     )
 
 
@@ -383,6 +386,11 @@ def add_model_checks(reports: tuple[AuditReport, ...], model_path: str, tokenize
         finding = check_embeddings(model_path, report.special_ids, tokenizer)
         if finding is not None:
             report.findings.append(finding)
+
+
+def untrained_token_ids(reports: tuple[AuditReport, ...]) -> list[int]:
+    """Token ids that any report flags as untrained in the base model (``add_model_checks`` ran first)."""
+    return sorted({t for r in reports for f in r.findings if f.code == "untrained_special_tokens" for t in f.tokens})
 
 
 def summary_lines(report: AuditReport) -> list[str]:

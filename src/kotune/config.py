@@ -88,6 +88,9 @@ class LoraConfig:
     """Dropout on the LoRA input."""
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Module names to adapt, or ``all-linear``."""
+    trainable_tokens: list[str] | str = field(default_factory=list)
+    """Tokens whose input and output embedding rows are trained too (peft's trainable_token_indices): special
+    tokens a base never learnt; ``auto``: exactly those the audit finds untrained. Turns the fast path off."""
 
 
 @dataclass
@@ -367,6 +370,10 @@ def validate(cfg: Config) -> None:
         cfg.lora.target_modules = "all-linear"  # peft's keyword, not a module name
     elif isinstance(cfg.lora.target_modules, str):
         cfg.lora.target_modules = [cfg.lora.target_modules]
+    if cfg.lora.trainable_tokens in (["auto"], "auto"):
+        cfg.lora.trainable_tokens = "auto"  # the keyword, not the token "auto"
+    elif isinstance(cfg.lora.trainable_tokens, str):
+        cfg.lora.trainable_tokens = [cfg.lora.trainable_tokens]
 
 
 def reference_markdown() -> str:

@@ -155,15 +155,24 @@ def load_base_model(path: str, cfg: ModelConfig, fast_path: bool = False):
     return model
 
 
-def attach_lora(model, cfg: LoraConfig):
+def attach_lora(model, cfg: LoraConfig, token_ids: list[int] = ()):
+    """LoRA on ``cfg.target_modules``; ``token_ids``: embedding rows (input and untied output) trained as well."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    trainable_tokens = None
+    if token_ids:
+        layers = {"embed_tokens": list(token_ids)}
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not model.get_input_embeddings().weight:
+            layers["lm_head"] = list(token_ids)
+        trainable_tokens = layers
     peft_config = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
+        trainable_token_indices=trainable_tokens,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -178,8 +187,23 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, total
 
 
-def load_for_training(cfg: Config, path: str):
-    """Tokenizer and LoRA-wrapped model for a run; prints trainable / total parameters like the walkthrough."""
+def trainable_token_ids(cfg: LoraConfig, tokenizer, untrained: list[int]) -> list[int]:
+    """``lora.trainable_tokens`` as ids: ``auto`` is the audit's ``untrained`` list; a token not in the vocabulary
+    is a config error naming it."""
+    from kotune.config import ConfigError
+
+    if cfg.trainable_tokens == "auto":
+        return list(untrained)
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in cfg.trainable_tokens if t not in vocab]
+    if missing:
+        raise ConfigError(f"'lora.trainable_tokens': {missing} not in the tokenizer's vocabulary")
+    return [vocab[t] for t in cfg.trainable_tokens]
+
+
+def load_for_training(cfg: Config, path: str, token_ids: list[int] = ()):
+    """Tokenizer and LoRA-wrapped model for a run (``token_ids``: embedding rows trained too, see
+    ``trainable_token_ids``); prints trainable / total parameters like the walkthrough."""
     tokenizer = load_tokenizer(path, cfg.model)
     torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random
     from transformers import AutoConfig
@@ -187,7 +211,7 @@ def load_for_training(cfg: Config, path: str):
     from kotune import fast
 
     fast_path, _ = fast.wanted(cfg, AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code))
-    model = attach_lora(load_base_model(path, cfg.model, fast_path), cfg.lora)
+    model = attach_lora(load_base_model(path, cfg.model, fast_path), cfg.lora, token_ids)
     trainable, total = parameter_counts(model)
     from kotune.dist import print0
 

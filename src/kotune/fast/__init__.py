@@ -40,6 +40,8 @@ def wanted(cfg: Config, model_config, device_type: str | None = None) -> tuple[b
         return False, f"no CUDA device ({device_type})"
     if cfg.model.quantization == "8bit":
         return False, "8-bit weights"
+    if cfg.lora.trainable_tokens:
+        return False, "lora.trainable_tokens (embedding rows trained)"
     reason = unsupported_reason(model_config, cfg.lora.target_modules)
     if reason:
         return False, reason
