@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +51,8 @@ VERIFY_ROWS = 64
 SHARD_SIZE = "2GB"
 """Largest safetensors shard written."""
 REPORT_FILE = "merge_report.json"
+MARKER_FILE = "kotune_merge_output.json"
+"""Written last into every merge output, listing its files: ``--force`` replaces only a folder that has it."""
 COPIED_FILES = ("kotune_template.yaml", "kotune_config.yaml", "run_summary.json", "metrics.jsonl")
 """Run files a merged folder carries, so chat, generate and push read it like the run."""
 
@@ -219,14 +222,59 @@ def fingerprint(folder: ModelFolder, into: str, dtype: str) -> dict:
     }
 
 
-def check_output(out: Path, source: dict, force: bool) -> bool:
-    """True when ``out`` already holds this exact merge; raises if it holds anything else and not ``force``."""
-    if not out.exists() or force:
+def check_output(out: Path, run: Path, source: dict, force: bool) -> bool:
+    """True when ``out`` already holds this exact merge; raises unless ``out`` is free or ``force`` may replace it.
+
+    ``force`` only ever replaces a folder kotune marked as its own merge output and that holds nothing else:
+    never the run, a folder holding the run, or anyone's other files.
+    """
+    where, source_run = out.resolve(), run.resolve()
+    if where == source_run or where in source_run.parents:
+        raise MergeError(f"--out {out} is the run being merged or a folder holding it; choose a new folder for --out")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
+    foreign = foreign_entries(out)
+    if foreign:
+        raise MergeError(
+            f"--out {out} holds {foreign[0]}, which kotune merge did not write there; "
+            "kotune will not replace it: choose a new folder for --out, or move it away yourself"
+        )
     report = out / REPORT_FILE
     if report.is_file() and json.loads(report.read_text(encoding="utf-8")).get("source") == source:
         return True
-    raise MergeError(f"{out} already exists and is not this merge; pass --force to replace it, or choose --out")
+    if not force:
+        raise MergeError(f"{out} holds a different kotune merge; pass --force to replace it, or choose --out")
+    return False
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """What in ``out`` kotune merge did not write: everything, unless its marker lists the folder's files."""
+    if not out.is_dir():
+        return [f"a file ({out.name})"]
+    marker = out / MARKER_FILE
+    try:
+        written = set(json.loads(marker.read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"no valid {MARKER_FILE} (the mark of a kotune merge output)"]
+    return sorted(p.name for p in out.iterdir() if p.name not in written | {MARKER_FILE})
+
+
+def write_marker(out: Path) -> None:
+    """Mark ``out`` as a kotune merge output, listing its files: the only folder ``--force`` may replace."""
+    files = sorted(p.name for p in out.iterdir())
+    marker = {"written_by": "kotune merge", "files": files}
+    (out / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+
+
+def swap_into(partial: Path, out: Path) -> None:
+    """Put the finished ``partial`` at ``out``: an old merge there is renamed aside first, deleted only after."""
+    if not out.exists():
+        partial.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    out.rename(old / out.name)
+    partial.rename(out)
+    shutil.rmtree(old)
 
 
 def merge_targets(folder: ModelFolder, into: str) -> tuple[tuple[str, ...], str]:
@@ -275,19 +323,30 @@ def merge(
     dtype = dtype or {torch_name: name for name, torch_name in DTYPES.items()}[folder.config.model.compute_dtype]
     out = Path(out) if out is not None else folder.path / "merged"
     source = fingerprint(folder, into, dtype)
-    if check_output(out, source, force):
+    if check_output(out, folder.path, source, force):
         print(f"kotune: {out} already holds this merge (same adapter, target and dtype); nothing to do")
         return out
     split, rows = verification_rows(folder, AutoTokenizer.from_pretrained(folder.path), verify_rows)
     trained = load_base(folder.config.model, folder.config.model.quantization)
     adapter = PeftModel.from_pretrained(trained, folder.path).eval()
-    partial = out.with_name(f".{out.name}.partial")  # renamed to ``out`` only once complete and accepted
-    shutil.rmtree(partial, ignore_errors=True)
-    drifts = {t: build_and_verify(folder, t, dtype, adapter, rows, partial if t == into else None) for t in targets}
-    if not drifts[into].within_threshold() and not allow_drift:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))  # becomes ``out`` once accepted
+    try:
+        drifts = {t: build_and_verify(folder, t, dtype, adapter, rows, partial if t == into else None) for t in targets}
+        if not drifts[into].within_threshold() and not allow_drift:
+            raise MergeError(drift_message(into, drifts[into]))
+        write_report(partial, report_of(source, into, dtype, allow_drift, split, rows, drifts))
+        write_marker(partial)
+        check_output(out, folder.path, source, force)  # the merge took minutes: look again before replacing
+        swap_into(partial, out)
+    finally:
         shutil.rmtree(partial, ignore_errors=True)
-        raise MergeError(drift_message(into, drifts[into]))
-    report = {
+    print(f"kotune: merged model written to {out}")
+    return out
+
+
+def report_of(source: dict, into: str, dtype: str, allow_drift: bool, split: str, rows, drifts: dict) -> dict:
+    return {
         "source": source,
         "into": into,
         "dtype": dtype,
@@ -296,11 +355,6 @@ def merge(
         "thresholds": {"min_top1_agreement": MIN_TOP1_AGREEMENT, "max_perplexity_change": MAX_PERPLEXITY_CHANGE},
         "targets": {t: d.to_dict() for t, d in drifts.items()},
     }
-    write_report(partial, report)
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
-    print(f"kotune: merged model written to {out}")
-    return out
 
 
 def drift_message(into: str, drift: Drift) -> str:
