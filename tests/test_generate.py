@@ -199,3 +199,22 @@ def test_demo_fine_tune_ends_replies_with_eos(demo_run, tmp_path):
         shares[name] = sum(r["finish"] == "stop" for r in rows) / len(rows)
     print(f"held-out replies that ended with EOS: {shares}")
     assert min(shares.values()) >= MIN_STOPPED_SHARE, shares
+
+
+def test_the_saved_config_holds_absolute_local_data_paths(tmp_path, monkeypatch):
+    """merge reads the run's data again, so it must find it from any working directory; hub names stay."""
+    from types import SimpleNamespace
+
+    from kotune.config import load_config
+    from kotune.recipe import saved_config
+
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    write_jsonl(tmp_path / "data" / "val.jsonl", ROWS)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.path=data/train.jsonl", "data.validation_path=./data/val.jsonl"])
+    saved = saved_config(cfg, SimpleNamespace(format="alpaca", chat_template=None))
+    assert saved.data.path == str(tmp_path.resolve() / "data" / "train.jsonl")
+    assert saved.data.validation_path == str(tmp_path.resolve() / "data" / "val.jsonl")
+    hub = saved_config(load_config(None, []), SimpleNamespace(format="alpaca", chat_template=None))
+    assert hub.data.path == load_config(None, []).data.path and hub.data.validation_path is None

@@ -197,8 +197,9 @@ def verification_rows(folder: ModelFolder, tokenizer, limit: int) -> tuple[str, 
         data = prepare(folder.config, tokenizer)
     except DataError as exc:
         raise MergeError(
-            f"merge verification needs the run's validation rows: {exc}. "
-            "Run kotune merge from the folder you trained in (data.path may be relative)"
+            f"merge verification needs the run's validation rows: {exc}. A relative data.path (saved by kotune "
+            f"before it recorded absolute paths) is read from the working directory: make it absolute in "
+            f"{folder.path / 'kotune_config.yaml'}"
         ) from None
     split, rows = ("validation", data.validation) if data.validation else ("train", data.train)
     if not rows:
