@@ -144,6 +144,28 @@ def load_model(folder: ModelFolder, base: str | None = None):
     return model, tokenizer
 
 
+def model_fingerprint(folder: ModelFolder, base: str | None = None) -> str:
+    """A short name for the weights a folder generates with: for a run, its adapter files, base model and the
+    quantization the base is loaded in (``base``, else as trained); for a merge, what its report says it was made
+    of (adapter, base, target, dtype), else its weight files."""
+    import hashlib
+    import json
+
+    from kotune.checkpoint import sha256
+
+    if folder.merged:
+        report = folder.path / "merge_report.json"
+        if report.is_file():
+            parts = [json.dumps(json.loads(report.read_text(encoding="utf-8"))["source"], sort_keys=True)]
+        else:
+            parts = [sha256(p) for p in sorted(folder.path.glob("model*.safetensors"))]
+    else:
+        adapter = [sha256(folder.path / n) for n in ("adapter_config.json", "adapter_model.safetensors")]
+        parts = [*adapter, folder.config.model.path, base or folder.config.model.quantization]
+    kind = "merged" if folder.merged else "adapter"
+    return f"{kind}:{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}"
+
+
 def folder_stop_ids(folder: ModelFolder, tokenizer, model) -> list[int]:
     """``stop_ids`` for a run or merged folder: its chat template as training resolved it, its model's EOS ids."""
     from kotune.prepare import chat_template_for
