@@ -238,3 +238,35 @@ def test_an_adapter_loads_on_the_4bit_or_the_full_precision_base(tiny_qlora_run)
     with torch.no_grad():
         drift = (full(input_ids=ids).logits - as_trained(input_ids=ids).logits).abs().max()
     assert 0 < drift < 1  # the same adapter on weights that differ by the NF4 rounding
+
+
+def test_load_base_never_reads_pickle_weights_unless_allowed(tiny_llama3_model, tmp_path):
+    """A folder with pickle weights beside an unrelated safetensors file passes the folder scan; the load itself
+    must still refuse the pickle, as training's does (a hub name reaches only this guard)."""
+    import pickle
+    import shutil
+
+    from kotune.config import ModelConfig
+    from kotune.inference import load_base
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_llama3_model, folder)
+    (folder / "model.safetensors").rename(folder / "unrelated.safetensors")
+    sentinel = tmp_path / "unpickled"
+    # unpickling this file creates ``sentinel``: the proof that a load read it
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Unpickled(str(sentinel))))
+    with pytest.raises(OSError, match="safetensors"):
+        load_base(ModelConfig(path=str(folder), compute_dtype="float32"), "none")
+    assert not sentinel.exists()
+
+
+class Unpickled:
+    """Writes a file named ``path`` when unpickled."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))

@@ -117,6 +117,7 @@ def load_base(model_cfg, quantization: str):
         device_map=device_map(),
         trust_remote_code=model_cfg.trust_remote_code,
         attn_implementation=model_cfg.attn_implementation,
+        use_safetensors=None if model_cfg.allow_pickle else True,  # as training loads it: hub names too
     )
 
 
