@@ -7,6 +7,7 @@ when the tokenizer itself does that (``kotune.encoding``). Generation stops at E
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -280,19 +281,35 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@functools.cache
+def cache_keyword() -> str:
+    """The name transformers' models take and return the KV cache under: ``cache`` in recent transformers 5
+    releases, where ``past_key_values`` still works but logs a deprecation warning (it landed inside chat's first
+    reply); ``past_key_values`` in the older releases kotune supports."""
+    from dataclasses import fields
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor):
     """Run the prompts; returns the last position's logits (float32) and the KV cache."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float(), out.past_key_values
+    return out.logits[:, -1].float(), getattr(out, cache_keyword())
 
 
 def decode_step(model, token: torch.Tensor, mask: torch.Tensor, cache):
     """One new token per row through the cache; ``mask`` already covers it. Returns logits and the cache."""
     position = mask.sum(-1, keepdim=True) - 1
     out = model(
-        input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+        input_ids=token[:, None],
+        attention_mask=mask,
+        position_ids=position,
+        use_cache=True,
+        **{cache_keyword(): cache},
     )
-    return out.logits[:, -1].float(), out.past_key_values
+    return out.logits[:, -1].float(), getattr(out, cache_keyword())
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
