@@ -126,6 +126,15 @@ def test_text_stream_never_shows_half_a_hangul_syllable(llama3_tokenizer):
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_a_reply_cut_inside_a_syllable_ends_with_the_last_whole_character(llama3_tokenizer):
+    ids = llama3_tokenizer("안녕 뷁", add_special_tokens=False)["input_ids"]
+    cut = next(k for k in range(len(ids), 0, -1) if llama3_tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    assert inference.completion_text(llama3_tokenizer, ids[:cut]) == "안녕"  # the space rides in the cut token
+    assert inference.completion_text(llama3_tokenizer, ids) == "안녕 뷁"
+    stream = inference.TextStream(llama3_tokenizer)
+    assert "".join(stream.push(i) for i in ids[:cut]) == "안녕" == stream.text()
+
+
 # -- prompts as training built them -----------------------------------------------------------------
 def test_prompt_ids_are_the_training_rows_prompt_ids(llama3_train_tokenizer):
     from kotune.config import Config

@@ -422,16 +422,23 @@ def stream(
         yield token
 
 
+MAX_CUT_TOKENS = 3
+"""Most tokens a cut-off character can lie in: a UTF-8 character has at most 3 bytes after its first."""
+
+
 def completion_text(tokenizer, ids: list[int]) -> str:
-    """The reply's text: special tokens dropped, nothing else touched (no clean-up of spaces)."""
+    """The reply's text: special tokens dropped, no clean-up of spaces, and a character cut off at the end (a reply
+    stopped by ``max_new_tokens`` inside a Hangul syllable, whose bytes span tokens) held back instead of shown as
+    U+FFFD."""
+    for cut in range(min(MAX_CUT_TOKENS, len(ids)) + 1):
+        text = tokenizer.decode(ids[: len(ids) - cut], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if not text.endswith("\ufffd"):
+            return text
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class TextStream:
-    """Turn streamed token ids into text pieces, holding back a token that ends inside a UTF-8 character.
-
-    Byte-level tokenizers split a Hangul syllable over several tokens; decoding such a prefix gives U+FFFD.
-    """
+    """Turn streamed token ids into text pieces, holding back tokens that end inside a UTF-8 character."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -441,9 +448,7 @@ class TextStream:
     def push(self, token: int) -> str:
         """Add a token; returns the text that became complete (maybe empty)."""
         self.ids.append(token)
-        text = completion_text(self.tokenizer, self.ids)
-        if text.endswith("\ufffd"):
-            return ""
+        text = self.text()
         piece, self.shown = text[self.shown :], len(text)
         return piece
 
