@@ -320,3 +320,19 @@ def test_force_replaces_a_different_merge_atomically(tiny_qlora_run, tiny_merged
     marker = json.loads((old / merging.MARKER_FILE).read_text())
     assert set(marker["files"]) | {merging.MARKER_FILE} == {p.name for p in old.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["merged"], "no partial or replaced folder is left beside it"
+
+
+def test_merged_tokenizer_prompts_in_the_trained_format(tiny_merged):
+    """The merged folder's chat template is the run's ko-alpaca prompt, not the base's: apply_chat_template gives
+    the ids kotune's training encoding gives the prompt, with and without input."""
+    from transformers import AutoTokenizer
+
+    from kotune.inference import encode_prompt, open_folder
+
+    out, _ = tiny_merged
+    folder, tokenizer = open_folder(out), AutoTokenizer.from_pretrained(out)
+    for instruction, given in (("하늘은 왜 파란가요?", None), ("요약하세요", '"따옴표"로 시작')):
+        message = {"role": "user", "content": instruction, **({"input": given} if given else {})}
+        ids = tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        assert ids == encode_prompt(tokenizer, folder.template.format(instruction, given))

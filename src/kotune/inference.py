@@ -175,6 +175,18 @@ def folder_stop_ids(folder: ModelFolder, tokenizer, model) -> list[int]:
     return stop_ids(tokenizer, getattr(model, "generation_config", None), chat_template_for(folder.config, tokenizer))
 
 
+def trained_chat_template(folder: ModelFolder, tokenizer) -> str | None:
+    """For a run trained on instruction rows: a chat template rendering exactly its prompts
+    (``templates.chat_template``), so tools that prompt through ``apply_chat_template`` use the trained format.
+    None for runs trained on conversations (the tokenizer's template is the trained one) and on raw prompts."""
+    from kotune.encoding import bos_id_to_add
+    from kotune.templates import chat_template
+
+    if folder.fmt != "alpaca":
+        return None
+    return chat_template(folder.template, tokenizer.bos_token if bos_id_to_add(tokenizer) is not None else None)
+
+
 def pad_id(tokenizer) -> int:
     """Padding for left-padded prompts: the tokenizer's pad token, else EOS (masked out either way)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kotune.inference import ModelFolder, folder_stop_ids, open_folder
+from kotune.inference import ModelFolder, folder_stop_ids, open_folder, trained_chat_template
 
 if TYPE_CHECKING:
     import torch
@@ -368,8 +368,10 @@ def drift_message(into: str, drift: Drift) -> str:
 
 
 def save_merged(model, tokenizer, folder: ModelFolder, out: Path, shard_size: str = SHARD_SIZE) -> None:
-    """Sharded safetensors, config, generation config that stops at EOS / end-of-turn, tokenizer, run files."""
+    """Sharded safetensors, config, generation config that stops at EOS / end-of-turn, tokenizer (with a chat
+    template rendering the trained prompt format), run files."""
     stops = folder_stop_ids(folder, tokenizer, model)
+    tokenizer.chat_template = trained_chat_template(folder, tokenizer) or tokenizer.chat_template
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
