@@ -288,7 +288,7 @@ def test_force_never_replaces_what_kotune_did_not_write(case, tmp_path):
             (out / "other_run").mkdir()
         else:
             (out / "notes.txt").write_text("mine")
-    with pytest.raises(merging.MergeError, match="did not write there") as refused:
+    with pytest.raises(merging.MergeError, match="kotune will not replace it") as refused:
         merging.check_output(out, run, {"a": 2}, force=True)
     assert "--force" not in str(refused.value), "--force would not be allowed, so it is not suggested"
 

@@ -12,6 +12,10 @@ run's validation rows; ``merge_report.json`` gets mean and max |Δ logit|, top-1
 both, for both targets. The chosen target must keep top-1 agreement at or above ``MIN_TOP1_AGREEMENT`` and its
 perplexity within ``MAX_PERPLEXITY_CHANGE`` (relative) of the adapter's, else the merge fails unless
 ``allow_drift``. Mean |Δ logit| is reported, not thresholded: its scale depends on the model.
+
+The output is built in a new hidden folder beside ``out`` and swapped in once accepted. Every merge output carries
+``MARKER_FILE``, the list of files kotune wrote; ``force`` replaces only such a folder holding nothing else, never
+the run or a folder holding it (``check_output``).
 """
 
 from __future__ import annotations
@@ -234,30 +238,28 @@ def check_output(out: Path, run: Path, source: dict, force: bool) -> bool:
         raise MergeError(f"--out {out} is the run being merged or a folder holding it; choose a new folder for --out")
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
-    foreign = foreign_entries(out)
-    if foreign:
-        raise MergeError(
-            f"--out {out} holds {foreign[0]}, which kotune merge did not write there; "
-            "kotune will not replace it: choose a new folder for --out, or move it away yourself"
-        )
     report = out / REPORT_FILE
     if report.is_file() and json.loads(report.read_text(encoding="utf-8")).get("source") == source:
-        return True
+        return True  # nothing will be written
+    keep = "kotune will not replace it: choose a new folder for --out, or move it away yourself"
+    written = merge_files(out)
+    if written is None:
+        raise MergeError(f"--out {out} is not a folder kotune merge wrote (it has no {MARKER_FILE}); {keep}")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in written)
+    if foreign:
+        raise MergeError(f"--out {out} holds {foreign[0]}, which kotune merge did not write there; {keep}")
     if not force:
         raise MergeError(f"{out} holds a different kotune merge; pass --force to replace it, or choose --out")
     return False
 
 
-def foreign_entries(out: Path) -> list[str]:
-    """What in ``out`` kotune merge did not write: everything, unless its marker lists the folder's files."""
-    if not out.is_dir():
-        return [f"a file ({out.name})"]
-    marker = out / MARKER_FILE
+def merge_files(out: Path) -> set[str] | None:
+    """The files kotune merge wrote in ``out`` as its marker lists them (the marker too); None without a marker."""
     try:
-        written = set(json.loads(marker.read_text(encoding="utf-8"))["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return [f"no valid {MARKER_FILE} (the mark of a kotune merge output)"]
-    return sorted(p.name for p in out.iterdir() if p.name not in written | {MARKER_FILE})
+        files = json.loads((out / MARKER_FILE).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):  # a file, no marker, or not one kotune wrote
+        return None
+    return {*map(str, files), MARKER_FILE}
 
 
 def write_marker(out: Path) -> None:
