@@ -2,6 +2,9 @@
 
 What is uploaded is one list (``upload_plan``): the weights, tokenizer, template, resolved config, run summary,
 merge report and a README.md model card. ``--dry-run DIR`` writes exactly that list to a folder instead.
+Files that would name folders of this machine (the config, the merge report, the adapter config's base model) are
+uploaded as rewritten copies (``portable_copies``), and a run on instruction rows gets a chat template that renders
+its trained prompt (``inference.trained_chat_template``); the folder's own files are never changed.
 The hub token is never read by kotune: huggingface_hub takes it from ``HF_TOKEN`` or ``hf auth login``; kotune
 only asks whether there is one, and every text it generates passes through ``kotune.security.redact``.
 """
