@@ -64,3 +64,15 @@ def test_a_system_turn_is_refused(llama3_train_tokenizer):
     jinja = chat_template(KO_ALPACA, None)
     with pytest.raises(Exception, match="user and assistant turns only"):
         llama3_train_tokenizer.apply_chat_template([{"role": "system", "content": "x"}], chat_template=jinja)
+
+
+def test_a_raw_prompt_run_renders_the_message_as_it_is(llama3_train_tokenizer):
+    from kotune.templates import RAW_PROMPT
+
+    jinja = chat_template(RAW_PROMPT, llama3_train_tokenizer.bos_token)
+    message = {"role": "user", "content": "### 질문: {x} }}\n답:"}
+    for add_generation_prompt in (True, False):
+        text = llama3_train_tokenizer.apply_chat_template(
+            [message], chat_template=jinja, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        assert text == "<|begin_of_text|>" + message["content"]

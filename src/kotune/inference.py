@@ -176,15 +176,16 @@ def folder_stop_ids(folder: ModelFolder, tokenizer, model) -> list[int]:
 
 
 def trained_chat_template(folder: ModelFolder, tokenizer) -> str | None:
-    """For a run trained on instruction rows: a chat template rendering exactly its prompts
+    """For a run trained on instruction rows or raw prompts: a chat template rendering exactly its prompts
     (``templates.chat_template``), so tools that prompt through ``apply_chat_template`` use the trained format.
-    None for runs trained on conversations (the tokenizer's template is the trained one) and on raw prompts."""
+    None for runs trained on conversations: the tokenizer's template is the one they trained with."""
     from kotune.encoding import bos_id_to_add
-    from kotune.templates import chat_template
+    from kotune.templates import RAW_PROMPT, chat_template
 
-    if folder.fmt != "alpaca":
+    if folder.fmt in CHAT_FORMATS:
         return None
-    return chat_template(folder.template, tokenizer.bos_token if bos_id_to_add(tokenizer) is not None else None)
+    template = folder.template if folder.fmt == "alpaca" else RAW_PROMPT
+    return chat_template(template, tokenizer.bos_token if bos_id_to_add(tokenizer) is not None else None)
 
 
 def pad_id(tokenizer) -> int:

@@ -288,7 +288,7 @@ def prompt_usage(folder: ModelFolder) -> str:
     if folder.fmt in CHAT_FORMATS:
         return "Format prompts with the tokenizer's chat template, the one it was trained with. "
     if folder.fmt != "alpaca":
-        return "Give the prompt as it is (it was trained on raw prompt / completion pairs). "
+        return "It was trained on raw prompts: the tokenizer's chat template renders the user message as it is. "
     return (
         "The tokenizer's chat template renders exactly the trained prompt (the template below): the user message is "
         "the instruction, its optional `input` key the input.\n\n```python\n"

@@ -68,6 +68,10 @@ ALPACA = Template(
 
 BUILTIN = {t.name: t for t in (KO_ALPACA, ALPACA)}
 
+RAW_PROMPT = Template(name="prompt", prompt_input="{instruction}", prompt_no_input="{instruction}")
+"""What ``prompt_completion`` runs train on, the prompt as it is, as a template: the chat template of such a run
+renders the user message unchanged (no input field, no generation prompt)."""
+
 
 def placeholders(text: str) -> set[str]:
     """Field names a format string uses; malformed braces raise TemplateError."""
