@@ -336,3 +336,23 @@ def test_merged_tokenizer_prompts_in_the_trained_format(tiny_merged):
         ids = tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         assert ids == encode_prompt(tokenizer, folder.template.format(instruction, given))
+
+
+@pytest.mark.slow
+def test_merge_works_from_any_working_directory(tiny_train_config, tmp_path):
+    """A run trained on a relative data path once merged only from the folder training ran in."""
+    from conftest import TINY_TRAIN_ROWS, run_kotune, write_jsonl
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    write_jsonl(project / "data" / "train.jsonl", TINY_TRAIN_ROWS)
+    overrides = {"data.path": "data/train.jsonl", "train.max_steps": 1, "train.gradient_accumulation_steps": 1}
+    config = tiny_train_config("runs/one", overrides)
+    (project / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    env = {"KOTUNE_CACHE": str(tmp_path / "cache")}
+    trained = run_kotune(["train", "config.yaml"], env, cwd=project)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    merged = run_kotune(["merge", str(project / "runs" / "one"), "--dtype", "fp32"], env, cwd=elsewhere)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert (project / "runs" / "one" / "merged" / "model.safetensors").is_file()
