@@ -252,3 +252,19 @@ def test_the_saved_config_holds_absolute_local_data_paths(tmp_path, monkeypatch)
     assert saved.data.validation_path == str(tmp_path.resolve() / "data" / "val.jsonl")
     hub = saved_config(load_config(None, []), SimpleNamespace(format="alpaca", chat_template=None))
     assert hub.data.path == load_config(None, []).data.path and hub.data.validation_path is None
+
+
+def test_model_fingerprint_tells_adapter_base_quantization_and_merge_apart(tiny_qlora_run, tiny_merged, tmp_path):
+    import shutil
+
+    from kotune.inference import model_fingerprint, open_folder
+
+    run = open_folder(tiny_qlora_run[0])
+    names = {model_fingerprint(run), model_fingerprint(run, "none"), model_fingerprint(open_folder(tiny_merged[0]))}
+    assert len(names) == 3
+    assert model_fingerprint(run, "4bit") == model_fingerprint(run)  # the quantization it trained with
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_qlora_run[0], copy, ignore=shutil.ignore_patterns("checkpoint-*", "best"))
+    assert model_fingerprint(open_folder(copy)) == model_fingerprint(run)  # the weights, not the folder
+    (copy / "adapter_model.safetensors").write_bytes(b"other weights")
+    assert model_fingerprint(open_folder(copy)) != model_fingerprint(run)

@@ -154,9 +154,10 @@ def model_fingerprint(folder: ModelFolder, base: str | None = None) -> str:
     import json
 
     from kotune.checkpoint import sha256
+    from kotune.merge import REPORT_FILE
 
     if folder.merged:
-        report = folder.path / "merge_report.json"
+        report = folder.path / REPORT_FILE
         if report.is_file():
             parts = [json.dumps(json.loads(report.read_text(encoding="utf-8"))["source"], sort_keys=True)]
         else:
@@ -436,7 +437,8 @@ def stream(
 
 
 MAX_CUT_TOKENS = 3
-"""Most tokens a cut-off character can lie in: a UTF-8 character has at most 3 bytes after its first."""
+"""Most trailing tokens to drop for a cut-off character: of a UTF-8 character's 4 bytes at most, 3 can be there
+without the last."""
 
 
 def completion_text(tokenizer, ids: list[int]) -> str:
