@@ -72,6 +72,8 @@ def load_base_model(path: str, cfg: ModelConfig, fast_path: bool = False):
         use_safetensors=None if cfg.allow_pickle else True,  # hub names too: no pickle weights unless allowed
     )
     model.config.use_cache = False
+    if cfg.quantization == "4bit":
+        keep_4bit_weights_as_quantized(model)
     if fast_path:
         return model
     if quant is not None:
@@ -86,6 +88,27 @@ def load_base_model(path: str, cfg: ModelConfig, fast_path: bool = False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def keep_4bit_weights_as_quantized(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns how many layers it touched.
+
+    On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit.forward`` converts the weight in place, the first time
+    it runs in eval mode without gradients, to a packed layout whose block scales (absmax) are rounded to
+    bfloat16 (``bitsandbytes/nn/modules.py: Linear4bit.forward`` -> ``functional._convert_weight_packed_for_cpu``;
+    bitsandbytes 0.50). Every later forward, training included, then uses those rounded scales: one evaluation
+    changed all later losses (5e-6 relative on the tiny test model), and a run resumed in a new process, whose
+    weights were never repacked, no longer matched the uninterrupted one. The layer's own capability flag
+    (``support_avx512bf16_for_cpu``, set from ``has_avx512bf16()`` at construction) is the switch bitsandbytes
+    reads; turning it off keeps the weights exactly as quantized. ``test_model.py::
+    test_bitsandbytes_still_repacks_4bit_weights_in_eval`` fails when bitsandbytes stops doing this.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def attach_lora(model, cfg: LoraConfig):
