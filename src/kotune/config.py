@@ -337,6 +337,9 @@ CHOICES = {
     "train.packing": ("auto", "on", "off"),
 }
 
+LOGGERS = ("wandb", "tensorboard")
+"""What ``train.report_to`` may name."""
+
 
 def validate(cfg: Config) -> None:
     """Check value ranges and choices; errors name the key."""
@@ -363,6 +366,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.train.learning_rate <= 0:
         raise ConfigError(f"'train.learning_rate' must be positive, got {cfg.train.learning_rate}")
+    if cfg.train.num_epochs <= 0:
+        raise ConfigError(f"'train.num_epochs' must be positive, got {cfg.train.num_epochs}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
+        raise ConfigError(f"'train.max_steps' must be positive (or null to train num_epochs), got {cfg.train.max_steps}")
+    for name in cfg.train.report_to:
+        if name not in LOGGERS:
+            raise ConfigError(f"'train.report_to' holds {name!r}; choose from {', '.join(LOGGERS)}")
     if cfg.lora.target_modules in (["all-linear"], "all-linear"):
         cfg.lora.target_modules = "all-linear"  # peft's keyword, not a module name
     elif isinstance(cfg.lora.target_modules, str):

@@ -6,6 +6,7 @@ import shlex
 import sys
 
 from kotune.config import load_config
+from kotune.report import check_loggers
 
 
 def add_config_arguments(parser) -> None:
@@ -36,6 +37,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_loggers(cfg)
     if args.dry_run:
         from kotune.security import redact
 
