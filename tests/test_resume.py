@@ -177,8 +177,11 @@ def test_resume_auto_without_checkpoints_starts_from_step_zero(tiny_train_config
 
 @pytest.fixture
 def finished_copy(reference, tmp_path) -> Path:
-    """A copy of the reference run, so a resume attempt cannot disturb the shared one."""
-    return Path(shutil.copytree(reference, tmp_path / "copy"))
+    """A copy of the reference run without its final checkpoint (as if killed after checkpoint-4 was written), so a
+    resume replays steps 5 and 6; a copy, so a resume attempt cannot disturb the shared run."""
+    copy = Path(shutil.copytree(reference, tmp_path / "copy"))
+    shutil.rmtree(copy / "checkpoint-6")
+    return copy
 
 
 def test_resume_with_changed_dataset_is_refused_then_forced(tiny_train_config, finished_copy, tmp_path, capsys):

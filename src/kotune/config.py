@@ -364,19 +364,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'data.val_size' must be in [0, 1), got {cfg.data.val_size}")
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
-    if cfg.train.learning_rate <= 0:
-        raise ConfigError(f"'train.learning_rate' must be positive, got {cfg.train.learning_rate}")
-    if cfg.train.num_epochs <= 0:
-        raise ConfigError(f"'train.num_epochs' must be positive, got {cfg.train.num_epochs}")
-    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
-        raise ConfigError(f"'train.max_steps' must be positive (or null to train num_epochs), got {cfg.train.max_steps}")
-    for name in cfg.train.report_to:
-        if name not in LOGGERS:
-            raise ConfigError(f"'train.report_to' holds {name!r}; choose from {', '.join(LOGGERS)}")
+    _validate_train(cfg.train)
     if cfg.lora.target_modules in (["all-linear"], "all-linear"):
         cfg.lora.target_modules = "all-linear"  # peft's keyword, not a module name
     elif isinstance(cfg.lora.target_modules, str):
         cfg.lora.target_modules = [cfg.lora.target_modules]
+
+
+def _validate_train(t: TrainConfig) -> None:
+    """Values of ``train`` that must be positive, and the loggers ``report_to`` may name."""
+    if t.learning_rate <= 0:
+        raise ConfigError(f"'train.learning_rate' must be positive, got {t.learning_rate}")
+    if t.num_epochs <= 0:  # 0 used to train one step
+        raise ConfigError(f"'train.num_epochs' must be positive, got {t.num_epochs}")
+    if t.max_steps is not None and t.max_steps <= 0:  # used to write an untrained adapter and exit 0
+        raise ConfigError(f"'train.max_steps' must be positive (or null to train num_epochs), got {t.max_steps}")
+    for name in t.report_to:
+        if name not in LOGGERS:
+            raise ConfigError(f"'train.report_to' holds {name!r}; choose from {', '.join(LOGGERS)}")
 
 
 def reference_markdown() -> str:

@@ -5,7 +5,6 @@ read data -> template -> tokenize + mask -> 4-bit base + LoRA -> train (eval / s
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,13 +13,15 @@ import torch
 from kotune import dist, fingerprint
 from kotune.assets import resolve_model
 from kotune.audit import add_model_checks, fatal_error, summary_lines
+from kotune.checkpoint import ADAPTER, BEST, write_adapter
+from kotune.claim import claim
 from kotune.config import Config
 from kotune.data import DataError
 from kotune.model import load_for_training, load_tokenizer
 from kotune.prepare import Prepared, prepare
-from kotune.security import inside, redact, refuse_escaping_links, refuse_pickle
+from kotune.security import inside, redact, refuse_pickle
 from kotune.signals import StopOnSignal
-from kotune.train import Fit, find_resume, write_summary
+from kotune.train import Fit, already_finished, find_resume, total_steps, write_summary
 
 CONFIG_FILE = "kotune_config.yaml"
 
@@ -29,13 +30,19 @@ class OutOfMemory(RuntimeError):
     """CUDA ran out of memory; the message names the settings to change and a smaller value to try."""
 
 
-def train(cfg: Config, resume: str | None = None, force: bool = False) -> Path:
+def train(cfg: Config, resume: str | None = None, force: bool = False, overwrite: bool = False) -> Path:
     """Run the whole job; returns the output folder holding the adapter.
 
-    ``resume``: ``auto`` or a checkpoint folder; ``force`` resumes even if the fingerprint changed.
+    ``resume``: ``auto`` or a checkpoint folder; ``force`` resumes even if the fingerprint changed;
+    ``overwrite`` moves a run already in the output folder aside instead of refusing to start over it.
     """
+    dist.init()
+    output_dir = Path(cfg.train.output_dir)
     try:
-        return _train(cfg, resume, force)
+        with claim(output_dir, resume is not None, overwrite) as aside:
+            if aside is not None:
+                print(f"kotune: moved the earlier run in {output_dir} to {aside} (--overwrite)")
+            return _train(cfg, output_dir, resume, force)
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(oom_advice(cfg)) from exc
 
@@ -58,11 +65,7 @@ def oom_advice(cfg: Config) -> str:
     )
 
 
-def _train(cfg: Config, resume: str | None, force: bool) -> Path:
-    dist.init()
-    output_dir = Path(cfg.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    refuse_escaping_links(output_dir)
+def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Path:
     model_path = resolve_model(cfg.model.path)
     if Path(model_path).is_dir():
         refuse_pickle(model_path, cfg.model.allow_pickle, "model folder", "model.allow_pickle: true")
@@ -77,11 +80,13 @@ def _train(cfg: Config, resume: str | None, force: bool) -> Path:
         raise SystemExit("kotune: no training rows left after tokenization; run `kotune data audit` on the config")
     if data.chat_template is not None:
         tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
-    _, model = load_for_training(cfg, model_path)
     fp = fingerprint.compute(cfg, tokenizer, data.template, data.train, data.validation)
     folder = find_resume(output_dir, resume)
     if folder is not None:
         fingerprint.check_resume(folder, fp, force)
+        if already_finished(folder, output_dir, total_steps(cfg, len(data.train), dist.rank_and_world()[1])[0]):
+            return output_dir
+    _, model = load_for_training(cfg, model_path)
     inside(output_dir, CONFIG_FILE).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
     fit = Fit(cfg, model, tokenizer, data.train, data.validation, output_dir, resume=folder, fingerprint=fp)
     with StopOnSignal() as stop:
@@ -126,11 +131,12 @@ def audit_data(data: Prepared, model_path: str, tokenizer) -> None:
 
 
 def save_final(fit: Fit, template, tokenizer, output_dir: Path) -> None:
-    """Adapter (safetensors), tokenizer and template; the best evaluated adapter when asked for."""
-    best = output_dir / "best"
-    fit.model.save_pretrained(output_dir, safe_serialization=True)
-    if fit.cfg.train.load_best_model_at_end and fit.state.best_step is not None and best.is_dir():
-        shutil.copy2(best / "adapter_model.safetensors", output_dir / "adapter_model.safetensors")
+    """Adapter (safetensors, written atomically), tokenizer and template; the best evaluated adapter when asked for."""
+    t = fit.cfg.train
+    best = output_dir / BEST / ADAPTER
+    keep_best = t.load_best_model_at_end and fit.state.best_step is not None and best.is_file()
+    write_adapter(fit.model, output_dir, best if keep_best else None, keep_free=int(t.min_free_disk_gb * 1e9))
+    if keep_best:
         print(f"kotune: kept the best adapter (step {fit.state.best_step}, eval_loss {fit.state.best_eval_loss:.4f})")
     tokenizer.save_pretrained(output_dir)
     template.save(output_dir)
