@@ -21,7 +21,7 @@ from kotune.model import load_for_training, load_tokenizer
 from kotune.prepare import Prepared, prepare
 from kotune.security import inside, redact, refuse_pickle
 from kotune.signals import StopOnSignal
-from kotune.train import Fit, already_finished, find_resume, total_steps, write_summary
+from kotune.train import Fit, NonFiniteLoss, already_finished, find_resume, total_steps, write_summary
 
 CONFIG_FILE = "kotune_config.yaml"
 
@@ -90,7 +90,10 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Pa
     inside(output_dir, CONFIG_FILE).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
     fit = Fit(cfg, model, tokenizer, data.train, data.validation, output_dir, resume=folder, fingerprint=fp)
     with StopOnSignal() as stop:
-        state = fit.run(stop)
+        try:
+            state = fit.run(stop)
+        except NonFiniteLoss as exc:
+            raise NonFiniteLoss(f"{exc}{untrained_tokens_hint(data)}") from None
     if fit.rank == 0:
         save_final(fit, data.template, tokenizer, output_dir)
         write_summary(
@@ -128,6 +131,12 @@ def audit_data(data: Prepared, model_path: str, tokenizer) -> None:
     message = fatal_error(data.audits)
     if message is not None:
         raise DataError(f"{message}\nSee `kotune data audit` for the full report.")
+
+
+def untrained_tokens_hint(data: Prepared) -> str:
+    """The audit's finding on untrained special-token embeddings, a likely cause of non-finite steps ('' if none)."""
+    found = [f.message for report in data.audits for f in report.findings if f.code == "untrained_special_tokens"]
+    return f". Likely cause, from the data audit: {found[0]}" if found else ""
 
 
 def save_final(fit: Fit, template, tokenizer, output_dir: Path) -> None:

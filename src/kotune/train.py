@@ -61,6 +61,8 @@ class RunState:
     bad_steps: int = 0
     """Consecutive steps skipped for a non-finite loss or gradient norm."""
     skipped_steps: int = 0
+    eval_pending: bool = False
+    """A stop signal skipped the evaluation due at this step; a resume runs it first."""
     best_eval_loss: float | None = None
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)
@@ -243,7 +245,7 @@ class Fit:
         """Train to the last step; with ``stop``, a signal saves a checkpoint and raises Interrupted."""
         cfg = self.cfg.train
         progress = self.reporter.progress(self.steps, self.state.step)
-        if cfg.eval_at_start and self.val_rows and self.state.step == 0:
+        if (cfg.eval_at_start and self.val_rows and self.state.step == 0) or self.state.eval_pending:
             self._evaluate()
         window_start, window_tokens = time.perf_counter(), 0
         while self.state.step < self.steps:
@@ -262,17 +264,24 @@ class Fit:
                 progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
             progress.update(1)
+            if stop is not None and self.state.step < self.steps and self._stop_requested(stop):
+                progress.close()
+                self._interrupt(stop)  # before this step's evaluation: a stop waits for one step, no more
             if self.val_rows and (self.state.step % cfg.eval_steps == 0 or self.state.step == self.steps):
                 self._evaluate()
             if self.state.step % cfg.save_steps == 0 or self.state.step == self.steps:
                 self.save_checkpoint()  # the last step too: a finished run can be extended with --resume
-            if stop is not None and self.state.step < self.steps and self._stop_requested(stop):
-                progress.close()
-                self._interrupt(stop)
         progress.close()
+        if self.state.step and self.state.skipped_steps == self.state.step:
+            raise NonFiniteLoss(
+                f"no update was applied: all {self.state.step} steps had a non-finite loss or gradient norm, so "
+                "the adapter is untrained (none was written). Check the data (`kotune data audit`), or lower "
+                f"train.learning_rate (now {cfg.learning_rate:g})"
+            )
         return self.state
 
     def _evaluate(self) -> None:
+        self.state.eval_pending = False
         eval_loss = evaluate(
             self.ddp_model, self.val_rows, self.cfg, self.tokenizer.pad_token_id, self.device, self.loss_fn
         )
@@ -333,6 +342,7 @@ class Fit:
     def _interrupt(self, stop: StopOnSignal):
         """Save a checkpoint at this step (unless one was just written) and raise Interrupted."""
         folder = self.output_dir / f"checkpoint-{self.state.step}"
+        self.state.eval_pending = bool(self.val_rows) and self.state.step % self.cfg.train.eval_steps == 0
         if self.saved_step != self.state.step:
             folder = self.save_checkpoint()
         raise Interrupted(stop.signum, self.state.step, folder if self.rank == 0 else None)
