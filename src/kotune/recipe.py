@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 from kotune import dist, fingerprint
-from kotune.assets import resolve_model
+from kotune.assets import check_model_folder, resolve_model
 from kotune.audit import add_model_checks, fatal_error, summary_lines
 from kotune.checkpoint import ADAPTER, BEST, write_adapter
 from kotune.claim import claim
 from kotune.config import Config
 from kotune.data import DataError
-from kotune.model import load_for_training, load_tokenizer
+from kotune.model import check_target_modules, load_for_training, load_tokenizer
 from kotune.prepare import Prepared, prepare
 from kotune.security import inside, redact, refuse_pickle
 from kotune.signals import StopOnSignal
@@ -67,6 +67,7 @@ def oom_advice(cfg: Config) -> str:
 
 def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Path:
     model_path = resolve_model(cfg.model.path)
+    check_model_folder(model_path)
     if Path(model_path).is_dir():
         refuse_pickle(model_path, cfg.model.allow_pickle, "model folder", "model.allow_pickle: true")
     # Tokenizer, data and its audit first: a data problem stops the run before the model loads.
@@ -86,6 +87,7 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Pa
         fingerprint.check_resume(folder, fp, force)
         if already_finished(folder, output_dir, total_steps(cfg, len(data.train), dist.rank_and_world()[1])[0]):
             return output_dir
+    check_target_modules(cfg, model_path)
     _, model = load_for_training(cfg, model_path)
     inside(output_dir, CONFIG_FILE).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
     fit = Fit(cfg, model, tokenizer, data.train, data.validation, output_dir, resume=folder, fingerprint=fp)
