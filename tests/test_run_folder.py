@@ -157,3 +157,50 @@ def test_run_folder_errors_are_user_errors():
     from kotune.errors import USER_ERRORS
 
     assert issubclass(RunFolderError, USER_ERRORS)
+
+
+CLAIM_ON_RANK = (
+    "import sys\n"
+    "from pathlib import Path\n"
+    "import torch.distributed\n"
+    "from kotune import dist\n"
+    "from kotune.claim import RunFolderError, claim\n"
+    "dist.init()\n"
+    "try:\n"
+    "    with claim(Path(sys.argv[1]), resume=False, overwrite=False):\n"
+    "        print('claimed', flush=True)\n"
+    "except RunFolderError as exc:\n"
+    "    print('refused:', exc, flush=True)\n"
+    "torch.distributed.destroy_process_group()\n"
+)
+
+
+def claim_on_two_ranks(out: Path) -> list[str]:
+    """What each of two gloo processes (as torchrun starts them) says when claiming ``out``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIM_ON_RANK, str(out)],
+            env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    said = [p.communicate(timeout=120)[0].strip() for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], said
+    return said
+
+
+def test_under_torchrun_rank_0_claims_for_all_and_a_refusal_stops_every_rank(tmp_path):
+    out = tmp_path / "run"
+    assert claim_on_two_ranks(out) == ["claimed", "claimed"]
+    assert (out / LOCK).is_file() and list(out.iterdir()) == [out / LOCK]
+    (out / "metrics.jsonl").write_text("{}\n")
+    rank0, rank1 = claim_on_two_ranks(out)
+    assert rank0.startswith(f"refused: train.output_dir {out} already holds a run (metrics.jsonl)")
+    assert rank1 == f"refused: train.output_dir {out}: the first process could not claim it"
