@@ -131,6 +131,8 @@ def test_resume_before_the_config_takes_it_as_the_config(tmp_path):
     assert (args.config, args.resume, args.overrides) == (str(config), "auto", ["train.seed=3"])
     args = parsed(str(config), "--resume", str(tmp_path / "checkpoint-4"))
     assert (args.config, args.resume) == (str(config), str(tmp_path / "checkpoint-4"))
+    args = parsed(str(config), "--resume", "train.max_steps=20")
+    assert (args.config, args.resume, args.overrides) == (str(config), "auto", ["train.max_steps=20"])
     with pytest.raises(ConfigError, match="two configs given"):
         parsed("--resume", str(config), str(config))
     with pytest.raises(ConfigError, match="no config given"):
@@ -142,6 +144,10 @@ def test_resume_before_the_config_runs_with_that_config(tmp_path, capsys):
     config.write_text("train:\n  max_steps: 2\n")
     assert main(["train", "--resume", str(config), "--dry-run"]) == 0
     assert "max_steps: 2" in capsys.readouterr().out
+    # extending a finished run: `--resume train.max_steps=N` is an override, not a checkpoint
+    assert main(["train", str(config), "--resume", "train.max_steps=20", "train.seed=3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 20" in out and "seed: 3" in out
 
 
 def test_resume_from_a_missing_checkpoint_names_it(tiny_train_config, tmp_path, capsys):

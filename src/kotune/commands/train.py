@@ -45,10 +45,13 @@ def register(sub) -> None:
 
 
 def config_and_resume(args) -> None:
-    """Sort out ``--resume CONFIG.yaml``: argparse gives the config to ``--resume`` (it takes an optional value).
+    """Sort out what argparse gives ``--resume`` (it takes an optional value) when it is not a checkpoint.
 
-    A checkpoint is a folder, so a file (or a ``.yaml`` name) after ``--resume`` is the config and the resume is auto.
+    A checkpoint is a folder, so a file (or a ``.yaml`` name) after ``--resume`` is the config, and a ``key=value``
+    an override; the resume is then auto.
     """
+    if args.resume not in (None, "auto") and "=" in args.resume and not Path(args.resume).is_dir():
+        args.overrides, args.resume = [args.resume, *args.overrides], "auto"  # `--resume train.max_steps=20`
     taken = args.resume not in (None, "auto") and (
         Path(args.resume).is_file() or Path(args.resume).suffix in (".yaml", ".yml")
     )
