@@ -4,7 +4,6 @@ untrained special-token warning on a tiny model whose rows we zero; ``kotune tra
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -265,12 +264,11 @@ def test_cli_audit_exits_non_zero_on_fatal_and_names_rows(tmp_path, tiny_llama3_
     assert "1 fatal problem(s); training would stop here" in out
 
 
-def test_train_stops_on_a_fatal_problem_before_the_model_loads(tmp_path, llama3_dir, monkeypatch, capsys):
-    """``llama3_dir`` holds a tokenizer and no weights: had the model started loading, the error would differ."""
+def test_train_stops_on_a_fatal_problem_before_the_model_loads(tmp_path, tiny_llama3_model, monkeypatch, capsys):
+    """Loading the model prints its parameter counts ("trainable params"): they must not appear."""
     monkeypatch.setenv("KOTUNE_CACHE", str(tmp_path / "cache"))
-    tokenizer_only = shutil.copytree(llama3_dir, tmp_path / "tokenizer-only")
     data = write_jsonl(tmp_path / "d.jsonl", [row(instruction=LONG), row(instruction=LONG)])
-    config = write_config(tmp_path, tokenizer_only, data, "cutoff_len: 32")
+    config = write_config(tmp_path, tiny_llama3_model, data, "cutoff_len: 32")
     assert main(["train", config, f"train.output_dir={tmp_path / 'out'}"]) == 2
     captured = capsys.readouterr()
     assert "kotune: audit: fatal: no row has a trainable token" in captured.out

@@ -23,6 +23,7 @@ from kotune.checkpoint import (
     save_adapter,
     trim_metrics,
     verify,
+    write_adapter,
     write_checkpoint,
 )
 from kotune.train import find_resume
@@ -151,6 +152,24 @@ def test_low_disk_refuses_the_save_and_keeps_the_previous_checkpoint(trained, tm
     assert "GB free" in message and "train.min_free_disk_gb" in message and str(previous) in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     verify(previous)
+
+
+def test_the_final_adapter_is_written_whole_or_not_at_all(trained, tmp_path):
+    model, _ = trained
+    write_adapter(model, tmp_path, None, keep_free=0)
+    first = (tmp_path / "adapter_model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "README.md") == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    with pytest.raises(CheckpointError) as refused:
+        write_adapter(model, tmp_path, None, keep_free=1 << 62)
+    assert "the final adapter needs about" in str(refused.value) and "train.min_free_disk_gb" in str(refused.value)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == first
+    assert not list(tmp_path.glob(".tmp-*"))
+    best = save_adapter(model, tmp_path / "best") / "adapter_model.safetensors"
+    write_adapter(model, tmp_path, best, keep_free=0)  # the best adapter's weights, written the same way
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == best.read_bytes()
 
 
 def test_free_space_check_passes_with_room(tmp_path):

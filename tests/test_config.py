@@ -72,6 +72,11 @@ def test_unknown_section_is_named(tmp_path):
         ("train.optimizer=sgd", "choose one of"),
         ("data.val_size=1.5", "'data.val_size' must be in"),
         ("train.learning_rate", "must look like section.key=value"),
+        ("train.max_steps=-3", "'train.max_steps' must be positive"),
+        ("train.max_steps=0", "'train.max_steps' must be positive"),
+        ("train.num_epochs=0", "'train.num_epochs' must be positive"),
+        ("train.num_epochs=-1", "'train.num_epochs' must be positive"),
+        ("train.report_to=[tensorbord]", "'train.report_to' holds 'tensorbord'; choose from wandb, tensorboard"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -121,3 +126,17 @@ def test_cli_reports_a_misspelled_key_without_traceback(capsys):
 
     assert main(["train", str(ROOT / "examples" / "ko-demo.yaml"), "--dry-run", "lora.rank=8"]) == 2
     assert "unknown key 'lora.rank'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
+def test_a_logger_whose_package_is_missing_names_the_extra_before_anything_loads(logger, monkeypatch, capsys):
+    from kotune import report
+    from kotune.cli import main
+
+    monkeypatch.setitem(report.PACKAGES, logger, "kotune_no_such_package")
+    config = str(ROOT / "examples" / "ko-demo.yaml")
+    assert main(["train", config, "--dry-run", f"train.report_to=[{logger}]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kotune: error: ") and logger in err and "pip install 'kotune[logging]'" in err
+    monkeypatch.setitem(report.PACKAGES, logger, "json")  # any installed package: the check passes
+    assert main(["train", config, "--dry-run", f"train.report_to=[{logger}]"]) == 0

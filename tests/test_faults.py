@@ -95,6 +95,29 @@ def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(ti
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and not any(r["skipped"] for r in losses.values())
 
 
+def test_a_run_in_which_no_update_was_applied_ends_with_an_error(tiny_train_config, tmp_path):
+    out = tmp_path / "run"
+    handle = nan_logits_on_steps({1, 2})
+    try:
+        with pytest.raises(NonFiniteLoss, match="no update was applied: all 2 steps had a non-finite loss"):
+            train(tiny_train_config(out, {"train.max_steps": 2, "train.max_bad_steps": 5}))
+    finally:
+        handle.remove()
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "run_summary.json").exists()
+
+
+def test_the_nan_stop_names_untrained_special_tokens_the_audit_found():
+    from types import SimpleNamespace
+
+    from kotune.audit import WARNING, Finding
+    from kotune.recipe import untrained_tokens_hint
+
+    finding = Finding("untrained_special_tokens", WARNING, "special tokens ... look untrained: <|im_end|>")
+    data = SimpleNamespace(audits=(SimpleNamespace(findings=[finding]),))
+    assert untrained_tokens_hint(data) == f". Likely cause, from the data audit: {finding.message}"
+    assert untrained_tokens_hint(SimpleNamespace(audits=(SimpleNamespace(findings=[]),))) == ""
+
+
 POISON = "<|reserved_special_token_5|>"
 """A Llama-3 special token that encodes to one id and appears in no other row."""
 

@@ -18,7 +18,7 @@ import torch
 from conftest import TINY_TRAIN_ROWS, write_jsonl
 from safetensors.torch import load_file
 
-from kotune.checkpoint import latest_good
+from kotune.checkpoint import CheckpointError, latest_good
 from kotune.fingerprint import FingerprintMismatch
 from kotune.recipe import train
 from kotune.signals import Interrupted
@@ -132,9 +132,11 @@ def test_sigint_mid_window_saves_that_step_and_resumes_to_the_same_run(tiny_trai
     cfg = tiny_train_config(out)
     with pytest.raises(Interrupted) as stopped, AtForward(5, lambda: os.kill(os.getpid(), signal.SIGINT)):
         train(cfg)
-    # forward 5 opens step 3: the step is finished (and evaluated) first, then saved off the save_steps cadence
+    # forward 5 opens step 3: the step is finished, then saved off the save_steps cadence; its evaluation is
+    # skipped (a stop waits for one step, no more) and runs first on resume
     assert (stopped.value.step, stopped.value.exit_code) == (3, 130)
     assert stopped.value.checkpoint == out / "checkpoint-3" and latest_good(out) == out / "checkpoint-3"
+    assert 3 in by_step(out, "loss") and 3 not in by_step(out, "eval_loss")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     train(cfg, resume="auto")
     assert_same_run(out, reference)
@@ -151,6 +153,64 @@ def test_killed_4bit_run_resumes_to_the_same_losses_and_adapter(tiny_train_confi
         train(cfg)
     train(cfg, resume="auto")
     assert_same_run(out, reference_dir)
+
+
+FOUR_BIT = {"model.quantization": "4bit"}
+
+
+@pytest.mark.slow
+def test_an_evaluation_does_not_change_4bit_training(tiny_train_config, tmp_path):
+    # On AVX512-BF16 CPUs bitsandbytes rewrote the 4-bit weights at the first evaluation (see
+    # kotune.model.keep_4bit_weights_exact): step 4's loss moved by 2e-6 relative after an eval at step 3.
+    with_eval = train(tiny_train_config(tmp_path / "eval3", FOUR_BIT))  # evaluations at steps 3 and 6
+    without = train(tiny_train_config(tmp_path / "eval6", {**FOUR_BIT, "train.eval_steps": 6}))  # step 6 only
+    assert_close_rel(by_step(with_eval, "loss"), by_step(without, "loss"), rel=0)
+    assert_same_adapter(
+        with_eval / "checkpoint-6" / "adapter_model.safetensors", without / "checkpoint-6" / "adapter_model.safetensors"
+    )
+
+
+KILL_AT_FORWARD = """
+import os, sys
+import torch
+from peft import PeftModel
+from kotune.cli import main
+
+seen = [0]
+
+def kill(module, args):
+    if isinstance(module, PeftModel) and module.training and torch.is_grad_enabled():
+        seen[0] += 1
+        if seen[0] == int(sys.argv[2]):
+            os._exit(137)  # as kill -9: nothing of the run executes after this point
+
+torch.nn.modules.module.register_module_forward_pre_hook(kill)
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+def test_a_4bit_run_killed_after_an_evaluation_resumes_in_a_new_process_to_the_same_run(tiny_train_config, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import run_kotune
+
+    configs = {}
+    for name in ("reference", "run"):
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(tiny_train_config(tmp_path / name, FOUR_BIT).to_yaml(), encoding="utf-8")
+    done = run_kotune(["train", str(configs["reference"])])
+    assert done.returncode == 0, done.stderr[-3000:]
+    # forward 9 opens step 5: after the evaluation at step 3 and checkpoint-4
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_FORWARD, str(configs["run"]), "9"], capture_output=True)
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    assert latest_good(tmp_path / "run") == tmp_path / "run" / "checkpoint-4"
+    assert 3 in by_step(tmp_path / "run", "eval_loss")
+    resumed = run_kotune(["train", str(configs["run"]), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
 
 
 @pytest.mark.gpu
@@ -177,8 +237,11 @@ def test_resume_auto_without_checkpoints_starts_from_step_zero(tiny_train_config
 
 @pytest.fixture
 def finished_copy(reference, tmp_path) -> Path:
-    """A copy of the reference run, so a resume attempt cannot disturb the shared one."""
-    return Path(shutil.copytree(reference, tmp_path / "copy"))
+    """A copy of the reference run without its final checkpoint (as if killed after checkpoint-4 was written), so a
+    resume replays steps 5 and 6; a copy, so a resume attempt cannot disturb the shared run."""
+    copy = Path(shutil.copytree(reference, tmp_path / "copy"))
+    shutil.rmtree(copy / "checkpoint-6")
+    return copy
 
 
 def test_resume_with_changed_dataset_is_refused_then_forced(tiny_train_config, finished_copy, tmp_path, capsys):
@@ -221,3 +284,45 @@ def test_every_key_a_resume_may_change_is_a_real_config_key():
     from kotune.fingerprint import NOT_FINGERPRINTED
 
     assert sorted(NOT_FINGERPRINTED - set(all_keys())) == []
+
+
+@pytest.fixture
+def finished(reference, tmp_path) -> Path:
+    """A copy of the finished reference run (its final checkpoint included)."""
+    return Path(shutil.copytree(reference, tmp_path / "finished"))
+
+
+def test_a_finished_run_ends_in_a_checkpoint_and_resuming_it_changes_nothing(tiny_train_config, finished, capsys):
+    assert latest_good(finished) == finished / "checkpoint-6"
+    kept = {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()}
+    train(tiny_train_config(finished), resume="auto")
+    out = capsys.readouterr().out
+    assert f"{finished} is a finished run (6 steps, adapter written); nothing to do" in out
+    assert "trainable params" not in out, "the model must not load"
+    assert {p: p.read_bytes() for p in finished.rglob("*") if p.is_file() and p.name != ".kotune-lock"} == {
+        p: b for p, b in kept.items() if p.name != ".kotune-lock"
+    }
+
+
+def test_a_finished_run_is_extended_to_a_new_end(tiny_train_config, finished, reference, capsys):
+    train(tiny_train_config(finished, {"train.max_steps": 8}), resume="auto")
+    captured = capsys.readouterr()
+    assert "the run's end moved (config train.max_steps: 6 -> 8); the learning-rate schedule is recomputed" in (
+        captured.out
+    )
+    assert f"resumed from {finished / 'checkpoint-6'} at step 6 (of 8)" in captured.err
+    losses, expected = by_step(finished, "loss"), by_step(reference, "loss")
+    assert sorted(losses) == list(range(1, 9))
+    assert_close_rel({s: losses[s] for s in expected}, expected, rel=0)
+    assert latest_good(finished) == finished / "checkpoint-8"
+    assert json.loads((finished / "run_summary.json").read_text())["steps"] == 8
+    with pytest.raises(CheckpointError, match="is at step 8, past this config's end \\(step 6\\)"):
+        train(tiny_train_config(finished), resume="auto")
+
+
+def test_a_run_whose_final_adapter_write_failed_writes_it_on_resume(tiny_train_config, finished, reference):
+    # what a full disk at the final write leaves: the final checkpoint, no adapter and no summary
+    (finished / "adapter_model.safetensors").unlink()
+    (finished / "run_summary.json").unlink()
+    train(tiny_train_config(finished), resume="auto")
+    assert_same_run(finished, reference)

@@ -86,7 +86,42 @@ def resolve_model(path: str, cache_dir: str | None = None) -> str:
         if not os.path.isfile(path):
             raise AssetError(f"GGUF file not found: {path}. Check the path, or pass a model folder.")
         return str(convert_gguf(Path(path), cache_dir))
+    if looks_local(path):
+        raise AssetError(
+            f"model.path {path}: no such folder. Check the path; a hub model is named NAME or ORG/NAME, "
+            "a GGUF file ends in .gguf"
+        )
     return path
+
+
+def looks_local(path: str) -> bool:
+    """Whether ``path`` names a local file or folder, existing or not; such a path is never sent to the hub.
+
+    Hub names are ``NAME`` or ``ORG/NAME``: a path starting with ``/``, ``.`` or ``~``, with more than one ``/``,
+    or whose parent folder exists here is local.
+    """
+    parent = Path(path).expanduser().parent
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or (parent != Path(".") and parent.is_dir())
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+"""Files that hold a model's weights (pickle ones are refused later unless allowed)."""
+
+
+def check_model_folder(path: str) -> None:
+    """Fail before loading if a local model folder lacks ``config.json`` or any weights file (a tokenizer only?)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    names = sorted(p.name for p in folder.iterdir())
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if not any(Path(n).suffix in WEIGHT_SUFFIXES for n in names):
+        missing.append("weights (*.safetensors)")
+    if missing:
+        raise AssetError(
+            f"model folder {path} has no {' and no '.join(missing)} (it holds: {', '.join(names[:8]) or 'nothing'}); "
+            "model.path must be a whole model: config.json, weights and tokenizer"
+        )
 
 
 def parse_pypi_spec(spec: str) -> PypiSpec:

@@ -114,15 +114,15 @@ def estimate_size(model, optimizer, with_best: bool) -> int:
     return adapter * (2 if with_best else 1) + opt + (1 << 20)
 
 
-def check_free_space(output_dir: Path, needed: int, keep_free: int) -> None:
-    """Raise CheckpointError if writing ``needed`` bytes would leave less than ``keep_free`` on the disk."""
+def check_free_space(output_dir: Path, needed: int, keep_free: int, what: str = "a checkpoint") -> None:
+    """Raise CheckpointError if writing ``needed`` bytes (of ``what``) would leave less than ``keep_free`` free."""
     free = shutil.disk_usage(output_dir).free
     if free - needed >= keep_free:
         return
     previous = latest_good(output_dir, log=lambda _: None)
     kept = f"the previous checkpoint {previous} is intact" if previous else "no checkpoint has been written yet"
     raise CheckpointError(
-        f"{output_dir}: {free / 1e9:.2f} GB free; a checkpoint needs about {needed / 1e6:.1f} MB and "
+        f"{output_dir}: {free / 1e9:.2f} GB free; {what} needs about {needed / 1e6:.1f} MB and "
         f"train.min_free_disk_gb asks to keep {keep_free / 1e9:.2f} GB free; {kept}. Free some space "
         "(or lower train.save_total_limit) and resume with --resume"
     )
@@ -196,6 +196,33 @@ def save_adapter(model, folder: Path) -> Path:
     return folder
 
 
+def write_adapter(model, output_dir: Path, weights: Path | None, keep_free: int) -> None:
+    """The run's adapter into ``output_dir``: free space checked, written beside, fsynced, renamed into place.
+
+    ``weights``: an ``adapter_model.safetensors`` to write instead of the model's own weights (the best one).
+    Each file is replaced whole, so a crash or a full disk leaves the old file or the new one, never a torn one.
+    """
+    needed = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) + (1 << 20)
+    check_free_space(output_dir, needed, keep_free, what="the final adapter")
+    tmp = inside(output_dir, ".tmp-adapter")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if weights is not None:
+            shutil.copyfile(weights, tmp / ADAPTER)
+        _fsync_tree(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{output_dir}: the final adapter could not be written ({exc}); the last checkpoint holds it: "
+            "free some space and run the same command with --resume to write it"
+        ) from exc
+    for file in sorted(tmp.iterdir()):
+        os.replace(file, output_dir / file.name)
+    tmp.rmdir()
+    _fsync_dir(output_dir)
+
+
 def restore_best(checkpoint: Path, output_dir: Path) -> None:
     """Make ``best/`` what it was when ``checkpoint`` was written (absent if there was no best adapter yet)."""
     best = inside(output_dir, BEST)
@@ -254,6 +281,11 @@ def verify(folder: Path) -> None:
             raise CheckpointError(f"{folder}: {name} is missing")
         if sha256(path) != digest:
             raise CheckpointError(f"{folder}: {name} does not match its checksum (corrupt or changed)")
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The optimizer steps done when ``folder`` (a verified checkpoint) was written."""
+    return json.loads((folder / STATE).read_text(encoding="utf-8"))["step"]
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

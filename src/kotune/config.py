@@ -340,6 +340,9 @@ CHOICES = {
     "train.packing": ("auto", "on", "off"),
 }
 
+LOGGERS = ("wandb", "tensorboard")
+"""What ``train.report_to`` may name."""
+
 
 def validate(cfg: Config) -> None:
     """Check value ranges and choices; errors name the key."""
@@ -364,8 +367,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'data.val_size' must be in [0, 1), got {cfg.data.val_size}")
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
-    if cfg.train.learning_rate <= 0:
-        raise ConfigError(f"'train.learning_rate' must be positive, got {cfg.train.learning_rate}")
+    _validate_train(cfg.train)
     if cfg.lora.target_modules in (["all-linear"], "all-linear"):
         cfg.lora.target_modules = "all-linear"  # peft's keyword, not a module name
     elif isinstance(cfg.lora.target_modules, str):
@@ -374,6 +376,19 @@ def validate(cfg: Config) -> None:
         cfg.lora.trainable_tokens = "auto"  # the keyword, not the token "auto"
     elif isinstance(cfg.lora.trainable_tokens, str):
         cfg.lora.trainable_tokens = [cfg.lora.trainable_tokens]
+
+
+def _validate_train(t: TrainConfig) -> None:
+    """Values of ``train`` that must be positive, and the loggers ``report_to`` may name."""
+    if t.learning_rate <= 0:
+        raise ConfigError(f"'train.learning_rate' must be positive, got {t.learning_rate}")
+    if t.num_epochs <= 0:  # 0 used to train one step
+        raise ConfigError(f"'train.num_epochs' must be positive, got {t.num_epochs}")
+    if t.max_steps is not None and t.max_steps <= 0:  # used to write an untrained adapter and exit 0
+        raise ConfigError(f"'train.max_steps' must be positive (or null to train num_epochs), got {t.max_steps}")
+    for name in t.report_to:
+        if name not in LOGGERS:
+            raise ConfigError(f"'train.report_to' holds {name!r}; choose from {', '.join(LOGGERS)}")
 
 
 def reference_markdown() -> str:

@@ -131,7 +131,10 @@ def local_files(path: str | Path) -> list[Path]:
 
 
 def is_local(spec: str) -> bool:
-    return Path(spec).exists() or Path(spec).suffix in LOCAL_SUFFIXES
+    """A local file or folder (existing or not: a misspelled local path must not be sent to the hub)."""
+    from kotune.assets import looks_local
+
+    return Path(spec).exists() or Path(spec).suffix in LOCAL_SUFFIXES or looks_local(spec)
 
 
 def read_rows(spec: str, split: str = "train") -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from kotune.assets import AssetError
 from kotune.checkpoint import CheckpointError
+from kotune.claim import RunFolderError
 from kotune.config import ConfigError
 from kotune.data import DataError
 from kotune.inference import FolderError
@@ -17,5 +18,6 @@ USER_ERRORS = (
     FolderError,
     MergeError,
     PublishError,
+    RunFolderError,
     TemplateError,
 )

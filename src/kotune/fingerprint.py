@@ -50,6 +50,12 @@ NOT_FINGERPRINTED = frozenset(
 )
 """Config keys a resume may change. Every other key, including ones added later, is fingerprinted."""
 
+RUN_END = ("train.max_steps", "train.num_epochs")
+"""Fingerprinted, but a resume may move them, and says so: they only set where the run ends, so a finished run can
+be extended. Weights, optimizer state, RNG and data position carry over exactly; the learning-rate schedule (a
+function of the step and the total) is recomputed for the new end, so the steps after the resume differ from the
+old run's plan, which is why the change is stated rather than silent."""
+
 
 class FingerprintMismatch(CheckpointError):
     """Resuming would continue on different data, tokenizer, template or config; the message lists what."""
@@ -144,17 +150,23 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         if saved.get(part) != current.get(part):
             out.append(f"{what}: changed")
     old_cfg, new_cfg = saved.get("config", {}), current.get("config", {})
-    for key in sorted(set(old_cfg) | set(new_cfg)):
-        if old_cfg.get(key, "<unset>") != new_cfg.get(key, "<unset>"):
-            out.append(f"config {key}: {old_cfg.get(key, '<unset>')!r} -> {new_cfg.get(key, '<unset>')!r}")
-    return out
+    return out + config_changes(old_cfg, new_cfg, sorted((set(old_cfg) | set(new_cfg)) - set(RUN_END)))
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], keys) -> list[str]:
+    """``config KEY: old -> new`` for each of ``keys`` whose value differs."""
+    changed = [k for k in keys if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    return [f"config {k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed]
 
 
 def check_resume(folder: Path, current: dict[str, Any], force: bool, log=print) -> None:
     """Refuse to resume from ``folder`` if its fingerprint differs from ``current`` (``force`` only warns)."""
     path = folder / FILE
     if path.is_file():
-        changes = differences(json.loads(path.read_text(encoding="utf-8")), current)
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changes = differences(saved, current)
+        if moved := config_changes(saved.get("config", {}), current["config"], RUN_END):
+            log(f"kotune: the run's end moved ({'; '.join(moved)}); the learning-rate schedule is recomputed for it")
     else:
         changes = [f"{folder} has no {FILE} (written by an older kotune), so nothing can be checked"]
     if not changes:

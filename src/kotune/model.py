@@ -8,7 +8,8 @@ import warnings
 
 import torch
 
-from kotune.config import Config, LoraConfig, ModelConfig
+from kotune.assets import AssetError
+from kotune.config import Config, ConfigError, LoraConfig, ModelConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -129,7 +130,7 @@ def load_base_model(path: str, cfg: ModelConfig, fast_path: bool = False):
     from transformers import AutoModelForCausalLM
 
     quant = quantization_config(cfg)
-    model = AutoModelForCausalLM.from_pretrained(
+    model, loading = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=quant,
         dtype=DTYPES[cfg.compute_dtype],
@@ -137,7 +138,9 @@ def load_base_model(path: str, cfg: ModelConfig, fast_path: bool = False):
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
         use_safetensors=None if cfg.allow_pickle else True,  # hub names too: no pickle weights unless allowed
+        output_loading_info=True,
     )
+    refuse_missing_weights(path, loading["missing_keys"])
     model.config.use_cache = False
     if cfg.quantization == "4bit":
         keep_4bit_weights_exact(model)
@@ -153,6 +156,44 @@ def load_base_model(path: str, cfg: ModelConfig, fast_path: bool = False):
         if quant is None:  # non-reentrant checkpointing needs no input gradients; this keeps the earlier setup
             model.enable_input_require_grads()
     return model
+
+
+def refuse_missing_weights(path: str, missing) -> None:
+    """transformers fills weights absent from the files with random values and only warns: that is an error here.
+
+    (A folder with the real weights in ``pytorch_model.bin`` and an unrelated ``model.safetensors`` loaded every
+    weight at random and trained on it.)
+    """
+    if missing:
+        names = sorted(missing)
+        raise AssetError(
+            f"model {path}: {len(names)} weights are missing from its files ({', '.join(names[:4])}"
+            f"{', ...' if len(names) > 4 else ''}), so they would be random. Check the folder's weight files: "
+            "a .safetensors file that belongs to another model? (pickle weights load only with model.allow_pickle)"
+        )
+
+
+def check_target_modules(cfg: Config, path: str) -> None:
+    """Fail before the weights load if a ``lora.target_modules`` name matches no module of the model.
+
+    peft matches a name to a module whose full name is that name or ends in ``.NAME``; the model's modules are
+    listed from its config on the meta device, which allocates nothing.
+    """
+    if cfg.lora.target_modules == "all-linear":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    names = [name for name, _ in skeleton.named_modules()]
+    unmatched = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(
+            f"'lora.target_modules': {', '.join(unmatched)} match no module of {path}; its linear layers are "
+            f"{', '.join(linear)} (or use all-linear)"
+        )
 
 
 def attach_lora(model, cfg: LoraConfig, token_ids: list[int] = ()):

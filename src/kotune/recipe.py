@@ -5,22 +5,23 @@ read data -> template -> tokenize + mask -> 4-bit base + LoRA -> train (eval / s
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from kotune import dist, fingerprint
-from kotune.assets import resolve_model
+from kotune.assets import check_model_folder, resolve_model
 from kotune.audit import add_model_checks, fatal_error, summary_lines, untrained_token_ids
+from kotune.checkpoint import ADAPTER, BEST, write_adapter
+from kotune.claim import claim
 from kotune.config import Config
 from kotune.data import DataError
-from kotune.model import load_for_training, load_tokenizer, trainable_token_ids
+from kotune.model import check_target_modules, load_for_training, load_tokenizer, trainable_token_ids
 from kotune.prepare import Prepared, prepare
-from kotune.security import inside, redact, refuse_escaping_links, refuse_pickle
+from kotune.security import inside, redact, refuse_pickle
 from kotune.signals import StopOnSignal
-from kotune.train import Fit, find_resume, write_summary
+from kotune.train import Fit, NonFiniteLoss, already_finished, find_resume, total_steps, write_summary
 
 CONFIG_FILE = "kotune_config.yaml"
 
@@ -29,13 +30,19 @@ class OutOfMemory(RuntimeError):
     """CUDA ran out of memory; the message names the settings to change and a smaller value to try."""
 
 
-def train(cfg: Config, resume: str | None = None, force: bool = False) -> Path:
+def train(cfg: Config, resume: str | None = None, force: bool = False, overwrite: bool = False) -> Path:
     """Run the whole job; returns the output folder holding the adapter.
 
-    ``resume``: ``auto`` or a checkpoint folder; ``force`` resumes even if the fingerprint changed.
+    ``resume``: ``auto`` or a checkpoint folder; ``force`` resumes even if the fingerprint changed;
+    ``overwrite`` moves a run already in the output folder aside instead of refusing to start over it.
     """
+    dist.init()
+    output_dir = Path(cfg.train.output_dir)
     try:
-        return _train(cfg, resume, force)
+        with claim(output_dir, resume is not None, overwrite) as aside:
+            if aside is not None:
+                print(f"kotune: moved the earlier run in {output_dir} to {aside} (--overwrite)")
+            return _train(cfg, output_dir, resume, force)
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(oom_advice(cfg)) from exc
 
@@ -58,12 +65,9 @@ def oom_advice(cfg: Config) -> str:
     )
 
 
-def _train(cfg: Config, resume: str | None, force: bool) -> Path:
-    dist.init()
-    output_dir = Path(cfg.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    refuse_escaping_links(output_dir)
+def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Path:
     model_path = resolve_model(cfg.model.path)
+    check_model_folder(model_path)
     if Path(model_path).is_dir():
         refuse_pickle(model_path, cfg.model.allow_pickle, "model folder", "model.allow_pickle: true")
     # Tokenizer, data and its audit first: a data problem stops the run before the model loads.
@@ -79,18 +83,24 @@ def _train(cfg: Config, resume: str | None, force: bool) -> Path:
     if data.chat_template is not None:
         tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
     token_ids = trainable_token_ids(cfg.lora, tokenizer, untrained_token_ids(data.audits))
-    if cfg.lora.trainable_tokens == "auto":  # the saved config and the fast-path choice see what was resolved
+    if cfg.lora.trainable_tokens == "auto":  # the saved config, fingerprint and fast-path choice see the result
         cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
-    _, model = load_for_training(cfg, model_path, token_ids)
     fp = fingerprint.compute(cfg, tokenizer, data.template, data.train, data.validation)
     folder = find_resume(output_dir, resume)
     if folder is not None:
         fingerprint.check_resume(folder, fp, force)
+        if already_finished(folder, output_dir, total_steps(cfg, len(data.train), dist.rank_and_world()[1])[0]):
+            return output_dir
+    check_target_modules(cfg, model_path)
+    _, model = load_for_training(cfg, model_path, token_ids)
     if dist.is_main():
         inside(output_dir, CONFIG_FILE).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
     fit = Fit(cfg, model, tokenizer, data.train, data.validation, output_dir, resume=folder, fingerprint=fp)
     with StopOnSignal() as stop:
-        state = fit.run(stop)
+        try:
+            state = fit.run(stop)
+        except NonFiniteLoss as exc:
+            raise NonFiniteLoss(f"{exc}{untrained_tokens_hint(data)}") from None
     if fit.rank == 0:
         save_final(fit, data.template, tokenizer, output_dir)
         write_summary(
@@ -139,12 +149,19 @@ def audit_data(data: Prepared, model_path: str, tokenizer) -> None:
         raise DataError(f"{message}\nSee `kotune data audit` for the full report.")
 
 
+def untrained_tokens_hint(data: Prepared) -> str:
+    """The audit's finding on untrained special-token embeddings, a likely cause of non-finite steps ('' if none)."""
+    found = [f.message for report in data.audits for f in report.findings if f.code == "untrained_special_tokens"]
+    return f". Likely cause, from the data audit: {found[0]}" if found else ""
+
+
 def save_final(fit: Fit, template, tokenizer, output_dir: Path) -> None:
-    """Adapter (safetensors), tokenizer and template; the best evaluated adapter when asked for."""
-    best = output_dir / "best"
-    fit.model.save_pretrained(output_dir, safe_serialization=True)
-    if fit.cfg.train.load_best_model_at_end and fit.state.best_step is not None and best.is_dir():
-        shutil.copy2(best / "adapter_model.safetensors", output_dir / "adapter_model.safetensors")
+    """Adapter (safetensors, written atomically), tokenizer and template; the best evaluated adapter when asked for."""
+    t = fit.cfg.train
+    best = output_dir / BEST / ADAPTER
+    keep_best = t.load_best_model_at_end and fit.state.best_step is not None and best.is_file()
+    write_adapter(fit.model, output_dir, best if keep_best else None, keep_free=int(t.min_free_disk_gb * 1e9))
+    if keep_best:
         print(f"kotune: kept the best adapter (step {fit.state.best_step}, eval_loss {fit.state.best_eval_loss:.4f})")
     tokenizer.save_pretrained(output_dir)
     template.save(output_dir)

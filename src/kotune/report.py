@@ -9,7 +9,22 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kotune.config import Config
+from kotune.config import Config, ConfigError
+
+PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
+"""The package each ``train.report_to`` logger imports (both come with ``pip install 'kotune[logging]'``)."""
+
+
+def check_loggers(cfg: Config) -> None:
+    """Fail before anything loads if a logger in ``train.report_to`` is not installed, naming the extra."""
+    import importlib.util
+
+    missing = [name for name in cfg.train.report_to if importlib.util.find_spec(PACKAGES[name]) is None]
+    if missing:
+        raise ConfigError(
+            f"'train.report_to' asks for {', '.join(missing)}, which is not installed: "
+            "pip install 'kotune[logging]' (or drop it from train.report_to; metrics.jsonl is always written)"
+        )
 
 
 class Reporter:
@@ -71,4 +86,4 @@ def _open_backend(name: str, cfg: Config, output_dir: Path):
             writer.flush()
 
         return write
-    raise ValueError(f"train.report_to: unknown logger '{name}'; use wandb or tensorboard")
+    raise ValueError(f"train.report_to: unknown logger '{name}'")  # config.validate lets only LOGGERS through

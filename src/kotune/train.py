@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from kotune import dist, fast
 from kotune.checkpoint import (
     BEST,
     CheckpointError,
+    checkpoint_step,
     latest_good,
     list_checkpoints,
     prune,
@@ -29,6 +31,7 @@ from kotune.checkpoint import (
     restore_rng,
     save_adapter,
     trim_metrics,
+    verify,
     write_checkpoint,
 )
 from kotune.collate import collate, collate_packed, epoch_order, length_grouped_order
@@ -39,6 +42,9 @@ from kotune.optim import build_optimizer, lr_at
 from kotune.report import Reporter
 from kotune.security import inside
 from kotune.signals import Interrupted, StopOnSignal
+
+SUMMARY = "run_summary.json"
+"""Written last by a finished run: steps, tokens, skipped steps, best evaluation and data counts."""
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -56,6 +62,8 @@ class RunState:
     bad_steps: int = 0
     """Consecutive steps skipped for a non-finite loss or gradient norm."""
     skipped_steps: int = 0
+    eval_pending: bool = False
+    """A stop signal skipped the evaluation due at this step; a resume runs it first."""
     best_eval_loss: float | None = None
     best_step: int | None = None
     processes: int = 1
@@ -277,7 +285,7 @@ class Fit:
         """Train to the last step; with ``stop``, a signal saves a checkpoint and raises Interrupted."""
         cfg = self.cfg.train
         progress = self.reporter.progress(self.steps, self.state.step)
-        if cfg.eval_at_start and self.val_rows and self.state.step == 0:
+        if (cfg.eval_at_start and self.val_rows and self.state.step == 0) or self.state.eval_pending:
             self._evaluate()
         window_start, window_tokens = time.perf_counter(), 0
         while self.state.step < self.steps:
@@ -296,17 +304,24 @@ class Fit:
                 progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
             progress.update(1)
-            if self.val_rows and (self.state.step % cfg.eval_steps == 0 or self.state.step == self.steps):
-                self._evaluate()
-            if self.state.step % cfg.save_steps == 0 and self.state.step < self.steps:
-                self.save_checkpoint()
             if stop is not None and self.state.step < self.steps and self._stop_requested(stop):
                 progress.close()
-                self._interrupt(stop)
+                self._interrupt(stop)  # before this step's evaluation: a stop waits for one step, no more
+            if self.val_rows and (self.state.step % cfg.eval_steps == 0 or self.state.step == self.steps):
+                self._evaluate()
+            if self.state.step % cfg.save_steps == 0 or self.state.step == self.steps:
+                self.save_checkpoint()  # the last step too: a finished run can be extended with --resume
         progress.close()
+        if self.state.step and self.state.skipped_steps == self.state.step:
+            raise NonFiniteLoss(
+                f"no update was applied: all {self.state.step} steps had a non-finite loss or gradient norm, so "
+                "the adapter is untrained (none was written). Check the data (`kotune data audit`), or lower "
+                f"train.learning_rate (now {cfg.learning_rate:g})"
+            )
         return self.state
 
     def _evaluate(self) -> None:
+        self.state.eval_pending = False
         eval_loss = evaluate(
             self.ddp_model, self.val_rows, self.cfg, self.tokenizer.pad_token_id, self.device, self.loss_fn
         )
@@ -357,7 +372,7 @@ class Fit:
             restore_best(folder, self.output_dir)
             dropped = trim_metrics(self.reporter.metrics_path, self.state.step)
         replay = f"; {dropped} metrics records after it will be logged again" if dropped else ""
-        self.reporter.info(f"resumed from {folder} at step {self.state.step}{replay}")
+        self.reporter.info(f"resumed from {folder} at step {self.state.step} (of {self.steps}){replay}")
 
     def _stop_requested(self, stop: StopOnSignal) -> bool:
         """Whether a process got a stop signal; all processes must agree, or rank 0's save would wait forever."""
@@ -370,6 +385,7 @@ class Fit:
     def _interrupt(self, stop: StopOnSignal):
         """Save a checkpoint at this step (unless one was just written) and raise Interrupted."""
         folder = self.output_dir / f"checkpoint-{self.state.step}"
+        self.state.eval_pending = bool(self.val_rows) and self.state.step % self.cfg.train.eval_steps == 0
         if self.saved_step != self.state.step:
             folder = self.save_checkpoint()
         raise Interrupted(stop.signum, self.state.step, folder if self.rank == 0 else None)
@@ -399,7 +415,15 @@ def find_resume(output_dir: Path, spec: str | None, log=print) -> Path | None:
     if spec is None:
         return None
     if spec != "auto":
-        return Path(spec)
+        folder = Path(spec)
+        if not folder.is_dir():
+            found = ", ".join(p.name for p in list_checkpoints(output_dir)) or "none"
+            raise CheckpointError(
+                f"--resume {spec}: no such checkpoint folder (checkpoints in {output_dir}: {found}); "
+                "give a checkpoint-N folder, or a bare --resume for the newest"
+            )
+        verify(folder)
+        return folder
     if not list_checkpoints(output_dir):
         log(f"kotune: no checkpoint in {output_dir} yet; starting from step 0")
         return None
@@ -412,6 +436,28 @@ def find_resume(output_dir: Path, spec: str | None, log=print) -> Path | None:
     return found
 
 
+def already_finished(checkpoint: Path, output_dir: Path, steps: int, log=print) -> bool:
+    """Whether resuming from ``checkpoint`` has nothing left to do: it is the end of a run whose adapter was written.
+
+    A checkpoint at the last step without the run's summary (the final adapter write failed) is not finished:
+    resuming writes the adapter. A checkpoint past the end is an error: the run cannot be shortened.
+    """
+    done = checkpoint_step(checkpoint)
+    if done > steps:
+        raise CheckpointError(
+            f"{checkpoint} is at step {done}, past this config's end (step {steps}); a run cannot be shortened. "
+            "Raise train.max_steps or train.num_epochs, or start a new run"
+        )
+    summary = output_dir / SUMMARY
+    if done < steps or not summary.is_file() or json.loads(summary.read_text(encoding="utf-8"))["steps"] != steps:
+        return False
+    log(
+        f"kotune: {output_dir} is a finished run ({steps} steps, adapter written); nothing to do. To train further, "
+        "resume with a larger train.max_steps or train.num_epochs"
+    )
+    return True
+
+
 def write_summary(output_dir: Path, state: RunState, extra: dict) -> None:
     summary = {
         "steps": state.step,
@@ -421,4 +467,7 @@ def write_summary(output_dir: Path, state: RunState, extra: dict) -> None:
         "best_step": state.best_step,
         **extra,
     }
-    (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    # written last and whole (renamed into place): its presence says the run finished and its adapter is there
+    tmp = output_dir / f".tmp-{SUMMARY}"
+    tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, output_dir / SUMMARY)

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
-from kotune.config import load_config
+from kotune.config import ConfigError, load_config
+from kotune.report import check_loggers
 
 
-def add_config_arguments(parser) -> None:
-    """CONFIG and ``key=value`` overrides, shared by every command that reads a config."""
-    parser.add_argument("config", help="YAML config (see examples/)")
+def add_config_arguments(parser, optional: bool = False) -> None:
+    """CONFIG and ``key=value`` overrides, shared by every command that reads a config.
+
+    ``optional``: CONFIG may be missing from the positionals because an option took it (see ``config_and_resume``).
+    """
+    parser.add_argument("config", nargs="?" if optional else None, help="YAML config (see examples/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override, e.g. train.learning_rate=1e-4")
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="fine-tune with QLoRA and write an adapter")
-    add_config_arguments(p)
+    add_config_arguments(p, optional=True)
     p.add_argument("--dry-run", action="store_true", help="print the fully resolved config and exit")
     p.add_argument(
         "--resume",
@@ -31,11 +36,43 @@ def register(sub) -> None:
         action="store_true",
         help="with --resume: continue even if the data, tokenizer, template or training config changed",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an output folder that holds one, moving the old run to OUTPUT_DIR.replaced-N",
+    )
     p.set_defaults(run=run)
 
 
+def config_and_resume(args) -> None:
+    """Sort out what argparse gives ``--resume`` (it takes an optional value) when it is not a checkpoint.
+
+    A checkpoint is a folder, so a file (or a ``.yaml`` name) after ``--resume`` is the config, and a ``key=value``
+    an override; the resume is then auto.
+    """
+    if args.resume not in (None, "auto") and "=" in args.resume and not Path(args.resume).is_dir():
+        args.overrides, args.resume = [args.resume, *args.overrides], "auto"  # `--resume train.max_steps=20`
+    taken = args.resume not in (None, "auto") and (
+        Path(args.resume).is_file() or Path(args.resume).suffix in (".yaml", ".yml")
+    )
+    if taken and args.config is not None and "=" not in args.config:
+        raise ConfigError(
+            f"two configs given ({args.resume} after --resume, and {args.config}); --resume takes a checkpoint "
+            "folder or nothing: kotune train CONFIG.yaml [key=value ...] --resume [CHECKPOINT]"
+        )
+    if taken:
+        args.overrides = [args.config, *args.overrides] if args.config is not None else args.overrides
+        args.config, args.resume = args.resume, "auto"
+    if args.config is None:
+        raise ConfigError("no config given: kotune train CONFIG.yaml [key=value ...] [--resume [CHECKPOINT]]")
+    if args.resume is not None and args.overwrite:
+        raise ConfigError("--resume continues the run in the output folder and --overwrite moves it aside: pick one")
+
+
 def run(args) -> int:
+    config_and_resume(args)
     cfg = load_config(args.config, args.overrides)
+    check_loggers(cfg)
     if args.dry_run:
         from kotune.security import redact
 
@@ -47,7 +84,7 @@ def run(args) -> int:
     from kotune.train import NonFiniteLoss
 
     try:
-        train(cfg, resume=args.resume, force=args.force)
+        train(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite)
     except Interrupted as stop:
         if is_main():  # every process stopped at the same step; one message
             print(f"kotune: {stop}\nkotune: to continue, run: {resume_command(args)}", file=sys.stderr)
