@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,16 @@ def records(run: Path) -> list[dict]:
 @pytest.mark.slow
 def test_demo_writes_the_output_file_set(demo_run):
     names = {p.name for p in demo_run.iterdir()}
-    expected = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-                "kotune_template.yaml", "kotune_config.yaml", "metrics.jsonl", "run_summary.json"}
+    expected = {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "kotune_template.yaml",
+        "kotune_config.yaml",
+        "metrics.jsonl",
+        "run_summary.json",
+    }
     assert expected <= names
     assert not list(demo_run.rglob("*.bin")) and not list(demo_run.rglob("*.pt")), "only safetensors are written"
 
@@ -49,3 +58,26 @@ def test_demo_lora_weights_changed_and_load_with_plain_peft(demo_run, smollm2_di
             untuned = model(ids).logits
     assert plain is None or plain.shape == tuned.shape
     assert not torch.allclose(tuned, untuned), "the loaded adapter must change the model's output"
+
+
+@pytest.mark.slow
+def test_a_finished_demo_run_is_extended_by_resume(demo_run, tmp_path):
+    """``--resume train.max_steps=N`` on the finished demo continues from its final checkpoint: the logged steps
+    stay, two new steps follow with the schedule recomputed, and the adapter moves on."""
+    import shutil
+
+    from conftest import DEMO_CONFIG, run_kotune
+
+    run = shutil.copytree(demo_run, tmp_path / "run")
+    before = records(run)
+    steps = max(r["step"] for r in before if "loss" in r)
+    args = ["train", str(DEMO_CONFIG), f"train.output_dir={run}", "--resume", f"train.max_steps={steps + 2}"]
+    result = run_kotune(args, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = records(run)
+    assert after[: len(before)] == before  # nothing logged so far is replayed or dropped
+    new = [r for r in after[len(before) :] if "loss" in r]
+    assert [r["step"] for r in new] == [steps + 1, steps + 2]
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 for r in new)
+    moved, trained = load_file(run / "adapter_model.safetensors"), load_file(demo_run / "adapter_model.safetensors")
+    assert any(not torch.equal(moved[name], trained[name]) for name in trained if "lora_B" in name)
