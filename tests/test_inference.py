@@ -90,7 +90,7 @@ class FavouriteTokens(torch.nn.Module):
 
         logits = torch.zeros(*input_ids.shape, 20)
         logits[..., 5], logits[..., 6] = 10.0, 9.0
-        return SimpleNamespace(logits=logits, **{inference.cache_keyword(): None})
+        return SimpleNamespace(logits=logits, **{inference.cache_name(): None})
 
 
 def test_repetition_penalty_counts_the_reply_as_it_grows():
