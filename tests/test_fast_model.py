@@ -124,18 +124,12 @@ def test_eval_mode_and_no_grad_give_the_eval_loss():
 
 
 def test_four_bit_model_on_cpu_matches_plain_forward(tmp_path):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from conftest import nf4_config
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(_config("llama")).save_pretrained(tmp_path)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-        bnb_4bit_quant_storage=torch.float32,
-    )
-    base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=nf4_config(), device_map={"": "cpu"})
     assert getattr(base.model.layers[0].mlp.up_proj.weight, "quant_state", None) is not None
     model = _peft_model(targets=["q_proj", "v_proj"], model=base)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import nf4_config
 
 from kotune import merge as merging
 
@@ -44,18 +45,6 @@ def test_drift_sums_hand_values():
 
 
 # -- the merge of a 4-bit-trained adapter -----------------------------------------------------------
-def nf4_config():
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-        bnb_4bit_quant_storage=torch.float32,
-    )
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_qlora_run):
     """The run's config, validation rows and adapter on the NF4 base, loaded with plain transformers / peft."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import nf4_config
 
 
 def first_4bit_layer(model):
@@ -14,16 +15,9 @@ def first_4bit_layer(model):
 
 
 def load_nf4(path: str):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-        bnb_4bit_quant_storage=torch.float32,
-    )
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(), dtype=torch.float32)
 
 
 IDS = torch.tensor([[1, 5, 9, 200, 3000, 17, 42, 7]])
