@@ -57,7 +57,7 @@ def claim(output_dir: Path, resume: bool, overwrite: bool) -> Iterator[Path | No
     """
     with contextlib.ExitStack() as held:
         error, aside = None, None
-        if dist.rank_and_world()[0] == 0:
+        if dist.is_main():
             try:
                 writable_folder(output_dir)
                 refuse_escaping_links(output_dir)  # before the lock file is created in it

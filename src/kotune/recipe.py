@@ -86,10 +86,11 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Pa
     if cfg.lora.trainable_tokens == "auto":  # the saved config, fingerprint and fast-path choice see the result
         cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
     fp = fingerprint.compute(cfg, tokenizer, data.template, data.train, data.validation)
-    folder = find_resume(output_dir, resume)
+    folder = find_resume(output_dir, resume, log=dist.print0)
     if folder is not None:
         fingerprint.check_resume(folder, fp, force)
-        if already_finished(folder, output_dir, total_steps(cfg, len(data.train), dist.rank_and_world()[1])[0]):
+        steps = total_steps(cfg, len(data.train), dist.rank_and_world()[1])[0]
+        if already_finished(folder, output_dir, steps, log=dist.print0):
             return output_dir
     check_target_modules(cfg, model_path)
     _, model = load_for_training(cfg, model_path, token_ids)
