@@ -35,7 +35,7 @@ from kotune.checkpoint import (
     write_checkpoint,
 )
 from kotune.collate import collate, collate_packed, epoch_order, length_grouped_order
-from kotune.config import Config
+from kotune.config import Config, ConfigError
 from kotune.encoding import IGNORE, Example
 from kotune.fast.packing import block_causal_mask, pack_groups
 from kotune.optim import build_optimizer, lr_at
@@ -124,9 +124,9 @@ def total_steps(cfg: Config, n_examples: int, world: int) -> tuple[int, int]:
     t = cfg.train
     per_epoch = n_examples // t.micro_batch_size
     if per_epoch == 0:
-        raise ValueError(f"{n_examples} training rows are fewer than one micro-batch ({t.micro_batch_size} rows)")
+        raise ConfigError(f"{n_examples} training rows are fewer than one micro-batch ({t.micro_batch_size} rows)")
     if t.micro_batch_size * t.gradient_accumulation_steps < world:
-        raise ValueError(
+        raise ConfigError(
             f"a step of {t.micro_batch_size * t.gradient_accumulation_steps} row(s) cannot be split over {world} "
             "processes: raise train.gradient_accumulation_steps to at least the number of processes"
         )
