@@ -4,6 +4,7 @@ from kotune.assets import AssetError
 from kotune.checkpoint import CheckpointError
 from kotune.config import ConfigError
 from kotune.data import DataError
+from kotune.evaluation.harness import HarnessError
 from kotune.inference import FolderError
 from kotune.merge import MergeError
 from kotune.publish import PublishError
@@ -15,6 +16,7 @@ USER_ERRORS = (
     ConfigError,
     DataError,
     FolderError,
+    HarnessError,
     MergeError,
     PublishError,
     TemplateError,
