@@ -3,7 +3,6 @@ contains and chrF. Nothing here needs a model, so every counter is tested on cra
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -48,11 +47,9 @@ def repeated_share(text: str, n: int = LOOP_NGRAM) -> float:
 
 
 def loops(text: str, n: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS) -> bool:
-    """Whether some character n-gram occurs ``repeats`` times without overlapping itself."""
-    for gram, count in Counter(char_ngrams(text, n)).items():
-        if count >= repeats and len(re.findall(re.escape(gram), " ".join(text.split()))) >= repeats:
-            return True
-    return False
+    """Whether some stretch of ``n`` characters occurs ``repeats`` times in the reply."""
+    counts = Counter(char_ngrams(text, n))
+    return bool(counts) and max(counts.values()) >= repeats
 
 
 def normalize(text: str) -> str:
@@ -71,20 +68,24 @@ def _char_counts(text: str, n: int) -> Counter:
 
 
 def chrf(hypothesis: str, reference: str, order: int = CHRF_ORDER, beta: float = CHRF_BETA) -> float:
-    """Sentence chrF in 0..100: the F-beta of character n-gram precision and recall, averaged over the n-gram
-    orders both strings have (sacrebleu's default ``CHRF()``; recall weighs beta² as much as precision)."""
-    factor = beta**2
-    total, orders = 0.0, 0
+    """Sentence chrF in 0..100, as sacrebleu's default ``CHRF()``: character n-gram precision and recall, each
+    averaged over the orders 1..6 that both strings are long enough for, then their F-beta (recall weighs beta²
+    as much as precision)."""
+    precision = recall = 0.0
+    orders = 0
     for n in range(1, order + 1):
         hyp, ref = _char_counts(hypothesis, n), _char_counts(reference, n)
         if not hyp or not ref:
             continue
         match = sum((hyp & ref).values())
-        precision, recall = match / sum(hyp.values()), match / sum(ref.values())
+        precision += match / sum(hyp.values())
+        recall += match / sum(ref.values())
         orders += 1
-        if precision + recall > 0:
-            total += (1 + factor) * precision * recall / (factor * precision + recall)
-    return 100 * total / orders if orders else 0.0
+    if not orders or precision + recall == 0:
+        return 0.0
+    precision, recall = precision / orders, recall / orders
+    factor = beta**2
+    return 100 * (1 + factor) * precision * recall / (factor * precision + recall)
 
 
 @dataclass
