@@ -14,13 +14,19 @@ CHECK_SAMPLING = Sampling(temperature=0.0, max_new_tokens=256)
 
 def generate_replies(model, tokenizer, prompts: list[str], stops: list[int], sampling: Sampling, batch_size: int = 8):
     """(text, stopped, tokens) per prompt, batch by batch."""
+    import sys
+
+    from tqdm.auto import tqdm
+
     from kotune.inference import completion_text, encode_prompt, generate, pad_id
 
     out = []
-    for start in range(0, len(prompts), batch_size):
-        ids = [encode_prompt(tokenizer, text) for text in prompts[start : start + batch_size]]
-        for result in generate(model, ids, pad_id(tokenizer), stops, sampling):
-            out.append((completion_text(tokenizer, result.ids), result.stopped, len(result.ids)))
+    with tqdm(total=len(prompts), desc="generate", unit="reply", file=sys.stderr) as bar:
+        for start in range(0, len(prompts), batch_size):
+            ids = [encode_prompt(tokenizer, text) for text in prompts[start : start + batch_size]]
+            for result in generate(model, ids, pad_id(tokenizer), stops, sampling):
+                out.append((completion_text(tokenizer, result.ids), result.stopped, len(result.ids)))
+            bar.update(len(ids))
     return out
 
 
