@@ -86,8 +86,12 @@ def continuation_logprobs(model, tokenizer, context: str, continuations: list[st
 
 def score_items(model, tokenizer, items: list[dict]) -> tuple[dict, list[dict]]:
     """(summary with acc, acc_norm and per subject, per item records)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
     records = []
-    for item in items:
+    for item in tqdm(items, desc="choices", unit="item", file=sys.stderr):
         lls = continuation_logprobs(
             model, tokenizer, CONTEXT.format(question=item["question"]), [DELIMITER + c for c in item["choices"]]
         )
