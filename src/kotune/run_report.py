@@ -20,6 +20,7 @@ CURVES = (
     ("memory", "GPU memory (GB)", ("gpu_memory_gb", "max_memory_gb")),
 )
 """(file name, title, metrics.jsonl keys drawn on it); a plot with none of its keys in the log is left out."""
+LEGEND = {"loss": "training", "eval_loss": "validation"}
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -69,7 +70,7 @@ def plot(records: list[dict], folder: Path) -> list[tuple[str, Path]] | None:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         for key, steps, values in drawn:
-            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=LEGEND.get(key, key))
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
         ax.legend()
