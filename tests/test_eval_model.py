@@ -113,7 +113,7 @@ def test_choice_scores_equal_lm_eval(tiny, tmp_path):
     from lm_eval.models.huggingface import HFLM
 
     from kotune.evaluation.choice import CONTEXT, DELIMITER, read_items, score_items
-    from kotune.evaluation.harness import run_tasks
+    from kotune.evaluation.harness import load_tasks, run_tasks
 
     model, tokenizer = tiny
     items = read_items(CHOICE_SET)[::12]  # every subject, 18 items
@@ -129,7 +129,7 @@ def test_choice_scores_equal_lm_eval(tiny, tmp_path):
     ours = [ll for record in records for ll in record["logprobs"]]
     assert ours == pytest.approx(theirs, abs=1e-4)
     # and a whole lm-eval run of a local task over the same items gives the same accuracies
-    results = run_tasks(model, tokenizer, ["ko_choice_local"], include_path=local_task(tmp_path, items))
+    results = run_tasks(model, tokenizer, load_tasks(["ko_choice_local"], local_task(tmp_path, items)))
     assert results["ko_choice_local"]["acc"] == pytest.approx(summary["acc"])
     assert results["ko_choice_local"]["acc_norm"] == pytest.approx(summary["acc_norm"])
 

@@ -57,21 +57,21 @@ def run(args) -> int:
     from kotune.evaluation.tables import read_report, write_report
 
     other = read_report(args.compare) if args.compare else None
-    if args.tasks:  # a missing lm-eval or unknown task fails before minutes of loading and scoring
-        from kotune.evaluation.harness import require_lm_eval
+    tasks = None
+    if args.tasks:  # a missing lm-eval, an unknown task or data not available fail before any model time
+        from kotune.evaluation.harness import load_tasks
 
-        require_lm_eval()
+        tasks = load_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args.include_path)
     folder, model, tokenizer, described = load(args)
     report = {"model": described, **heldout_part(args, folder, model, tokenizer)}
     warning = stop_warning(report["generation"])
     if warning:
         print(f"kotune: warning: {warning}", file=sys.stderr)
     report["choice"], report["choice_items"] = choice_part(args.choices or DEFAULT_SET, model, tokenizer, args.limit)
-    if args.tasks:
+    if tasks is not None:
         from kotune.evaluation.harness import run_tasks
 
-        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        report["harness"] = run_tasks(model, tokenizer, names, args.limit, args.include_path)
+        report["harness"] = run_tasks(model, tokenizer, tasks, args.limit)
     out = Path(args.out) if args.out else folder.path / ("eval-base" if args.base else "eval")
     table = write_report(out, report, other)
     print(table.read_text(encoding="utf-8"))

@@ -49,12 +49,11 @@ def load_tasks(names: list[str], include_path: str | None = None) -> dict:
     return tasks
 
 
-def run_tasks(model, tokenizer, names: list[str], limit: int | None = None, include_path: str | None = None) -> dict:
-    """Per task, lm-eval's metrics (e.g. ``acc``, ``acc_norm``) for the model as loaded."""
+def run_tasks(model, tokenizer, tasks: dict, limit: int | None = None) -> dict:
+    """Per task of ``load_tasks``, lm-eval's metrics (e.g. ``acc``, ``acc_norm``) for the model as loaded."""
     HFLM, _ = require_lm_eval()
     from lm_eval.evaluator import evaluate
 
-    tasks = load_tasks(names, include_path)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
     results = evaluate(lm, tasks, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING")
     return {
