@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -96,3 +97,6 @@ def test_eval_and_report_cli_on_the_tiny_run(tiny_qlora_run, tmp_path):
     assert "| metric | base | adapter run | change |" in (run / "report.md").read_text(encoding="utf-8")
     missing = run_kotune(["eval", str(tmp_path / "nowhere")], env)
     assert missing.returncode == 2 and "no such folder" in missing.stderr
+    if importlib.util.find_spec("lm_eval") is not None:  # an unknown task stops before the model loads
+        unknown = run_kotune(["eval", str(run), "--tasks", "no_such_task_kotune"], env)
+        assert unknown.returncode == 2 and "unknown lm-eval task(s): no_such_task_kotune" in unknown.stderr
