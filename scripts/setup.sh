@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up kotune for development and tests on a fresh machine, in a virtual environment of its own (.venv, or
 # $KOTUNE_VENV), so nothing already installed on the machine is used by accident:
-#   torch (2.13.0; the CPU build where the machine offers one), kotune with its test extras, the real test assets.
+#   torch (2.13.0; the CPU build where the machine offers one), kotune with its test and eval extras (lm-eval, matplotlib), the real test assets.
 # KOTUNE_DEPS=lock (default): every package at the version in constraints/lock.txt, the set CI tested.
 # KOTUNE_DEPS=latest: the newest versions the ranges in pyproject.toml allow (CI tests this set too).
 set -euo pipefail
@@ -16,6 +16,6 @@ esac
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip
 "$py" -m pip install -q "torch==2.13.0"   # on a GPU machine, install your CUDA build of torch into the venv first
-"$py" -m pip install -q "${pins[@]}" -e ".[dev]"
+"$py" -m pip install -q "${pins[@]}" -e ".[dev,eval]"
 "$py" -m kotune.assets fetch-test-assets
 echo "kotune: set up in $venv (${KOTUNE_DEPS:-lock} versions); run tests with: $venv/bin/python -m pytest -q"

@@ -125,6 +125,9 @@ class TrainConfig:
     """Evaluate validation loss every N optimizer steps."""
     eval_at_start: bool = False
     """Also evaluate before the first step, as a baseline for the curve (and for ``load_best_model_at_end``)."""
+    eval_generate: int = 0
+    """At each evaluation, also generate greedy replies to the first N validation prompts and log their stop rate,
+    loop rate and length next to eval_loss (``kotune eval``'s generation checks; 0: off)."""
     save_steps: int = 50
     """Write a checkpoint every N optimizer steps."""
     save_total_limit: int | None = None
@@ -344,6 +347,11 @@ LOGGERS = ("wandb", "tensorboard")
 """What ``train.report_to`` may name."""
 
 
+def check_eval_generate(value: int) -> None:
+    if value < 0:
+        raise ConfigError(f"'train.eval_generate' must be 0 (off) or a number of prompts, got {value}")
+
+
 def validate(cfg: Config) -> None:
     """Check value ranges and choices; errors name the key."""
     for key, choices in CHOICES.items():
@@ -363,6 +371,7 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive, got {value}")
+    check_eval_generate(cfg.train.eval_generate)
     if not 0 <= cfg.data.val_size < 1:
         raise ConfigError(f"'data.val_size' must be in [0, 1), got {cfg.data.val_size}")
     if not 0 <= cfg.lora.dropout < 1:

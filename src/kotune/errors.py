@@ -5,6 +5,7 @@ from kotune.checkpoint import CheckpointError
 from kotune.claim import RunFolderError
 from kotune.config import ConfigError
 from kotune.data import DataError
+from kotune.evaluation.harness import HarnessError
 from kotune.inference import FolderError
 from kotune.merge import MergeError
 from kotune.publish import PublishError
@@ -16,6 +17,7 @@ USER_ERRORS = (
     ConfigError,
     DataError,
     FolderError,
+    HarnessError,
     MergeError,
     PublishError,
     RunFolderError,

@@ -19,6 +19,7 @@ from kotune.config import Config
 from kotune.data import DataError
 from kotune.model import check_target_modules, load_for_training, load_tokenizer, trainable_token_ids
 from kotune.prepare import Prepared, prepare
+from kotune.run_report import write_run_report
 from kotune.security import inside, redact, refuse_pickle
 from kotune.signals import StopOnSignal
 from kotune.train import Fit, NonFiniteLoss, already_finished, find_resume, total_steps, write_summary
@@ -112,9 +113,11 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Pa
                 "validation_rows": len(data.validation),
                 "skipped_rows": dict(data.train_stats.skipped),
                 "truncated_rows": data.train_stats.truncated,
+                "audit": [line.removeprefix("kotune: ") for r in data.audits for line in summary_lines(r)],
             },
         )
         print(f"kotune: adapter written to {output_dir}")
+        print(f"kotune: run report written to {write_run_report(output_dir)}")
     return output_dir
 
 

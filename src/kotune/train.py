@@ -325,7 +325,12 @@ class Fit:
         eval_loss = evaluate(
             self.ddp_model, self.val_rows, self.cfg, self.tokenizer.pad_token_id, self.device, self.loss_fn
         )
-        self.reporter.log({"step": self.state.step, "eval_loss": eval_loss})
+        record = {"step": self.state.step, "eval_loss": eval_loss}
+        if self.cfg.train.eval_generate and self.rank == 0:  # greedy replies: did it learn to stop, does it loop
+            from kotune.evaluation.checks import training_checks
+
+            record.update(training_checks(self.model, self.tokenizer, self.val_rows, self.cfg.train.eval_generate))
+        self.reporter.log(record)
         if self.state.best_eval_loss is None or eval_loss < self.state.best_eval_loss:
             self.state.best_eval_loss, self.state.best_step = eval_loss, self.state.step
             if self.rank == 0:

@@ -1,0 +1,93 @@
+"""``eval_report.json`` and its Markdown table; two reports side by side with the change from the first."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+REPORT_FILE = "eval_report.json"
+TABLE_FILE = "eval_report.md"
+
+GENERATION_ROWS = (
+    ("stop_rate", "ends with EOS / end-of-turn", "%"),
+    ("loop_rate", "replies that loop (repeated n-grams)", "%"),
+    ("repeated_ngrams", "repeated character 10-grams", "%"),
+    ("reply_tokens", "reply length (tokens)", ""),
+    ("korean_rate", "Korean replies to Korean prompts", "%"),
+    ("exact_match", "exact match", "%"),
+    ("contains", "contains the reference", "%"),
+    ("chrf", "chrF", ""),
+)
+
+
+def metric_rows(report: dict) -> list[tuple[str, str, float | None, str]]:
+    """(key, label, value, unit) for everything a report measured, in a fixed order."""
+    rows: list[tuple[str, str, float | None, str]] = []
+    if "loss" in report:
+        rows += [("loss", "loss (held-out rows)", report["loss"]["loss"], "")]
+        rows += [("perplexity", "perplexity", report["loss"]["perplexity"], "")]
+    for key, label, unit in GENERATION_ROWS:
+        if key in report.get("generation", {}):
+            rows.append((key, label, report["generation"][key], unit))
+    if "choice" in report:
+        choice = report["choice"]
+        rows += [("choice.acc", "multiple choice acc", choice["acc"], "%")]
+        rows += [("choice.acc_norm", "multiple choice acc_norm", choice["acc_norm"], "%")]
+        for subject, values in choice["by_subject"].items():
+            rows.append((f"choice.{subject}", f"  {subject} acc ({values['items']} items)", values["acc"], "%"))
+    for task, metrics in report.get("harness", {}).items():
+        for name, value in metrics.items():
+            rows.append((f"harness.{task}.{name}", f"lm-eval {task} {name}", value, ""))
+    return rows
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.1f}%" if unit == "%" else f"{value:.4g}"
+
+
+def delta(before: float | None, after: float | None, unit: str) -> str:
+    if before is None or after is None:
+        return "-"
+    change = after - before
+    return f"{100 * change:+.1f} pt" if unit == "%" else f"{change:+.4g}"
+
+
+def markdown(report: dict, other: dict | None = None) -> str:
+    """One column per model; with ``other`` (the earlier / baseline report) first, and a column of changes."""
+    if other is None:
+        lines = [f"| metric | {report['model']['name']} |", "|---|---|"]
+        lines += [f"| {label} | {fmt(value, unit)} |" for _, label, value, unit in metric_rows(report)]
+        return "\n".join(lines) + "\n"
+    before = {key: value for key, _, value, _ in metric_rows(other)}
+    lines = [f"| metric | {other['model']['name']} | {report['model']['name']} | change |", "|---|---|---|---|"]
+    for key, label, value, unit in metric_rows(report):
+        lines.append(
+            f"| {label} | {fmt(before.get(key), unit)} | {fmt(value, unit)} | {delta(before.get(key), value, unit)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def read_report(path: str | Path) -> dict:
+    """A report from its file, or from the folder ``kotune eval --out`` wrote it to."""
+    from kotune.data import DataError
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / REPORT_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: no such report; give an {REPORT_FILE} or the folder `kotune eval --out` wrote")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_report(out: Path, report: dict, other: dict | None = None) -> Path:
+    """``eval_report.json`` (with the side-by-side when compared) and ``eval_report.md``; returns the table's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(report, other)
+    if other is not None:
+        report = {**report, "compared_with": other["model"]}
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / TABLE_FILE).write_text(table, encoding="utf-8")
+    return out / TABLE_FILE

@@ -1,0 +1,102 @@
+"""``report.md`` and its plots, and ``kotune eval`` / ``kotune report`` end to end on the tiny 4-bit run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import pytest
+from conftest import run_kotune, write_jsonl
+
+METRICS = [
+    {"step": 0, "eval_loss": 2.5},
+    *[
+        {"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3 * min(1, s / 2), "tokens": 100, "tokens_per_s": 50.0 + s}
+        for s in range(1, 11)
+    ],
+    {"step": 5, "eval_loss": 2.0},
+    {"step": 10, "eval_loss": 2.1},
+]
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "metrics.jsonl", METRICS)
+    (run / "run_summary.json").write_text(json.dumps({"steps": 10, "audit": ["audit data.jsonl: 12 rows"]}))
+    (run / "kotune_config.yaml").write_text("train:\n  learning_rate: 0.001\n")
+    return run
+
+
+def test_report_plots_are_real_images(run_folder):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from kotune.run_report import write_run_report
+
+    text = write_run_report(run_folder).read_text(encoding="utf-8")
+    for name in ("loss", "lr", "tokens_per_s"):
+        png = run_folder / "report" / f"{name}.png"
+        assert f"](report/{name}.png)" in text
+        assert png.stat().st_size > 5000
+        pixels = imread(png)
+        assert pixels.shape[0] > 100 and pixels.std() > 0.05  # a drawn curve, not a blank canvas
+    assert not (run_folder / "report" / "memory.png").exists()  # nothing logged for it
+    assert "audit data.jsonl: 12 rows" in text and "learning_rate: 0.001" in text
+
+
+def test_report_numbers_match_metrics(run_folder):
+    from kotune.run_report import write_run_report
+
+    text = write_run_report(run_folder).read_text(encoding="utf-8")
+    figures = dict(re.findall(r"^\| ([^|]+?) \| ([-\d.]+) \|$", text, flags=re.M))
+    train = [r["loss"] for r in METRICS if "loss" in r]
+    evals = [r["eval_loss"] for r in METRICS if "eval_loss" in r]
+    assert float(figures["first training loss"]) == pytest.approx(train[0], abs=1e-4)
+    assert float(figures["last training loss"]) == pytest.approx(train[-1], abs=1e-4)
+    assert float(figures["best validation loss"]) == pytest.approx(min(evals), abs=1e-4)
+    assert int(figures["step of the best validation loss"]) == 5
+    assert float(figures["mean trained tokens / s"]) == pytest.approx(55.5, abs=1e-4)
+
+
+def test_report_without_matplotlib_says_so(run_folder, monkeypatch):
+    import sys
+
+    from kotune.run_report import write_run_report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    text = write_run_report(run_folder).read_text(encoding="utf-8")
+    assert "Plots need matplotlib" in text and "kotune[eval]" in text
+    assert "first training loss" in text
+
+
+def test_eval_and_report_cli_on_the_tiny_run(tiny_qlora_run, tmp_path):
+    run, cache, _ = tiny_qlora_run
+    env = {"KOTUNE_CACHE": str(cache)}
+    assert (run / "report.md").is_file(), "kotune train writes the run report"
+    rows = [
+        {"instruction": f"하늘은 왜 파란가요? {i}", "input": "", "output": "햇빛이 산란하기 때문입니다."}
+        for i in range(3)
+    ]
+    data = write_jsonl(tmp_path / "heldout.jsonl", rows)
+    common = ["--data", str(data), "--limit", "3", "--max-new-tokens", "6"]
+    base = run_kotune(["eval", str(run), "--base", *common, "--out", str(tmp_path / "base")], env)
+    assert base.returncode == 0, base.stderr[-3000:]
+    tuned = run_kotune(["eval", str(run), *common, "--compare", str(tmp_path / "base")], env)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    report = json.loads((run / "eval" / "eval_report.json").read_text(encoding="utf-8"))
+    assert report["model"]["kind"] == "adapter" and report["compared_with"]["kind"] == "base"
+    assert report["loss"]["rows"] == 3 and len(report["replies"]) == 3 and report["choice"]["items"] == 3
+    assert 0 <= report["generation"]["stop_rate"] <= 1
+    table = (run / "eval" / "eval_report.md").read_text(encoding="utf-8")
+    assert "| metric | base | adapter run | change |" in table and "ends with EOS" in table
+    done = run_kotune(["report", str(run)], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| metric | base | adapter run | change |" in (run / "report.md").read_text(encoding="utf-8")
+    missing = run_kotune(["eval", str(tmp_path / "nowhere")], env)
+    assert missing.returncode == 2 and "no such folder" in missing.stderr
+    if importlib.util.find_spec("lm_eval") is not None:  # an unknown task stops before the model loads
+        unknown = run_kotune(["eval", str(run), "--tasks", "no_such_task_kotune"], env)
+        assert unknown.returncode == 2 and "unknown lm-eval task(s): no_such_task_kotune" in unknown.stderr
