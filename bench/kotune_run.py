@@ -5,9 +5,9 @@
     python bench/kotune_run.py --cases V,P --init /tmp/init_adapter.safetensors   # epoch / same-maths check
     python bench/kotune_run.py --dump-v /tmp/v_rows.json                          # V rows, in kotune's order
 
-The model is loaded once per process the way ``kotune.model`` loads it (fast path: no fp32 copies; plain:
-peft's ``prepare_model_for_kbit_training``), then each case attaches LoRA with ``kotune.model.attach_lora``
-and trains through ``kotune.train.Fit``. Tokens/s counts non-padding input tokens of the timed steps (after
+The model is loaded once per process the way ``kotune.model.load`` loads it (fast path: no fp32 copies; plain:
+peft's ``prepare_model_for_kbit_training``), then each case attaches LoRA with ``kotune.model.load.attach_lora``
+and trains through ``kotune.training.loop.Fit``. Tokens/s counts non-padding input tokens of the timed steps (after
 ``warm`` steps) over their wall time with the GPU synchronised; peak is ``torch.cuda.max_memory_allocated``
 from after the model load (the anchor's convention).
 """
@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CASES, MODEL_DIR, V_ROWS, V_SEED, Case, anchor, emit, fixed_rows, gpu_name  # noqa: E402
 
 from kotune import fast  # noqa: E402
-from kotune.collate import epoch_order  # noqa: E402
 from kotune.config import Config, load_config  # noqa: E402
-from kotune.encoding import Example  # noqa: E402
-from kotune.model import attach_lora, load_base_model, load_tokenizer  # noqa: E402
-from kotune.train import Fit  # noqa: E402
+from kotune.data.batching import epoch_order  # noqa: E402
+from kotune.data.encoding import Example  # noqa: E402
+from kotune.model.load import attach_lora, load_base_model, load_tokenizer  # noqa: E402
+from kotune.training.loop import Fit  # noqa: E402
 
 VARIANTS = {
     "fast": {},  # kotune's default on CUDA: every lever on, the step's rows packed (train.packing: auto)
@@ -72,7 +72,7 @@ def v_examples(cfg: Config, tokenizer, n: int = V_ROWS) -> list[Example]:
     """Case V's rows through kotune's own pipeline (template, tokenization, masks)."""
     import vdata
 
-    from kotune.prepare import prepare
+    from kotune.data.prepare import prepare
 
     path = vdata.write(Path(tempfile.mkdtemp()) / "v.jsonl", n, V_SEED)
     cfg.data.path = str(path)
@@ -134,7 +134,7 @@ def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
     cfg = case_config(case, args.model_dir, args.plain, packing, steps)
     cfg.train.output_dir = tempfile.mkdtemp()
     rows = rows_for(case, cfg, tokenizer, args.v_rows)
-    torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random, as in kotune.model.load_for_training
+    torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random, as in kotune.model.load.load_for_training
     model = attach_lora(base, cfg.lora)
     if args.init and case.name == "P":  # start from the seed recipe's own initial adapter
         from peft import set_peft_model_state_dict

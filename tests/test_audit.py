@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import build_tiny_model, write_jsonl
 
-from kotune.audit import FATAL, check_embeddings
 from kotune.cli import main
-from kotune.prepare import prepare
+from kotune.data.audit import FATAL, check_embeddings
+from kotune.data.prepare import prepare
 
 
 def row(instruction="질문", output="답", **extra):

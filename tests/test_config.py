@@ -130,8 +130,8 @@ def test_cli_reports_a_misspelled_key_without_traceback(capsys):
 
 @pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
 def test_a_logger_whose_package_is_missing_names_the_extra_before_anything_loads(logger, monkeypatch, capsys):
-    from kotune import report
     from kotune.cli import main
+    from kotune.training import report
 
     monkeypatch.setitem(report.PACKAGES, logger, "kotune_no_such_package")
     config = str(ROOT / "examples" / "ko-demo.yaml")

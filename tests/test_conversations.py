@@ -9,11 +9,11 @@ import pytest
 from conftest import write_jsonl
 
 from kotune.config import DataConfig
-from kotune.conversations import PLAIN_CHAT_TEMPLATE, render_conversation
-from kotune.data import DataError
-from kotune.encoding import IGNORE, encode_rows
-from kotune.prepare import prepare
-from kotune.templates import TemplateError
+from kotune.data.conversations import PLAIN_CHAT_TEMPLATE, render_conversation
+from kotune.data.encoding import IGNORE, encode_rows
+from kotune.data.prepare import prepare
+from kotune.data.read import DataError
+from kotune.data.templates import TemplateError
 
 CONVERSATIONS = {
     "one_turn": [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "안녕하세요!"}],

@@ -8,8 +8,7 @@ import random
 import pytest
 from tricky_rows import TRICKY_ROWS
 
-from kotune.data import split_indices, split_rows
-from kotune.encoding import (
+from kotune.data.encoding import (
     ExampleTable,
     cuts_at_words,
     encode_flat,
@@ -18,8 +17,9 @@ from kotune.encoding import (
     encode_table,
     word_pieces,
 )
-from kotune.formats import Rendered, detect_format, render_alpaca, render_prompt_completion
-from kotune.templates import KO_ALPACA
+from kotune.data.formats import Rendered, detect_format, render_alpaca, render_prompt_completion
+from kotune.data.read import split_indices, split_rows
+from kotune.data.templates import KO_ALPACA
 
 
 def tricky_texts() -> list[str]:
@@ -37,9 +37,48 @@ def test_backend_call_gives_the_tokenizers_own_ids(llama3_tokenizer):
 # Fragments chosen to meet at line starts in every way the pre-tokenizer regex distinguishes: letters, digits,
 # punctuation runs, quotes, contractions, special tokens, and whitespace the regex and Python see differently.
 FRAGMENTS = [
-    "\n", "\n", "\n\n", "\r\n", " \n", "\t\n", "\n ", "\n\t", "\u00a0", "\u3000", "\x1c", "\u2028", "\u0085",
-    " ", "  ", "\t", "###답변:", "###입력:", ":", "#", '"', "'s", "'", "(", "-", "...", "?!", "\u0301", "123", "4567",
-    "서울", "한국어", "안녕하세요", "a", "Hello", "world", "<|eot_id|>", "<|begin_of_text|>", "😊", "é", "ㄱ", ".",
+    "\n",
+    "\n",
+    "\n\n",
+    "\r\n",
+    " \n",
+    "\t\n",
+    "\n ",
+    "\n\t",
+    "\u00a0",
+    "\u3000",
+    "\x1c",
+    "\u2028",
+    "\u0085",
+    " ",
+    "  ",
+    "\t",
+    "###답변:",
+    "###입력:",
+    ":",
+    "#",
+    '"',
+    "'s",
+    "'",
+    "(",
+    "-",
+    "...",
+    "?!",
+    "\u0301",
+    "123",
+    "4567",
+    "서울",
+    "한국어",
+    "안녕하세요",
+    "a",
+    "Hello",
+    "world",
+    "<|eot_id|>",
+    "<|begin_of_text|>",
+    "😊",
+    "é",
+    "ㄱ",
+    ".",
 ]
 
 

@@ -9,8 +9,8 @@ from conftest import write_jsonl
 
 from kotune.cli import main
 from kotune.config import load_config
-from kotune.data import DataError, read_rows
-from kotune.prepare import prepare
+from kotune.data.prepare import prepare
+from kotune.data.read import DataError, read_rows
 
 GOOD = {"instruction": "수도는?", "input": "", "output": "서울입니다."}
 

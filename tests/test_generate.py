@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, run_kotune, write_jsonl
 
 from kotune.commands.generate import check_resumable, completed_rows, prompt_format, prompt_hash
-from kotune.data import DataError
+from kotune.data.read import DataError
 
 
 # -- resume bookkeeping -----------------------------------------------------------------------------
@@ -49,8 +49,8 @@ def test_a_run_folder_opens_without_its_training_data(tiny_qlora_run, tmp_path):
     import shutil
 
     from kotune.config import load_config
-    from kotune.inference import open_folder
-    from kotune.recipe import CONFIG_FILE
+    from kotune.inference.generate import open_folder
+    from kotune.training.recipe import CONFIG_FILE
 
     run = tiny_qlora_run[0]
     saved = load_config(run / CONFIG_FILE)
@@ -66,7 +66,7 @@ def test_a_chat_template_file_is_left_to_the_saved_tokenizer(tmp_path):
     from types import SimpleNamespace
 
     from kotune.config import load_config
-    from kotune.recipe import saved_config
+    from kotune.training.recipe import saved_config
 
     jinja = tmp_path / "chat.jinja"
     jinja.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
@@ -83,7 +83,7 @@ def test_a_chat_template_file_is_left_to_the_saved_tokenizer(tmp_path):
 
 def test_conversation_prompts_use_the_chat_template(tiny_qlora_run, tmp_path, llama3_tokenizer):
     from kotune.commands.generate import read_prompts
-    from kotune.inference import open_folder
+    from kotune.inference.generate import open_folder
 
     messages = [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "네."}]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
@@ -114,7 +114,7 @@ def reference_output(tiny_qlora_run, tmp_path_factory):
 
 
 def test_generate_writes_the_models_greedy_replies(tiny_qlora_run, reference_output):
-    from kotune.inference import (
+    from kotune.inference.generate import (
         Sampling,
         completion_text,
         encode_prompt,
@@ -242,7 +242,7 @@ def plain_transformers_agrees_with_kotune(merged: Path, replies: list[dict]) -> 
     ``generate`` with its generation config gives kotune's reply and stops where kotune stopped."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kotune.inference import encode_prompt, open_folder
+    from kotune.inference.generate import encode_prompt, open_folder
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype="auto").eval()
@@ -266,7 +266,7 @@ def test_the_saved_config_holds_absolute_local_data_paths(tmp_path, monkeypatch)
     from types import SimpleNamespace
 
     from kotune.config import load_config
-    from kotune.recipe import saved_config
+    from kotune.training.recipe import saved_config
 
     (tmp_path / "data").mkdir()
     write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
@@ -283,7 +283,7 @@ def test_the_saved_config_holds_absolute_local_data_paths(tmp_path, monkeypatch)
 def test_model_fingerprint_tells_adapter_base_quantization_and_merge_apart(tiny_qlora_run, tiny_merged, tmp_path):
     import shutil
 
-    from kotune.inference import model_fingerprint, open_folder
+    from kotune.inference.generate import model_fingerprint, open_folder
 
     run = open_folder(tiny_qlora_run[0])
     names = {model_fingerprint(run), model_fingerprint(run, "none"), model_fingerprint(open_folder(tiny_merged[0]))}

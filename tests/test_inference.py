@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kotune import inference
-from kotune.inference import Sampling
+from kotune.inference import generate as inference
+from kotune.inference.generate import Sampling
 
 
 # -- sample, pad, positions: hand-checkable ---------------------------------------------------------
@@ -138,9 +138,9 @@ def test_a_reply_cut_inside_a_syllable_ends_with_the_last_whole_character(llama3
 # -- prompts as training built them -----------------------------------------------------------------
 def test_prompt_ids_are_the_training_rows_prompt_ids(llama3_train_tokenizer):
     from kotune.config import Config
-    from kotune.encoding import IGNORE, encode_rows
-    from kotune.formats import render_alpaca
-    from kotune.templates import KO_ALPACA
+    from kotune.data.encoding import IGNORE, encode_rows
+    from kotune.data.formats import render_alpaca
+    from kotune.data.templates import KO_ALPACA
 
     rows = [
         {"_row": 0, "instruction": "다음 문장을 요약하세요", "input": '"따옴표"로 시작', "output": "요약입니다."},
@@ -176,7 +176,7 @@ def test_conversation_rows_become_messages_without_the_final_answer():
         {"role": "system", "content": "짧게 답하세요."},
         {"role": "user", "content": "안녕?"},
     ]
-    from kotune.data import DataError
+    from kotune.data.read import DataError
 
     with pytest.raises(DataError, match="row 3"):
         inference.prompt_messages({"_row": 3, "conversations": [{"from": "robot", "value": "x"}]}, "sharegpt", "f")
@@ -187,10 +187,10 @@ def test_conversation_rows_become_messages_without_the_final_answer():
 def test_conversation_prompts_follow_the_chat_template_training_used(llama3_train_tokenizer):
     """The prompt is the training rendering of the turns before the reply; with the plain template, EOS ends turns."""
     from kotune.config import Config
-    from kotune.conversations import resolve_chat_template
-    from kotune.encoding import encode_rows
-    from kotune.prepare import render_rows
-    from kotune.templates import KO_ALPACA
+    from kotune.data.conversations import resolve_chat_template
+    from kotune.data.encoding import encode_rows
+    from kotune.data.prepare import render_rows
+    from kotune.data.templates import KO_ALPACA
 
     messages = [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "네, 안녕하세요."}]
     for chat_template in (None, "plain"):
@@ -214,7 +214,7 @@ def test_conversation_prompts_follow_the_chat_template_training_used(llama3_trai
 def test_chat_session_keeps_history_for_conversation_runs(tiny, tmp_path):
     from kotune.commands.chat import ChatSession
     from kotune.config import Config
-    from kotune.templates import KO_ALPACA
+    from kotune.data.templates import KO_ALPACA
 
     model, tokenizer = tiny
     folder = inference.ModelFolder(tmp_path, True, Config(), KO_ALPACA, "messages")
@@ -256,7 +256,7 @@ def test_load_base_never_reads_pickle_weights_unless_allowed(tiny_llama3_model, 
     import shutil
 
     from kotune.config import ModelConfig
-    from kotune.inference import load_base
+    from kotune.inference.generate import load_base
 
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_llama3_model, folder)

@@ -6,9 +6,9 @@ import pytest
 from tricky_rows import TRICKY_ROWS
 from walkthrough import make_generate_and_tokenize_prompt
 
-from kotune.encoding import IGNORE, encode_rows
-from kotune.formats import render_alpaca
-from kotune.templates import KO_ALPACA
+from kotune.data.encoding import IGNORE, encode_rows
+from kotune.data.formats import render_alpaca
+from kotune.data.templates import KO_ALPACA
 
 CUTOFF = 4098
 

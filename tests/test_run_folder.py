@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from kotune.claim import LOCK, RunFolderError, claim
 from kotune.cli import main
 from kotune.config import ConfigError
+from kotune.training.claim import LOCK, RunFolderError, claim
 
-# Printed by kotune.model.load_for_training: seeing it means the model was loaded.
+# Printed by kotune.model.load.load_for_training: seeing it means the model was loaded.
 MODEL_LOADED = "trainable params:"
 
 
@@ -67,7 +67,7 @@ def test_a_folder_with_only_foreign_files_is_used(tmp_path):
 HOLD = (
     "import sys, time\n"
     "from pathlib import Path\n"
-    "from kotune.claim import claim\n"
+    "from kotune.training.claim import claim\n"
     "with claim(Path(sys.argv[1]), resume=False, overwrite=False):\n"
     "    print('held', flush=True)\n"
     "    time.sleep(120)\n"
@@ -170,7 +170,7 @@ CLAIM_ON_RANK = (
     "from pathlib import Path\n"
     "import torch.distributed\n"
     "from kotune import dist\n"
-    "from kotune.claim import RunFolderError, claim\n"
+    "from kotune.training.claim import RunFolderError, claim\n"
     "dist.init()\n"
     "try:\n"
     "    with claim(Path(sys.argv[1]), resume=False, overwrite=False):\n"

@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from kotune.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from kotune.recipe import train
 from kotune.security import REDACTED, SecurityError, inside, redact, refuse_pickle
+from kotune.training.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from kotune.training.recipe import train
 
 
 def test_inside_accepts_paths_in_the_folder(tmp_path):
@@ -49,8 +49,8 @@ def test_training_refuses_an_output_folder_with_a_link_leading_out(tiny_train_co
 
 
 def test_a_checkpoint_save_does_not_follow_a_planted_symlink(tiny_train_config, tmp_path):
-    from kotune.model import load_for_training
-    from kotune.optim import build_optimizer
+    from kotune.model.load import load_for_training
+    from kotune.training.optim import build_optimizer
 
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     out.mkdir()
@@ -89,7 +89,7 @@ def test_a_model_folder_with_only_pickle_weights_is_refused_unless_allowed(
 
 def test_remote_code_does_not_run_unless_the_config_allows_it(tiny_llama3_model, tmp_path):
     from kotune.config import Config
-    from kotune.model import load_for_training
+    from kotune.model.load import load_for_training
 
     folder = tmp_path / "custom-code-model"
     shutil.copytree(tiny_llama3_model, folder)

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from kotune.errors import USER_ERRORS
-    from kotune.model import quiet_bitsandbytes
+    from kotune.model.load import quiet_bitsandbytes
 
     quiet_bitsandbytes()
     parser = build_parser()

@@ -1,6 +1,6 @@
 """Regenerate the README's configuration reference from the config dataclasses' docstrings.
 
-    python -m kotune.docs            # rewrite the section between the markers in README.md
+python -m kotune.docs            # rewrite the section between the markers in README.md
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """Errors a user can fix: the CLI prints their message (which names the file, row or key) without a traceback."""
 
-from kotune.assets import AssetError
-from kotune.checkpoint import CheckpointError
-from kotune.claim import RunFolderError
 from kotune.config import ConfigError
-from kotune.data import DataError
+from kotune.data.read import DataError
+from kotune.data.templates import TemplateError
 from kotune.evaluation.harness import HarnessError
-from kotune.inference import FolderError
-from kotune.merge import MergeError
-from kotune.publish import PublishError
-from kotune.templates import TemplateError
+from kotune.export.merge import MergeError
+from kotune.export.publish import PublishError
+from kotune.inference.generate import FolderError
+from kotune.model.assets import AssetError
+from kotune.training.checkpoint import CheckpointError
+from kotune.training.claim import RunFolderError
 
 USER_ERRORS = (
     AssetError,

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import fields
 
 from kotune.config import field_docs
-from kotune.inference import (
+from kotune.inference.generate import (
     CHAT_FORMATS,
     ModelFolder,
     Sampling,
@@ -61,7 +61,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from kotune.inference import load_model, open_folder
+    from kotune.inference.generate import load_model, open_folder
 
     folder = open_folder(args.path)
     model, tokenizer = load_model(folder, args.base)

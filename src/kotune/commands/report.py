@@ -12,8 +12,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from kotune.inference import FolderError
-    from kotune.run_report import write_run_report
+    from kotune.evaluation.run_report import write_run_report
+    from kotune.inference.generate import FolderError
 
     if not (Path(args.path) / "metrics.jsonl").is_file():
         raise FolderError(f"{args.path}: no metrics.jsonl; give the output_dir of a `kotune train` run")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from kotune.config import ConfigError, load_config
-from kotune.report import check_loggers
+from kotune.training.report import check_loggers
 
 
 def add_config_arguments(parser, optional: bool = False) -> None:
@@ -78,10 +78,10 @@ def run(args) -> int:
 
         print(redact(cfg.to_yaml()), end="")
         return 0
-    from kotune.dist import is_main
-    from kotune.recipe import OutOfMemory, train
-    from kotune.signals import Interrupted
-    from kotune.train import NonFiniteLoss
+    from kotune.training.dist import is_main
+    from kotune.training.loop import NonFiniteLoss
+    from kotune.training.recipe import OutOfMemory, train
+    from kotune.training.signals import Interrupted
 
     try:
         train(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite)

@@ -117,7 +117,7 @@ def read_json(path: Path) -> dict | None:
 
 def write_run_report(run: str | Path) -> Path:
     """Write ``RUN/report.md`` (and its PNGs under ``RUN/report/``); returns its path."""
-    from kotune.recipe import CONFIG_FILE
+    from kotune.training.recipe import CONFIG_FILE
 
     run = Path(run)
     records = read_metrics(run)

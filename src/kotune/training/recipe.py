@@ -10,19 +10,19 @@ from pathlib import Path
 
 import torch
 
-from kotune import dist, fingerprint
-from kotune.assets import check_model_folder, resolve_model
-from kotune.audit import add_model_checks, fatal_error, summary_lines, untrained_token_ids
-from kotune.checkpoint import ADAPTER, BEST, write_adapter
-from kotune.claim import claim
 from kotune.config import Config
-from kotune.data import DataError
-from kotune.model import check_target_modules, load_for_training, load_tokenizer, trainable_token_ids
-from kotune.prepare import Prepared, prepare
-from kotune.run_report import write_run_report
+from kotune.data.audit import add_model_checks, fatal_error, summary_lines, untrained_token_ids
+from kotune.data.prepare import Prepared, prepare
+from kotune.data.read import DataError
+from kotune.evaluation.run_report import write_run_report
+from kotune.model.assets import check_model_folder, resolve_model
+from kotune.model.load import check_target_modules, load_for_training, load_tokenizer, trainable_token_ids
 from kotune.security import inside, redact, refuse_pickle
-from kotune.signals import StopOnSignal
-from kotune.train import Fit, NonFiniteLoss, already_finished, find_resume, total_steps, write_summary
+from kotune.training import dist, fingerprint
+from kotune.training.checkpoint import ADAPTER, BEST, write_adapter
+from kotune.training.claim import claim
+from kotune.training.loop import Fit, NonFiniteLoss, already_finished, find_resume, total_steps, write_summary
+from kotune.training.signals import StopOnSignal
 
 CONFIG_FILE = "kotune_config.yaml"
 
@@ -126,7 +126,7 @@ def saved_config(cfg: Config, data: Prepared) -> Config:
     format as detected, a chat template read from a file left to the tokenizer saved with the run (it holds
     that template), so merge / chat / generate / push work on another machine, and local data paths made
     absolute, so merge finds the data from any working directory."""
-    from kotune.conversations import BUILTIN_CHAT_TEMPLATES
+    from kotune.data.conversations import BUILTIN_CHAT_TEMPLATES
 
     chat_template = cfg.data.chat_template
     if data.chat_template is not None and chat_template not in BUILTIN_CHAT_TEMPLATES:

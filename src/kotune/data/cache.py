@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from kotune import __version__
-from kotune.assets import cache_root
 from kotune.config import DataConfig
-from kotune.data import is_local, local_files
-from kotune.encoding import Encoded, ExampleTable
+from kotune.data.encoding import Encoded, ExampleTable
+from kotune.data.read import is_local, local_files
+from kotune.model.assets import cache_root
 
 CACHE_VERSION = 1
 """Bump when rendering or encoding changes the tokens, so older entries stop matching."""

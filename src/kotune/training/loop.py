@@ -17,8 +17,14 @@ from pathlib import Path
 
 import torch
 
-from kotune import dist, fast
-from kotune.checkpoint import (
+from kotune import fast
+from kotune.config import Config, ConfigError
+from kotune.data.batching import collate, collate_packed, epoch_order, length_grouped_order
+from kotune.data.encoding import IGNORE, Example
+from kotune.data.packing import block_causal_mask, pack_groups
+from kotune.security import inside
+from kotune.training import dist
+from kotune.training.checkpoint import (
     BEST,
     CheckpointError,
     checkpoint_step,
@@ -34,14 +40,9 @@ from kotune.checkpoint import (
     verify,
     write_checkpoint,
 )
-from kotune.collate import collate, collate_packed, epoch_order, length_grouped_order
-from kotune.config import Config, ConfigError
-from kotune.encoding import IGNORE, Example
-from kotune.fast.packing import block_causal_mask, pack_groups
-from kotune.optim import build_optimizer, lr_at
-from kotune.report import Reporter
-from kotune.security import inside
-from kotune.signals import Interrupted, StopOnSignal
+from kotune.training.optim import build_optimizer, lr_at
+from kotune.training.report import Reporter
+from kotune.training.signals import Interrupted, StopOnSignal
 
 SUMMARY = "run_summary.json"
 """Written last by a finished run: steps, tokens, skipped steps, best evaluation and data counts."""
@@ -175,7 +176,7 @@ class Fit:
     ):
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.fingerprint = fingerprint
-        """What this run trains on (``kotune.fingerprint``), written into every checkpoint."""
+        """What this run trains on (``kotune.training.fingerprint``), written into every checkpoint."""
         self.train_rows, self.val_rows = train, validation
         self.output_dir = output_dir
         self.rank, self.world = dist.rank_and_world()

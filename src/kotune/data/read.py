@@ -132,7 +132,7 @@ def local_files(path: str | Path) -> list[Path]:
 
 def is_local(spec: str) -> bool:
     """A local file or folder (existing or not: a misspelled local path must not be sent to the hub)."""
-    from kotune.assets import looks_local
+    from kotune.model.assets import looks_local
 
     return Path(spec).exists() or Path(spec).suffix in LOCAL_SUFFIXES or looks_local(spec)
 

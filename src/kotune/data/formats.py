@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kotune.data import DataError, columns_present
-from kotune.templates import Template
+from kotune.data.read import DataError, columns_present
+from kotune.data.templates import Template
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from kotune import dist
-from kotune.checkpoint import PREFIX
 from kotune.security import SecurityError, refuse_escaping_links
+from kotune.training import dist
+from kotune.training.checkpoint import PREFIX
 
 LOCK = ".kotune-lock"
 """The lock file; it holds the pid, host and start time of the process training into the folder."""

@@ -2,7 +2,7 @@
 
 Prompts are built exactly as training built them: the template saved with the run (or the tokenizer's chat
 template for runs trained on conversations), encoded without special tokens and with BOS put in front only
-when the tokenizer itself does that (``kotune.encoding``). Generation stops at EOS or an end-of-turn token.
+when the tokenizer itself does that (``kotune.data.encoding``). Generation stops at EOS or an end-of-turn token.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kotune.config import Config, load_config
-from kotune.templates import Template, load_saved_template
+from kotune.data.templates import Template, load_saved_template
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +69,7 @@ class ModelFolder:
 # -- load -------------------------------------------------------------------------------------------
 def open_folder(path: str | Path) -> ModelFolder:
     """Read a run folder (``adapter_config.json``) or a merged folder (``config.json``) with its saved config."""
-    from kotune.recipe import CONFIG_FILE
+    from kotune.training.recipe import CONFIG_FILE
 
     folder = Path(path)
     if not folder.is_dir():
@@ -87,8 +87,8 @@ def training_format(cfg: Config, where: Path) -> str:
     """The row format the run trained on; ``auto`` is detected again from the first row of its data."""
     if cfg.data.format != "auto":
         return cfg.data.format
-    from kotune.data import DataError, read_rows
-    from kotune.formats import detect_format
+    from kotune.data.formats import detect_format
+    from kotune.data.read import DataError, read_rows
 
     try:
         return detect_format(read_rows(cfg.data.path, cfg.data.split)[:1], cfg.data.path)
@@ -103,8 +103,8 @@ def load_base(model_cfg, quantization: str):
     """The base model as ``model_cfg`` names it, quantized as asked (``4bit``, ``8bit`` or ``none``), for inference."""
     from transformers import AutoModelForCausalLM
 
-    from kotune.assets import resolve_model
-    from kotune.model import DTYPES, device_map, keep_4bit_weights_exact, quantization_config
+    from kotune.model.assets import resolve_model
+    from kotune.model.load import DTYPES, device_map, keep_4bit_weights_exact, quantization_config
     from kotune.security import refuse_pickle
 
     model_cfg = replace(model_cfg, quantization=quantization)
@@ -132,7 +132,7 @@ def load_model(folder: ModelFolder, base: str | None = None):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kotune.model import device_map
+    from kotune.model.load import device_map
 
     tokenizer = AutoTokenizer.from_pretrained(folder.path)
     if folder.merged:
@@ -144,7 +144,7 @@ def load_model(folder: ModelFolder, base: str | None = None):
         from peft import PeftModel
 
         quantization = base or folder.config.model.quantization
-        from kotune.model import peft_quietly
+        from kotune.model.load import peft_quietly
 
         with peft_quietly():
             model = PeftModel.from_pretrained(load_base(folder.config.model, quantization), folder.path)
@@ -159,8 +159,8 @@ def model_fingerprint(folder: ModelFolder, base: str | None = None) -> str:
     import hashlib
     import json
 
-    from kotune.checkpoint import sha256
-    from kotune.merge import REPORT_FILE
+    from kotune.export.merge import REPORT_FILE
+    from kotune.training.checkpoint import sha256
 
     if folder.merged:
         report = folder.path / REPORT_FILE
@@ -177,7 +177,7 @@ def model_fingerprint(folder: ModelFolder, base: str | None = None) -> str:
 
 def folder_stop_ids(folder: ModelFolder, tokenizer, model) -> list[int]:
     """``stop_ids`` for a run or merged folder: its chat template as training resolved it, its model's EOS ids."""
-    from kotune.prepare import chat_template_for
+    from kotune.data.prepare import chat_template_for
 
     return stop_ids(tokenizer, getattr(model, "generation_config", None), chat_template_for(folder.config, tokenizer))
 
@@ -186,8 +186,8 @@ def trained_chat_template(folder: ModelFolder, tokenizer) -> str | None:
     """For a run trained on instruction rows or raw prompts: a chat template rendering exactly its prompts
     (``templates.chat_template``), so tools that prompt through ``apply_chat_template`` use the trained format.
     None for runs trained on conversations: the tokenizer's template is the one they trained with."""
-    from kotune.encoding import bos_id_to_add
-    from kotune.templates import RAW_PROMPT, chat_template
+    from kotune.data.encoding import bos_id_to_add
+    from kotune.data.templates import RAW_PROMPT, chat_template
 
     if folder.fmt in CHAT_FORMATS:
         return None
@@ -202,10 +202,10 @@ def pad_id(tokenizer) -> int:
 
 # -- format -----------------------------------------------------------------------------------------
 def prompt_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]]:
-    """A conversation row's turns (``kotune.conversations``), cut before a final assistant turn: the reply to make."""
-    from kotune.conversations import to_messages
-    from kotune.data import DataError
-    from kotune.formats import SkipRow
+    """A conversation row's turns (``data.conversations``), cut before a final assistant turn: the reply to make."""
+    from kotune.data.conversations import to_messages
+    from kotune.data.formats import SkipRow
+    from kotune.data.read import DataError
 
     try:
         messages = to_messages(row, fmt, where)
@@ -220,7 +220,7 @@ def prompt_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str,
 
 def chat_prompt(tokenizer, messages: list[dict[str, str]], data_cfg) -> str:
     """The conversation through the chat template training used (``data.chat_template``), up to the reply."""
-    from kotune.conversations import ChatRenderer
+    from kotune.data.conversations import ChatRenderer
 
     return ChatRenderer(tokenizer, data_cfg).apply(messages, add_generation_prompt=True, source="prompt")
 
@@ -237,7 +237,7 @@ def row_prompt(row: dict[str, Any], fmt: str, folder: ModelFolder, tokenizer, wh
 # -- encode -----------------------------------------------------------------------------------------
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Prompt ids as training encoded them: the text alone, BOS in front when the tokenizer adds one."""
-    from kotune.encoding import bos_id_to_add, encode_segments
+    from kotune.data.encoding import bos_id_to_add, encode_segments
 
     ids = encode_segments(tokenizer, [text])[0]
     bos = bos_id_to_add(tokenizer)

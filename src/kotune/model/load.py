@@ -8,8 +8,8 @@ import warnings
 
 import torch
 
-from kotune.assets import AssetError
 from kotune.config import Config, ConfigError, LoraConfig, ModelConfig
+from kotune.model.assets import AssetError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -254,7 +254,7 @@ def load_for_training(cfg: Config, path: str, token_ids: list[int] = ()):
     fast_path, _ = fast.wanted(cfg, AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code))
     model = attach_lora(load_base_model(path, cfg.model, fast_path), cfg.lora, token_ids)
     trainable, total = parameter_counts(model)
-    from kotune.dist import print0
+    from kotune.training.dist import print0
 
     print0(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
     return tokenizer, model

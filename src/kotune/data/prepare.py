@@ -1,7 +1,7 @@
 """From config to tokenized train / validation examples: read, map columns, check, render, encode, audit, split.
 
 Each data source (``data.path``, and ``data.validation_path`` when set) is encoded whole and audited once; the
-result is cached (``kotune.cache``), so a second run with the same inputs skips straight to the split.
+result is cached (``kotune.data.cache``), so a second run with the same inputs skips straight to the split.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kotune import cache
-from kotune.audit import AuditReport, audit_source
 from kotune.config import Config
-from kotune.data import apply_columns, check_types, read_rows, split_indices
-from kotune.encoding import Encoded, EncodeStats, Example, encode_table
-from kotune.formats import (
+from kotune.data import cache
+from kotune.data.audit import AuditReport, audit_source
+from kotune.data.encoding import Encoded, EncodeStats, Example, encode_table
+from kotune.data.formats import (
     Rendered,
     SkipRow,
     check_columns,
@@ -27,7 +26,8 @@ from kotune.formats import (
     render_prompt_completion,
     used_columns,
 )
-from kotune.templates import Template, load_template
+from kotune.data.read import apply_columns, check_types, read_rows, split_indices
+from kotune.data.templates import Template, load_template
 
 CHAT_FORMATS = ("messages", "sharegpt")
 
@@ -67,7 +67,7 @@ def render_rows(
     rendered, skipped = [], {}
     renderer = None
     if fmt in CHAT_FORMATS:
-        from kotune.conversations import ChatRenderer
+        from kotune.data.conversations import ChatRenderer
 
         renderer = ChatRenderer(tokenizer, cfg.data)
     for row in rows:
@@ -85,8 +85,8 @@ def render_rows(
 
 def chat_template_for(cfg: Config, tokenizer) -> str | None:
     """The chat template conversations would use, None when neither the config nor the tokenizer has one."""
-    from kotune.conversations import resolve_chat_template
-    from kotune.templates import TemplateError
+    from kotune.data.conversations import resolve_chat_template
+    from kotune.data.templates import TemplateError
 
     try:
         return resolve_chat_template(cfg.data.chat_template, tokenizer)

@@ -11,7 +11,7 @@ Conversions live under the cache dir (``$KOTUNE_CACHE``, else ``~/.cache/kotune`
 folder gets a marker file written last, so an interrupted download or conversion is redone
 instead of being half used.
 
-Run ``python -m kotune.assets fetch-test-assets`` to fetch what the tests and the CPU demo use.
+Run ``python -m kotune.model.assets fetch-test-assets`` to fetch what the tests and the CPU demo use.
 """
 
 import argparse
@@ -347,8 +347,10 @@ def add_bos_post_processor(tokenizer_json: Path) -> None:
         "type": "TemplateProcessing",
         "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
         "pair": [
-            {"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-            {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}},
+            {"SpecialToken": {"id": bos, "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": bos, "type_id": 1}},
+            {"Sequence": {"id": "B", "type_id": 1}},
         ],
         "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
     }
@@ -373,8 +375,8 @@ def _extract_tokenizer_files(archive: Path, target: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m kotune.assets fetch-test-assets``: fetch the test assets and print their paths."""
-    parser = argparse.ArgumentParser(prog="python -m kotune.assets", description=__doc__.split("\n")[0])
+    """``python -m kotune.model.assets fetch-test-assets``: fetch the test assets and print their paths."""
+    parser = argparse.ArgumentParser(prog="python -m kotune.model.assets", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["fetch-test-assets"], help="what to do")
     parser.add_argument("--cache-dir", help="cache dir (default: $KOTUNE_CACHE or ~/.cache/kotune)")
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from kotune.inference import CHAT_FORMATS, ModelFolder, open_folder, trained_chat_template
+from kotune.inference.generate import CHAT_FORMATS, ModelFolder, open_folder, trained_chat_template
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MERGED_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
@@ -220,7 +220,7 @@ KOREAN_SHARE = 0.3
 def is_korean(folder: ModelFolder) -> bool:
     """Korean training data: told from its first rows when the data is a local file here, else from the template
     the prompts were made with (runs on instruction rows)."""
-    from kotune.data import DataError, read_rows
+    from kotune.data.read import DataError, read_rows
 
     d = folder.config.data
     text = ""

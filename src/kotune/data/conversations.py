@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from kotune.config import DataConfig
-from kotune.data import DataError
-from kotune.encoding import bos_id_to_add
-from kotune.formats import Rendered, SkipRow
-from kotune.templates import TemplateError
+from kotune.data.encoding import bos_id_to_add
+from kotune.data.formats import Rendered, SkipRow
+from kotune.data.read import DataError
+from kotune.data.templates import TemplateError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 """sharegpt ``from`` values and the chat roles they stand for."""

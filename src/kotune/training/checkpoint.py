@@ -6,7 +6,7 @@ and refuses a folder holding pickle files (kotune never writes one; a transforme
 
 Contents of ``checkpoint-STEP/``: the adapter (``adapter_model.safetensors`` + config), ``optimizer.safetensors``,
 ``rng.safetensors`` (torch CPU / CUDA generators), ``trainer_state.json`` (step counters, data position,
-best eval, Python RNG, the optimizer's non-tensor state), ``fingerprint.json`` (see ``kotune.fingerprint``),
+best eval, Python RNG, the optimizer's non-tensor state), ``fingerprint.json`` (see ``kotune.training.fingerprint``),
 ``best_adapter.safetensors`` once an evaluation has run, and ``COMPLETE``.
 """
 

@@ -13,9 +13,9 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from kotune.checkpoint import CheckpointError, sha256
 from kotune.config import Config
 from kotune.security import redact
+from kotune.training.checkpoint import CheckpointError, sha256
 
 FILE = "fingerprint.json"
 
@@ -63,7 +63,7 @@ class FingerprintMismatch(CheckpointError):
 
 def data_files(cfg: Config) -> dict[str, str]:
     """``split:relative name`` -> content hash of every local data file; hub datasets by name and split."""
-    from kotune.data import is_local, local_files
+    from kotune.data.read import is_local, local_files
 
     out: dict[str, str] = {}
     for split, spec in (("train", cfg.data.path), ("validation", cfg.data.validation_path)):

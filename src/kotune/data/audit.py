@@ -1,6 +1,6 @@
 """The data audit: what would go wrong in training, found over the whole dataset before any GPU time is spent.
 
-``audit_source`` runs on the rows and their encoding (``kotune.encoding.Encoded``) and returns a JSON-ready
+``audit_source`` runs on the rows and their encoding (``kotune.data.encoding.Encoded``) and returns a JSON-ready
 ``AuditReport`` (it is cached with the tokenized data). ``check_embeddings`` adds what needs the base model's
 weights: special tokens the data uses whose embedding rows look untrained. Row ids are ``_row``: a row's
 position in its source, counted from 0.
@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from kotune.collate import collate
-from kotune.encoding import IGNORE, Encoded, encode_segments
-from kotune.formats import OPTIONAL_COLUMNS, used_columns
-from kotune.templates import Template, placeholders
+from kotune.data.batching import collate
+from kotune.data.encoding import IGNORE, Encoded, encode_segments
+from kotune.data.formats import OPTIONAL_COLUMNS, used_columns
+from kotune.data.templates import Template, placeholders
 
 FATAL, WARNING, INFO = "fatal", "warning", "info"
 HANGUL = re.compile("[\uac00-\ud7a3]+")

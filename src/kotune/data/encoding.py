@@ -23,7 +23,7 @@ from itertools import chain
 
 import numpy as np
 
-from kotune.formats import Rendered
+from kotune.data.formats import Rendered
 
 IGNORE = -100
 
