@@ -41,7 +41,8 @@ def decodings() -> list[tuple[str, int, float]]:
 
 
 def replies(model, tokenizer, folder, rows, max_new_tokens: int, penalty: float) -> list:
-    from kotune.inference.generate import Sampling, encode_prompt, folder_stop_ids, generate, pad_id, row_prompt
+    from kotune.inference.generate import Sampling, encode_prompt, generate, pad_id, row_prompt
+    from kotune.run_folder import folder_stop_ids
 
     if folder.fmt == "messages":
         rows = [{**as_messages(r), "_row": i} for i, r in enumerate(rows)]
@@ -54,7 +55,8 @@ def replies(model, tokenizer, folder, rows, max_new_tokens: int, penalty: float)
 def run(name: str, overrides: list[str], model_path: str, work: Path) -> dict:
     from kotune.config import load_config
     from kotune.export.merge import merged_model
-    from kotune.inference.generate import load_model, open_folder
+    from kotune.inference.load import load_model
+    from kotune.run_folder import open_folder
     from kotune.training.recipe import train
 
     start = time.perf_counter()

@@ -6,7 +6,7 @@
     python bench/kotune_run.py --dump-v /tmp/v_rows.json                          # V rows, in kotune's order
 
 The model is loaded once per process the way ``kotune.model.load`` loads it (fast path: no fp32 copies; plain:
-peft's ``prepare_model_for_kbit_training``), then each case attaches LoRA with ``kotune.model.load.attach_lora``
+peft's ``prepare_model_for_kbit_training``), then each case attaches LoRA with ``kotune.model.lora.attach_lora``
 and trains through ``kotune.training.loop.Fit``. Tokens/s counts non-padding input tokens of the timed steps (after
 ``warm`` steps) over their wall time with the GPU synchronised; peak is ``torch.cuda.max_memory_allocated``
 from after the model load (the anchor's convention).
@@ -31,8 +31,9 @@ from common import CASES, MODEL_DIR, V_ROWS, V_SEED, Case, anchor, emit, fixed_r
 from kotune import fast  # noqa: E402
 from kotune.config import Config, load_config  # noqa: E402
 from kotune.data.batching import epoch_order  # noqa: E402
-from kotune.data.encoding import Example  # noqa: E402
-from kotune.model.load import attach_lora, load_base_model, load_tokenizer  # noqa: E402
+from kotune.data.examples import Example  # noqa: E402
+from kotune.model.load import load_base_model, load_tokenizer  # noqa: E402
+from kotune.model.lora import attach_lora  # noqa: E402
 from kotune.training.loop import Fit  # noqa: E402
 
 VARIANTS = {
@@ -134,7 +135,7 @@ def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
     cfg = case_config(case, args.model_dir, args.plain, packing, steps)
     cfg.train.output_dir = tempfile.mkdtemp()
     rows = rows_for(case, cfg, tokenizer, args.v_rows)
-    torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random, as in kotune.model.load.load_for_training
+    torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random, as in kotune.model.build.load_for_training
     model = attach_lora(base, cfg.lora)
     if args.init and case.name == "P":  # start from the seed recipe's own initial adapter
         from peft import set_peft_model_state_dict

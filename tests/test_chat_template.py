@@ -4,8 +4,9 @@ ids as kotune's training encoding, with and without input, for the built-in temp
 from __future__ import annotations
 
 import pytest
+from reference_encoding import encode_rows
 
-from kotune.data.encoding import IGNORE, encode_rows
+from kotune.data.examples import IGNORE
 from kotune.data.formats import render_alpaca
 from kotune.data.templates import ALPACA, KO_ALPACA, Template, chat_template
 

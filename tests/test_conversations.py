@@ -7,10 +7,11 @@ import json
 
 import pytest
 from conftest import write_jsonl
+from reference_encoding import encode_rows
 
 from kotune.config import DataConfig
 from kotune.data.conversations import PLAIN_CHAT_TEMPLATE, render_conversation
-from kotune.data.encoding import IGNORE, encode_rows
+from kotune.data.examples import IGNORE
 from kotune.data.prepare import prepare
 from kotune.data.read import DataError
 from kotune.data.templates import TemplateError

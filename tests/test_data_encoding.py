@@ -6,17 +6,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from reference_encoding import encode_rows
 from tricky_rows import TRICKY_ROWS
 
-from kotune.data.encoding import (
-    ExampleTable,
-    cuts_at_words,
-    encode_flat,
-    encode_rows,
-    encode_segments,
-    encode_table,
-    word_pieces,
-)
+from kotune.data.encoding import cuts_at_words, encode_flat, encode_segments, encode_table, word_pieces
+from kotune.data.examples import ExampleTable
 from kotune.data.formats import Rendered, detect_format, render_alpaca, render_prompt_completion
 from kotune.data.read import split_indices, split_rows
 from kotune.data.templates import KO_ALPACA

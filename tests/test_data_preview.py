@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kotune.commands.data import render_example, token_pieces
-from kotune.data.encoding import IGNORE, Example
+from kotune.data.examples import IGNORE, Example
 from kotune.data.templates import KO_ALPACA
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, write_jsonl
 
-from kotune.data.encoding import IGNORE, Example
+from kotune.data.examples import IGNORE, Example
 
 CHOICE_SET = ROOT / "data" / "ko-choice-smoke.jsonl"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kotune.data.batching import collate, collate_packed
-from kotune.data.encoding import IGNORE, Example
+from kotune.data.examples import IGNORE, Example
 from kotune.fast.llama import FastCausalLM, unsupported_reason
 from kotune.training.loop import loss_sum
 

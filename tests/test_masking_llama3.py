@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from reference_encoding import encode_rows
 from tricky_rows import TRICKY_ROWS
 from walkthrough import make_generate_and_tokenize_prompt
 
-from kotune.data.encoding import IGNORE, encode_rows
+from kotune.data.examples import IGNORE
 from kotune.data.formats import render_alpaca
 from kotune.data.templates import KO_ALPACA
 

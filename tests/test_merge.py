@@ -150,7 +150,10 @@ def test_merged_weights_are_dequantized_nf4_plus_lora_delta(tiny_qlora_run, tiny
 
 
 def test_merged_and_adapter_greedy_generations_agree_token_for_token(tiny_qlora_run, tiny_merged, reference):
-    from kotune.inference.generate import Sampling, encode_prompt, generate, load_model, open_folder, pad_id, stop_ids
+    from kotune.data.conversations import stop_ids
+    from kotune.inference.generate import Sampling, encode_prompt, generate, pad_id
+    from kotune.inference.load import load_model
+    from kotune.run_folder import open_folder
 
     run, _, _ = tiny_qlora_run
     out, _ = tiny_merged
@@ -218,7 +221,7 @@ def test_merge_is_idempotent_and_refuses_to_overwrite(tiny_qlora_run, tiny_merge
 def test_sharded_save_loads_with_plain_transformers(tiny_merged, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kotune.inference.generate import open_folder
+    from kotune.run_folder import open_folder
 
     out, _ = tiny_merged
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -233,7 +236,7 @@ def test_sharded_save_loads_with_plain_transformers(tiny_merged, tmp_path):
 
 
 def test_merge_refuses_merged_folder_and_non_runs(tiny_merged, tmp_path):
-    from kotune.inference.generate import FolderError
+    from kotune.run_folder import FolderError
 
     out, _ = tiny_merged
     with pytest.raises(merging.MergeError, match="already a merged model"):
@@ -320,7 +323,8 @@ def test_merged_tokenizer_prompts_in_the_trained_format(tiny_merged):
     the ids kotune's training encoding gives the prompt, with and without input."""
     from transformers import AutoTokenizer
 
-    from kotune.inference.generate import encode_prompt, open_folder
+    from kotune.inference.generate import encode_prompt
+    from kotune.run_folder import open_folder
 
     out, _ = tiny_merged
     folder, tokenizer = open_folder(out), AutoTokenizer.from_pretrained(out)

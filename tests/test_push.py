@@ -172,7 +172,8 @@ def test_uploaded_files_name_no_local_folder(tiny_qlora_run, tiny_merged, tmp_pa
 def test_pushed_chat_template_renders_the_trained_prompt(tiny_qlora_run, tmp_path):
     from transformers import AutoTokenizer
 
-    from kotune.inference.generate import encode_prompt, open_folder
+    from kotune.inference.generate import encode_prompt
+    from kotune.run_folder import open_folder
 
     run, _, _ = tiny_qlora_run
     push(run, "someone/tiny-ko", dry_run=tmp_path / "dry")
@@ -189,7 +190,7 @@ def test_card_metadata_names_hub_base_and_dataset_and_the_license_it_finds(tmp_p
     from kotune.config import load_config
     from kotune.data.templates import ALPACA, KO_ALPACA
     from kotune.export.publish import base_license, card_metadata, source_name
-    from kotune.inference.generate import ModelFolder
+    from kotune.run_folder import ModelFolder
 
     hub = load_config(None, ["model.path=beomi/Llama-3-Open-Ko-8B", "data.path=DopeorNope/Ko-Optimize_Dataset"])
     meta = card_metadata(ModelFolder(tmp_path, False, hub, KO_ALPACA, "alpaca"))

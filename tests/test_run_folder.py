@@ -16,7 +16,7 @@ from kotune.cli import main
 from kotune.config import ConfigError
 from kotune.training.claim import LOCK, RunFolderError, claim
 
-# Printed by kotune.model.load.load_for_training: seeing it means the model was loaded.
+# Printed by kotune.model.build.load_for_training: seeing it means the model was loaded.
 MODEL_LOADED = "trainable params:"
 
 

@@ -6,8 +6,8 @@ from kotune.data.templates import TemplateError
 from kotune.evaluation.harness import HarnessError
 from kotune.export.merge import MergeError
 from kotune.export.publish import PublishError
-from kotune.inference.generate import FolderError
 from kotune.model.assets import AssetError
+from kotune.run_folder import FolderError
 from kotune.training.checkpoint import CheckpointError
 from kotune.training.claim import RunFolderError
 

@@ -9,7 +9,7 @@ import sys
 
 from kotune.commands.train import add_config_arguments
 from kotune.config import load_config
-from kotune.data.encoding import IGNORE, Example
+from kotune.data.examples import IGNORE, Example
 
 
 def register(sub) -> None:

@@ -39,7 +39,9 @@ def load(args):
     """(folder, model, tokenizer, model description) for the model ``args`` name."""
     from transformers import AutoTokenizer
 
-    from kotune.inference.generate import load_base, load_model, open_folder
+    from kotune.inference.load import load_model
+    from kotune.model.load import load_base
+    from kotune.run_folder import open_folder
 
     folder = open_folder(args.path)
     if not args.base:
@@ -85,7 +87,8 @@ def heldout_part(args, folder, model, tokenizer) -> dict:
 
     from kotune.evaluation.checks import CHECK_SAMPLING, check_items, generation_checks
     from kotune.evaluation.heldout import load_heldout, overall_loss, row_losses
-    from kotune.inference.generate import folder_stop_ids, pad_id
+    from kotune.inference.generate import pad_id
+    from kotune.run_folder import folder_stop_ids
 
     heldout = load_heldout(folder, tokenizer, args.data)
     examples = heldout.examples[: args.limit] if args.limit else heldout.examples

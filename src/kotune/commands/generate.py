@@ -108,7 +108,8 @@ def output_line(row: dict, prompt: str, model: str, text: str, stopped: bool) ->
 def run(args) -> int:
     from transformers import AutoTokenizer
 
-    from kotune.inference.generate import load_model, model_fingerprint, open_folder
+    from kotune.inference.load import load_model, model_fingerprint
+    from kotune.run_folder import open_folder
 
     folder = open_folder(args.path)
     output = Path(args.output)
@@ -132,7 +133,8 @@ def write_generations(model, tokenizer, folder, todo, output: Path, sampling: Sa
     import torch
     from tqdm.auto import tqdm
 
-    from kotune.inference.generate import completion_text, encode_prompt, folder_stop_ids, generate, pad_id
+    from kotune.inference.generate import completion_text, encode_prompt, generate, pad_id
+    from kotune.run_folder import folder_stop_ids
 
     stops = folder_stop_ids(folder, tokenizer, model)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None

@@ -13,7 +13,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from kotune.evaluation.run_report import write_run_report
-    from kotune.inference.generate import FolderError
+    from kotune.run_folder import FolderError
 
     if not (Path(args.path) / "metrics.jsonl").is_file():
         raise FolderError(f"{args.path}: no metrics.jsonl; give the output_dir of a `kotune train` run")

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from kotune.data.batching import collate
-from kotune.data.encoding import IGNORE, Encoded, encode_segments
+from kotune.data.encoding import encode_segments
+from kotune.data.examples import IGNORE, Encoded
 from kotune.data.formats import OPTIONAL_COLUMNS, used_columns
 from kotune.data.templates import Template, placeholders
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kotune.data.encoding import IGNORE, Example
+from kotune.data.examples import IGNORE, Example
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -22,7 +22,7 @@ import numpy as np
 
 from kotune import __version__
 from kotune.config import DataConfig
-from kotune.data.encoding import Encoded, ExampleTable
+from kotune.data.examples import Encoded, ExampleTable
 from kotune.data.read import is_local, local_files
 from kotune.model.assets import cache_root
 

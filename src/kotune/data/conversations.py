@@ -178,3 +178,40 @@ def _special_token_pattern(tokenizer) -> re.Pattern | None:
 def render_conversation(row: dict[str, Any], fmt: str, tokenizer, data_cfg: DataConfig, where: str) -> Rendered:
     """One conversation row as segments (see ``ChatRenderer``; build one to render many rows)."""
     return ChatRenderer(tokenizer, data_cfg).render(row, fmt, where)
+
+
+# -- where a reply ends ---------------------------------------------------------------------------
+def end_of_turn_id(tokenizer, chat_template: str | None = None) -> int | None:
+    """The special token a chat template (default: the tokenizer's) closes an assistant turn with."""
+    chat_template = chat_template or tokenizer.chat_template
+    if not chat_template:
+        return None
+    probe = "kotune-probe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+            chat_template=chat_template,
+            tokenize=False,
+        )
+    except Exception:  # a template may reject this conversation (jinja raises its own types)
+        return None
+    after = text[text.rindex(probe) + len(probe) :] if probe in text else ""
+    specials = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token, token_id in specials.items():
+        if after.startswith(token):
+            return token_id
+    return None
+
+
+def stop_ids(tokenizer, generation_config=None, chat_template: str | None = None) -> list[int]:
+    """Ids that end a reply: the tokenizer's EOS (what training appended), the chat template's end-of-turn
+    token, and the model's own EOS ids from its generation config."""
+    found: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        found.append(tokenizer.eos_token_id)
+    eot = end_of_turn_id(tokenizer, chat_template)
+    if eot is not None:
+        found.append(eot)
+    configured = getattr(generation_config, "eos_token_id", None)
+    found.extend([configured] if isinstance(configured, int) else configured or [])
+    return list(dict.fromkeys(found))

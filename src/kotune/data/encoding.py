@@ -15,53 +15,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
 
+from kotune.data.examples import IGNORE, Encoded, ExampleTable
 from kotune.data.formats import Rendered
-
-IGNORE = -100
-
-
-@dataclass
-class Example:
-    row: int
-    input_ids: list[int]
-    labels: list[int]
-
-    @property
-    def trained_tokens(self) -> int:
-        return sum(1 for t in self.labels if t != IGNORE)
-
-
-@dataclass
-class EncodeStats:
-    rows: int = 0
-    kept: int = 0
-    truncated: int = 0
-    """Rows cut at the cutoff (kept if any trained token is left)."""
-    eos_lost: int = 0
-    """Kept rows whose closing EOS (or end-of-turn token) was cut off by the cutoff."""
-    skipped: Counter = field(default_factory=Counter)
-    """Rows left out, by reason."""
-    skipped_rows: dict[str, list[int]] = field(default_factory=dict)
-
-    def skip(self, reason: str, row: int) -> None:
-        self.skipped[reason] += 1
-        self.skipped_rows.setdefault(reason, []).append(row)
-
-    def summary(self) -> str:
-        parts = [f"{self.kept}/{self.rows} rows kept"]
-        if self.truncated:
-            parts.append(f"{self.truncated} truncated at the cutoff ({self.eos_lost} lost their EOS)")
-        for reason, count in sorted(self.skipped.items()):
-            parts.append(f"{count} skipped: {reason}")
-        return "; ".join(parts)
 
 
 def bos_id_to_add(tokenizer) -> int | None:
@@ -181,166 +142,11 @@ def encode_flat(tokenizer, texts: list[str], by_word: bool = False) -> tuple[np.
     return piece_ids[gather], text_counts
 
 
-@dataclass
-class Assembled:
-    """One row's ids and labels before the cutoff."""
-
-    input_ids: list[int]
-    labels: list[int]
-    ends_trained: bool
-    """The row ends in a trained token that closes a response (EOS or an end-of-turn token)."""
-
-
-def assemble(rendered: Rendered, segment_ids: list[list[int]], bos: int | None, eos: int) -> Assembled:
-    """Concatenate a row's encoded segments behind BOS, mask untrained ones, close with EOS if asked."""
-    ids: list[int] = [bos] if bos is not None else []
-    labels: list[int] = [IGNORE] * len(ids)
-    for (_, trained), seg in zip(rendered.segments, segment_ids, strict=True):
-        ids.extend(seg)
-        labels.extend(seg if trained else [IGNORE] * len(seg))
-    if rendered.append_eos:
-        ids.append(eos)
-        labels.append(eos)
-    ends_trained = rendered.append_eos or bool(rendered.segments and rendered.segments[-1][1])
-    return Assembled(ids, labels, ends_trained)
-
-
-def apply_cutoff(row: Assembled, cutoff_len: int) -> tuple[list[int], list[int], str | None]:
-    """Ids and labels cut at the cutoff, and why the row cannot train (None when it can)."""
-    ids, labels = row.input_ids, row.labels
-    if len(ids) > cutoff_len:
-        ids, labels = ids[:cutoff_len], labels[:cutoff_len]
-        if all(t == IGNORE for t in labels):
-            return ids, labels, "no trained token left after the cutoff"
-    elif all(t == IGNORE for t in labels):
-        return ids, labels, "no trained token"
-    return ids, labels, None
-
-
-def build_example(
-    rendered: Rendered,
-    segment_ids: list[list[int]],
-    bos: int | None,
-    eos: int,
-    cutoff_len: int,
-    stats: EncodeStats,
-) -> Example | None:
-    """Concatenate a row's encoded segments, mask untrained ones, apply the cutoff; None if nothing is trained."""
-    row = assemble(rendered, segment_ids, bos, eos)
-    ids, labels, reason = apply_cutoff(row, cutoff_len)
-    stats.rows += 1
-    truncated = len(row.input_ids) > cutoff_len
-    stats.truncated += truncated
-    if reason is not None:
-        stats.skip(reason, rendered.row)
-        return None
-    stats.eos_lost += truncated and row.ends_trained
-    stats.kept += 1
-    return Example(rendered.row, ids, labels)
-
-
 def _special_ids(tokenizer) -> tuple[int | None, int]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; set one in its tokenizer_config.json")
     return bos_id_to_add(tokenizer), eos
-
-
-def encode_rows(
-    tokenizer, rendered: list[Rendered], cutoff_len: int, stats: EncodeStats | None = None, batch_size: int = 2048
-) -> tuple[list[Example], EncodeStats]:
-    """Encode rendered rows in batches; returns the kept examples and what was truncated or skipped."""
-    stats = stats if stats is not None else EncodeStats()
-    bos, eos = _special_ids(tokenizer)
-    examples: list[Example] = []
-    for start in range(0, len(rendered), batch_size):
-        chunk = rendered[start : start + batch_size]
-        flat = encode_segments(tokenizer, [text for r in chunk for text, _ in r.segments])
-        at = 0
-        for r in chunk:
-            n = len(r.segments)
-            example = build_example(r, flat[at : at + n], bos, eos, cutoff_len, stats)
-            at += n
-            if example is not None:
-                examples.append(example)
-    return examples, stats
-
-
-class ExampleTable(Sequence):
-    """Examples stored flat: ``ids`` and ``labels`` of all rows in two arrays, example ``i`` at
-    ``starts[i]:ends[i]``. Indexing builds an ``Example``; ``take`` selects rows without copying tokens."""
-
-    def __init__(self, ids: np.ndarray, labels: np.ndarray, starts: np.ndarray, ends: np.ndarray, rows: np.ndarray):
-        self.ids, self.labels = ids, labels
-        self.starts, self.ends, self.rows = starts, ends, rows
-
-    @classmethod
-    def from_lists(cls, rows: list[int], ids: list[list[int]], labels: list[list[int]]) -> ExampleTable:
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        total = int(lengths.sum())
-        flat_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=total)
-        flat_labels = np.fromiter(chain.from_iterable(labels), dtype=np.int32, count=total)
-        return cls.from_arrays(np.asarray(rows, dtype=np.int64), lengths, flat_ids, flat_labels)
-
-    @classmethod
-    def from_arrays(cls, rows: np.ndarray, lengths: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> ExampleTable:
-        """Examples laid end to end in ``ids`` / ``labels``, ``lengths[i]`` tokens each."""
-        ends = np.cumsum(lengths)
-        return cls(ids, labels, ends - lengths, ends, rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        a, b = int(self.starts[index]), int(self.ends[index])
-        return Example(int(self.rows[index]), self.ids[a:b].tolist(), self.labels[a:b].tolist())
-
-    def lengths(self) -> np.ndarray:
-        return self.ends - self.starts
-
-    def take(self, indices: np.ndarray) -> ExampleTable:
-        """The examples at ``indices``, in that order, sharing this table's token arrays."""
-        return ExampleTable(self.ids, self.labels, self.starts[indices], self.ends[indices], self.rows[indices])
-
-
-@dataclass
-class Encoded:
-    """Every row of one source encoded: the kept examples, and per row (by ``_row``) what happened to it."""
-
-    examples: ExampleTable
-    length: np.ndarray
-    """Tokens per row before the cutoff (0 for rows skipped before encoding)."""
-    truncated: np.ndarray
-    """Per row: cut at the cutoff."""
-    eos_lost: np.ndarray
-    """Per row: kept, but the closing EOS / end-of-turn token was cut off."""
-    skip: np.ndarray
-    """Per row: -1 when kept, else the index of its reason in ``reasons``."""
-    reasons: list[str]
-
-    def example_index(self) -> np.ndarray:
-        """Per row: the index of its example in ``examples``, -1 when skipped."""
-        index = np.full(len(self.skip), -1, dtype=np.int64)
-        index[self.examples.rows] = np.arange(len(self.examples))
-        return index
-
-    def select(self, rows: Sequence[int]) -> ExampleTable:
-        """The kept examples of ``rows``, in that order."""
-        index = self.example_index()[np.asarray(rows, dtype=np.int64)]
-        return self.examples.take(index[index >= 0])
-
-    def stats(self, rows: Sequence[int]) -> EncodeStats:
-        """What happened to ``rows`` (in that order), as counts and row ids."""
-        rows = np.asarray(rows, dtype=np.int64)
-        stats = EncodeStats(rows=len(rows))
-        stats.kept = int((self.skip[rows] == -1).sum())
-        stats.truncated = int(self.truncated[rows].sum())
-        stats.eos_lost = int(self.eos_lost[rows].sum())
-        for row in rows[self.skip[rows] >= 0].tolist():
-            stats.skip(self.reasons[self.skip[row]], row)
-        return stats
 
 
 @dataclass
@@ -352,7 +158,7 @@ class Batch:
     trained: np.ndarray
     """Trained tokens per row after the cutoff (0: the row cannot train)."""
     ends_trained: np.ndarray
-    """Per row: ends in a trained closing token (see ``Assembled``)."""
+    """Per row: ends in a trained closing token (EOS or an end-of-turn token)."""
     ids: np.ndarray
     """Ids of the rows with ``trained > 0``, cut at the cutoff, flat."""
     labels: np.ndarray

@@ -12,6 +12,9 @@ from typing import Any
 from kotune.data.read import DataError, columns_present
 from kotune.data.templates import Template
 
+CHAT_FORMATS = ("messages", "sharegpt")
+"""Row formats whose prompts come from a chat template (the tokenizer's or ``data.chat_template``)."""
+
 
 @dataclass(frozen=True)
 class Rendered:

@@ -16,8 +16,10 @@ from typing import Any
 from kotune.config import Config
 from kotune.data import cache
 from kotune.data.audit import AuditReport, audit_source
-from kotune.data.encoding import Encoded, EncodeStats, Example, encode_table
+from kotune.data.encoding import encode_table
+from kotune.data.examples import Encoded, EncodeStats, Example
 from kotune.data.formats import (
+    CHAT_FORMATS,
     Rendered,
     SkipRow,
     check_columns,
@@ -28,8 +30,6 @@ from kotune.data.formats import (
 )
 from kotune.data.read import apply_columns, check_types, read_rows, split_indices
 from kotune.data.templates import Template, load_template
-
-CHAT_FORMATS = ("messages", "sharegpt")
 
 
 def _stderr(message: str) -> None:

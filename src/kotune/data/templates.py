@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-
-TEMPLATE_FILE = "kotune_template.yaml"
 
 
 class TemplateError(ValueError):
@@ -32,11 +30,6 @@ class Template:
         if input is not None and input.strip():
             return self.prompt_input.format(instruction=instruction, input=input)
         return self.prompt_no_input.format(instruction=instruction)
-
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / TEMPLATE_FILE
-        path.write_text(yaml.safe_dump(asdict(self), allow_unicode=True, sort_keys=False), encoding="utf-8")
-        return path
 
 
 # Byte for byte the two templates of the walkthrough ("답변에 띄어쓰기 X": no space after ###답변:).
@@ -120,14 +113,6 @@ def load_template(spec: str) -> Template:
             raise TemplateError(f"{path}: '{key}' is missing or not a string")
     template = Template(str(raw.get("name", path.stem)), raw["prompt_input"], raw["prompt_no_input"])
     return validate(template, str(path))
-
-
-def load_saved_template(directory: str | Path) -> Template:
-    """The template a run saved next to its adapter."""
-    path = Path(directory) / TEMPLATE_FILE
-    if not path.is_file():
-        raise TemplateError(f"{directory}: no {TEMPLATE_FILE}; is this a kotune output folder?")
-    return load_template(str(path))
 
 
 # -- the template as a chat template, for tools that prompt through apply_chat_template -------------------

@@ -64,7 +64,7 @@ def check_items(heldout, folder, tokenizer, limit: int | None = None) -> list[di
 def prompt_and_reference(example) -> tuple[list[int], list[int]]:
     """A training example cut where its first trained token starts: the prompt ids exactly as trained, and the
     answer's ids up to the end of that trained stretch (its closing EOS / end-of-turn included)."""
-    from kotune.data.encoding import IGNORE
+    from kotune.data.examples import IGNORE
 
     start = next(i for i, label in enumerate(example.labels) if label != IGNORE)
     end = next((i for i in range(start, len(example.labels)) if example.labels[i] == IGNORE), len(example.labels))
@@ -74,7 +74,8 @@ def prompt_and_reference(example) -> tuple[list[int], list[int]]:
 def training_checks(model, tokenizer, examples, n: int, sampling: Sampling = CHECK_SAMPLING) -> dict:
     """``train.eval_generate``: the generation checks on the first ``n`` validation examples, as metrics.jsonl
     fields (``gen_stop_rate`` ...). The prompts are the examples' own ids, so nothing is formatted twice."""
-    from kotune.inference.generate import completion_text, generate, pad_id, stop_ids
+    from kotune.data.conversations import stop_ids
+    from kotune.inference.generate import completion_text, generate, pad_id
 
     pairs = [prompt_and_reference(example) for example in list(examples)[:n]]
     stops = stop_ids(tokenizer, getattr(model, "generation_config", None))

@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kotune.data.encoding import IGNORE, Example, encode_table
+from kotune.data.encoding import encode_table
+from kotune.data.examples import IGNORE, Example
 from kotune.data.formats import check_columns, detect_format, used_columns
 from kotune.data.read import apply_columns, check_types, read_rows, split_indices
 

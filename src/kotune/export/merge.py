@@ -29,12 +29,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kotune.inference.generate import ModelFolder, folder_stop_ids, open_folder, trained_chat_template
+from kotune.run_folder import ModelFolder, folder_stop_ids, open_folder, trained_chat_template
 
 if TYPE_CHECKING:
     import torch
 
-    from kotune.data.encoding import Example
+    from kotune.data.examples import Example
 
 # torch is imported inside the functions that use it, so `kotune merge --help` stays fast.
 
@@ -107,7 +107,7 @@ def drift_sums(merged_logits: torch.Tensor, adapter_logits: torch.Tensor, labels
     """
     import torch
 
-    from kotune.data.encoding import IGNORE
+    from kotune.data.examples import IGNORE
 
     diff = (merged_logits - adapter_logits).abs()
     target = labels[1:]
@@ -180,8 +180,7 @@ def merged_model(folder: ModelFolder, target: str, dtype: str):
     import torch
     from peft import PeftModel
 
-    from kotune.inference.generate import load_base
-    from kotune.model.load import peft_quietly
+    from kotune.model.load import load_base, peft_quietly
 
     full = load_base(replace(folder.config.model, compute_dtype="float32"), "none")
     if target == "dequantized" and folder.config.model.quantization != "none":
@@ -321,8 +320,7 @@ def merge(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from kotune.inference.generate import load_base
-    from kotune.model.load import peft_quietly
+    from kotune.model.load import load_base, peft_quietly
 
     folder = open_folder(run_dir)
     targets, into = merge_targets(folder, into)

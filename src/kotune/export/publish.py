@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from kotune.inference.generate import CHAT_FORMATS, ModelFolder, open_folder, trained_chat_template
+from kotune.data.formats import CHAT_FORMATS
+from kotune.run_folder import ModelFolder, open_folder, trained_chat_template
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MERGED_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")

@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kotune.config import Config, load_config
-from kotune.data.templates import Template, load_saved_template
+from kotune.run_folder import ModelFolder
 
 if TYPE_CHECKING:
     import torch
 
 # torch and transformers are imported inside the functions that use them, so that `kotune --help` and
 # argument parsing (which read Sampling's defaults) stay fast.
-
-CHAT_FORMATS = ("messages", "sharegpt")
-"""Training row formats whose prompts come from the tokenizer's chat template."""
 
 
 @dataclass(frozen=True)
@@ -45,154 +40,6 @@ class Generation:
     """Generated token ids, without the stop token."""
     stopped: bool
     """True when a stop token ended it; False when ``max_new_tokens`` ran out."""
-
-
-class FolderError(ValueError):
-    """A folder that is not a kotune run or merged model, or lacks a file; the message names it."""
-
-
-@dataclass(frozen=True)
-class ModelFolder:
-    """What a training run (adapter) or a merge (full model) left behind, read back."""
-
-    path: Path
-    merged: bool
-    """True for a merged full model, False for a run folder holding a LoRA adapter."""
-    config: Config
-    """The run's resolved config."""
-    template: Template
-    """The prompt template training used."""
-    fmt: str
-    """The training rows' format (``alpaca``, ``prompt_completion``, ``messages``, ``sharegpt``)."""
-
-
-# -- load -------------------------------------------------------------------------------------------
-def open_folder(path: str | Path) -> ModelFolder:
-    """Read a run folder (``adapter_config.json``) or a merged folder (``config.json``) with its saved config."""
-    from kotune.training.recipe import CONFIG_FILE
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FolderError(f"{folder}: no such folder; give a training run's output_dir or a merged model folder")
-    merged = not (folder / "adapter_config.json").is_file()
-    if merged and not (folder / "config.json").is_file():
-        raise FolderError(f"{folder}: holds neither adapter_config.json (a run) nor config.json (a merged model)")
-    if not (folder / CONFIG_FILE).is_file():
-        raise FolderError(f"{folder}: no {CONFIG_FILE}; is this a kotune output folder?")
-    cfg = load_config(folder / CONFIG_FILE)
-    return ModelFolder(folder, merged, cfg, load_saved_template(folder), training_format(cfg, folder / CONFIG_FILE))
-
-
-def training_format(cfg: Config, where: Path) -> str:
-    """The row format the run trained on; ``auto`` is detected again from the first row of its data."""
-    if cfg.data.format != "auto":
-        return cfg.data.format
-    from kotune.data.formats import detect_format
-    from kotune.data.read import DataError, read_rows
-
-    try:
-        return detect_format(read_rows(cfg.data.path, cfg.data.split)[:1], cfg.data.path)
-    except DataError as exc:
-        raise FolderError(
-            f"{where}: data.format is auto and the training data cannot be read to tell it ({exc}); "
-            "set data.format in that file"
-        ) from None
-
-
-def load_base(model_cfg, quantization: str):
-    """The base model as ``model_cfg`` names it, quantized as asked (``4bit``, ``8bit`` or ``none``), for inference."""
-    from transformers import AutoModelForCausalLM
-
-    from kotune.model.assets import resolve_model
-    from kotune.model.load import DTYPES, device_map, keep_4bit_weights_exact, quantization_config
-    from kotune.security import refuse_pickle
-
-    model_cfg = replace(model_cfg, quantization=quantization)
-    path = resolve_model(model_cfg.path)
-    if Path(path).is_dir():
-        refuse_pickle(path, model_cfg.allow_pickle, "model folder", "model.allow_pickle: true")
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        quantization_config=quantization_config(model_cfg),
-        dtype=DTYPES[model_cfg.compute_dtype],
-        device_map=device_map(),
-        trust_remote_code=model_cfg.trust_remote_code,
-        attn_implementation=model_cfg.attn_implementation,
-        use_safetensors=None if model_cfg.allow_pickle else True,  # as training loads it: hub names too
-    )
-    if quantization == "4bit":
-        keep_4bit_weights_exact(model)  # the adapter must run on the weights it was trained against
-    return model
-
-
-def load_model(folder: ModelFolder, base: str | None = None):
-    """(model, tokenizer) ready to generate: the merged model, or the adapter on its base.
-
-    ``base`` picks the base's quantization for an adapter (``4bit``, ``8bit``, ``none``); unset: as trained.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kotune.model.load import device_map
-
-    tokenizer = AutoTokenizer.from_pretrained(folder.path)
-    if folder.merged:
-        # kotune merge writes safetensors only; never fall back to pickle weights someone put there
-        model = AutoModelForCausalLM.from_pretrained(
-            folder.path, dtype="auto", device_map=device_map(), use_safetensors=True
-        )
-    else:
-        from peft import PeftModel
-
-        quantization = base or folder.config.model.quantization
-        from kotune.model.load import peft_quietly
-
-        with peft_quietly():
-            model = PeftModel.from_pretrained(load_base(folder.config.model, quantization), folder.path)
-    model.eval()
-    return model, tokenizer
-
-
-def model_fingerprint(folder: ModelFolder, base: str | None = None) -> str:
-    """A short name for the weights a folder generates with: for a run, its adapter files, base model and the
-    quantization the base is loaded in (``base``, else as trained); for a merge, what its report says it was made
-    of (adapter, base, target, dtype), else its weight files."""
-    import hashlib
-    import json
-
-    from kotune.export.merge import REPORT_FILE
-    from kotune.training.checkpoint import sha256
-
-    if folder.merged:
-        report = folder.path / REPORT_FILE
-        if report.is_file():
-            parts = [json.dumps(json.loads(report.read_text(encoding="utf-8"))["source"], sort_keys=True)]
-        else:
-            parts = [sha256(p) for p in sorted(folder.path.glob("model*.safetensors"))]
-    else:
-        adapter = [sha256(folder.path / n) for n in ("adapter_config.json", "adapter_model.safetensors")]
-        parts = [*adapter, folder.config.model.path, base or folder.config.model.quantization]
-    kind = "merged" if folder.merged else "adapter"
-    return f"{kind}:{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}"
-
-
-def folder_stop_ids(folder: ModelFolder, tokenizer, model) -> list[int]:
-    """``stop_ids`` for a run or merged folder: its chat template as training resolved it, its model's EOS ids."""
-    from kotune.data.prepare import chat_template_for
-
-    return stop_ids(tokenizer, getattr(model, "generation_config", None), chat_template_for(folder.config, tokenizer))
-
-
-def trained_chat_template(folder: ModelFolder, tokenizer) -> str | None:
-    """For a run trained on instruction rows or raw prompts: a chat template rendering exactly its prompts
-    (``templates.chat_template``), so tools that prompt through ``apply_chat_template`` use the trained format.
-    None for runs trained on conversations: the tokenizer's template is the one they trained with."""
-    from kotune.data.encoding import bos_id_to_add
-    from kotune.data.templates import RAW_PROMPT, chat_template
-
-    if folder.fmt in CHAT_FORMATS:
-        return None
-    template = folder.template if folder.fmt == "alpaca" else RAW_PROMPT
-    return chat_template(template, tokenizer.bos_token if bos_id_to_add(tokenizer) is not None else None)
 
 
 def pad_id(tokenizer) -> int:
@@ -244,42 +91,6 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     if bos is not None and (not ids or ids[0] != bos):  # a chat template may already start with BOS
         ids = [bos, *ids]
     return ids
-
-
-def end_of_turn_id(tokenizer, chat_template: str | None = None) -> int | None:
-    """The special token a chat template (default: the tokenizer's) closes an assistant turn with."""
-    chat_template = chat_template or tokenizer.chat_template
-    if not chat_template:
-        return None
-    probe = "kotune-probe"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
-            chat_template=chat_template,
-            tokenize=False,
-        )
-    except Exception:  # a template may reject this conversation (jinja raises its own types)
-        return None
-    after = text[text.rindex(probe) + len(probe) :] if probe in text else ""
-    specials = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    for token, token_id in specials.items():
-        if after.startswith(token):
-            return token_id
-    return None
-
-
-def stop_ids(tokenizer, generation_config=None, chat_template: str | None = None) -> list[int]:
-    """Ids that end a reply: the tokenizer's EOS (what training appended), the chat template's end-of-turn
-    token, and the model's own EOS ids from its generation config."""
-    found: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        found.append(tokenizer.eos_token_id)
-    eot = end_of_turn_id(tokenizer, chat_template)
-    if eot is not None:
-        found.append(eot)
-    configured = getattr(generation_config, "eos_token_id", None)
-    found.extend([configured] if isinstance(configured, int) else configured or [])
-    return list(dict.fromkeys(found))
 
 
 # -- prefill, decode step, sample -------------------------------------------------------------------

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 import warnings
 
 import torch
 
-from kotune.config import Config, ConfigError, LoraConfig, ModelConfig
+from kotune.config import ModelConfig
 from kotune.model.assets import AssetError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -173,88 +175,26 @@ def refuse_missing_weights(path: str, missing) -> None:
         )
 
 
-def check_target_modules(cfg: Config, path: str) -> None:
-    """Fail before the weights load if a ``lora.target_modules`` name matches no module of the model.
+def load_base(model_cfg, quantization: str):
+    """The base model as ``model_cfg`` names it, quantized as asked (``4bit``, ``8bit`` or ``none``), for inference."""
+    from transformers import AutoModelForCausalLM
 
-    peft matches a name to a module whose full name is that name or ends in ``.NAME``; the model's modules are
-    listed from its config on the meta device, which allocates nothing.
-    """
-    if cfg.lora.target_modules == "all-linear":
-        return
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from kotune.model.assets import resolve_model
+    from kotune.security import refuse_pickle
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    names = [name for name, _ in skeleton.named_modules()]
-    unmatched = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
-    if unmatched:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ConfigError(
-            f"'lora.target_modules': {', '.join(unmatched)} match no module of {path}; its linear layers are "
-            f"{', '.join(linear)} (or use all-linear)"
-        )
-
-
-def attach_lora(model, cfg: LoraConfig, token_ids: list[int] = ()):
-    """LoRA on ``cfg.target_modules``; ``token_ids``: embedding rows (input and untied output) trained as well."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    trainable_tokens = None
-    if token_ids:
-        layers = {"embed_tokens": list(token_ids)}
-        head = model.get_output_embeddings()
-        if head is not None and head.weight is not model.get_input_embeddings().weight:
-            layers["lm_head"] = list(token_ids)
-        trainable_tokens = layers
-    peft_config = PeftLoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
-        trainable_token_indices=trainable_tokens,
-        bias="none",
-        task_type="CAUSAL_LM",
+    model_cfg = dataclasses.replace(model_cfg, quantization=quantization)
+    path = resolve_model(model_cfg.path)
+    if os.path.isdir(path):
+        refuse_pickle(path, model_cfg.allow_pickle, "model folder", "model.allow_pickle: true")
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=quantization_config(model_cfg),
+        dtype=DTYPES[model_cfg.compute_dtype],
+        device_map=device_map(),
+        trust_remote_code=model_cfg.trust_remote_code,
+        attn_implementation=model_cfg.attn_implementation,
+        use_safetensors=None if model_cfg.allow_pickle else True,  # as training loads it: hub names too
     )
-    with peft_quietly():
-        return get_peft_model(model, peft_config)
-
-
-def parameter_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameters; 4-bit weights count as stored elements, like the walkthrough's printout."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-
-
-def trainable_token_ids(cfg: LoraConfig, tokenizer, untrained: list[int]) -> list[int]:
-    """``lora.trainable_tokens`` as ids: ``auto`` is the audit's ``untrained`` list; a token not in the vocabulary
-    is a config error naming it."""
-    from kotune.config import ConfigError
-
-    if cfg.trainable_tokens == "auto":
-        return list(untrained)
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in cfg.trainable_tokens if t not in vocab]
-    if missing:
-        raise ConfigError(f"'lora.trainable_tokens': {missing} not in the tokenizer's vocabulary")
-    return [vocab[t] for t in cfg.trainable_tokens]
-
-
-def load_for_training(cfg: Config, path: str, token_ids: list[int] = ()):
-    """Tokenizer and LoRA-wrapped model for a run (``token_ids``: embedding rows trained too, see
-    ``trainable_token_ids``); prints trainable / total parameters like the walkthrough."""
-    tokenizer = load_tokenizer(path, cfg.model)
-    torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random
-    from transformers import AutoConfig
-
-    from kotune import fast
-
-    fast_path, _ = fast.wanted(cfg, AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code))
-    model = attach_lora(load_base_model(path, cfg.model, fast_path), cfg.lora, token_ids)
-    trainable, total = parameter_counts(model)
-    from kotune.training.dist import print0
-
-    print0(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
-    return tokenizer, model
+    if quantization == "4bit":
+        keep_4bit_weights_exact(model)  # the adapter must run on the weights it was trained against
+    return model

@@ -20,7 +20,7 @@ import torch
 from kotune import fast
 from kotune.config import Config, ConfigError
 from kotune.data.batching import collate, collate_packed, epoch_order, length_grouped_order
-from kotune.data.encoding import IGNORE, Example
+from kotune.data.examples import IGNORE, Example
 from kotune.data.packing import block_causal_mask, pack_groups
 from kotune.security import inside
 from kotune.training import dist

@@ -16,7 +16,10 @@ from kotune.data.prepare import Prepared, prepare
 from kotune.data.read import DataError
 from kotune.evaluation.run_report import write_run_report
 from kotune.model.assets import check_model_folder, resolve_model
-from kotune.model.load import check_target_modules, load_for_training, load_tokenizer, trainable_token_ids
+from kotune.model.build import load_for_training
+from kotune.model.load import load_tokenizer
+from kotune.model.lora import check_target_modules, trainable_token_ids
+from kotune.run_folder import save_template
 from kotune.security import inside, redact, refuse_pickle
 from kotune.training import dist, fingerprint
 from kotune.training.checkpoint import ADAPTER, BEST, write_adapter
@@ -168,4 +171,4 @@ def save_final(fit: Fit, template, tokenizer, output_dir: Path) -> None:
     if keep_best:
         print(f"kotune: kept the best adapter (step {fit.state.best_step}, eval_loss {fit.state.best_eval_loss:.4f})")
     tokenizer.save_pretrained(output_dir)
-    template.save(output_dir)
+    save_template(template, output_dir)
