@@ -49,15 +49,14 @@ def test_a_run_folder_opens_without_its_training_data(tiny_qlora_run, tmp_path):
     import shutil
 
     from kotune.config import load_config
-    from kotune.run_folder import open_folder
-    from kotune.training.recipe import CONFIG_FILE
+    from kotune.run_folder import CONFIG, open_folder
 
     run = tiny_qlora_run[0]
-    saved = load_config(run / CONFIG_FILE)
+    saved = load_config(run / CONFIG)
     assert saved.data.format == "alpaca"
     moved = tmp_path / "moved"
     shutil.copytree(run, moved)
-    config = moved / CONFIG_FILE
+    config = moved / CONFIG
     config.write_text(config.read_text().replace(saved.data.path, str(tmp_path / "gone.jsonl")))
     assert open_folder(moved).fmt == "alpaca"
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import nf4_config
 
+from kotune import run_folder
 from kotune.export import merge as merging
 
 
@@ -313,8 +314,8 @@ def test_force_replaces_a_different_merge_atomically(tiny_qlora_run, tiny_merged
     old = marked_merge(tmp_path / "merged", {"an": "older merge"})
     merging.merge(run, old, dtype="fp32", force=True)
     assert (old / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
-    marker = json.loads((old / merging.MARKER_FILE).read_text())
-    assert set(marker["files"]) | {merging.MARKER_FILE} == {p.name for p in old.iterdir()}
+    marker = json.loads((old / run_folder.MERGE_MARKER).read_text())
+    assert set(marker["files"]) | {run_folder.MERGE_MARKER} == {p.name for p in old.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["merged"], "no partial or replaced folder is left beside it"
 
 

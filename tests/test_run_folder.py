@@ -14,7 +14,8 @@ import pytest
 
 from kotune.cli import main
 from kotune.config import ConfigError
-from kotune.training.claim import LOCK, RunFolderError, claim
+from kotune.run_folder import LOCK
+from kotune.training.claim import RunFolderError, claim
 
 # Printed by kotune.model.build.load_for_training: seeing it means the model was loaded.
 MODEL_LOADED = "trainable params:"

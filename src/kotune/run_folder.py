@@ -49,6 +49,7 @@ LOCK = ".kotune-lock"
 """The lock file; it holds the pid, host and start time of the process training into the folder."""
 MERGE_REPORT = "merge_report.json"
 MERGE_MARKER = "kotune_merge_output.json"
+"""Written last into every merge output, listing its files: ``merge --force`` replaces only a folder that has it."""
 RUN_REPORT = "report.md"
 RECORDS = (TEMPLATE, CONFIG, SUMMARY, METRICS)
 """The run's records a merged folder keeps a copy of."""
@@ -145,6 +146,14 @@ def load_saved_template(directory: str | Path) -> Template:
 def read_json(path: Path) -> Any:
     """A JSON file's content, None when it is not there."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    """The records of ``metrics.jsonl`` (none when the run logged nothing yet)."""
+    path = Path(folder) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def read_summary(folder: Path) -> dict | None:

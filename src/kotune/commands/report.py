@@ -13,9 +13,9 @@ def run(args) -> int:
     from pathlib import Path
 
     from kotune.evaluation.run_report import write_run_report
-    from kotune.run_folder import FolderError
+    from kotune.run_folder import METRICS, FolderError
 
-    if not (Path(args.path) / "metrics.jsonl").is_file():
-        raise FolderError(f"{args.path}: no metrics.jsonl; give the output_dir of a `kotune train` run")
+    if not (Path(args.path) / METRICS).is_file():
+        raise FolderError(f"{args.path}: no {METRICS}; give the output_dir of a `kotune train` run")
     print(f"kotune: wrote {write_run_report(args.path)}")
     return 0

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 from kotune.evaluation.tables import TABLE_FILE
+from kotune.run_folder import CONFIG, MERGE_REPORT, RUN_REPORT, read_json, read_metrics, read_summary
 
-REPORT_FILE = "report.md"
 PLOTS_DIR = "report"
 CURVES = (
     ("loss", "Loss", ("loss", "eval_loss")),
@@ -21,13 +21,6 @@ CURVES = (
 )
 """(file name, title, metrics.jsonl keys drawn on it); a plot with none of its keys in the log is left out."""
 LEGEND = {"loss": "training", "eval_loss": "validation"}
-
-
-def read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -104,21 +97,15 @@ def section(title: str, body: list[str]) -> list[str]:
 
 
 def audit_lines(run: Path) -> list[str]:
-    summary = read_json(run / "run_summary.json") or {}
+    summary = read_summary(run) or {}
     audit = summary.get("audit")
     if not audit:
         return ["No audit summary was recorded with this run (runs before kotune wrote it); `kotune data audit` it."]
     return ["```", *audit, "```"]
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def write_run_report(run: str | Path) -> Path:
     """Write ``RUN/report.md`` (and its PNGs under ``RUN/report/``); returns its path."""
-    from kotune.training.recipe import CONFIG_FILE
-
     run = Path(run)
     records = read_metrics(run)
     lines = [f"# Run report: {run.name}", "", f"Run folder `{run}`; figures from `metrics.jsonl`."]
@@ -134,12 +121,12 @@ def write_run_report(run: str | Path) -> Path:
         table = run / folder / TABLE_FILE
         if table.is_file():
             lines += section(f"Evaluation (`{folder}/`)", [table.read_text(encoding="utf-8").rstrip()])
-    merge = read_json(run / "merged" / "merge_report.json")
+    merge = read_json(run / "merged" / MERGE_REPORT)
     if merge is not None:
-        lines += section("Merge report (`merged/merge_report.json`)", ["```json", json.dumps(merge, indent=1), "```"])
-    config = run / CONFIG_FILE
+        lines += section(f"Merge report (`merged/{MERGE_REPORT}`)", ["```json", json.dumps(merge, indent=1), "```"])
+    config = run / CONFIG
     if config.is_file():
         lines += section("Resolved config", ["```yaml", config.read_text(encoding="utf-8").rstrip(), "```"])
-    path = run / REPORT_FILE
+    path = run / RUN_REPORT
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -14,8 +14,8 @@ perplexity within ``MAX_PERPLEXITY_CHANGE`` (relative) of the adapter's, else th
 ``allow_drift``. Mean |Δ logit| is reported, not thresholded: its scale depends on the model.
 
 The output is built in a new hidden folder beside ``out`` and swapped in once accepted. Every merge output carries
-``MARKER_FILE``, the list of files kotune wrote; ``force`` replaces only such a folder holding nothing else, never
-the run or a folder holding it (``check_output``).
+``run_folder.MERGE_MARKER``, the list of files kotune wrote; ``force`` replaces only such a folder holding
+nothing else, never the run or a folder holding it (``check_output``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kotune.run_folder import ModelFolder, folder_stop_ids, open_folder, trained_chat_template
+from kotune.run_folder import (
+    ADAPTER,
+    ADAPTER_CONFIG,
+    CONFIG,
+    MERGE_MARKER,
+    MERGE_REPORT,
+    RECORDS,
+    ModelFolder,
+    folder_stop_ids,
+    open_folder,
+    trained_chat_template,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -54,11 +65,6 @@ VERIFY_ROWS = 64
 """Validation rows the check runs over (the first ones; training rows when the run had no validation)."""
 SHARD_SIZE = "2GB"
 """Largest safetensors shard written."""
-REPORT_FILE = "merge_report.json"
-MARKER_FILE = "kotune_merge_output.json"
-"""Written last into every merge output, listing its files: ``--force`` replaces only a folder that has it."""
-COPIED_FILES = ("kotune_template.yaml", "kotune_config.yaml", "run_summary.json", "metrics.jsonl")
-"""Run files a merged folder carries, so chat, generate and push read it like the run."""
 
 
 class MergeError(ValueError):
@@ -204,7 +210,7 @@ def verification_rows(folder: ModelFolder, tokenizer, limit: int) -> tuple[str, 
         raise MergeError(
             f"merge verification needs the run's validation rows: {exc}. A relative data.path (saved by kotune "
             f"before it recorded absolute paths) is read from the working directory: make it absolute in "
-            f"{folder.path / 'kotune_config.yaml'}"
+            f"{folder.path / CONFIG}"
         ) from None
     split, rows = ("validation", data.validation) if data.validation else ("train", data.train)
     if not rows:
@@ -220,8 +226,8 @@ def fingerprint(folder: ModelFolder, into: str, dtype: str) -> dict:
         return hashlib.sha256((folder.path / name).read_bytes()).hexdigest()
 
     return {
-        "adapter_model.safetensors": sha("adapter_model.safetensors"),
-        "adapter_config.json": sha("adapter_config.json"),
+        ADAPTER: sha(ADAPTER),
+        ADAPTER_CONFIG: sha(ADAPTER_CONFIG),
         "base_model": folder.config.model.path,
         "into": into,
         "dtype": dtype,
@@ -239,13 +245,13 @@ def check_output(out: Path, run: Path, source: dict, force: bool) -> bool:
         raise MergeError(f"--out {out} is the run being merged or a folder holding it; choose a new folder for --out")
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
-    report = out / REPORT_FILE
+    report = out / MERGE_REPORT
     if report.is_file() and json.loads(report.read_text(encoding="utf-8")).get("source") == source:
         return True  # nothing will be written
     keep = "kotune will not replace it: choose a new folder for --out, or move it away yourself"
     written = merge_files(out)
     if written is None:
-        raise MergeError(f"--out {out} is not a folder kotune merge wrote (it has no {MARKER_FILE}); {keep}")
+        raise MergeError(f"--out {out} is not a folder kotune merge wrote (it has no {MERGE_MARKER}); {keep}")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in written)
     if foreign:
         raise MergeError(f"--out {out} holds {foreign[0]}, which kotune merge did not write there; {keep}")
@@ -257,17 +263,17 @@ def check_output(out: Path, run: Path, source: dict, force: bool) -> bool:
 def merge_files(out: Path) -> set[str] | None:
     """The files kotune merge wrote in ``out`` as its marker lists them (the marker too); None without a marker."""
     try:
-        files = json.loads((out / MARKER_FILE).read_text(encoding="utf-8"))["files"]
+        files = json.loads((out / MERGE_MARKER).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):  # a file, no marker, or not one kotune wrote
         return None
-    return {*map(str, files), MARKER_FILE}
+    return {*map(str, files), MERGE_MARKER}
 
 
 def write_marker(out: Path) -> None:
     """Mark ``out`` as a kotune merge output, listing its files: the only folder ``--force`` may replace."""
     files = sorted(p.name for p in out.iterdir())
     marker = {"written_by": "kotune merge", "files": files}
-    (out / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+    (out / MERGE_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
 
 
 def swap_into(partial: Path, out: Path) -> None:
@@ -382,7 +388,7 @@ def save_merged(model, tokenizer, folder: ModelFolder, out: Path, shard_size: st
     model.config.use_cache = True
     model.save_pretrained(out, max_shard_size=shard_size)
     tokenizer.save_pretrained(out)
-    for name in COPIED_FILES:
+    for name in RECORDS:  # so chat, generate and push read the merged folder like the run
         if (folder.path / name).is_file():
             shutil.copy2(folder.path / name, out / name)
 
@@ -391,4 +397,4 @@ def write_report(out: Path, report: dict) -> None:
     from kotune.security import redact
 
     text = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
-    (out / REPORT_FILE).write_text(redact(text), encoding="utf-8")
+    (out / MERGE_REPORT).write_text(redact(text), encoding="utf-8")

@@ -19,12 +19,23 @@ from pathlib import Path
 import yaml
 
 from kotune.data.formats import CHAT_FORMATS
-from kotune.run_folder import ModelFolder, open_folder, trained_chat_template
+from kotune.run_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILES,
+    CONFIG,
+    MERGE_REPORT,
+    RECORDS,
+    ModelFolder,
+    open_folder,
+    read_json,
+    read_metrics,
+    read_summary,
+    trained_chat_template,
+)
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MERGED_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-RUN_FILES = ("kotune_template.yaml", "kotune_config.yaml", "run_summary.json", "metrics.jsonl", "merge_report.json")
+RUN_FILES = (*RECORDS, MERGE_REPORT)
 """kotune's own files; each is uploaded when the folder has it."""
 
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -86,11 +97,11 @@ def portable_copies(folder: ModelFolder) -> dict[str, bytes]:
     the resolved config, the merge report, and the adapter config's ``base_model_name_or_path`` (training wrote
     the resolved local path there; the upload gets ``source_name``)."""
     copies: dict[str, bytes] = {}
-    config = folder.path / "kotune_config.yaml"
+    config = folder.path / CONFIG
     if config.is_file():
         values = portable(yaml.safe_load(config.read_text(encoding="utf-8")))
         copies[config.name] = yaml.safe_dump(values, sort_keys=False, allow_unicode=True).encode("utf-8")
-    for name in ("merge_report.json", "adapter_config.json"):
+    for name in (MERGE_REPORT, ADAPTER_CONFIG):
         data = read_json(folder.path / name)
         if data is None:
             continue
@@ -156,15 +167,9 @@ def hub_model_id(spec: str) -> str | None:
     return spec if REPO_ID.fullmatch(spec) else None
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def last_train_loss(path: Path) -> float | None:
-    """The last logged training loss in metrics.jsonl."""
-    if not path.is_file():
-        return None
-    losses = [r["loss"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if "loss" in r]
+def last_train_loss(folder: Path) -> float | None:
+    """The last logged training loss in the folder's metrics.jsonl."""
+    losses = [r["loss"] for r in read_metrics(folder) if "loss" in r]
     return losses[-1] if losses else None
 
 
@@ -185,7 +190,7 @@ def model_card(folder: ModelFolder, repo: str) -> str:
         hyperparameter_section(folder),
         metrics_section(folder),
     ]
-    report = read_json(folder.path / "merge_report.json")
+    report = read_json(folder.path / MERGE_REPORT)
     if report:
         parts.append(merge_section(report))
     return redact("\n".join(parts))
@@ -309,7 +314,7 @@ def template_section(folder: ModelFolder) -> str:
 
 def data_section(folder: ModelFolder) -> str:
     d = folder.config.data
-    summary = read_json(folder.path / "run_summary.json") or {}
+    summary = read_summary(folder.path) or {}
     rows = ", ".join(f"{k.replace('_', ' ')}: {summary[k]}" for k in ("train_rows", "validation_rows") if k in summary)
     rows = "; " + rows if rows else ""
     return f"## Data\n\n`{source_name(d.path)}` ({folder.fmt}; cutoff {d.cutoff_len} tokens){rows}.\n"
@@ -329,17 +334,17 @@ def hyperparameter_section(folder: ModelFolder) -> str:
         "seed": str(t.seed),
     }
     table = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
-    return f"## Hyperparameters\n\n| setting | value |\n|---|---|\n{table}\n\nFull config: `kotune_config.yaml`.\n"
+    return f"## Hyperparameters\n\n| setting | value |\n|---|---|\n{table}\n\nFull config: `{CONFIG}`.\n"
 
 
 def metrics_section(folder: ModelFolder) -> str:
-    summary = read_json(folder.path / "run_summary.json") or {}
+    summary = read_summary(folder.path) or {}
     lines = []
     if "steps" in summary:
         lines.append(f"- optimizer steps: {summary['steps']}, supervised tokens: {summary.get('tokens')}")
     if summary.get("best_eval_loss") is not None:
         lines.append(f"- best validation loss: {summary['best_eval_loss']:.4f} (step {summary.get('best_step')})")
-    loss = last_train_loss(folder.path / "metrics.jsonl")
+    loss = last_train_loss(folder.path)
     if loss is not None:
         lines.append(f"- last training loss: {loss:.4f}")
     return "## Metrics\n\n" + ("\n".join(lines) if lines else "No run summary in this folder.") + "\n"

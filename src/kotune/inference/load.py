@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kotune.run_folder import ModelFolder
+from kotune.run_folder import ADAPTER_FILES, MERGE_REPORT, ModelFolder
 
 # torch and transformers are imported inside the functions that use them, so that `kotune --help` stays fast.
 
@@ -41,17 +41,16 @@ def model_fingerprint(folder: ModelFolder, base: str | None = None) -> str:
     import hashlib
     import json
 
-    from kotune.export.merge import REPORT_FILE
     from kotune.training.checkpoint import sha256
 
     if folder.merged:
-        report = folder.path / REPORT_FILE
+        report = folder.path / MERGE_REPORT
         if report.is_file():
             parts = [json.dumps(json.loads(report.read_text(encoding="utf-8"))["source"], sort_keys=True)]
         else:
             parts = [sha256(p) for p in sorted(folder.path.glob("model*.safetensors"))]
     else:
-        adapter = [sha256(folder.path / n) for n in ("adapter_config.json", "adapter_model.safetensors")]
+        adapter = [sha256(folder.path / n) for n in ADAPTER_FILES]
         parts = [*adapter, folder.config.model.path, base or folder.config.model.quantization]
     kind = "merged" if folder.merged else "adapter"
     return f"{kind}:{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}"

@@ -24,15 +24,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kotune import __version__
+from kotune.run_folder import (
+    ADAPTER,
+    ADAPTER_CONFIG,
+    BEST,
+    BEST_ADAPTER,
+    CHECKPOINT_MARKER,
+    CHECKPOINT_PREFIX,
+    FINGERPRINT,
+)
 from kotune.security import inside, pickle_files
 
-PREFIX = "checkpoint-"
-MARKER = "COMPLETE"
 STATE = "trainer_state.json"
-FINGERPRINT = "fingerprint.json"
-ADAPTER = "adapter_model.safetensors"
-BEST = "best"
-BEST_ADAPTER = "best_adapter.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -142,8 +145,8 @@ def write_checkpoint(
     The disk is checked first; a failed write (e.g. disk full) removes the partial folder and leaves the
     previous checkpoints as they were. The new checkpoint is verified before this returns.
     """
-    final = inside(output_dir, f"{PREFIX}{step}")
-    tmp = inside(output_dir, f".tmp-{PREFIX}{step}")
+    final = inside(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+    tmp = inside(output_dir, f".tmp-{CHECKPOINT_PREFIX}{step}")
     best = inside(output_dir, BEST) / ADAPTER
     check_free_space(output_dir, estimate_size(model, optimizer, best.is_file()), keep_free)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -172,7 +175,7 @@ def _write_files(tmp: Path, model, optimizer, state, fingerprint, best: Path) ->
         shutil.copyfile(best, tmp / BEST_ADAPTER)
     checksums = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     marker = {"step": state.get("step"), "kotune": __version__, "sha256": checksums}
-    (tmp / MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")  # last: the folder is complete
+    (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")  # last: the folder is complete
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -233,7 +236,7 @@ def restore_best(checkpoint: Path, output_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     shutil.copyfile(checkpoint / BEST_ADAPTER, tmp / ADAPTER)
-    shutil.copyfile(checkpoint / "adapter_config.json", tmp / "adapter_config.json")
+    shutil.copyfile(checkpoint / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
     replace_dir(tmp, best)
 
 
@@ -268,13 +271,13 @@ def _fsync_dir(folder: Path) -> None:
 
 def verify(folder: Path) -> None:
     """Raise CheckpointError unless the folder is complete and every checksum matches."""
-    marker = folder / MARKER
+    marker = folder / CHECKPOINT_MARKER
     if not marker.is_file():
-        raise CheckpointError(f"{folder}: incomplete (no {MARKER} marker)")
+        raise CheckpointError(f"{folder}: incomplete (no {CHECKPOINT_MARKER} marker)")
     try:
         recorded = json.loads(marker.read_text(encoding="utf-8"))["sha256"]
     except (ValueError, KeyError):
-        raise CheckpointError(f"{folder}: {MARKER} marker is unreadable") from None
+        raise CheckpointError(f"{folder}: {CHECKPOINT_MARKER} marker is unreadable") from None
     for name, digest in recorded.items():
         path = folder / name
         if not path.is_file():
@@ -290,8 +293,10 @@ def checkpoint_step(folder: Path) -> int:
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Checkpoint folders, oldest step first."""
-    found = [p for p in output_dir.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    found = [
+        p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
 def latest_good(output_dir: Path, log=print) -> Path | None:

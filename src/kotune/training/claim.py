@@ -19,21 +19,20 @@ from pathlib import Path
 
 import torch
 
+from kotune.run_folder import (
+    ADAPTER,
+    ADAPTER_CONFIG,
+    BEST,
+    CHECKPOINT_PREFIX,
+    CONFIG,
+    LOCK,
+    METRICS,
+    SUMMARY,
+)
 from kotune.security import SecurityError, refuse_escaping_links
 from kotune.training import dist
-from kotune.training.checkpoint import PREFIX
 
-LOCK = ".kotune-lock"
-"""The lock file; it holds the pid, host and start time of the process training into the folder."""
-
-RUN_FILES = (
-    "adapter_model.safetensors",
-    "adapter_config.json",
-    "kotune_config.yaml",
-    "metrics.jsonl",
-    "run_summary.json",
-    "best",
-)
+RUN_FILES = (ADAPTER, ADAPTER_CONFIG, CONFIG, METRICS, SUMMARY, BEST)
 """What a run writes besides its ``checkpoint-N`` folders: any of them means the folder holds a run."""
 
 
@@ -46,7 +45,7 @@ def run_files(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []
     found = [name for name in RUN_FILES if (folder / name).exists()]
-    return found + sorted(p.name for p in folder.glob(f"{PREFIX}*") if p.is_dir())
+    return found + sorted(p.name for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
 
 
 @contextlib.contextmanager

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from kotune.config import Config
+from kotune.run_folder import FINGERPRINT
 from kotune.security import redact
 from kotune.training.checkpoint import CheckpointError, sha256
-
-FILE = "fingerprint.json"
 
 NOT_FINGERPRINTED = frozenset(
     {
@@ -161,14 +160,14 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], keys) -> list[str]:
 
 def check_resume(folder: Path, current: dict[str, Any], force: bool, log=print) -> None:
     """Refuse to resume from ``folder`` if its fingerprint differs from ``current`` (``force`` only warns)."""
-    path = folder / FILE
+    path = folder / FINGERPRINT
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         changes = differences(saved, current)
         if moved := config_changes(saved.get("config", {}), current["config"], RUN_END):
             log(f"kotune: the run's end moved ({'; '.join(moved)}); the learning-rate schedule is recomputed for it")
     else:
-        changes = [f"{folder} has no {FILE} (written by an older kotune), so nothing can be checked"]
+        changes = [f"{folder} has no {FINGERPRINT} (written by an older kotune), so nothing can be checked"]
     if not changes:
         return
     listing = "\n  - ".join(changes)

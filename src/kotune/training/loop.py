@@ -8,24 +8,22 @@ the whole step (all processes), so long and short rows weigh what they should wh
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from kotune import fast
+from kotune import fast, run_folder
 from kotune.config import Config, ConfigError
 from kotune.data.batching import collate, collate_packed, epoch_order, length_grouped_order
 from kotune.data.examples import IGNORE, Example
 from kotune.data.packing import block_causal_mask, pack_groups
+from kotune.run_folder import BEST, read_summary
 from kotune.security import inside
 from kotune.training import dist
 from kotune.training.checkpoint import (
-    BEST,
     CheckpointError,
     checkpoint_step,
     latest_good,
@@ -43,9 +41,6 @@ from kotune.training.checkpoint import (
 from kotune.training.optim import build_optimizer, lr_at
 from kotune.training.report import Reporter
 from kotune.training.signals import Interrupted, StopOnSignal
-
-SUMMARY = "run_summary.json"
-"""Written last by a finished run: steps, tokens, skipped steps, best evaluation and data counts."""
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -454,8 +449,8 @@ def already_finished(checkpoint: Path, output_dir: Path, steps: int, log=print) 
             f"{checkpoint} is at step {done}, past this config's end (step {steps}); a run cannot be shortened. "
             "Raise train.max_steps or train.num_epochs, or start a new run"
         )
-    summary = output_dir / SUMMARY
-    if done < steps or not summary.is_file() or json.loads(summary.read_text(encoding="utf-8"))["steps"] != steps:
+    summary = read_summary(output_dir)
+    if done < steps or summary is None or summary["steps"] != steps:
         return False
     log(
         f"kotune: {output_dir} is a finished run ({steps} steps, adapter written); nothing to do. To train further, "
@@ -473,7 +468,4 @@ def write_summary(output_dir: Path, state: RunState, extra: dict) -> None:
         "best_step": state.best_step,
         **extra,
     }
-    # written last and whole (renamed into place): its presence says the run finished and its adapter is there
-    tmp = output_dir / f".tmp-{SUMMARY}"
-    tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, output_dir / SUMMARY)
+    run_folder.write_summary(output_dir, summary)

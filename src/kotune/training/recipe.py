@@ -19,15 +19,13 @@ from kotune.model.assets import check_model_folder, resolve_model
 from kotune.model.build import load_for_training
 from kotune.model.load import load_tokenizer
 from kotune.model.lora import check_target_modules, trainable_token_ids
-from kotune.run_folder import save_template
+from kotune.run_folder import ADAPTER, BEST, CONFIG, save_template
 from kotune.security import inside, redact, refuse_pickle
 from kotune.training import dist, fingerprint
-from kotune.training.checkpoint import ADAPTER, BEST, write_adapter
+from kotune.training.checkpoint import write_adapter
 from kotune.training.claim import claim
 from kotune.training.loop import Fit, NonFiniteLoss, already_finished, find_resume, total_steps, write_summary
 from kotune.training.signals import StopOnSignal
-
-CONFIG_FILE = "kotune_config.yaml"
 
 
 class OutOfMemory(RuntimeError):
@@ -99,7 +97,7 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Pa
     check_target_modules(cfg, model_path)
     _, model = load_for_training(cfg, model_path, token_ids)
     if dist.is_main():
-        inside(output_dir, CONFIG_FILE).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
+        inside(output_dir, CONFIG).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
     fit = Fit(cfg, model, tokenizer, data.train, data.validation, output_dir, resume=folder, fingerprint=fp)
     with StopOnSignal() as stop:
         try:

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kotune.config import Config, ConfigError
+from kotune.run_folder import METRICS
 
 PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 """The package each ``train.report_to`` logger imports (both come with ``pip install 'kotune[logging]'``)."""
@@ -30,7 +31,7 @@ def check_loggers(cfg: Config) -> None:
 class Reporter:
     def __init__(self, cfg: Config, output_dir: Path, main_process: bool):
         self.main = main_process
-        self.metrics_path = output_dir / "metrics.jsonl"
+        self.metrics_path = output_dir / METRICS
         self.backends = []
         if main_process:
             for name in cfg.train.report_to:
