@@ -87,6 +87,19 @@ def test_a_model_folder_with_only_pickle_weights_is_refused_unless_allowed(
     refuse_pickle(tiny_llama3_model, allow=False, what="model folder", flag="model.allow_pickle: true")
 
 
+def test_load_base_refuses_a_model_folder_with_only_pickle_weights(tiny_llama3_model, tmp_path):
+    """merge, chat, generate and eval load the base through ``load_base``: the same guard as training."""
+    from kotune.config import ModelConfig
+    from kotune.model.load import load_base
+
+    folder = tmp_path / "pickled-model"
+    shutil.copytree(tiny_llama3_model, folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(SecurityError, match=r"pytorch_model.bin\) and no safetensors.*model.allow_pickle: true"):
+        load_base(ModelConfig(path=str(folder), compute_dtype="float32"), "none")
+
+
 def test_remote_code_does_not_run_unless_the_config_allows_it(tiny_llama3_model, tmp_path):
     from kotune.config import Config
     from kotune.model.build import load_for_training
