@@ -161,16 +161,16 @@ def test_resume_from_a_missing_checkpoint_names_it(tiny_train_config, tmp_path, 
 
 
 def test_run_folder_errors_are_user_errors():
-    from kotune.errors import USER_ERRORS
+    from kotune.errors import KotuneError
 
-    assert issubclass(RunFolderError, USER_ERRORS)
+    assert issubclass(RunFolderError, KotuneError)
 
 
 CLAIM_ON_RANK = (
     "import sys\n"
     "from pathlib import Path\n"
     "import torch.distributed\n"
-    "from kotune import dist\n"
+    "from kotune.training import dist\n"
     "from kotune.training.claim import RunFolderError, claim\n"
     "dist.init()\n"
     "try:\n"

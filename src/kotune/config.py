@@ -19,8 +19,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from kotune.errors import KotuneError
 
-class ConfigError(ValueError):
+
+class ConfigError(KotuneError, ValueError):
     """A configuration problem a user can fix; the message names the file and key."""
 
 

@@ -1,25 +1,13 @@
-"""Errors a user can fix: the CLI prints their message (which names the file, row or key) without a traceback."""
+"""The base of every error a user can fix.
 
-from kotune.config import ConfigError
-from kotune.data.read import DataError
-from kotune.data.templates import TemplateError
-from kotune.evaluation.harness import HarnessError
-from kotune.export.merge import MergeError
-from kotune.export.publish import PublishError
-from kotune.model.assets import AssetError
-from kotune.run_folder import FolderError
-from kotune.training.checkpoint import CheckpointError
-from kotune.training.claim import RunFolderError
+Each module defines and raises its own subclass (``ConfigError`` in ``config``, ``DataError`` in ``data.read``...);
+the message names what was wrong, where (file, row, key) and what to do. ``kotune`` prints one
+``kotune: error: MESSAGE`` line for any of them, without a traceback, and exits with its ``exit_code``.
+"""
 
-USER_ERRORS = (
-    AssetError,
-    CheckpointError,
-    ConfigError,
-    DataError,
-    FolderError,
-    HarnessError,
-    MergeError,
-    PublishError,
-    RunFolderError,
-    TemplateError,
-)
+
+class KotuneError(Exception):
+    """A problem the user can fix; the message says what, where and what to do."""
+
+    exit_code = 2
+    """The process's exit status when the CLI stops on this error."""

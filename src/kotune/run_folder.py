@@ -32,6 +32,7 @@ import yaml
 from kotune.config import Config, load_config
 from kotune.data.formats import CHAT_FORMATS
 from kotune.data.templates import Template, TemplateError, load_template
+from kotune.errors import KotuneError
 
 CONFIG = "kotune_config.yaml"
 TEMPLATE = "kotune_template.yaml"
@@ -55,7 +56,7 @@ RECORDS = (TEMPLATE, CONFIG, SUMMARY, METRICS)
 """The run's records a merged folder keeps a copy of."""
 
 
-class FolderError(ValueError):
+class FolderError(KotuneError, ValueError):
     """A folder that is not a kotune run or merged model, or lacks a file; the message names it."""
 
 

@@ -119,10 +119,10 @@ def run(args) -> int:
     check_resumable(output, done, prompts, model_id)
     todo = [(row, text) for row, text in prompts if row["_row"] not in done]
     if not todo:
-        print(f"kotune: all {len(prompts)} rows are already in {output}; nothing to do")
+        output.info(f"kotune: all {len(prompts)} rows are already in {output}; nothing to do")
         return 0
     if done:
-        print(f"kotune: {len(prompts) - len(todo)} rows already in {output}; generating the other {len(todo)}")
+        output.info(f"kotune: {len(prompts) - len(todo)} rows already in {output}; generating the other {len(todo)}")
     model, tokenizer = load_model(folder, args.base)
     write_generations(model, tokenizer, folder, todo, output, sampling_from(args), args, model_id)
     return 0

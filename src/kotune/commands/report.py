@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kotune import output
+
 
 def register(sub) -> None:
     p = sub.add_parser("report", help="write RUN_DIR/report.md: curves, audit, config, eval and merge reports")
@@ -17,5 +19,5 @@ def run(args) -> int:
 
     if not (Path(args.path) / METRICS).is_file():
         raise FolderError(f"{args.path}: no {METRICS}; give the output_dir of a `kotune train` run")
-    print(f"kotune: wrote {write_run_report(args.path)}")
+    output.info(f"kotune: wrote {write_run_report(args.path)}")
     return 0

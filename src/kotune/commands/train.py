@@ -79,8 +79,7 @@ def run(args) -> int:
         print(redact(cfg.to_yaml()), end="")
         return 0
     from kotune.training.dist import is_main
-    from kotune.training.loop import NonFiniteLoss
-    from kotune.training.recipe import OutOfMemory, train
+    from kotune.training.recipe import train
     from kotune.training.signals import Interrupted
 
     try:
@@ -89,9 +88,6 @@ def run(args) -> int:
         if is_main():  # every process stopped at the same step; one message
             print(f"kotune: {stop}\nkotune: to continue, run: {resume_command(args)}", file=sys.stderr)
         return stop.exit_code
-    except (NonFiniteLoss, OutOfMemory) as exc:
-        print(f"kotune: error: {exc}", file=sys.stderr)
-        return 1
     return 0
 
 

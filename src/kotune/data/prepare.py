@@ -7,12 +7,12 @@ result is cached (``kotune.data.cache``), so a second run with the same inputs s
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kotune import output
 from kotune.config import Config
 from kotune.data import cache
 from kotune.data.audit import AuditReport, audit_source
@@ -30,10 +30,6 @@ from kotune.data.formats import (
 )
 from kotune.data.read import apply_columns, check_types, read_rows, split_indices
 from kotune.data.templates import Template, load_template
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 @dataclass
@@ -122,7 +118,7 @@ def encode_source(spec: str, split: str, cfg: Config, tokenizer, template: Templ
     return Source(encoded, fmt, audit)
 
 
-def prepare(cfg: Config, tokenizer, log: Callable[[str], None] = _stderr) -> Prepared:
+def prepare(cfg: Config, tokenizer, log: Callable[[str], None] = output.status) -> Prepared:
     """Tokenized examples for training and validation, with counts of what was truncated or skipped."""
     template = load_template(cfg.data.template)
     main = encode_source(cfg.data.path, cfg.data.split, cfg, tokenizer, template, log)

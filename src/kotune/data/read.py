@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kotune.errors import KotuneError
+
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ALPACA_COLUMNS = ("instruction", "input", "output")
 
 
-class DataError(ValueError):
+class DataError(KotuneError, ValueError):
     """A data problem a user can fix; the message names the file and the line, row or column."""
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import yaml
 
+from kotune.errors import KotuneError
 
-class TemplateError(ValueError):
+
+class TemplateError(KotuneError, ValueError):
     """A template that cannot format rows; the message names the template and the placeholder."""
 
 

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kotune import output
+from kotune.errors import KotuneError
 from kotune.run_folder import (
     ADAPTER,
     ADAPTER_CONFIG,
@@ -67,7 +69,7 @@ SHARD_SIZE = "2GB"
 """Largest safetensors shard written."""
 
 
-class MergeError(ValueError):
+class MergeError(KotuneError, ValueError):
     """A merge that cannot run or whose result drifts too far; the message says what to do."""
 
 
@@ -294,7 +296,7 @@ def merge_targets(folder: ModelFolder, into: str) -> tuple[tuple[str, ...], str]
     quantization = folder.config.model.quantization
     if quantization == "none":
         if into == "dequantized":
-            print("kotune: the run trained on unquantized weights: merging into them (dequantized = original)")
+            output.info("kotune: the run trained on unquantized weights: merging into them (dequantized = original)")
         return ("original",), "original"
     if quantization == "8bit" and into == "dequantized":
         raise MergeError(f"{folder.path}: merging into dequantized 8-bit weights is not supported; use --into original")
@@ -305,7 +307,7 @@ def build_and_verify(folder: ModelFolder, target: str, dtype: str, adapter, rows
     """Merge into ``target``, compare with the adapter, and save the merged model when ``save_to`` is given."""
     model = merged_model(folder, target, dtype)
     drift = measure_drift(model, adapter, rows)
-    print(f"kotune: merge check, {target}{' (chosen)' if save_to else ''}: {drift.summary()}")
+    output.info(f"kotune: merge check, {target}{' (chosen)' if save_to else ''}: {drift.summary()}")
     if save_to is not None:
         from transformers import AutoTokenizer
 
@@ -334,7 +336,7 @@ def merge(
     out = Path(out) if out is not None else folder.path / "merged"
     source = fingerprint(folder, into, dtype)
     if check_output(out, folder.path, source, force):
-        print(f"kotune: {out} already holds this merge (same adapter, target and dtype); nothing to do")
+        output.info(f"kotune: {out} already holds this merge (same adapter, target and dtype); nothing to do")
         return out
     split, rows = verification_rows(folder, AutoTokenizer.from_pretrained(folder.path), verify_rows)
     trained = load_base(folder.config.model, folder.config.model.quantization)
@@ -352,7 +354,7 @@ def merge(
         swap_into(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    print(f"kotune: merged model written to {out}")
+    output.info(f"kotune: merged model written to {out}")
     return out
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from kotune import output
 from kotune.data.formats import CHAT_FORMATS
+from kotune.errors import KotuneError
 from kotune.run_folder import (
     ADAPTER_CONFIG,
     ADAPTER_FILES,
@@ -41,7 +43,7 @@ RUN_FILES = (*RECORDS, MERGE_REPORT)
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-class PublishError(ValueError):
+class PublishError(KotuneError, ValueError):
     """A push that cannot happen (no token, bad repo name, missing weights); the message says what to do."""
 
 
@@ -131,7 +133,7 @@ def push(path: str | Path, repo: str, private: bool = False, dry_run: str | Path
     plan = upload_plan(folder, repo)
     if dry_run is not None:
         write_plan(plan, Path(dry_run))
-        print(f"kotune: dry run: {len(plan)} files that would go to {repo} written to {dry_run}")
+        output.info(f"kotune: dry run: {len(plan)} files that would go to {repo} written to {dry_run}")
         return
     upload(plan, repo, private, "merged model" if folder.merged else "LoRA adapter")
 
@@ -156,7 +158,7 @@ def upload(plan: dict[str, Path | bytes], repo: str, private: bool, what: str) -
         raise PublishError(f"the hub refused the upload to {repo}: {exc}") from None
     except httpx.TransportError as exc:
         raise PublishError(f"cannot reach the hub to upload {repo} ({type(exc).__name__}: {exc})") from None
-    print(f"kotune: {what} uploaded to https://huggingface.co/{repo}")
+    output.info(f"kotune: {what} uploaded to https://huggingface.co/{repo}")
 
 
 # -- the model card ---------------------------------------------------------------------------------

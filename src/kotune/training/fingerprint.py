@@ -13,6 +13,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
+from kotune import output
 from kotune.config import Config
 from kotune.run_folder import FINGERPRINT
 from kotune.security import redact
@@ -158,7 +159,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], keys) -> list[str]:
     return [f"config {k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed]
 
 
-def check_resume(folder: Path, current: dict[str, Any], force: bool, log=print) -> None:
+def check_resume(folder: Path, current: dict[str, Any], force: bool, log=output.info) -> None:
     """Refuse to resume from ``folder`` if its fingerprint differs from ``current`` (``force`` only warns)."""
     path = folder / FINGERPRINT
     if path.is_file():
@@ -172,7 +173,7 @@ def check_resume(folder: Path, current: dict[str, Any], force: bool, log=print) 
         return
     listing = "\n  - ".join(changes)
     if force:
-        log(f"kotune: warning: resuming from {folder} with --force although:\n  - {listing}")
+        output.warn(f"resuming from {folder} with --force although:\n  - {listing}")
         return
     raise FingerprintMismatch(
         f"cannot resume from {folder}; since it was written:\n  - {listing}\n"

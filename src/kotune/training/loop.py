@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from kotune import fast, run_folder
+from kotune import fast, output, run_folder
 from kotune.config import Config, ConfigError
 from kotune.data.batching import collate, collate_packed, epoch_order, length_grouped_order
 from kotune.data.examples import IGNORE, Example
 from kotune.data.packing import block_causal_mask, pack_groups
+from kotune.errors import KotuneError
 from kotune.run_folder import BEST, read_summary
 from kotune.security import inside
 from kotune.training import dist
@@ -43,8 +44,10 @@ from kotune.training.report import Reporter
 from kotune.training.signals import Interrupted, StopOnSignal
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(KotuneError, FloatingPointError):
     """Too many consecutive steps had a non-finite loss or gradient norm; the message names step and rows."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -189,11 +192,11 @@ class Fit:
         self.saved_step: int | None = None
         if self.rank == 0:
             for folder in remove_partial(output_dir):
-                self.reporter.info(f"removed {folder.name}, left behind by a save that did not finish")
+                output.status(f"kotune: removed {folder.name}, left behind by a save that did not finish")
         if resume is not None:
             self._resume(resume)
         elif self.rank == 0 and trim_metrics(self.reporter.metrics_path, -1):
-            self.reporter.warn(f"{self.reporter.metrics_path} held an earlier run's records; starting it afresh")
+            output.warn(f"{self.reporter.metrics_path} held an earlier run's records; starting it afresh")
 
     # -- data -------------------------------------------------------------------------------------
     def _window(self, micro_step: int) -> list[dict[str, torch.Tensor]]:
@@ -215,8 +218,8 @@ class Fit:
     def _fast_model(self, model):
         """The fast-path model (``kotune.fast``) when ``train.kernels`` and the model allow it, else None."""
         use, why = fast.wanted(self.cfg, model.config, self.device.type)
-        if self.rank == 0 and self.cfg.train.kernels != "off":
-            print(f"kotune: fast path {'on' if use else 'off'} ({why})")
+        if self.cfg.train.kernels != "off":
+            output.info(f"kotune: fast path {'on' if use else 'off'} ({why})")
         return fast.build(model, self.cfg) if use else None
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -288,7 +291,7 @@ class Fit:
             record = self.step()
             window_tokens += record["tokens"]
             if record["skipped"]:
-                self.reporter.warn(f"step {record['step']}: non-finite loss or gradient norm; update skipped")
+                output.warn(f"step {record['step']}: non-finite loss or gradient norm; update skipped")
                 if self.state.bad_steps >= cfg.max_bad_steps:
                     progress.close()
                     raise self._numerical_fault(record)
@@ -365,7 +368,7 @@ class Fit:
             if hasattr(self.state, key):
                 setattr(self.state, key, value)
         if self.state.processes != self.world:  # the steps hold the same rows on any number of processes
-            self.reporter.info(f"checkpoint written by {self.state.processes} process(es), resumed on {self.world}")
+            output.status(f"kotune: checkpoint written by {self.state.processes} process(es), resumed on {self.world}")
             self.state.processes = self.world
         self.saved_step = self.state.step
         dropped = 0
@@ -373,7 +376,7 @@ class Fit:
             restore_best(folder, self.output_dir)
             dropped = trim_metrics(self.reporter.metrics_path, self.state.step)
         replay = f"; {dropped} metrics records after it will be logged again" if dropped else ""
-        self.reporter.info(f"resumed from {folder} at step {self.state.step} (of {self.steps}){replay}")
+        output.status(f"kotune: resumed from {folder} at step {self.state.step} (of {self.steps}){replay}")
 
     def _stop_requested(self, stop: StopOnSignal) -> bool:
         """Whether a process got a stop signal; all processes must agree, or rank 0's save would wait forever."""
@@ -411,7 +414,7 @@ class Fit:
         return self._epoch_batches(epoch)[index]
 
 
-def find_resume(output_dir: Path, spec: str | None, log=print) -> Path | None:
+def find_resume(output_dir: Path, spec: str | None, log=output.info) -> Path | None:
     """``auto``: the newest complete checkpoint (None only if there is none at all); else the given folder."""
     if spec is None:
         return None
@@ -437,7 +440,7 @@ def find_resume(output_dir: Path, spec: str | None, log=print) -> Path | None:
     return found
 
 
-def already_finished(checkpoint: Path, output_dir: Path, steps: int, log=print) -> bool:
+def already_finished(checkpoint: Path, output_dir: Path, steps: int, log=output.info) -> bool:
     """Whether resuming from ``checkpoint`` has nothing left to do: it is the end of a run whose adapter was written.
 
     A checkpoint at the last step without the run's summary (the final adapter write failed) is not finished:

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from kotune import output
 from kotune.config import Config
 from kotune.data.audit import add_model_checks, fatal_error, summary_lines, untrained_token_ids
 from kotune.data.prepare import Prepared, prepare
 from kotune.data.read import DataError
+from kotune.errors import KotuneError
 from kotune.evaluation.run_report import write_run_report
 from kotune.model.assets import check_model_folder, resolve_model
 from kotune.model.build import load_for_training
@@ -28,8 +30,10 @@ from kotune.training.loop import Fit, NonFiniteLoss, already_finished, find_resu
 from kotune.training.signals import StopOnSignal
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(KotuneError, RuntimeError):
     """CUDA ran out of memory; the message names the settings to change and a smaller value to try."""
+
+    exit_code = 1
 
 
 def train(cfg: Config, resume: str | None = None, force: bool = False, overwrite: bool = False) -> Path:
@@ -43,7 +47,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False, overwrite
     try:
         with claim(output_dir, resume is not None, overwrite) as aside:
             if aside is not None:
-                print(f"kotune: moved the earlier run in {output_dir} to {aside} (--overwrite)")
+                output.info(f"kotune: moved the earlier run in {output_dir} to {aside} (--overwrite)")
             return _train(cfg, output_dir, resume, force)
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(oom_advice(cfg)) from exc
@@ -75,24 +79,24 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Pa
     # Tokenizer, data and its audit first: a data problem stops the run before the model loads.
     tokenizer = load_tokenizer(model_path, cfg.model)
     with dist.main_first():  # the first process tokenizes into the cache, the others read it
-        data = prepare(cfg, tokenizer, log=dist.print0)
+        data = prepare(cfg, tokenizer, log=output.info)
     audit_data(data, model_path, tokenizer)
-    dist.print0(f"kotune: data ({data.format}): train {data.train_stats.summary()}")
+    output.info(f"kotune: data ({data.format}): train {data.train_stats.summary()}")
     if data.validation_stats.rows:
-        dist.print0(f"kotune: data: validation {data.validation_stats.summary()}")
+        output.info(f"kotune: data: validation {data.validation_stats.summary()}")
     if not data.train:
-        raise SystemExit("kotune: no training rows left after tokenization; run `kotune data audit` on the config")
+        raise DataError("no training rows left after tokenization; run `kotune data audit` on the config")
     if data.chat_template is not None:
         tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
     token_ids = trainable_token_ids(cfg.lora, tokenizer, untrained_token_ids(data.audits))
     if cfg.lora.trainable_tokens == "auto":  # the saved config, fingerprint and fast-path choice see the result
         cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
     fp = fingerprint.compute(cfg, tokenizer, data.template, data.train, data.validation)
-    folder = find_resume(output_dir, resume, log=dist.print0)
+    folder = find_resume(output_dir, resume, log=output.info)
     if folder is not None:
         fingerprint.check_resume(folder, fp, force)
         steps = total_steps(cfg, len(data.train), dist.rank_and_world()[1])[0]
-        if already_finished(folder, output_dir, steps, log=dist.print0):
+        if already_finished(folder, output_dir, steps, log=output.info):
             return output_dir
     check_target_modules(cfg, model_path)
     _, model = load_for_training(cfg, model_path, token_ids)
@@ -117,8 +121,8 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Pa
                 "audit": [line.removeprefix("kotune: ") for r in data.audits for line in summary_lines(r)],
             },
         )
-        print(f"kotune: adapter written to {output_dir}")
-        print(f"kotune: run report written to {write_run_report(output_dir)}")
+        output.info(f"kotune: adapter written to {output_dir}")
+        output.info(f"kotune: run report written to {write_run_report(output_dir)}")
     return output_dir
 
 
@@ -148,7 +152,7 @@ def audit_data(data: Prepared, model_path: str, tokenizer) -> None:
     add_model_checks(data.audits, model_path, tokenizer)
     for report in data.audits:
         for line in summary_lines(report):
-            dist.print0(line)
+            output.info(line)
     message = fatal_error(data.audits)
     if message is not None:
         raise DataError(f"{message}\nSee `kotune data audit` for the full report.")
@@ -167,6 +171,8 @@ def save_final(fit: Fit, template, tokenizer, output_dir: Path) -> None:
     keep_best = t.load_best_model_at_end and fit.state.best_step is not None and best.is_file()
     write_adapter(fit.model, output_dir, best if keep_best else None, keep_free=int(t.min_free_disk_gb * 1e9))
     if keep_best:
-        print(f"kotune: kept the best adapter (step {fit.state.best_step}, eval_loss {fit.state.best_eval_loss:.4f})")
+        output.info(
+            f"kotune: kept the best adapter (step {fit.state.best_step}, eval_loss {fit.state.best_eval_loss:.4f})"
+        )
     tokenizer.save_pretrained(output_dir)
     save_template(template, output_dir)

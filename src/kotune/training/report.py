@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from kotune import output
 from kotune.config import Config, ConfigError
 from kotune.run_folder import METRICS
 
@@ -58,14 +59,7 @@ class Reporter:
         for backend in self.backends:
             backend(numbers, record["step"])
         if "eval_loss" in record:
-            self.info(f"step {record['step']}: eval_loss {record['eval_loss']:.4f}")
-
-    def info(self, text: str) -> None:
-        if self.main:
-            tqdm.write(f"kotune: {text}", file=sys.stderr)
-
-    def warn(self, text: str) -> None:
-        self.info(f"warning: {text}")
+            output.status(f"kotune: step {record['step']}: eval_loss {record['eval_loss']:.4f}")
 
 
 def _open_backend(name: str, cfg: Config, output_dir: Path):
