@@ -32,6 +32,7 @@ from kotune import fast  # noqa: E402
 from kotune.config import Config, load_config  # noqa: E402
 from kotune.data.batching import epoch_order  # noqa: E402
 from kotune.data.examples import Example  # noqa: E402
+from kotune.model.build import TrainingModel  # noqa: E402
 from kotune.model.load import load_base_model, load_tokenizer  # noqa: E402
 from kotune.model.lora import attach_lora  # noqa: E402
 from kotune.training.loop import Fit  # noqa: E402
@@ -88,13 +89,7 @@ def rows_for(case: Case, cfg: Config, tokenizer, v_rows: int) -> list[Example]:
 
 def step_tokens(fit: Fit) -> int:
     """Non-padding input tokens of the step ``fit.step()`` will run next."""
-    t = fit.cfg.train
-    start = fit.state.micro_step
-    ids = []
-    for m in range(start, start + t.gradient_accumulation_steps):
-        epoch, index = divmod(m, fit.per_epoch)
-        ids += fit._epoch_batches(epoch)[index]
-    return sum(len(fit.train_rows[i].input_ids) for i in ids)
+    return sum(len(fit.order.rows[i].input_ids) for i in fit.order.step_rows(fit.state.micro_step))
 
 
 def sync() -> None:
@@ -142,13 +137,13 @@ def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(model, load_file(args.init))
-    fit = Fit(cfg, model, tokenizer, rows, [], Path(cfg.train.output_dir))
-    if (fit.fast is not None and options) or (args.quick and not args.plain and fit.fast is None):
-        # an ablation (the fast path without one lever), or a CPU dry run forcing the fast path on
-        fit.fast = fit.ddp_model = fast.build(model, cfg, **options)
-        fit.loss_fn = fast.loss_sum
+    use_fast, _ = fast.wanted(cfg, model.config)
+    # an ablation (the fast path without one lever), or a CPU dry run forcing the fast path on
+    forced = (use_fast and options) or (args.quick and not args.plain and not use_fast)
+    trained = TrainingModel(model, fast.build(model, cfg, **options) if use_fast or forced else None)
+    fit = Fit(cfg, trained, tokenizer, rows, [], Path(cfg.train.output_dir))
     record = {"tool": "kotune-plain" if args.plain else "kotune", "case": case.name, "variant": variant}
-    record.update(fast_path=fit.fast is not None, packing=packing, rows=len(rows), gpu=gpu_name())
+    record.update(fast_path=trained.fast is not None, packing=packing, rows=len(rows), gpu=gpu_name())
     record.update(timed_run(fit, case.warm))
     if args.profile and torch.cuda.is_available():
         from profile_step import profile

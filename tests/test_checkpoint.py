@@ -26,7 +26,7 @@ from kotune.training.checkpoint import (
     write_adapter,
     write_checkpoint,
 )
-from kotune.training.loop import find_resume
+from kotune.training.resume import find_resume
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def trained(tiny_train_config, tmp_path_factory):
     from kotune.training.optim import build_optimizer
 
     cfg = tiny_train_config(tmp_path_factory.mktemp("unused"))
-    _, model = load_for_training(cfg, cfg.model.path)
+    model = load_for_training(cfg, cfg.model.path).peft
     optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
     loss = sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad)
     (loss + 1).backward()

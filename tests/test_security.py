@@ -57,7 +57,7 @@ def test_a_checkpoint_save_does_not_follow_a_planted_symlink(tiny_train_config, 
     elsewhere.mkdir()
     (out / "checkpoint-2").symlink_to(elsewhere)
     cfg = tiny_train_config(out)
-    _, model = load_for_training(cfg, cfg.model.path)
+    model = load_for_training(cfg, cfg.model.path).peft
     optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
     with pytest.raises(SecurityError, match="checkpoint-2 resolves to"):
         write_checkpoint(out, 2, model, optimizer, {"step": 2})

@@ -15,31 +15,27 @@ from pathlib import Path
 
 import torch
 
-from kotune import fast, output, run_folder
-from kotune.config import Config, ConfigError
-from kotune.data.batching import collate, collate_packed, epoch_order, length_grouped_order
+from kotune import output
+from kotune.config import Config
+from kotune.data.batching import collate
 from kotune.data.examples import IGNORE, Example
-from kotune.data.packing import block_causal_mask, pack_groups
 from kotune.errors import KotuneError
-from kotune.run_folder import BEST, read_summary
+from kotune.model.build import TrainingModel
+from kotune.run_folder import BEST, CHECKPOINT_PREFIX, METRICS
 from kotune.security import inside
 from kotune.training import dist
 from kotune.training.checkpoint import (
-    CheckpointError,
-    checkpoint_step,
     latest_good,
-    list_checkpoints,
     prune,
     read_checkpoint,
-    remove_partial,
     restore_best,
     restore_rng,
     save_adapter,
     trim_metrics,
-    verify,
     write_checkpoint,
 )
 from kotune.training.optim import build_optimizer, lr_at
+from kotune.training.order import DataOrder, total_steps
 from kotune.training.report import Reporter
 from kotune.training.signals import Interrupted, StopOnSignal
 
@@ -70,19 +66,6 @@ class RunState:
     history: list[dict] = field(default_factory=list)
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over supervised positions, in float32."""
-    if "cu_seqlens" in batch:  # packed rows (collate_packed): a block-diagonal causal mask keeps them apart
-        mask = block_causal_mask(batch["cu_seqlens"], batch["input_ids"].shape[1])[None, None]
-        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1]
-    keep = labels != IGNORE
-    return torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
-
-
 def input_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens a batch feeds the model, padding not counted."""
     if "attention_mask" in batch:
@@ -90,53 +73,8 @@ def input_tokens(batch: dict[str, torch.Tensor]) -> int:
     return batch["input_ids"].numel()
 
 
-def micro_batches(examples: list[Example], cfg: Config, epoch: int) -> list[list[int]]:
-    """An epoch's micro-batches (lists of example indices), the same for any number of processes."""
-    t = cfg.train
-    if t.group_by_length:
-        order = length_grouped_order([len(e.input_ids) for e in examples], t.seed, epoch, 64 * t.micro_batch_size)
-    else:
-        order = epoch_order(len(examples), t.seed, epoch)
-    size = t.micro_batch_size
-    return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
-
-
-def share(rows: list[int], lengths: list[int], rank: int, world: int) -> list[int]:
-    """This process's part of a step's rows: longest first to the least loaded process, kept in step order.
-
-    Every process computes the same split from the same step, so no message is exchanged; each gets at least
-    one row when the step has at least ``world`` rows. With one process, all rows in their order.
-    """
-    if world == 1:
-        return rows
-    load, mine = [0] * world, []
-    for position in sorted(range(len(rows)), key=lambda j: -lengths[j]):
-        target = min(range(world), key=lambda k: load[k])
-        load[target] += lengths[position]
-        if target == rank:
-            mine.append(position)
-    return [rows[p] for p in sorted(mine)]
-
-
-def total_steps(cfg: Config, n_examples: int, world: int) -> tuple[int, int]:
-    """(optimizer steps, micro-batches per epoch); the step's rows are split over ``world`` processes."""
-    t = cfg.train
-    per_epoch = n_examples // t.micro_batch_size
-    if per_epoch == 0:
-        raise ConfigError(f"{n_examples} training rows are fewer than one micro-batch ({t.micro_batch_size} rows)")
-    if t.micro_batch_size * t.gradient_accumulation_steps < world:
-        raise ConfigError(
-            f"a step of {t.micro_batch_size * t.gradient_accumulation_steps} row(s) cannot be split over {world} "
-            "processes: raise train.gradient_accumulation_steps to at least the number of processes"
-        )
-    if cfg.train.max_steps is not None:
-        return cfg.train.max_steps, per_epoch
-    steps = math.floor(per_epoch * cfg.train.num_epochs / cfg.train.gradient_accumulation_steps)
-    return max(1, steps), per_epoch
-
-
 @torch.no_grad()
-def evaluate(model, examples: list[Example], cfg: Config, pad_id: int, device, loss_fn=loss_sum) -> float:
+def evaluate(model, examples: list[Example], cfg: Config, pad_id: int, device, loss_fn) -> float:
     """Validation loss: token-mean over all supervised tokens of the validation rows (all ranks)."""
     model.eval()
     rank, world = dist.rank_and_world()
@@ -159,80 +97,47 @@ def autocast(cfg: Config, device):
 
 
 class Fit:
-    """One training run: the loop plus what it needs around it (data order, checkpoints, logging)."""
+    """One training run's loop: steps, evaluations, checkpoints and the faults that stop it.
+
+    Constructing it touches no file: the recipe clears leftovers (``training.resume``) and restores a checkpoint
+    (``resume_from``) explicitly.
+    """
 
     def __init__(
         self,
         cfg: Config,
-        model,
+        model: TrainingModel,
         tokenizer,
         train: list[Example],
         validation: list[Example],
         output_dir: Path,
-        resume: Path | None = None,
         fingerprint: dict | None = None,
     ):
-        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
+        self.cfg, self.model, self.tokenizer = cfg, model.peft, tokenizer
         self.fingerprint = fingerprint
         """What this run trains on (``kotune.training.fingerprint``), written into every checkpoint."""
-        self.train_rows, self.val_rows = train, validation
+        self.val_rows = validation
         self.output_dir = output_dir
         self.rank, self.world = dist.rank_and_world()
-        self.device = next(p for p in model.parameters() if p.requires_grad).device
-        self.fast = self._fast_model(model)
-        self.loss_fn = fast.loss_sum if self.fast is not None else loss_sum
-        self.ddp_model = dist.wrap(self.fast if self.fast is not None else model)
+        self.device = next(p for p in model.peft.parameters() if p.requires_grad).device
+        self.loss_fn = model.loss_sum
+        self.ddp_model = dist.wrap(model.forward)
         # peft's get_peft_model sets training mode on its wrapper only; the layers stay in from_pretrained's
         # eval mode, where transformers skips gradient checkpointing and LoRA dropout is off
         self.ddp_model.train()
-        self.optimizer = build_optimizer(model, cfg.train, self.device)
-        self.steps, self.per_epoch = total_steps(cfg, len(train), self.world)
+        self.optimizer = build_optimizer(model.peft, cfg.train, self.device)
+        self.steps, _ = total_steps(cfg, len(train), self.world)
+        t = cfg.train
+        packed = t.packing == "on" or (t.packing == "auto" and model.fast is not None)
+        self.order = DataOrder(train, cfg, self.rank, self.world, tokenizer.pad_token_id, packed)
         self.state = RunState(processes=self.world)
-        self.reporter = Reporter(cfg, output_dir, self.rank == 0)
         self.saved_step: int | None = None
-        if self.rank == 0:
-            for folder in remove_partial(output_dir):
-                output.status(f"kotune: removed {folder.name}, left behind by a save that did not finish")
-        if resume is not None:
-            self._resume(resume)
-        elif self.rank == 0 and trim_metrics(self.reporter.metrics_path, -1):
-            output.warn(f"{self.reporter.metrics_path} held an earlier run's records; starting it afresh")
-
-    # -- data -------------------------------------------------------------------------------------
-    def _window(self, micro_step: int) -> list[dict[str, torch.Tensor]]:
-        """The micro-batches of the optimizer step that starts at ``micro_step``.
-
-        Packed (``train.packing``), the same rows come as few sequences of at most micro_batch_size x
-        cutoff_len tokens (the most an unpacked micro-batch can hold), so the step and its loss are unchanged.
-        """
-        t = self.cfg.train
-        ids = [i for m in range(micro_step, micro_step + t.gradient_accumulation_steps) for i in self._batch_ids(m)]
-        ids = share(ids, [len(self.train_rows[i].input_ids) for i in ids], self.rank, self.world)
-        rows = [self.train_rows[i] for i in ids]
-        if not (t.packing == "on" or (t.packing == "auto" and self.fast is not None)):
-            size, pad = t.micro_batch_size, self.tokenizer.pad_token_id
-            return [collate(rows[i : i + size], pad, t.pad_to_multiple_of) for i in range(0, len(rows), size)]
-        packs = pack_groups([len(e.input_ids) for e in rows], t.micro_batch_size * self.cfg.data.cutoff_len)
-        return [collate_packed([rows[i] for i in pack]) for pack in packs]
-
-    def _fast_model(self, model):
-        """The fast-path model (``kotune.fast``) when ``train.kernels`` and the model allow it, else None."""
-        use, why = fast.wanted(self.cfg, model.config, self.device.type)
-        if self.cfg.train.kernels != "off":
-            output.info(f"kotune: fast path {'on' if use else 'off'} ({why})")
-        return fast.build(model, self.cfg) if use else None
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        if getattr(self, "_cached_epoch", None) != epoch:
-            self._cached_epoch = epoch
-            self._cached = micro_batches(self.train_rows, self.cfg, epoch)
-        return self._cached
 
     # -- one optimizer step -----------------------------------------------------------------------
     def step(self) -> dict:
         """Forward / backward over one accumulation window, clip, check finiteness, update."""
         cfg, model = self.cfg.train, self.ddp_model
-        window = self._window(self.state.micro_step)
+        window = self.order.window(self.state.micro_step)
         # [supervised tokens, input tokens of process 0, 1, ...]: one all-reduce gives the step's totals
         counts = torch.zeros(1 + self.world, dtype=torch.float64, device=self.device)
         counts[0] = float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in window))
@@ -283,6 +188,7 @@ class Fit:
     def run(self, stop: StopOnSignal | None = None) -> RunState:
         """Train to the last step; with ``stop``, a signal saves a checkpoint and raises Interrupted."""
         cfg = self.cfg.train
+        self.reporter = Reporter(self.cfg, self.output_dir, self.rank == 0)
         progress = self.reporter.progress(self.steps, self.state.step)
         if (cfg.eval_at_start and self.val_rows and self.state.step == 0) or self.state.eval_pending:
             self._evaluate()
@@ -298,7 +204,7 @@ class Fit:
             if self.state.step % cfg.logging_steps == 0 or self.state.step == self.steps:
                 elapsed = time.perf_counter() - window_start
                 record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
-                record["epoch"] = self.state.micro_step / self.per_epoch
+                record["epoch"] = self.state.micro_step / self.order.per_epoch
                 self.reporter.log(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
@@ -356,7 +262,7 @@ class Fit:
         dist.barrier()
         return folder
 
-    def _resume(self, folder: Path) -> None:
+    def resume_from(self, folder: Path) -> None:
         """Restore adapter, optimizer, RNG, counters and best/ from ``folder``; drop metrics logged after it."""
         from peft import set_peft_model_state_dict
 
@@ -374,7 +280,7 @@ class Fit:
         dropped = 0
         if self.rank == 0:
             restore_best(folder, self.output_dir)
-            dropped = trim_metrics(self.reporter.metrics_path, self.state.step)
+            dropped = trim_metrics(self.output_dir / METRICS, self.state.step)
         replay = f"; {dropped} metrics records after it will be logged again" if dropped else ""
         output.status(f"kotune: resumed from {folder} at step {self.state.step} (of {self.steps}){replay}")
 
@@ -388,7 +294,7 @@ class Fit:
 
     def _interrupt(self, stop: StopOnSignal):
         """Save a checkpoint at this step (unless one was just written) and raise Interrupted."""
-        folder = self.output_dir / f"checkpoint-{self.state.step}"
+        folder = self.output_dir / f"{CHECKPOINT_PREFIX}{self.state.step}"
         self.state.eval_pending = bool(self.val_rows) and self.state.step % self.cfg.train.eval_steps == 0
         if self.saved_step != self.state.step:
             folder = self.save_checkpoint()
@@ -397,7 +303,7 @@ class Fit:
     def _numerical_fault(self, record: dict) -> NonFiniteLoss:
         """The error that stops a run after ``max_bad_steps`` bad steps: step, rows and what to try."""
         start = self.state.micro_step - self.cfg.train.gradient_accumulation_steps
-        rows = sorted(self.train_rows[i].row for m in range(start, self.state.micro_step) for i in self._batch_ids(m))
+        rows = sorted(self.order.rows[i].row for i in self.order.step_rows(start))
         good = latest_good(self.output_dir, log=lambda _: None)
         kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
         t = self.cfg.train
@@ -407,68 +313,3 @@ class Fit:
             f"{kept}. Check those rows (`kotune data audit`), or lower train.learning_rate "
             f"(now {t.learning_rate:g}, try {t.learning_rate / 4:g}); with compute_dtype float16 try bfloat16"
         )
-
-    def _batch_ids(self, micro_step: int) -> list[int]:
-        """Indices into the training rows of micro-batch ``micro_step``."""
-        epoch, index = divmod(micro_step, self.per_epoch)
-        return self._epoch_batches(epoch)[index]
-
-
-def find_resume(output_dir: Path, spec: str | None, log=output.info) -> Path | None:
-    """``auto``: the newest complete checkpoint (None only if there is none at all); else the given folder."""
-    if spec is None:
-        return None
-    if spec != "auto":
-        folder = Path(spec)
-        if not folder.is_dir():
-            found = ", ".join(p.name for p in list_checkpoints(output_dir)) or "none"
-            raise CheckpointError(
-                f"--resume {spec}: no such checkpoint folder (checkpoints in {output_dir}: {found}); "
-                "give a checkpoint-N folder, or a bare --resume for the newest"
-            )
-        verify(folder)
-        return folder
-    if not list_checkpoints(output_dir):
-        log(f"kotune: no checkpoint in {output_dir} yet; starting from step 0")
-        return None
-    found = latest_good(output_dir, log)
-    if found is None:
-        raise CheckpointError(
-            f"{output_dir}: every checkpoint is incomplete or corrupt (see above); "
-            "refusing to start over silently. Move them away to start a new run"
-        )
-    return found
-
-
-def already_finished(checkpoint: Path, output_dir: Path, steps: int, log=output.info) -> bool:
-    """Whether resuming from ``checkpoint`` has nothing left to do: it is the end of a run whose adapter was written.
-
-    A checkpoint at the last step without the run's summary (the final adapter write failed) is not finished:
-    resuming writes the adapter. A checkpoint past the end is an error: the run cannot be shortened.
-    """
-    done = checkpoint_step(checkpoint)
-    if done > steps:
-        raise CheckpointError(
-            f"{checkpoint} is at step {done}, past this config's end (step {steps}); a run cannot be shortened. "
-            "Raise train.max_steps or train.num_epochs, or start a new run"
-        )
-    summary = read_summary(output_dir)
-    if done < steps or summary is None or summary["steps"] != steps:
-        return False
-    log(
-        f"kotune: {output_dir} is a finished run ({steps} steps, adapter written); nothing to do. To train further, "
-        "resume with a larger train.max_steps or train.num_epochs"
-    )
-    return True
-
-
-def write_summary(output_dir: Path, state: RunState, extra: dict) -> None:
-    summary = {
-        "steps": state.step,
-        "tokens": state.tokens,
-        "skipped_steps": state.skipped_steps,
-        "best_eval_loss": state.best_eval_loss,
-        "best_step": state.best_step,
-        **extra,
-    }
-    run_folder.write_summary(output_dir, summary)

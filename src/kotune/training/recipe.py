@@ -26,7 +26,9 @@ from kotune.security import inside, redact, refuse_pickle
 from kotune.training import dist, fingerprint
 from kotune.training.checkpoint import write_adapter
 from kotune.training.claim import claim
-from kotune.training.loop import Fit, NonFiniteLoss, already_finished, find_resume, total_steps, write_summary
+from kotune.training.loop import Fit, NonFiniteLoss
+from kotune.training.order import total_steps
+from kotune.training.resume import already_finished, clear_leftovers, find_resume, start_metrics, write_summary
 from kotune.training.signals import StopOnSignal
 
 
@@ -99,10 +101,11 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Pa
         if already_finished(folder, output_dir, steps, log=output.info):
             return output_dir
     check_target_modules(cfg, model_path)
-    _, model = load_for_training(cfg, model_path, token_ids)
+    model = load_for_training(cfg, model_path, token_ids)
     if dist.is_main():
         inside(output_dir, CONFIG).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
-    fit = Fit(cfg, model, tokenizer, data.train, data.validation, output_dir, resume=folder, fingerprint=fp)
+    fit = Fit(cfg, model, tokenizer, data.train, data.validation, output_dir, fingerprint=fp)
+    ready_folder(fit, folder)
     with StopOnSignal() as stop:
         try:
             state = fit.run(stop)
@@ -124,6 +127,17 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Pa
         output.info(f"kotune: adapter written to {output_dir}")
         output.info(f"kotune: run report written to {write_run_report(output_dir)}")
     return output_dir
+
+
+def ready_folder(fit: Fit, checkpoint: Path | None) -> None:
+    """Before the first step: clear what an unfinished save left, then restore ``checkpoint`` or start the metrics
+    log afresh."""
+    if dist.is_main():
+        clear_leftovers(fit.output_dir)
+    if checkpoint is not None:
+        fit.resume_from(checkpoint)
+    elif dist.is_main():
+        start_metrics(fit.output_dir)
 
 
 def saved_config(cfg: Config, data: Prepared) -> Config:
