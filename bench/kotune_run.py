@@ -78,7 +78,7 @@ def v_examples(cfg: Config, tokenizer, n: int = V_ROWS) -> list[Example]:
 
     path = vdata.write(Path(tempfile.mkdtemp()) / "v.jsonl", n, V_SEED)
     cfg.data.path = str(path)
-    return prepare(cfg, tokenizer).train
+    return prepare(cfg.data, tokenizer).train
 
 
 def rows_for(case: Case, cfg: Config, tokenizer, v_rows: int) -> list[Example]:

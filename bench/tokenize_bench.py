@@ -100,7 +100,7 @@ def kotune_prepare(path: Path, cache_dir: Path, touch: bool = False) -> tuple[in
 
     os.environ["KOTUNE_CACHE"] = str(cache_dir)
     cfg = load_config(None, [f"data.path={path}", f"data.val_size={val_size}", f"data.cutoff_len={cut_off_len}"])
-    data = prepare(cfg, tokenizer, log=lambda message: None)
+    data = prepare(cfg.data, tokenizer, log=lambda message: None)
     if touch:
         for split in (data.train, data.validation):
             for example in split:

@@ -19,7 +19,7 @@ def row(instruction="질문", output="답", **extra):
 
 
 def audit(data_config, llama3_train_tokenizer, rows, *overrides):
-    data = prepare(data_config(rows, *overrides), llama3_train_tokenizer)
+    data = prepare(data_config(rows, *overrides).data, llama3_train_tokenizer)
     return data, data.audits[0]
 
 

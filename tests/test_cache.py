@@ -16,7 +16,7 @@ ROWS = [
 
 def run(cfg, tokenizer):
     log: list[str] = []
-    return prepare(cfg, tokenizer, log=log.append), log
+    return prepare(cfg.data, tokenizer, log=log.append), log
 
 
 def same(a, b) -> bool:

@@ -157,7 +157,7 @@ def test_rows_that_cannot_train_are_skipped_and_counted(data_config, llama3_trai
         {"messages": None},
         good,
     ]
-    data = prepare(data_config(rows), llama3_train_tokenizer)
+    data = prepare(data_config(rows).data, llama3_train_tokenizer)
     assert sorted(e.row for e in data.train) == [0, 5]
     assert {reason: sorted(rows) for reason, rows in data.train_stats.skipped_rows.items()} == {
         "no assistant turn": [1],

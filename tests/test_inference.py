@@ -203,7 +203,7 @@ def test_conversation_prompts_follow_the_chat_template_training_used(llama3_trai
         cfg = Config()
         cfg.data.chat_template = chat_template
         rendered, _ = render_rows(
-            [{"_row": 0, "messages": messages}], "messages", cfg, KO_ALPACA, llama3_train_tokenizer
+            [{"_row": 0, "messages": messages}], "messages", cfg.data, KO_ALPACA, llama3_train_tokenizer
         )
         [example], _ = encode_rows(llama3_train_tokenizer, rendered, cutoff_len=512)
         prompt = inference.chat_prompt(llama3_train_tokenizer, messages[:1], cfg.data)

@@ -59,7 +59,7 @@ def reference(tiny_qlora_run):
     run, _, _ = tiny_qlora_run
     cfg = load_config(run / "kotune_config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run)
-    rows = prepare(cfg, tokenizer).validation
+    rows = prepare(cfg.data, tokenizer).validation
     base = AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=nf4_config(), dtype=torch.float32)
     # as kotune does (test_model_load.py): on AVX512-BF16 CPUs bitsandbytes would otherwise round the NF4
     # constants to bf16 at the first eval forward, and the reference would no longer be the trained model

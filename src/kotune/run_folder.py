@@ -124,7 +124,9 @@ def folder_stop_ids(folder: ModelFolder, tokenizer, model) -> list[int]:
     from kotune.data.conversations import stop_ids
     from kotune.data.prepare import chat_template_for
 
-    return stop_ids(tokenizer, getattr(model, "generation_config", None), chat_template_for(folder.config, tokenizer))
+    return stop_ids(
+        tokenizer, getattr(model, "generation_config", None), chat_template_for(folder.config.data, tokenizer)
+    )
 
 
 # -- the template ---------------------------------------------------------------------------------

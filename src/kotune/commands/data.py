@@ -35,7 +35,7 @@ def load_prepared(cfg):
 
     model_path = resolve_model(cfg.model.path)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    return model_path, tokenizer, prepare(cfg, tokenizer)
+    return model_path, tokenizer, prepare(cfg.data, tokenizer)
 
 
 def load_examples(cfg, split: str) -> tuple[list[Example], object]:

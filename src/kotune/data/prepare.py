@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kotune import output
-from kotune.config import Config
+from kotune.config import DataConfig
 from kotune.data import cache
 from kotune.data.audit import AuditReport, audit_source
 from kotune.data.encoding import encode_table
@@ -56,22 +56,22 @@ class Source:
 
 
 def render_rows(
-    rows: list[dict[str, Any]], fmt: str, cfg: Config, template: Template, tokenizer
+    rows: list[dict[str, Any]], fmt: str, data: DataConfig, template: Template, tokenizer
 ) -> tuple[list[Rendered], dict[int, str]]:
     """Each row as segments, and the rows that cannot train (e.g. a null output) with the reason."""
-    where = cfg.data.path
+    where = data.path
     rendered, skipped = [], {}
     renderer = None
     if fmt in CHAT_FORMATS:
         from kotune.data.conversations import ChatRenderer
 
-        renderer = ChatRenderer(tokenizer, cfg.data)
+        renderer = ChatRenderer(tokenizer, data)
     for row in rows:
         try:
             if fmt == "alpaca":
-                rendered.append(render_alpaca(row, template, cfg.data.train_on_inputs, where))
+                rendered.append(render_alpaca(row, template, data.train_on_inputs, where))
             elif fmt == "prompt_completion":
-                rendered.append(render_prompt_completion(row, cfg.data.train_on_inputs, where))
+                rendered.append(render_prompt_completion(row, data.train_on_inputs, where))
             else:
                 rendered.append(renderer.render(row, fmt, where))
         except SkipRow as reason:
@@ -79,37 +79,37 @@ def render_rows(
     return rendered, skipped
 
 
-def chat_template_for(cfg: Config, tokenizer) -> str | None:
+def chat_template_for(data: DataConfig, tokenizer) -> str | None:
     """The chat template conversations would use, None when neither the config nor the tokenizer has one."""
     from kotune.data.conversations import resolve_chat_template
     from kotune.data.templates import TemplateError
 
     try:
-        return resolve_chat_template(cfg.data.chat_template, tokenizer)
+        return resolve_chat_template(data.chat_template, tokenizer)
     except TemplateError:
-        if cfg.data.chat_template is not None:
+        if data.chat_template is not None:
             raise
         return None
 
 
-def encode_source(spec: str, split: str, cfg: Config, tokenizer, template: Template, log: Callable) -> Source:
+def encode_source(spec: str, split: str, data: DataConfig, tokenizer, template: Template, log: Callable) -> Source:
     """Read, check, render, encode and audit one source, or take it from the cache."""
     templates = {"prompt": f"{template.prompt_input}\x00{template.prompt_no_input}"}
-    templates["chat"] = chat_template_for(cfg, tokenizer)
-    key = cache.cache_key(spec, cfg.data, tokenizer, templates) if cfg.data.cache else None
+    templates["chat"] = chat_template_for(data, tokenizer)
+    key = cache.cache_key(spec, data, tokenizer, templates) if data.cache else None
     hit = cache.load(key) if key else None
     if hit is not None:
         encoded, meta = hit
         log(f"kotune: data: {spec}: reused the tokenized data cached in {cache.data_cache_dir() / key}")
         return Source(encoded, meta["format"], AuditReport.from_dict(meta["audit"]))
     start = time.perf_counter()
-    rows = apply_columns(read_rows(spec, split), cfg.data.columns, spec)
-    fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(rows, spec)
+    rows = apply_columns(read_rows(spec, split), data.columns, spec)
+    fmt = data.format if data.format != "auto" else detect_format(rows, spec)
     check_columns(rows, fmt, spec)
     check_types(rows, used_columns(fmt))
-    rendered, skipped = render_rows(rows, fmt, cfg, template, tokenizer)
-    encoded = encode_table(tokenizer, rendered, len(rows), skipped, cfg.data.cutoff_len)
-    audit = audit_source(spec, rows, fmt, template, encoded, tokenizer, cfg.data.cutoff_len)
+    rendered, skipped = render_rows(rows, fmt, data, template, tokenizer)
+    encoded = encode_table(tokenizer, rendered, len(rows), skipped, data.cutoff_len)
+    audit = audit_source(spec, rows, fmt, template, encoded, tokenizer, data.cutoff_len)
     took = f"kotune: data: {spec}: tokenized {len(rows)} rows in {time.perf_counter() - start:.1f}s"
     if key:
         folder = cache.save(key, encoded, {"format": fmt, "audit": audit.to_dict(), "source": spec})
@@ -118,21 +118,21 @@ def encode_source(spec: str, split: str, cfg: Config, tokenizer, template: Templ
     return Source(encoded, fmt, audit)
 
 
-def prepare(cfg: Config, tokenizer, log: Callable[[str], None] = output.status) -> Prepared:
+def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.status) -> Prepared:
     """Tokenized examples for training and validation, with counts of what was truncated or skipped."""
-    template = load_template(cfg.data.template)
-    main = encode_source(cfg.data.path, cfg.data.split, cfg, tokenizer, template, log)
+    template = load_template(data.template)
+    main = encode_source(data.path, data.split, data, tokenizer, template, log)
     n_rows = len(main.encoded.length)
-    if cfg.data.validation_path:
-        val = encode_source(cfg.data.validation_path, "validation", cfg, tokenizer, template, log)
+    if data.validation_path:
+        val = encode_source(data.validation_path, "validation", data, tokenizer, template, log)
         train_rows = list(range(n_rows))
-        random.Random(cfg.data.seed).shuffle(train_rows)
+        random.Random(data.seed).shuffle(train_rows)
         val_rows: list[int] = list(range(len(val.encoded.length)))
     else:
         val = main
-        train_rows, val_rows = split_indices(n_rows, cfg.data.val_size, cfg.data.seed)
-    if cfg.data.max_rows is not None:
-        train_rows = train_rows[: cfg.data.max_rows]
+        train_rows, val_rows = split_indices(n_rows, data.val_size, data.seed)
+    if data.max_rows is not None:
+        train_rows = train_rows[: data.max_rows]
     return Prepared(
         train=main.encoded.select(train_rows),
         validation=val.encoded.select(val_rows),
@@ -140,6 +140,6 @@ def prepare(cfg: Config, tokenizer, log: Callable[[str], None] = output.status) 
         validation_stats=val.encoded.stats(val_rows),
         template=template,
         format=main.format,
-        chat_template=chat_template_for(cfg, tokenizer) if main.format in CHAT_FORMATS else None,
-        audits=(main.audit, val.audit) if cfg.data.validation_path else (main.audit,),
+        chat_template=chat_template_for(data, tokenizer) if main.format in CHAT_FORMATS else None,
+        audits=(main.audit, val.audit) if data.validation_path else (main.audit,),
     )

@@ -46,7 +46,7 @@ def load_heldout(folder, tokenizer, path: str | None) -> HeldOut:
     check_columns(rows, fmt, source)
     check_types(rows, used_columns(fmt))
     data_cfg = replace(cfg.data, path=source)
-    rendered, skipped = render_rows(rows, fmt, replace(cfg, data=data_cfg), folder.template, tokenizer)
+    rendered, skipped = render_rows(rows, fmt, data_cfg, folder.template, tokenizer)
     n_rows = max(row["_row"] for row in rows) + 1
     encoded = encode_table(tokenizer, rendered, n_rows, skipped, cfg.data.cutoff_len)
     examples = list(encoded.select([row["_row"] for row in rows]))

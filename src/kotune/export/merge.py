@@ -207,7 +207,7 @@ def verification_rows(folder: ModelFolder, tokenizer, limit: int) -> tuple[str, 
     from kotune.data.read import DataError
 
     try:
-        data = prepare(folder.config, tokenizer)
+        data = prepare(folder.config.data, tokenizer)
     except DataError as exc:
         raise MergeError(
             f"merge verification needs the run's validation rows: {exc}. A relative data.path (saved by kotune "

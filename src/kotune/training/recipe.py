@@ -81,7 +81,7 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Pa
     # Tokenizer, data and its audit first: a data problem stops the run before the model loads.
     tokenizer = load_tokenizer(model_path, cfg.model)
     with dist.main_first():  # the first process tokenizes into the cache, the others read it
-        data = prepare(cfg, tokenizer, log=output.info)
+        data = prepare(cfg.data, tokenizer, log=output.info)
     audit_data(data, model_path, tokenizer)
     output.info(f"kotune: data ({data.format}): train {data.train_stats.summary()}")
     if data.validation_stats.rows:

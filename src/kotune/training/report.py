@@ -81,4 +81,6 @@ def _open_backend(name: str, cfg: Config, output_dir: Path):
             writer.flush()
 
         return write
-    raise ValueError(f"train.report_to: unknown logger '{name}'")  # config.validate lets only LOGGERS through
+    raise ValueError(
+        f"train.report_to: unknown logger '{name}'"
+    )  # config.validate lets only report_to's choices through
