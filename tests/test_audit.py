@@ -10,8 +10,9 @@ import torch
 from conftest import build_tiny_model, write_jsonl
 
 from kotune.cli import main
-from kotune.data.audit import FATAL, check_embeddings
+from kotune.data.audit import FATAL
 from kotune.data.prepare import prepare
+from kotune.model.embeddings import check_embeddings
 
 
 def row(instruction="질문", output="답", **extra):

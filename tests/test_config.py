@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kotune.config import SECTIONS, Config, ConfigError, field_docs, load_config, reference_markdown
+from kotune.config import SECTIONS, Config, ConfigError, field_docs, load_config
+from kotune.docs import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "examples").glob("*.yaml"))

@@ -403,21 +403,3 @@ def _validate_train(t: TrainConfig) -> None:
     for name in t.report_to:
         if name not in loggers:
             raise ConfigError(f"'train.report_to' holds {name!r}; choose from {', '.join(loggers)}")
-
-
-def reference_markdown() -> str:
-    """The configuration reference, generated from the dataclasses' own docstrings (README section)."""
-    lines: list[str] = []
-    for section, cls in SECTIONS.items():
-        docs = field_docs(cls)
-        lines += [f"### `{section}`", "", "| key | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = yaml.safe_dump(default, default_flow_style=True, allow_unicode=True).strip()
-            shown = shown.removesuffix("\n...").removesuffix("...").strip()
-            allowed = choices(cls, f.name)
-            which = "Any" if get_origin(get_type_hints(cls)[f.name]) is list else "One"
-            one_of = f" {which} of {', '.join(f'`{c}`' for c in allowed)}." if allowed else ""
-            lines.append(f"| `{section}.{f.name}` | `{shown}` | {docs.get(f.name, '')}{one_of} |")
-        lines.append("")
-    return "\n".join(lines)

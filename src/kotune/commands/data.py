@@ -116,7 +116,7 @@ def format_report(report) -> str:
 
 
 def run_audit(args) -> int:
-    from kotune.data.audit import add_model_checks
+    from kotune.model.embeddings import add_model_checks
 
     cfg = load_config(args.config, args.overrides)
     model_path, tokenizer, data = load_prepared(cfg)

@@ -16,27 +16,22 @@ from pathlib import Path
 import torch
 
 from kotune import output
-from kotune.config import Config
+from kotune.config import Config, TrainConfig
 from kotune.data.batching import collate
 from kotune.data.examples import IGNORE, Example
 from kotune.errors import KotuneError
 from kotune.model.build import TrainingModel
-from kotune.run_folder import BEST, CHECKPOINT_PREFIX, METRICS
+from kotune.run_folder import BEST, CHECKPOINT_PREFIX
 from kotune.security import inside
 from kotune.training import dist
 from kotune.training.checkpoint import (
     latest_good,
-    prune,
-    read_checkpoint,
-    restore_best,
-    restore_rng,
     save_adapter,
-    trim_metrics,
-    write_checkpoint,
 )
 from kotune.training.optim import build_optimizer, lr_at
 from kotune.training.order import DataOrder, total_steps
 from kotune.training.report import Reporter
+from kotune.training.resume import save_checkpoint
 from kotune.training.signals import Interrupted, StopOnSignal
 
 
@@ -99,8 +94,8 @@ def autocast(cfg: Config, device):
 class Fit:
     """One training run's loop: steps, evaluations, checkpoints and the faults that stop it.
 
-    Constructing it touches no file: the recipe clears leftovers (``training.resume``) and restores a checkpoint
-    (``resume_from``) explicitly.
+    Constructing it touches no file: the recipe clears leftovers and restores a checkpoint explicitly, and the
+    loop saves through ``training.resume.save_checkpoint`` (the checkpoint protocol lives there).
     """
 
     def __init__(
@@ -155,20 +150,10 @@ class Fit:
         self.state.micro_step += cfg.gradient_accumulation_steps  # packing may feed them as fewer sequences
         dist.all_reduce_sum(total)
         loss_value = (total / n_tokens.clamp(min=1)).item()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
         lr = lr_at(self.state.step, self.steps, cfg)
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        if finite:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            self.state.bad_steps = 0
-        else:
-            self.state.bad_steps += 1
-            self.state.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, finite = clip_and_update(self.model, self.optimizer, cfg, lr, loss_value)
+        self.state.bad_steps = 0 if finite else self.state.bad_steps + 1
+        self.state.skipped_steps += not finite
         self.state.step += 1
         self.state.tokens += int(n_tokens.item())
         record = {
@@ -200,7 +185,7 @@ class Fit:
                 output.warn(f"step {record['step']}: non-finite loss or gradient norm; update skipped")
                 if self.state.bad_steps >= cfg.max_bad_steps:
                     progress.close()
-                    raise self._numerical_fault(record)
+                    raise numerical_fault(self, record)
             if self.state.step % cfg.logging_steps == 0 or self.state.step == self.steps:
                 elapsed = time.perf_counter() - window_start
                 record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
@@ -209,13 +194,13 @@ class Fit:
                 progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
             progress.update(1)
-            if stop is not None and self.state.step < self.steps and self._stop_requested(stop):
+            if stop is not None and self.state.step < self.steps and stop_requested(stop, self.device):
                 progress.close()
                 self._interrupt(stop)  # before this step's evaluation: a stop waits for one step, no more
             if self.val_rows and (self.state.step % cfg.eval_steps == 0 or self.state.step == self.steps):
                 self._evaluate()
             if self.state.step % cfg.save_steps == 0 or self.state.step == self.steps:
-                self.save_checkpoint()  # the last step too: a finished run can be extended with --resume
+                save_checkpoint(self)  # the last step too: a finished run can be extended with --resume
         progress.close()
         if self.state.step and self.state.skipped_steps == self.state.step:
             raise NonFiniteLoss(
@@ -241,75 +226,49 @@ class Fit:
             if self.rank == 0:
                 save_adapter(self.model, inside(self.output_dir, BEST))
 
-    # -- checkpoints, interruption, faults ---------------------------------------------------------
-    def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoint-STEP`` (rank 0) and prune old ones; the new one is verified first."""
-        self.saved_step = self.state.step
-        if self.rank != 0:
-            dist.barrier()
-            return None
-        state = {k: v for k, v in self.state.__dict__.items() if k != "history"}
-        folder = write_checkpoint(
-            self.output_dir,
-            self.state.step,
-            self.model,
-            self.optimizer,
-            state,
-            fingerprint=self.fingerprint,
-            keep_free=int(self.cfg.train.min_free_disk_gb * 1e9),
-        )
-        prune(self.output_dir, self.cfg.train.save_total_limit, protect={folder})
-        dist.barrier()
-        return folder
-
-    def resume_from(self, folder: Path) -> None:
-        """Restore adapter, optimizer, RNG, counters and best/ from ``folder``; drop metrics logged after it."""
-        from peft import set_peft_model_state_dict
-
-        adapter, optimizer_state, state = read_checkpoint(folder)
-        set_peft_model_state_dict(self.model, adapter)
-        self.optimizer.load_state_dict(optimizer_state)
-        restore_rng(state.pop("rng_tensors"), state.pop("rng"))
-        for key, value in state.items():
-            if hasattr(self.state, key):
-                setattr(self.state, key, value)
-        if self.state.processes != self.world:  # the steps hold the same rows on any number of processes
-            output.status(f"kotune: checkpoint written by {self.state.processes} process(es), resumed on {self.world}")
-            self.state.processes = self.world
-        self.saved_step = self.state.step
-        dropped = 0
-        if self.rank == 0:
-            restore_best(folder, self.output_dir)
-            dropped = trim_metrics(self.output_dir / METRICS, self.state.step)
-        replay = f"; {dropped} metrics records after it will be logged again" if dropped else ""
-        output.status(f"kotune: resumed from {folder} at step {self.state.step} (of {self.steps}){replay}")
-
-    def _stop_requested(self, stop: StopOnSignal) -> bool:
-        """Whether a process got a stop signal; all processes must agree, or rank 0's save would wait forever."""
-        if not dist.is_distributed():
-            return stop.requested
-        flag = torch.tensor(float(stop.requested), device=self.device)
-        dist.all_reduce_sum(flag)
-        return flag.item() > 0
-
     def _interrupt(self, stop: StopOnSignal):
         """Save a checkpoint at this step (unless one was just written) and raise Interrupted."""
         folder = self.output_dir / f"{CHECKPOINT_PREFIX}{self.state.step}"
         self.state.eval_pending = bool(self.val_rows) and self.state.step % self.cfg.train.eval_steps == 0
         if self.saved_step != self.state.step:
-            folder = self.save_checkpoint()
+            folder = save_checkpoint(self)
         raise Interrupted(stop.signum, self.state.step, folder if self.rank == 0 else None)
 
-    def _numerical_fault(self, record: dict) -> NonFiniteLoss:
-        """The error that stops a run after ``max_bad_steps`` bad steps: step, rows and what to try."""
-        start = self.state.micro_step - self.cfg.train.gradient_accumulation_steps
-        rows = sorted(self.order.rows[i].row for i in self.order.step_rows(start))
-        good = latest_good(self.output_dir, log=lambda _: None)
-        kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
-        t = self.cfg.train
-        return NonFiniteLoss(
-            f"{self.state.bad_steps} consecutive steps with a non-finite loss or gradient norm, the last at step "
-            f"{record['step']} (loss {record['loss']}, grad_norm {record['grad_norm']}) on data rows {rows}; "
-            f"{kept}. Check those rows (`kotune data audit`), or lower train.learning_rate "
-            f"(now {t.learning_rate:g}, try {t.learning_rate / 4:g}); with compute_dtype float16 try bfloat16"
-        )
+
+def clip_and_update(model, optimizer, cfg: TrainConfig, lr: float, loss_value: float) -> tuple[float, bool]:
+    """Clip the trained parameters' gradients, and update them unless the loss or the gradient norm is not
+    finite; returns (gradient norm before clipping, update applied)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+    if finite:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+
+def stop_requested(stop: StopOnSignal, device) -> bool:
+    """Whether a process got a stop signal; all processes must agree, or rank 0's save would wait forever."""
+    if not dist.is_distributed():
+        return stop.requested
+    flag = torch.tensor(float(stop.requested), device=device)
+    dist.all_reduce_sum(flag)
+    return flag.item() > 0
+
+
+def numerical_fault(fit: Fit, record: dict) -> NonFiniteLoss:
+    """The error that stops a run after ``max_bad_steps`` bad steps: step, rows and what to try."""
+    start = fit.state.micro_step - fit.cfg.train.gradient_accumulation_steps
+    rows = sorted(fit.order.rows[i].row for i in fit.order.step_rows(start))
+    good = latest_good(fit.output_dir, log=lambda _: None)
+    kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
+    t = fit.cfg.train
+    return NonFiniteLoss(
+        f"{fit.state.bad_steps} consecutive steps with a non-finite loss or gradient norm, the last at step "
+        f"{record['step']} (loss {record['loss']}, grad_norm {record['grad_norm']}) on data rows {rows}; "
+        f"{kept}. Check those rows (`kotune data audit`), or lower train.learning_rate "
+        f"(now {t.learning_rate:g}, try {t.learning_rate / 4:g}); with compute_dtype float16 try bfloat16"
+    )

@@ -12,13 +12,14 @@ import torch
 
 from kotune import output
 from kotune.config import Config
-from kotune.data.audit import add_model_checks, fatal_error, summary_lines, untrained_token_ids
+from kotune.data.audit import fatal_error, summary_lines
 from kotune.data.prepare import Prepared, prepare
 from kotune.data.read import DataError
 from kotune.errors import KotuneError
 from kotune.evaluation.run_report import write_run_report
 from kotune.model.assets import check_model_folder, resolve_model
 from kotune.model.build import load_for_training
+from kotune.model.embeddings import add_model_checks, untrained_token_ids
 from kotune.model.load import load_tokenizer
 from kotune.model.lora import check_target_modules, trainable_token_ids
 from kotune.run_folder import ADAPTER, BEST, CONFIG, save_template
@@ -28,7 +29,14 @@ from kotune.training.checkpoint import write_adapter
 from kotune.training.claim import claim
 from kotune.training.loop import Fit, NonFiniteLoss
 from kotune.training.order import total_steps
-from kotune.training.resume import already_finished, clear_leftovers, find_resume, start_metrics, write_summary
+from kotune.training.resume import (
+    already_finished,
+    clear_leftovers,
+    find_resume,
+    resume_from,
+    start_metrics,
+    write_summary,
+)
 from kotune.training.signals import StopOnSignal
 
 
@@ -135,7 +143,7 @@ def ready_folder(fit: Fit, checkpoint: Path | None) -> None:
     if dist.is_main():
         clear_leftovers(fit.output_dir)
     if checkpoint is not None:
-        fit.resume_from(checkpoint)
+        resume_from(fit, checkpoint)
     elif dist.is_main():
         start_metrics(fit.output_dir)
 

@@ -1,25 +1,36 @@
-"""Starting and resuming a run in its folder: explicit steps the recipe takes, before and after the model loads.
+"""The checkpoint protocol of a run: find, check, restore and save; clear what an unfinished save left.
 
-``find_resume`` and ``already_finished`` run before the model loads (with the fingerprint check, in
-``training.fingerprint``); ``clear_leftovers`` and ``start_metrics`` prepare the folder for a fresh start;
-``Fit.resume_from`` restores a checkpoint into the loop.
+Each is an explicit call: ``find_resume`` and ``already_finished`` run before the model loads (with the
+fingerprint check, ``training.fingerprint``); after the loop is built the recipe calls ``clear_leftovers``, then
+``resume_from`` or ``start_metrics``; the loop calls ``save_checkpoint``. What a checkpoint folder holds and how it
+is written atomically is ``training.checkpoint``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kotune import output, run_folder
 from kotune.run_folder import METRICS, read_summary
+from kotune.training import dist
 from kotune.training.checkpoint import (
     CheckpointError,
     checkpoint_step,
     latest_good,
     list_checkpoints,
+    prune,
+    read_checkpoint,
     remove_partial,
+    restore_best,
+    restore_rng,
     trim_metrics,
     verify,
+    write_checkpoint,
 )
+
+if TYPE_CHECKING:
+    from kotune.training.loop import Fit, RunState
 
 
 def clear_leftovers(output_dir: Path) -> None:
@@ -82,7 +93,7 @@ def already_finished(checkpoint: Path, output_dir: Path, steps: int, log=output.
     return True
 
 
-def write_summary(output_dir: Path, state, extra: dict) -> None:
+def write_summary(output_dir: Path, state: RunState, extra: dict) -> None:
     """``run_summary.json`` of a finished run: the loop's counters (``RunState``) and ``extra``."""
     summary = {
         "steps": state.step,
@@ -93,3 +104,47 @@ def write_summary(output_dir: Path, state, extra: dict) -> None:
         **extra,
     }
     run_folder.write_summary(output_dir, summary)
+
+
+def save_checkpoint(fit: Fit) -> Path | None:
+    """Write ``checkpoint-STEP`` (rank 0) and prune old ones; the new one is verified first."""
+    fit.saved_step = fit.state.step
+    if fit.rank != 0:
+        dist.barrier()
+        return None
+    state = {k: v for k, v in fit.state.__dict__.items() if k != "history"}
+    folder = write_checkpoint(
+        fit.output_dir,
+        fit.state.step,
+        fit.model,
+        fit.optimizer,
+        state,
+        fingerprint=fit.fingerprint,
+        keep_free=int(fit.cfg.train.min_free_disk_gb * 1e9),
+    )
+    prune(fit.output_dir, fit.cfg.train.save_total_limit, protect={folder})
+    dist.barrier()
+    return folder
+
+
+def resume_from(fit: Fit, folder: Path) -> None:
+    """Restore adapter, optimizer, RNG, counters and best/ from ``folder``; drop metrics logged after it."""
+    from peft import set_peft_model_state_dict
+
+    adapter, optimizer_state, state = read_checkpoint(folder)
+    set_peft_model_state_dict(fit.model, adapter)
+    fit.optimizer.load_state_dict(optimizer_state)
+    restore_rng(state.pop("rng_tensors"), state.pop("rng"))
+    for key, value in state.items():
+        if hasattr(fit.state, key):
+            setattr(fit.state, key, value)
+    if fit.state.processes != fit.world:  # the steps hold the same rows on any number of processes
+        output.status(f"kotune: checkpoint written by {fit.state.processes} process(es), resumed on {fit.world}")
+        fit.state.processes = fit.world
+    fit.saved_step = fit.state.step
+    dropped = 0
+    if fit.rank == 0:
+        restore_best(folder, fit.output_dir)
+        dropped = trim_metrics(fit.output_dir / METRICS, fit.state.step)
+    replay = f"; {dropped} metrics records after it will be logged again" if dropped else ""
+    output.status(f"kotune: resumed from {folder} at step {fit.state.step} (of {fit.steps}){replay}")
