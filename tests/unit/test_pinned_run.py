@@ -1,0 +1,113 @@
+"""Pinned first losses: a tiny fixed-seed run through ``kotune train`` must write ``metrics.jsonl`` byte for byte
+as committed in ``tests/unit/pinned/``. A refactor that should not change the maths keeps this file green.
+
+What the run is: a random 2-layer Llama (hidden 32, weights drawn from a seeded generator by name) on the byte-level
+mock tokenizer, no quantization, float32 on the CPU with one thread, 10 alpaca rows (8 train / 2 validation),
+4 optimizer steps of 2 micro-batches of 2 rows, LoRA dropout on (so RNG order matters), evaluation before the first
+step and every 2 steps, a checkpoint every 2 steps.
+
+The only wall-clock figure in ``metrics.jsonl`` (``tokens_per_s``) comes from ``time.perf_counter``; the test holds
+that clock still (patched on the ``time`` module itself, so no kotune module path is involved) and the figure is
+then kotune's own ``0.0`` for a zero-length window.
+
+To repin after an intentional change of the maths (or of torch), run
+
+    KOTUNE_REPIN=1 python -m pytest -q tests/unit/test_pinned_run.py
+
+and commit the new ``tests/unit/pinned/metrics.jsonl`` with a note on why the numbers moved. The file's exact bits
+also depend on the CPU's float kernels (torch build, instruction set); it was produced with torch 2.13.0+cpu.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from conftest import write_jsonl
+
+# The public entry point, kept in this one import so the source-layout refactor has one line to update.
+from kotune.cli import main as kotune_main
+
+PINNED = Path(__file__).parent / "pinned" / "metrics.jsonl"
+
+ROWS = [
+    {
+        "instruction": f"Add {i} and {i + 1}.",
+        "input": "" if i % 3 else "numbers",
+        "output": f"{i} + {i + 1} = {2 * i + 1}.",
+    }
+    for i in range(10)
+]
+
+SETTINGS = {
+    "model.quantization": "none",
+    "model.compute_dtype": "float32",
+    "model.gradient_checkpointing": False,
+    "data.template": "alpaca",
+    "data.val_size": 0.2,
+    "data.cutoff_len": 256,
+    "data.seed": 3,
+    "lora.r": 4,
+    "lora.alpha": 8,
+    "lora.dropout": 0.1,
+    "train.seed": 7,
+    "train.max_steps": 4,
+    "train.micro_batch_size": 2,
+    "train.gradient_accumulation_steps": 2,
+    "train.learning_rate": 0.01,
+    "train.warmup_steps": 1,
+    "train.optimizer": "adamw_torch",
+    "train.eval_steps": 2,
+    "train.eval_at_start": True,
+    "train.save_steps": 2,
+    "train.min_free_disk_gb": 0,
+}
+
+
+def run_pinned(tmp_path: Path, model_dir: str, monkeypatch) -> bytes:
+    """``kotune train`` on the pinned settings with the clock held still; returns metrics.jsonl's bytes."""
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    out = tmp_path / "run"
+    config = tmp_path / "pinned.yaml"
+    sections: dict[str, dict] = {}
+    for key, value in {**SETTINGS, "train.output_dir": str(out)}.items():
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    config.write_text(yaml.safe_dump(sections), encoding="utf-8")
+    monkeypatch.setenv("KOTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(time, "perf_counter", lambda: 1000.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the sums of a matrix product must not depend on the machine's core count
+    try:
+        assert kotune_main(["train", str(config), f"model.path={model_dir}", f"data.path={data}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return (out / "metrics.jsonl").read_bytes()
+
+
+def test_tiny_run_writes_the_pinned_metrics(tmp_path, tiny_model_dir, monkeypatch):
+    produced = run_pinned(tmp_path, tiny_model_dir, monkeypatch)
+    if os.environ.get("KOTUNE_REPIN") == "1":
+        PINNED.write_bytes(produced)
+        print(f"repinned {PINNED}: commit it with the reason the numbers changed")
+    records = [json.loads(line) for line in produced.decode("utf-8").splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    # the run itself, before any comparison: 4 finite steps, evaluations at 0, 2 and 4, and training that moved
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert sorted(evals) == [0, 2, 4] and all(math.isfinite(v) for v in [*losses, *evals.values()])
+    assert evals[4] < evals[0], "four steps at lr 1e-2 should lower the validation loss"
+    expected = PINNED.read_bytes()
+    if produced != expected:
+        pinned = [json.loads(line) for line in expected.decode("utf-8").splitlines()]
+        diff = [(a, b) for a, b in zip(pinned, records, strict=False) if a != b]
+        raise AssertionError(
+            f"metrics.jsonl differs from {PINNED} (first differing records, pinned vs now: {diff[:2]}; "
+            f"{len(pinned)} vs {len(records)} records). If the maths changed on purpose, repin: "
+            "KOTUNE_REPIN=1 python -m pytest -q tests/unit/test_pinned_run.py"
+        )
