@@ -26,6 +26,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from conftest import write_jsonl
@@ -69,29 +70,55 @@ SETTINGS = {
 }
 
 
-def run_pinned(tmp_path: Path, model_dir: str, monkeypatch) -> bytes:
-    """``kotune train`` on the pinned settings with the clock held still; returns metrics.jsonl's bytes."""
-    data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
-    out = tmp_path / "run"
-    config = tmp_path / "pinned.yaml"
+def write_config(folder: Path, model_dir: str) -> Path:
+    """The pinned settings as a YAML config (with its rows written beside it), as a user would pass them."""
+    data = write_jsonl(folder / "rows.jsonl", ROWS)
+    extra = {"model.path": model_dir, "data.path": str(data), "train.output_dir": str(folder / "run")}
     sections: dict[str, dict] = {}
-    for key, value in {**SETTINGS, "train.output_dir": str(out)}.items():
+    for key, value in {**SETTINGS, **extra}.items():
         section, name = key.split(".")
         sections.setdefault(section, {})[name] = value
+    config = folder / "pinned.yaml"
     config.write_text(yaml.safe_dump(sections), encoding="utf-8")
-    monkeypatch.setenv("KOTUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(time, "perf_counter", lambda: 1000.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the sums of a matrix product must not depend on the machine's core count
-    try:
-        assert kotune_main(["train", str(config), f"model.path={model_dir}", f"data.path={data}"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return (out / "metrics.jsonl").read_bytes()
+    return config
 
 
-def test_tiny_run_writes_the_pinned_metrics(tmp_path, tiny_model_dir, monkeypatch):
-    produced = run_pinned(tmp_path, tiny_model_dir, monkeypatch)
+def kotune_train(config: Path, *args: str) -> None:
+    """``kotune train CONFIG ARGS`` in this process with the clock held still and one CPU thread."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KOTUNE_CACHE", str(config.parent / "cache"))
+        mp.setattr(time, "perf_counter", lambda: 1000.0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the sums of a matrix product must not depend on the machine's core count
+        try:
+            assert kotune_main(["train", str(config), *args]) == 0
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pinned_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, bytes]:
+    """The config and the metrics.jsonl bytes of one pinned run (its folder is then the resume test's to break)."""
+    config = write_config(tmp_path_factory.mktemp("pinned"), tiny_model_dir)
+    kotune_train(config)
+    return config, (config.parent / "run" / "metrics.jsonl").read_bytes()
+
+
+def assert_pinned(produced: bytes) -> None:
+    expected = PINNED.read_bytes()
+    if produced != expected:
+        pinned = [json.loads(line) for line in expected.decode("utf-8").splitlines()]
+        now = [json.loads(line) for line in produced.decode("utf-8").splitlines()]
+        diff = [(a, b) for a, b in zip(pinned, now, strict=False) if a != b]
+        raise AssertionError(
+            f"metrics.jsonl differs from {PINNED} (first differing records, pinned vs now: {diff[:2]}; "
+            f"{len(pinned)} vs {len(now)} records). If the maths changed on purpose, repin: "
+            "KOTUNE_REPIN=1 python -m pytest -q tests/unit/test_pinned_run.py"
+        )
+
+
+def test_tiny_run_writes_the_pinned_metrics(pinned_run):
+    _, produced = pinned_run
     if os.environ.get("KOTUNE_REPIN") == "1":
         PINNED.write_bytes(produced)
         print(f"repinned {PINNED}: commit it with the reason the numbers changed")
@@ -102,12 +129,23 @@ def test_tiny_run_writes_the_pinned_metrics(tmp_path, tiny_model_dir, monkeypatc
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert sorted(evals) == [0, 2, 4] and all(math.isfinite(v) for v in [*losses, *evals.values()])
     assert evals[4] < evals[0], "four steps at lr 1e-2 should lower the validation loss"
-    expected = PINNED.read_bytes()
-    if produced != expected:
-        pinned = [json.loads(line) for line in expected.decode("utf-8").splitlines()]
-        diff = [(a, b) for a, b in zip(pinned, records, strict=False) if a != b]
-        raise AssertionError(
-            f"metrics.jsonl differs from {PINNED} (first differing records, pinned vs now: {diff[:2]}; "
-            f"{len(pinned)} vs {len(records)} records). If the maths changed on purpose, repin: "
-            "KOTUNE_REPIN=1 python -m pytest -q tests/unit/test_pinned_run.py"
-        )
+    assert_pinned(produced)
+
+
+def test_a_run_resumed_past_a_broken_checkpoint_writes_the_same_metrics_and_adapter(pinned_run, capsys):
+    """Crash after step 4's checkpoint was half written: resuming skips it and the partial folder, goes back to
+    checkpoint-2 and replays steps 3 and 4 into the very same metrics.jsonl and adapter."""
+    config, _ = pinned_run
+    run = config.parent / "run"
+    adapter = (run / "adapter_model.safetensors").read_bytes()
+    (run / "run_summary.json").unlink()  # the run did not finish
+    torn = run / "checkpoint-4" / "optimizer.safetensors"
+    torn.write_bytes(torn.read_bytes()[:100])
+    (run / ".tmp-checkpoint-6").mkdir()  # what a kill during a save leaves
+    capsys.readouterr()
+    kotune_train(config, "--resume")
+    said = capsys.readouterr()
+    assert f"skipping {run / 'checkpoint-4'}: optimizer.safetensors does not match its checksum" in said.out + said.err
+    assert not (run / ".tmp-checkpoint-6").exists()
+    assert_pinned((run / "metrics.jsonl").read_bytes())
+    assert (run / "adapter_model.safetensors").read_bytes() == adapter
