@@ -1,7 +1,8 @@
 """The offline unit tier: a byte-level mock tokenizer built in-process and tiny random Llama models on it.
 
 Nothing here reads ``~/.cache/kotune`` or the network: every test in ``tests/unit`` runs with outbound
-connections refused (``no_network``), so a test that would download fails instead of quietly fetching.
+connections refused and kotune's cache in an empty folder (``offline``), so a test that would download fails
+instead of quietly fetching.
 
 The mock tokenizer maps each UTF-8 byte to the id of its value (``a`` -> 97, ``한`` -> 237, 149, 156), with
 ``<pad>`` 256, ``<s>`` (BOS) 257, ``</s>`` (EOS) 258 and ``<|end|>`` 259 (an end-of-turn token), so every
@@ -106,9 +107,12 @@ def build_tiny_model(folder: Path, tokenizer_dir: str, hidden: int = 32, layers:
     return str(folder)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_network():
-    """Refuse outbound connections for the whole unit tier (local sockets still work)."""
+# Package scope throughout: the guard below is undone when the tier's tests are done (it must not leak into the
+# integration tests of the same session), and fixtures of one scope start with the autouse one.
+@pytest.fixture(scope="package", autouse=True)
+def offline(tmp_path_factory):
+    """Refuse outbound connections while the unit tier runs, and point kotune's cache at an empty folder, so no
+    test can download or read ``~/.cache/kotune`` without failing."""
 
     def refuse(*args, **kwargs):
         raise OSError("tests/unit is offline: a test tried to open a network connection")
@@ -117,15 +121,16 @@ def no_network():
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket, "create_connection", refuse)
         mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("KOTUNE_CACHE", str(tmp_path_factory.mktemp("kotune-cache")))
         yield
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def mock_dir(tmp_path_factory) -> str:
     return build_mock_tokenizer(tmp_path_factory.mktemp("mock-tokenizer"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def mock_tokenizer(mock_dir):
     """The mock tokenizer as ``kotune train`` loads it (pad token, right padding)."""
     from kotune.config import ModelConfig
@@ -134,6 +139,6 @@ def mock_tokenizer(mock_dir):
     return load_tokenizer(mock_dir, ModelConfig())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_model_dir(tmp_path_factory, mock_dir) -> str:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-mock-llama"), mock_dir)

@@ -4,7 +4,9 @@ as committed in ``tests/unit/pinned/``. A refactor that should not change the ma
 What the run is: a random 2-layer Llama (hidden 32, weights drawn from a seeded generator by name) on the byte-level
 mock tokenizer, no quantization, float32 on the CPU with one thread, 10 alpaca rows (8 train / 2 validation),
 4 optimizer steps of 2 micro-batches of 2 rows, LoRA dropout on (so RNG order matters), evaluation before the first
-step and every 2 steps, a checkpoint every 2 steps.
+step and every 2 steps, a checkpoint every 2 steps. ``pinned/metrics-packed.jsonl`` pins the same run with
+``train.packing: on``; a third test breaks the pinned run's last checkpoint, resumes, and must get the pinned bytes
+again.
 
 The only wall-clock figure in ``metrics.jsonl`` (``tokens_per_s``) comes from ``time.perf_counter``; the test holds
 that clock still (patched on the ``time`` module itself, so no kotune module path is involved) and the figure is
@@ -14,7 +16,7 @@ To repin after an intentional change of the maths (or of torch), run
 
     KOTUNE_REPIN=1 python -m pytest -q tests/unit/test_pinned_run.py
 
-and commit the new ``tests/unit/pinned/metrics.jsonl`` with a note on why the numbers moved. The file's exact bits
+and commit the new files in ``tests/unit/pinned/`` with a note on why the numbers moved. The file's exact bits
 also depend on the CPU's float kernels (torch build, instruction set); it was produced with torch 2.13.0+cpu.
 """
 
@@ -35,6 +37,8 @@ from conftest import write_jsonl
 from kotune.cli import main as kotune_main
 
 PINNED = Path(__file__).parent / "pinned" / "metrics.jsonl"
+PINNED_PACKED = Path(__file__).parent / "pinned" / "metrics-packed.jsonl"
+"""The same run with ``train.packing: on``: each step's rows end to end in one sequence (kotune's packing path)."""
 
 ROWS = [
     {
@@ -70,12 +74,12 @@ SETTINGS = {
 }
 
 
-def write_config(folder: Path, model_dir: str) -> Path:
+def write_config(folder: Path, model_dir: str, **more) -> Path:
     """The pinned settings as a YAML config (with its rows written beside it), as a user would pass them."""
     data = write_jsonl(folder / "rows.jsonl", ROWS)
     extra = {"model.path": model_dir, "data.path": str(data), "train.output_dir": str(folder / "run")}
     sections: dict[str, dict] = {}
-    for key, value in {**SETTINGS, **extra}.items():
+    for key, value in {**SETTINGS, **extra, **more}.items():
         section, name = key.split(".")
         sections.setdefault(section, {})[name] = value
     config = folder / "pinned.yaml"
@@ -104,14 +108,14 @@ def pinned_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, bytes]:
     return config, (config.parent / "run" / "metrics.jsonl").read_bytes()
 
 
-def assert_pinned(produced: bytes) -> None:
-    expected = PINNED.read_bytes()
+def assert_pinned(produced: bytes, pinned_file: Path = PINNED) -> None:
+    expected = pinned_file.read_bytes()
     if produced != expected:
         pinned = [json.loads(line) for line in expected.decode("utf-8").splitlines()]
         now = [json.loads(line) for line in produced.decode("utf-8").splitlines()]
         diff = [(a, b) for a, b in zip(pinned, now, strict=False) if a != b]
         raise AssertionError(
-            f"metrics.jsonl differs from {PINNED} (first differing records, pinned vs now: {diff[:2]}; "
+            f"metrics.jsonl differs from {pinned_file} (first differing records, pinned vs now: {diff[:2]}; "
             f"{len(pinned)} vs {len(now)} records). If the maths changed on purpose, repin: "
             "KOTUNE_REPIN=1 python -m pytest -q tests/unit/test_pinned_run.py"
         )
@@ -130,6 +134,26 @@ def test_tiny_run_writes_the_pinned_metrics(pinned_run):
     assert sorted(evals) == [0, 2, 4] and all(math.isfinite(v) for v in [*losses, *evals.values()])
     assert evals[4] < evals[0], "four steps at lr 1e-2 should lower the validation loss"
     assert_pinned(produced)
+
+
+def test_packed_run_writes_its_pinned_metrics_and_trains_the_same_steps(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir, **{"train.packing": "on"})
+    kotune_train(config)
+    produced = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    if os.environ.get("KOTUNE_REPIN") == "1":
+        PINNED_PACKED.write_bytes(produced)
+    packed = [json.loads(line) for line in produced.decode("utf-8").splitlines()]
+    padded = [json.loads(line) for line in PINNED.read_text(encoding="utf-8").splitlines()]
+    # Packing changes how a step's rows are fed, not which rows or how many tokens a step has. LoRA dropout draws
+    # its masks in the batch's shape, so gradients differ from the padded run's; the losses of steps 1 and 2 do
+    # not (LoRA B starts at zero and step 1's learning rate is 0 in the warm-up), nor does the first evaluation.
+    assert [sorted(r) for r in packed] == [sorted(r) for r in padded]
+    for a, b in zip(packed, padded, strict=True):
+        same = ("step", "tokens", "input_tokens", "lr", "epoch", "skipped")
+        assert {k: a.get(k) for k in same} == {k: b.get(k) for k in same}
+    assert packed[0] == padded[0]  # the evaluation before step 1
+    assert [r["loss"] for r in packed[1:3]] == pytest.approx([r["loss"] for r in padded[1:3]], rel=1e-6)
+    assert_pinned(produced, PINNED_PACKED)
 
 
 def test_a_run_resumed_past_a_broken_checkpoint_writes_the_same_metrics_and_adapter(pinned_run, capsys):
