@@ -116,3 +116,17 @@ def test_audit_command_exit_codes_and_json(tmp_path, tiny_model_dir, monkeypatch
     assert report["trained_share"] == round(11 / 33, 4)
     assert main(["data", "audit", *common, f"data.path={bad}"]) == 1
     assert json.loads(capsys.readouterr().out)["fatal"] == 1
+
+
+def test_tokens_per_hangul_syllable(data_config, mock_tokenizer):
+    # every Hangul syllable is 3 UTF-8 bytes, so 3 mock tokens; one Hangul run per row, 6 syllables in all
+    rows = [
+        {"prompt": "x", "completion": "안녕하세요!"},
+        {"prompt": "y?", "completion": "네"},
+        {"prompt": "z", "completion": "no"},
+    ]
+    _, report = audited(data_config, mock_tokenizer, rows, "data.cutoff_len=300")
+    (hangul,) = findings(report)["hangul"]
+    assert hangul.message == (
+        "3.00 tokens per Hangul syllable (6 syllables in 2 sampled rows): cutoff_len=300 holds about 100 syllables"
+    )
