@@ -86,12 +86,12 @@ def test_a_packed_batch_has_the_loss_of_its_rows_apart(tiny_model):
     rows = packable_rows(0)
     apart = sum(loss_sum(tiny_model, collate([e], pad_id=256)).item() for e in rows)
     packed = loss_sum(tiny_model, collate_packed(rows)).item()
-    assert packed == pytest.approx(apart, rel=1e-6)
-    # the test can see a leak: attending across rows (a plain causal mask over the pack) moves the loss by more
-    # than 100 times that tolerance even with this model's small random weights
+    assert packed == pytest.approx(apart, rel=1e-5)
+    # the test can see a leak: attending across rows (a plain causal mask over the pack) moves the loss by 4.7e-4
+    # relative with these rows and this model's small random weights, far outside that tolerance
     leaky = collate_packed(rows)
     leaky["cu_seqlens"] = torch.tensor([0, leaky["input_ids"].shape[1]], dtype=torch.int32)
-    assert abs(loss_sum(tiny_model, leaky).item() - apart) > 1e-4 * apart
+    assert abs(loss_sum(tiny_model, leaky).item() - apart) > 2e-4 * apart
 
 
 @torch.no_grad()
@@ -99,4 +99,4 @@ def test_padded_batches_have_the_loss_of_their_rows_apart(tiny_model):
     rows = packable_rows(1)
     apart = sum(loss_sum(tiny_model, collate([e], pad_id=256)).item() for e in rows)
     padded = loss_sum(tiny_model, collate(rows, pad_id=256, pad_to_multiple_of=8)).item()
-    assert padded == pytest.approx(apart, rel=1e-6)
+    assert padded == pytest.approx(apart, rel=1e-5)

@@ -169,7 +169,8 @@ def test_a_run_resumed_past_a_broken_checkpoint_writes_the_same_metrics_and_adap
     capsys.readouterr()
     kotune_train(config, "--resume")
     said = capsys.readouterr()
-    assert f"skipping {run / 'checkpoint-4'}: optimizer.safetensors does not match its checksum" in said.out + said.err
+    skipped = [line for line in (said.out + said.err).splitlines() if "skipping" in line]
+    assert len(skipped) == 1 and str(run / "checkpoint-4") in skipped[0] and "checksum" in skipped[0], skipped
     assert not (run / ".tmp-checkpoint-6").exists()
     assert_pinned((run / "metrics.jsonl").read_bytes())
     assert (run / "adapter_model.safetensors").read_bytes() == adapter
