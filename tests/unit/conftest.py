@@ -134,7 +134,7 @@ def mock_dir(tmp_path_factory) -> str:
 def mock_tokenizer(mock_dir):
     """The mock tokenizer as ``kotune train`` loads it (pad token, right padding)."""
     from kotune.config import ModelConfig
-    from kotune.model import load_tokenizer
+    from kotune.model.load import load_tokenizer
 
     return load_tokenizer(mock_dir, ModelConfig())
 

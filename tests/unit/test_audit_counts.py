@@ -8,7 +8,7 @@ import json
 from conftest import write_jsonl
 
 from kotune.cli import main
-from kotune.prepare import prepare
+from kotune.data.prepare import prepare
 
 ROWS = [
     {"prompt": "ab", "completion": "cd"},  # 0: 6 tokens, 3 trained (c, d, EOS)
@@ -27,7 +27,7 @@ def quiet(_: str) -> None:
 
 
 def audited(data_config, tokenizer, rows=ROWS, *overrides):
-    data = prepare(data_config(rows, f"data.cutoff_len={CUTOFF}", *overrides), tokenizer, log=quiet)
+    data = prepare(data_config(rows, f"data.cutoff_len={CUTOFF}", *overrides).data, tokenizer, log=quiet)
     return data, data.audits[0]
 
 
@@ -77,7 +77,7 @@ def test_the_closing_eos_is_checked_to_reach_the_labels(data_config, mock_tokeni
 
 def test_pad_equal_to_eos_is_said(data_config, mock_tokenizer, mock_dir):
     from kotune.config import ModelConfig
-    from kotune.model import load_tokenizer
+    from kotune.model.load import load_tokenizer
 
     pad_is_eos = load_tokenizer(mock_dir, ModelConfig(pad_token="</s>"))
     _, report = audited(data_config, pad_is_eos)

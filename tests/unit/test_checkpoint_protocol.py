@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kotune.checkpoint import (
+from kotune.config import load_config
+from kotune.training.checkpoint import (
     CheckpointError,
     latest_good,
     list_checkpoints,
@@ -22,8 +23,7 @@ from kotune.checkpoint import (
     write_adapter,
     write_checkpoint,
 )
-from kotune.config import load_config
-from kotune.train import already_finished, find_resume
+from kotune.training.resume import already_finished, find_resume
 
 STATE = {"step": 4, "micro_step": 8, "tokens": 123, "bad_steps": 0, "skipped_steps": 1, "best_eval_loss": 2.5}
 
@@ -31,12 +31,12 @@ STATE = {"step": 4, "micro_step": 8, "tokens": 123, "bad_steps": 0, "skipped_ste
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir):
     """A LoRA model and an AdamW optimizer that has taken one step (so it holds moments and a step count)."""
-    from kotune.model import load_for_training
-    from kotune.optim import build_optimizer
+    from kotune.model.build import load_for_training
+    from kotune.training.optim import build_optimizer
 
     overrides = ["model.quantization=none", "model.compute_dtype=float32", "train.optimizer=adamw_torch"]
     cfg = load_config(None, [f"model.path={tiny_model_dir}", *overrides])
-    _, model = load_for_training(cfg, tiny_model_dir)
+    model = load_for_training(cfg, tiny_model_dir).peft
     optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
     loss = sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad)
     (loss + 1).backward()

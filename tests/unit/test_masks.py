@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from kotune.prepare import prepare
+from kotune.data.prepare import prepare
 
 from .conftest import BOS, END, EOS, ids
 
@@ -31,7 +31,7 @@ def quiet(_: str) -> None:
 
 
 def encode(data_config, tokenizer, rows, *overrides, name="data.jsonl"):
-    return prepare(data_config(rows, *overrides, name=name), tokenizer, log=quiet)
+    return prepare(data_config(rows, *overrides, name=name).data, tokenizer, log=quiet)
 
 
 def masked(n: int) -> list[int]:

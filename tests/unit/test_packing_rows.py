@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from kotune.collate import collate, collate_packed
-from kotune.encoding import Example
-from kotune.fast.packing import block_causal_mask, pack_groups
-from kotune.train import loss_sum
+from kotune.data.batching import collate, collate_packed
+from kotune.data.examples import Example
+from kotune.data.packing import block_causal_mask, pack_groups
+from kotune.model.build import loss_sum
 
 IGNORE = -100
 
