@@ -1,10 +1,12 @@
 """Fit ``kotune.plan.estimate``'s coefficients to measured runs, and print the accuracy table.
 
     python bench/fit_plan.py bench/results/plan_grid_2026-11-30.txt            # fit, then check every setting
-    python bench/fit_plan.py --check bench/results/plan_check_2026-11-30.txt   # check only (coefficients as coded)
+    python bench/fit_plan.py --check bench/results/plan_check_2026-11-30.txt   # check only: predicted vs measured
 
 Input: ``RESULT`` lines of ``bench/plan_grid.py`` (one H200, the Llama-3-8B shape, fast path). Each setting's
-steps hold passes of one shape, so a pass's time is the step's over its pass count.
+steps hold passes of one shape, so a pass's time is the step's over its pass count. The check uses the
+predictions each record carries (made by the code as it stood when that call ran, before the steps ran); records
+without them (the fit's own grid, run before the estimator existed) are predicted with the coefficients as coded.
 
 - Memory: ``measured peak - (weights + LoRA state)`` = OMEGA x largest bf16 linear weight + KAPPA x per-token bytes
   x pass tokens, by least squares over all settings.
@@ -49,7 +51,7 @@ def records(paths: list[str]) -> list[dict]:
 
 
 def setting(r: dict):
-    """(config, row lengths, passes) of a grid record, as plan_grid ran it."""
+    """(config, row lengths, passes) of a grid record of fixed-length rows, as plan_grid ran it."""
     from plan_grid import GRID, setting_config
 
     case, cfg = setting_config(r["case"], "/nonexistent", r["steps"]) if r["case"] in GRID else (None, None)
@@ -107,24 +109,34 @@ def fit(rows: list[dict]) -> None:
     print(f"A, B, C = {a:.2f}, {b:.2f}, {c:.3f}; LAUNCH = {launch:.4f}")
 
 
+HEADER = (
+    "| setting | row length | packing | LoRA targets | micro-batch | longest pass | peak measured | predicted | error "
+    "| s/step measured | predicted | error |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def predictions(r: dict) -> tuple[float, float, int]:
+    """(peak GiB, s/step, longest pass) as recorded in the run (predicted before it), else as coded now."""
+    if "predicted_peak_gib" in r:
+        return r["predicted_peak_gib"], r["predicted_s_per_step"], r["longest_pass_tokens"]
+    cfg, lengths, passes = setting(r)
+    plan = est.estimate(LLAMA3_8B, cfg, lengths, gpu_named("H200"), fast=True)
+    timed = [est.pass_seconds(LLAMA3_8B, cfg, p, plan.gpu) for p in plan.passes if p.step >= 1]
+    return plan.peak_bytes / GiB, sum(timed) / (plan.steps - 1), plan.longest.tokens
+
+
 def check(rows: list[dict]) -> None:
-    h200 = gpu_named("H200")
-    print(
-        "| setting | row length | packing | LoRA targets | micro-batch | longest pass | peak measured | predicted | error | s/step measured | predicted | error |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(HEADER)
     worst_m = worst_t = 0.0
     for r in rows:
-        cfg, lengths, passes = setting(r)
-        plan = est.estimate(LLAMA3_8B, cfg, lengths, h200, fast=True)
-        pm, mm = plan.peak_bytes / GiB, r["peak_gib"]
-        # the timed steps exclude the first (warm-up); every step of these settings has the same passes
-        pt, mt = plan.step_seconds, r["s_per_step"]
+        pm, pt, longest = predictions(r)
+        mm, mt = r["peak_gib"], r["s_per_step"]
         em, et = (pm - mm) / mm, (pt - mt) / mt
         worst_m, worst_t = max(worst_m, abs(em)), max(worst_t, abs(et))
         targets = "all 7" if r["targets"] == 7 else "q,k,v,o"
+        seq = "V rows" if r["seq"] is None else f"{r['seq']:,}"
         print(
-            f"| {r['case']} | {r['seq']:,} | {r['packing']} | {targets} | {r['micro_batch']} | {plan.longest.tokens:,} "
+            f"| {r['case']} | {seq} | {r['packing']} | {targets} | {r['micro_batch']} | {longest:,} "
             f"| {mm:.2f} GiB | {pm:.2f} GiB | {em:+.1%} | {mt:.2f} | {pt:.2f} | {et:+.1%} |"
         )
     print(f"\nworst: memory {worst_m:.1%}, step time {worst_t:.1%}")

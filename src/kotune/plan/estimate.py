@@ -88,9 +88,10 @@ class Plan:
     def basis(self) -> str:
         if not self.fast:
             return "plain path: arithmetic only, not fitted to measured runs"
+        basis = f"fast path, fitted on an {MEASURED_ON} with the Llama-3-8B shape (other shapes extrapolate it)"
         if self.gpu.name.upper().replace("NVIDIA ", "") != MEASURED_ON:
-            return f"fitted on an {MEASURED_ON} (Llama-3-8B shape); time scaled to this GPU by peak throughput"
-        return f"fitted on an {MEASURED_ON} (Llama-3-8B shape)"
+            basis += f"; time scaled from the {MEASURED_ON} by peak throughput"
+        return basis
 
 
 def run_passes(lengths: list[int], cfg: Config, world: int = 1, rank: int = 0, packed: bool = True) -> list[Pass]:
@@ -196,8 +197,7 @@ def render(plan: Plan) -> list[str]:
     )
     p = plan.longest
     lines.append(f"  longest pass: step {p.step + 1}, {len(p.rows)} row(s), {p.tokens:,} tokens")
-    lines.append(
-        f"  time: {plan.steps} steps x {plan.step_seconds:.2f} s = {duration(plan.run_seconds)} (model loading not included)"
-    )
+    run = duration(plan.run_seconds)
+    lines.append(f"  time: {plan.steps} steps x {plan.step_seconds:.2f} s = {run} (model loading not included)")
     lines += [f"  {note}" for note in plan.notes]
     return lines
