@@ -2,7 +2,7 @@
 
     python bench/demo_stop_sweep.py MODEL.gguf NAME:key=value,key=value ...
 
-Each NAME trains ``examples/ko-demo.yaml`` with its overrides through ``kotune.recipe.train`` (the plain path,
+Each NAME trains ``examples/ko-demo.yaml`` with its overrides through ``kotune.training.recipe.train`` (the plain path,
 ``train.kernels=off``, as on a CPU), then generates greedily (max 256 new tokens) for the 30 held-out prompts of
 ``data/ko-instruct-demo-heldout.jsonl`` through the adapter on its 4-bit base and through the merged model
 (dequantized target, fp32), as ``kotune generate`` and ``kotune merge`` do. One ``RESULT`` JSON line per setting:
@@ -41,7 +41,8 @@ def decodings() -> list[tuple[str, int, float]]:
 
 
 def replies(model, tokenizer, folder, rows, max_new_tokens: int, penalty: float) -> list:
-    from kotune.inference import Sampling, encode_prompt, folder_stop_ids, generate, pad_id, row_prompt
+    from kotune.inference.generate import Sampling, encode_prompt, generate, pad_id, row_prompt
+    from kotune.run_folder import folder_stop_ids
 
     if folder.fmt == "messages":
         rows = [{**as_messages(r), "_row": i} for i, r in enumerate(rows)]
@@ -53,9 +54,10 @@ def replies(model, tokenizer, folder, rows, max_new_tokens: int, penalty: float)
 
 def run(name: str, overrides: list[str], model_path: str, work: Path) -> dict:
     from kotune.config import load_config
-    from kotune.inference import load_model, open_folder
-    from kotune.merge import merged_model
-    from kotune.recipe import train
+    from kotune.export.merge import merged_model
+    from kotune.inference.load import load_model
+    from kotune.run_folder import open_folder
+    from kotune.training.recipe import train
 
     start = time.perf_counter()
     out = work / name

@@ -5,9 +5,9 @@
     python bench/kotune_run.py --cases V,P --init /tmp/init_adapter.safetensors   # epoch / same-maths check
     python bench/kotune_run.py --dump-v /tmp/v_rows.json                          # V rows, in kotune's order
 
-The model is loaded once per process the way ``kotune.model`` loads it (fast path: no fp32 copies; plain:
-peft's ``prepare_model_for_kbit_training``), then each case attaches LoRA with ``kotune.model.attach_lora``
-and trains through ``kotune.train.Fit``. Tokens/s counts non-padding input tokens of the timed steps (after
+The model is loaded once per process the way ``kotune.model.load`` loads it (fast path: no fp32 copies; plain:
+peft's ``prepare_model_for_kbit_training``), then each case attaches LoRA with ``kotune.model.lora.attach_lora``
+and trains through ``kotune.training.loop.Fit``. Tokens/s counts non-padding input tokens of the timed steps (after
 ``warm`` steps) over their wall time with the GPU synchronised; peak is ``torch.cuda.max_memory_allocated``
 from after the model load (the anchor's convention).
 """
@@ -29,11 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CASES, MODEL_DIR, V_ROWS, V_SEED, Case, anchor, emit, fixed_rows, gpu_name  # noqa: E402
 
 from kotune import fast  # noqa: E402
-from kotune.collate import epoch_order  # noqa: E402
 from kotune.config import Config, load_config  # noqa: E402
-from kotune.encoding import Example  # noqa: E402
-from kotune.model import attach_lora, load_base_model, load_tokenizer  # noqa: E402
-from kotune.train import Fit  # noqa: E402
+from kotune.data.batching import epoch_order  # noqa: E402
+from kotune.data.examples import Example  # noqa: E402
+from kotune.model.build import TrainingModel  # noqa: E402
+from kotune.model.load import load_base_model, load_tokenizer  # noqa: E402
+from kotune.model.lora import attach_lora  # noqa: E402
+from kotune.training.loop import Fit  # noqa: E402
 
 VARIANTS = {
     "fast": {},  # kotune's default on CUDA: every lever on, the step's rows packed (train.packing: auto)
@@ -72,11 +74,11 @@ def v_examples(cfg: Config, tokenizer, n: int = V_ROWS) -> list[Example]:
     """Case V's rows through kotune's own pipeline (template, tokenization, masks)."""
     import vdata
 
-    from kotune.prepare import prepare
+    from kotune.data.prepare import prepare
 
     path = vdata.write(Path(tempfile.mkdtemp()) / "v.jsonl", n, V_SEED)
     cfg.data.path = str(path)
-    return prepare(cfg, tokenizer).train
+    return prepare(cfg.data, tokenizer).train
 
 
 def rows_for(case: Case, cfg: Config, tokenizer, v_rows: int) -> list[Example]:
@@ -87,13 +89,7 @@ def rows_for(case: Case, cfg: Config, tokenizer, v_rows: int) -> list[Example]:
 
 def step_tokens(fit: Fit) -> int:
     """Non-padding input tokens of the step ``fit.step()`` will run next."""
-    t = fit.cfg.train
-    start = fit.state.micro_step
-    ids = []
-    for m in range(start, start + t.gradient_accumulation_steps):
-        epoch, index = divmod(m, fit.per_epoch)
-        ids += fit._epoch_batches(epoch)[index]
-    return sum(len(fit.train_rows[i].input_ids) for i in ids)
+    return sum(len(fit.order.rows[i].input_ids) for i in fit.order.step_rows(fit.state.micro_step))
 
 
 def sync() -> None:
@@ -134,20 +130,20 @@ def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
     cfg = case_config(case, args.model_dir, args.plain, packing, steps)
     cfg.train.output_dir = tempfile.mkdtemp()
     rows = rows_for(case, cfg, tokenizer, args.v_rows)
-    torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random, as in kotune.model.load_for_training
+    torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random, as in kotune.model.build.load_for_training
     model = attach_lora(base, cfg.lora)
     if args.init and case.name == "P":  # start from the seed recipe's own initial adapter
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(model, load_file(args.init))
-    fit = Fit(cfg, model, tokenizer, rows, [], Path(cfg.train.output_dir))
-    if (fit.fast is not None and options) or (args.quick and not args.plain and fit.fast is None):
-        # an ablation (the fast path without one lever), or a CPU dry run forcing the fast path on
-        fit.fast = fit.ddp_model = fast.build(model, cfg, **options)
-        fit.loss_fn = fast.loss_sum
+    use_fast, _ = fast.wanted(cfg, model.config)
+    # an ablation (the fast path without one lever), or a CPU dry run forcing the fast path on
+    forced = (use_fast and options) or (args.quick and not args.plain and not use_fast)
+    trained = TrainingModel(model, fast.build(model, cfg, **options) if use_fast or forced else None)
+    fit = Fit(cfg, trained, tokenizer, rows, [], Path(cfg.train.output_dir))
     record = {"tool": "kotune-plain" if args.plain else "kotune", "case": case.name, "variant": variant}
-    record.update(fast_path=fit.fast is not None, packing=packing, rows=len(rows), gpu=gpu_name())
+    record.update(fast_path=trained.fast is not None, packing=packing, rows=len(rows), gpu=gpu_name())
     record.update(timed_run(fit, case.warm))
     if args.profile and torch.cuda.is_available():
         from profile_step import profile

@@ -96,11 +96,11 @@ def kotune_prepare(path: Path, cache_dir: Path, touch: bool = False) -> tuple[in
     """``prepare`` as ``kotune train`` calls it; with ``touch``, also build every example once (as training
     will over an epoch). Returns (rows tokenized, tokens)."""
     from kotune.config import load_config
-    from kotune.prepare import prepare
+    from kotune.data.prepare import prepare
 
     os.environ["KOTUNE_CACHE"] = str(cache_dir)
     cfg = load_config(None, [f"data.path={path}", f"data.val_size={val_size}", f"data.cutoff_len={cut_off_len}"])
-    data = prepare(cfg, tokenizer, log=lambda message: None)
+    data = prepare(cfg.data, tokenizer, log=lambda message: None)
     if touch:
         for split in (data.train, data.validation):
             for example in split:
@@ -123,9 +123,9 @@ def main() -> None:
     parser.add_argument("--serial", action="store_true", help="tokenizer on one thread (set before import)")
     args = parser.parse_args()
 
-    from kotune.assets import llama3_tokenizer_dir
     from kotune.config import ModelConfig
-    from kotune.model import load_tokenizer
+    from kotune.model.assets import llama3_tokenizer_dir
+    from kotune.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(llama3_tokenizer_dir(), ModelConfig())
     work = Path(tempfile.mkdtemp(prefix="tokenize-bench-"))

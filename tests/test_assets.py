@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from kotune.assets import MARKER, SMOLLM2_SPEC, AssetError, PypiSpec, parse_pypi_spec, resolve_model
+from kotune.model.assets import MARKER, SMOLLM2_SPEC, AssetError, PypiSpec, parse_pypi_spec, resolve_model
 
 
 def test_local_folder_is_returned_as_is(tmp_path):

@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import build_tiny_model, write_jsonl
 
-from kotune.audit import FATAL, check_embeddings
 from kotune.cli import main
-from kotune.prepare import prepare
+from kotune.data.audit import FATAL
+from kotune.data.prepare import prepare
+from kotune.model.embeddings import check_embeddings
 
 
 def row(instruction="질문", output="답", **extra):
@@ -19,7 +20,7 @@ def row(instruction="질문", output="답", **extra):
 
 
 def audit(data_config, llama3_train_tokenizer, rows, *overrides):
-    data = prepare(data_config(rows, *overrides), llama3_train_tokenizer)
+    data = prepare(data_config(rows, *overrides).data, llama3_train_tokenizer)
     return data, data.audits[0]
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from kotune.cache import cache_key, data_cache_dir
-from kotune.prepare import prepare
+from kotune.data.cache import cache_key, data_cache_dir
+from kotune.data.prepare import prepare
 
 ROWS = [
     {"instruction": f"질문 {i}", "input": "맥락" if i % 3 == 0 else "", "output": f"답변 {i} " * (1 + i % 5)}
@@ -16,7 +16,7 @@ ROWS = [
 
 def run(cfg, tokenizer):
     log: list[str] = []
-    return prepare(cfg, tokenizer, log=log.append), log
+    return prepare(cfg.data, tokenizer, log=log.append), log
 
 
 def same(a, b) -> bool:

@@ -60,7 +60,9 @@ class Terminal:
 
 def expected_reply(path) -> str:
     from kotune.commands.chat import ChatSession
-    from kotune.inference import Sampling, load_model, open_folder
+    from kotune.inference.generate import Sampling
+    from kotune.inference.load import load_model
+    from kotune.run_folder import open_folder
 
     folder = open_folder(path)
     model, tokenizer = load_model(folder)

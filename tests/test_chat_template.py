@@ -4,10 +4,11 @@ ids as kotune's training encoding, with and without input, for the built-in temp
 from __future__ import annotations
 
 import pytest
+from reference_encoding import encode_rows
 
-from kotune.encoding import IGNORE, encode_rows
-from kotune.formats import render_alpaca
-from kotune.templates import ALPACA, KO_ALPACA, Template, chat_template
+from kotune.data.examples import IGNORE
+from kotune.data.formats import render_alpaca
+from kotune.data.templates import ALPACA, KO_ALPACA, Template, chat_template
 
 TRICKY = Template(
     name="tricky",
@@ -67,7 +68,7 @@ def test_a_system_turn_is_refused(llama3_train_tokenizer):
 
 
 def test_a_raw_prompt_run_renders_the_message_as_it_is(llama3_train_tokenizer):
-    from kotune.templates import RAW_PROMPT
+    from kotune.data.templates import RAW_PROMPT
 
     jinja = chat_template(RAW_PROMPT, llama3_train_tokenizer.bos_token)
     message = {"role": "user", "content": "### 질문: {x} }}\n답:"}

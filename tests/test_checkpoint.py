@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kotune.checkpoint import (
+from kotune.training.checkpoint import (
     CheckpointError,
     check_free_space,
     estimate_size,
@@ -26,17 +26,17 @@ from kotune.checkpoint import (
     write_adapter,
     write_checkpoint,
 )
-from kotune.train import find_resume
+from kotune.training.resume import find_resume
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_train_config, tmp_path_factory):
     """A LoRA model and an AdamW optimizer that has taken one step (so it holds moments and a step count)."""
-    from kotune.model import load_for_training
-    from kotune.optim import build_optimizer
+    from kotune.model.build import load_for_training
+    from kotune.training.optim import build_optimizer
 
     cfg = tiny_train_config(tmp_path_factory.mktemp("unused"))
-    _, model = load_for_training(cfg, cfg.model.path)
+    model = load_for_training(cfg, cfg.model.path).peft
     optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
     loss = sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad)
     (loss + 1).backward()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kotune.config import SECTIONS, Config, ConfigError, field_docs, load_config, reference_markdown
+from kotune.config import SECTIONS, Config, ConfigError, field_docs, load_config
+from kotune.docs import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "examples").glob("*.yaml"))
@@ -130,8 +131,8 @@ def test_cli_reports_a_misspelled_key_without_traceback(capsys):
 
 @pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
 def test_a_logger_whose_package_is_missing_names_the_extra_before_anything_loads(logger, monkeypatch, capsys):
-    from kotune import report
     from kotune.cli import main
+    from kotune.training import report
 
     monkeypatch.setitem(report.PACKAGES, logger, "kotune_no_such_package")
     config = str(ROOT / "examples" / "ko-demo.yaml")

@@ -7,13 +7,14 @@ import json
 
 import pytest
 from conftest import write_jsonl
+from reference_encoding import encode_rows
 
 from kotune.config import DataConfig
-from kotune.conversations import PLAIN_CHAT_TEMPLATE, render_conversation
-from kotune.data import DataError
-from kotune.encoding import IGNORE, encode_rows
-from kotune.prepare import prepare
-from kotune.templates import TemplateError
+from kotune.data.conversations import PLAIN_CHAT_TEMPLATE, render_conversation
+from kotune.data.examples import IGNORE
+from kotune.data.prepare import prepare
+from kotune.data.read import DataError
+from kotune.data.templates import TemplateError
 
 CONVERSATIONS = {
     "one_turn": [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "안녕하세요!"}],
@@ -156,7 +157,7 @@ def test_rows_that_cannot_train_are_skipped_and_counted(data_config, llama3_trai
         {"messages": None},
         good,
     ]
-    data = prepare(data_config(rows), llama3_train_tokenizer)
+    data = prepare(data_config(rows).data, llama3_train_tokenizer)
     assert sorted(e.row for e in data.train) == [0, 5]
     assert {reason: sorted(rows) for reason, rows in data.train_stats.skipped_rows.items()} == {
         "no assistant turn": [1],

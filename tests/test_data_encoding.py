@@ -6,20 +6,14 @@ from __future__ import annotations
 import random
 
 import pytest
+from reference_encoding import encode_rows
 from tricky_rows import TRICKY_ROWS
 
-from kotune.data import split_indices, split_rows
-from kotune.encoding import (
-    ExampleTable,
-    cuts_at_words,
-    encode_flat,
-    encode_rows,
-    encode_segments,
-    encode_table,
-    word_pieces,
-)
-from kotune.formats import Rendered, detect_format, render_alpaca, render_prompt_completion
-from kotune.templates import KO_ALPACA
+from kotune.data.encoding import cuts_at_words, encode_flat, encode_segments, encode_table, word_pieces
+from kotune.data.examples import ExampleTable
+from kotune.data.formats import Rendered, detect_format, render_alpaca, render_prompt_completion
+from kotune.data.read import split_indices, split_rows
+from kotune.data.templates import KO_ALPACA
 
 
 def tricky_texts() -> list[str]:
@@ -37,9 +31,48 @@ def test_backend_call_gives_the_tokenizers_own_ids(llama3_tokenizer):
 # Fragments chosen to meet at line starts in every way the pre-tokenizer regex distinguishes: letters, digits,
 # punctuation runs, quotes, contractions, special tokens, and whitespace the regex and Python see differently.
 FRAGMENTS = [
-    "\n", "\n", "\n\n", "\r\n", " \n", "\t\n", "\n ", "\n\t", "\u00a0", "\u3000", "\x1c", "\u2028", "\u0085",
-    " ", "  ", "\t", "###답변:", "###입력:", ":", "#", '"', "'s", "'", "(", "-", "...", "?!", "\u0301", "123", "4567",
-    "서울", "한국어", "안녕하세요", "a", "Hello", "world", "<|eot_id|>", "<|begin_of_text|>", "😊", "é", "ㄱ", ".",
+    "\n",
+    "\n",
+    "\n\n",
+    "\r\n",
+    " \n",
+    "\t\n",
+    "\n ",
+    "\n\t",
+    "\u00a0",
+    "\u3000",
+    "\x1c",
+    "\u2028",
+    "\u0085",
+    " ",
+    "  ",
+    "\t",
+    "###답변:",
+    "###입력:",
+    ":",
+    "#",
+    '"',
+    "'s",
+    "'",
+    "(",
+    "-",
+    "...",
+    "?!",
+    "\u0301",
+    "123",
+    "4567",
+    "서울",
+    "한국어",
+    "안녕하세요",
+    "a",
+    "Hello",
+    "world",
+    "<|eot_id|>",
+    "<|begin_of_text|>",
+    "😊",
+    "é",
+    "ㄱ",
+    ".",
 ]
 
 

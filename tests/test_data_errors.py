@@ -9,8 +9,8 @@ from conftest import write_jsonl
 
 from kotune.cli import main
 from kotune.config import load_config
-from kotune.data import DataError, read_rows
-from kotune.prepare import prepare
+from kotune.data.prepare import prepare
+from kotune.data.read import DataError, read_rows
 
 GOOD = {"instruction": "수도는?", "input": "", "output": "서울입니다."}
 
@@ -60,7 +60,7 @@ def test_file_of_blank_lines_holds_no_rows(tmp_path):
 def test_missing_column_is_named_with_the_columns_present(data_config, llama3_train_tokenizer):
     cfg = data_config([{"instruction": "a", "answer": "b"}], "data.format=alpaca")
     with pytest.raises(DataError) as err:
-        prepare(cfg, llama3_train_tokenizer)
+        prepare(cfg.data, llama3_train_tokenizer)
     message = str(err.value)
     assert cfg.data.path in message
     assert "column 'output' is missing" in message and "columns present: answer, instruction" in message
@@ -70,7 +70,7 @@ def test_mixed_types_in_a_column_names_the_row_and_line(data_config, llama3_trai
     rows = [GOOD, GOOD, {**GOOD, "output": 42}, GOOD]
     cfg = data_config(rows)
     with pytest.raises(DataError) as err:
-        prepare(cfg, llama3_train_tokenizer)
+        prepare(cfg.data, llama3_train_tokenizer)
     message = str(err.value)
     assert f"{cfg.data.path} line 3: column 'output' holds number" in message
     assert f"first at {cfg.data.path} line 1" in message
@@ -79,12 +79,12 @@ def test_mixed_types_in_a_column_names_the_row_and_line(data_config, llama3_trai
 def test_a_list_where_text_belongs_names_the_row(data_config, llama3_train_tokenizer):
     cfg = data_config([{**GOOD, "output": ["a", "b"]}])
     with pytest.raises(DataError, match=r"line 1 \(row 0\): column 'output' holds a list, expected text"):
-        prepare(cfg, llama3_train_tokenizer)
+        prepare(cfg.data, llama3_train_tokenizer)
 
 
 def test_null_output_rows_are_skipped_and_counted(data_config, llama3_train_tokenizer):
     rows = [GOOD, {**GOOD, "output": None}, GOOD, {**GOOD, "output": None}]
-    data = prepare(data_config(rows), llama3_train_tokenizer)
+    data = prepare(data_config(rows).data, llama3_train_tokenizer)
     assert sorted(e.row for e in data.train) == [0, 2]
     assert data.train_stats.skipped == {"null output": 2}
     assert sorted(data.train_stats.skipped_rows["null output"]) == [1, 3]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from kotune.commands.data import render_example, token_pieces
-from kotune.encoding import IGNORE, Example
-from kotune.templates import KO_ALPACA
+from kotune.data.examples import IGNORE, Example
+from kotune.data.templates import KO_ALPACA
 
 
 def test_preview_shows_whole_hangul_syllables_and_keeps_the_mask(llama3_tokenizer):

@@ -21,7 +21,7 @@ import torch
 from conftest import ROOT, TINY_TRAIN_ROWS, build_tiny_model, write_jsonl
 from safetensors.torch import load_file
 
-from kotune.checkpoint import list_checkpoints, verify
+from kotune.training.checkpoint import list_checkpoints, verify
 
 pytestmark = pytest.mark.slow
 
@@ -216,7 +216,7 @@ def test_the_multi_host_command_runs_as_two_launchers_on_one_host(one_and_two, d
 
 def test_a_step_with_fewer_rows_than_processes_is_a_config_error(tiny_train_config, tmp_path):
     from kotune.config import ConfigError
-    from kotune.train import total_steps
+    from kotune.training.order import total_steps
 
     cfg = tiny_train_config(tmp_path, {"train.micro_batch_size": 1, "train.gradient_accumulation_steps": 1})
     assert total_steps(cfg, 19, 1)[0] == 6

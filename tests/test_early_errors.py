@@ -11,11 +11,11 @@ import torch
 from conftest import TINY_TRAIN_ROWS, write_jsonl
 from safetensors.torch import save_file
 
-from kotune.assets import looks_local
 from kotune.cli import main
+from kotune.model.assets import looks_local
 
 MODEL_LOADED = "trainable params:"
-"""Printed by kotune.model.load_for_training: seeing it means the model was loaded."""
+"""Printed by kotune.model.build.load_for_training: seeing it means the model was loaded."""
 
 
 def kotune_train(tiny_train_config, tmp_path: Path, overrides: dict, capsys) -> tuple[int, str, str]:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, write_jsonl
 
-from kotune.encoding import IGNORE, Example
+from kotune.data.examples import IGNORE, Example
 
 CHOICE_SET = ROOT / "data" / "ko-choice-smoke.jsonl"
 
@@ -27,7 +27,7 @@ def tiny(tiny_llama3_model):
 def folder(tiny_llama3_model, tmp_path_factory):
     """What ``open_folder`` gives for a run of the tiny model: its config and the ko-alpaca template."""
     from kotune.config import load_config
-    from kotune.templates import load_template
+    from kotune.data.templates import load_template
 
     cfg = load_config(None, [f"model.path={tiny_llama3_model}", "data.cutoff_len=256"])
     return SimpleNamespace(path=tmp_path_factory.mktemp("folder"), config=cfg, template=load_template("ko-alpaca"))
@@ -64,7 +64,7 @@ def test_row_losses_equal_transformers_loss(tiny, folder, tmp_path):
 def test_heldout_default_is_the_runs_validation_split(tiny, folder, tmp_path):
     from dataclasses import replace
 
-    from kotune.data import split_indices
+    from kotune.data.read import split_indices
     from kotune.evaluation.heldout import load_heldout
 
     rows = [{"instruction": f"질문 {i}", "input": "", "output": f"답 {i}"} for i in range(20)]
@@ -75,7 +75,7 @@ def test_heldout_default_is_the_runs_validation_split(tiny, folder, tmp_path):
 
 
 def test_choice_items_are_checked(tmp_path):
-    from kotune.data import DataError
+    from kotune.data.read import DataError
     from kotune.evaluation.choice import read_items
 
     items = read_items(CHOICE_SET)
@@ -168,7 +168,7 @@ def test_prompt_and_reference_cut_at_the_first_trained_token():
 
 
 def test_eval_generate_logs_generation_checks(tiny_train_config, tmp_path, monkeypatch):
-    from kotune.recipe import train
+    from kotune.training.recipe import train
 
     monkeypatch.setenv("KOTUNE_CACHE", str(tmp_path / "cache"))
     cfg = tiny_train_config(tmp_path / "run", {"train.eval_generate": 2, "train.max_steps": 3})

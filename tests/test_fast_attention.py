@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kotune.data.packing import block_causal_mask
 from kotune.fast.attention import (
     causal_attention,
     packed_attention,
@@ -13,7 +14,6 @@ from kotune.fast.attention import (
     repeat_kv,
     varlen_available,
 )
-from kotune.fast.packing import block_causal_mask
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kotune.collate import collate, collate_packed
-from kotune.encoding import IGNORE, Example
+from kotune.data.batching import collate, collate_packed
+from kotune.data.examples import IGNORE, Example
 from kotune.fast.llama import FastCausalLM, unsupported_reason
-from kotune.train import loss_sum
+from kotune.model.build import loss_sum
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 VOCAB = 300

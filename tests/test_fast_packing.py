@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from kotune.collate import collate_packed
-from kotune.encoding import IGNORE, Example
-from kotune.fast.packing import pack_groups
+from kotune.data.batching import collate_packed
+from kotune.data.examples import IGNORE, Example
+from kotune.data.packing import pack_groups
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -47,7 +47,7 @@ def _losses(output_dir):
 @pytest.mark.slow
 def test_packed_run_trains_the_same_steps(tmp_path, tiny_train_config):
     """Same rows per step, same normalisation: packing on or off gives the same per-step losses."""
-    from kotune.recipe import train
+    from kotune.training.recipe import train
 
     overrides = {
         "lora.dropout": 0.0,

@@ -19,9 +19,9 @@ import torch
 from conftest import TINY_TRAIN_ROWS, build_tiny_model, write_jsonl
 from safetensors.torch import load_file, save_file
 
-from kotune.checkpoint import CheckpointError, latest_good, list_checkpoints, read_checkpoint, verify
-from kotune.recipe import OutOfMemory, oom_advice, train
-from kotune.train import NonFiniteLoss
+from kotune.training.checkpoint import CheckpointError, latest_good, list_checkpoints, read_checkpoint, verify
+from kotune.training.loop import NonFiniteLoss
+from kotune.training.recipe import OutOfMemory, oom_advice, train
 
 
 def training_forwards(hook_body):
@@ -109,8 +109,8 @@ def test_a_run_in_which_no_update_was_applied_ends_with_an_error(tiny_train_conf
 def test_the_nan_stop_names_untrained_special_tokens_the_audit_found():
     from types import SimpleNamespace
 
-    from kotune.audit import WARNING, Finding
-    from kotune.recipe import untrained_tokens_hint
+    from kotune.data.audit import WARNING, Finding
+    from kotune.training.recipe import untrained_tokens_hint
 
     finding = Finding("untrained_special_tokens", WARNING, "special tokens ... look untrained: <|im_end|>")
     data = SimpleNamespace(audits=(SimpleNamespace(findings=[finding]),))
@@ -249,7 +249,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_nonzero(tiny_train_confi
 def test_a_second_signal_exits_at_once(tmp_path):
     script = (
         "import os, signal, time\n"
-        "from kotune.signals import StopOnSignal\n"
+        "from kotune.training.signals import StopOnSignal\n"
         "with StopOnSignal() as stop:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(0.5)\n"
@@ -265,7 +265,7 @@ def test_a_second_signal_exits_at_once(tmp_path):
 
 
 def test_signal_handlers_are_restored_on_leaving(tmp_path):
-    from kotune.signals import StopOnSignal
+    from kotune.training.signals import StopOnSignal
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with StopOnSignal():

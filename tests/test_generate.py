@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, run_kotune, write_jsonl
 
 from kotune.commands.generate import check_resumable, completed_rows, prompt_format, prompt_hash
-from kotune.data import DataError
+from kotune.data.read import DataError
 
 
 # -- resume bookkeeping -----------------------------------------------------------------------------
@@ -49,15 +49,14 @@ def test_a_run_folder_opens_without_its_training_data(tiny_qlora_run, tmp_path):
     import shutil
 
     from kotune.config import load_config
-    from kotune.inference import open_folder
-    from kotune.recipe import CONFIG_FILE
+    from kotune.run_folder import CONFIG, open_folder
 
     run = tiny_qlora_run[0]
-    saved = load_config(run / CONFIG_FILE)
+    saved = load_config(run / CONFIG)
     assert saved.data.format == "alpaca"
     moved = tmp_path / "moved"
     shutil.copytree(run, moved)
-    config = moved / CONFIG_FILE
+    config = moved / CONFIG
     config.write_text(config.read_text().replace(saved.data.path, str(tmp_path / "gone.jsonl")))
     assert open_folder(moved).fmt == "alpaca"
 
@@ -66,7 +65,7 @@ def test_a_chat_template_file_is_left_to_the_saved_tokenizer(tmp_path):
     from types import SimpleNamespace
 
     from kotune.config import load_config
-    from kotune.recipe import saved_config
+    from kotune.training.recipe import saved_config
 
     jinja = tmp_path / "chat.jinja"
     jinja.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
@@ -83,7 +82,7 @@ def test_a_chat_template_file_is_left_to_the_saved_tokenizer(tmp_path):
 
 def test_conversation_prompts_use_the_chat_template(tiny_qlora_run, tmp_path, llama3_tokenizer):
     from kotune.commands.generate import read_prompts
-    from kotune.inference import open_folder
+    from kotune.run_folder import open_folder
 
     messages = [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "네."}]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
@@ -114,16 +113,9 @@ def reference_output(tiny_qlora_run, tmp_path_factory):
 
 
 def test_generate_writes_the_models_greedy_replies(tiny_qlora_run, reference_output):
-    from kotune.inference import (
-        Sampling,
-        completion_text,
-        encode_prompt,
-        folder_stop_ids,
-        generate,
-        load_model,
-        open_folder,
-        pad_id,
-    )
+    from kotune.inference.generate import Sampling, completion_text, encode_prompt, generate, pad_id
+    from kotune.inference.load import load_model
+    from kotune.run_folder import folder_stop_ids, open_folder
 
     _, out, _ = reference_output
     rows = read_jsonl(out)
@@ -242,7 +234,8 @@ def plain_transformers_agrees_with_kotune(merged: Path, replies: list[dict]) -> 
     ``generate`` with its generation config gives kotune's reply and stops where kotune stopped."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kotune.inference import encode_prompt, open_folder
+    from kotune.inference.generate import encode_prompt
+    from kotune.run_folder import open_folder
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype="auto").eval()
@@ -266,7 +259,7 @@ def test_the_saved_config_holds_absolute_local_data_paths(tmp_path, monkeypatch)
     from types import SimpleNamespace
 
     from kotune.config import load_config
-    from kotune.recipe import saved_config
+    from kotune.training.recipe import saved_config
 
     (tmp_path / "data").mkdir()
     write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
@@ -283,7 +276,8 @@ def test_the_saved_config_holds_absolute_local_data_paths(tmp_path, monkeypatch)
 def test_model_fingerprint_tells_adapter_base_quantization_and_merge_apart(tiny_qlora_run, tiny_merged, tmp_path):
     import shutil
 
-    from kotune.inference import model_fingerprint, open_folder
+    from kotune.inference.load import model_fingerprint
+    from kotune.run_folder import open_folder
 
     run = open_folder(tiny_qlora_run[0])
     names = {model_fingerprint(run), model_fingerprint(run, "none"), model_fingerprint(open_folder(tiny_merged[0]))}

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kotune import inference
-from kotune.inference import Sampling
+from kotune import run_folder
+from kotune.data import conversations
+from kotune.inference import generate as inference
+from kotune.inference import load
+from kotune.inference.generate import Sampling
 
 
 # -- sample, pad, positions: hand-checkable ---------------------------------------------------------
@@ -137,10 +140,12 @@ def test_a_reply_cut_inside_a_syllable_ends_with_the_last_whole_character(llama3
 
 # -- prompts as training built them -----------------------------------------------------------------
 def test_prompt_ids_are_the_training_rows_prompt_ids(llama3_train_tokenizer):
+    from reference_encoding import encode_rows
+
     from kotune.config import Config
-    from kotune.encoding import IGNORE, encode_rows
-    from kotune.formats import render_alpaca
-    from kotune.templates import KO_ALPACA
+    from kotune.data.examples import IGNORE
+    from kotune.data.formats import render_alpaca
+    from kotune.data.templates import KO_ALPACA
 
     rows = [
         {"_row": 0, "instruction": "다음 문장을 요약하세요", "input": '"따옴표"로 시작', "output": "요약입니다."},
@@ -148,7 +153,7 @@ def test_prompt_ids_are_the_training_rows_prompt_ids(llama3_train_tokenizer):
     ]
     rendered = [render_alpaca(r, KO_ALPACA, False, "test") for r in rows]
     examples, _ = encode_rows(llama3_train_tokenizer, rendered, cutoff_len=512)
-    folder = inference.ModelFolder(Path("run"), False, Config(), KO_ALPACA, "alpaca")
+    folder = run_folder.ModelFolder(Path("run"), False, Config(), KO_ALPACA, "alpaca")
     for row, example in zip(rows, examples, strict=True):
         prompt = inference.row_prompt(row, "alpaca", folder, llama3_train_tokenizer, "test")
         ids = inference.encode_prompt(llama3_train_tokenizer, prompt)
@@ -158,8 +163,8 @@ def test_prompt_ids_are_the_training_rows_prompt_ids(llama3_train_tokenizer):
 
 def test_stop_ids_hold_eos_and_the_chat_templates_end_of_turn(llama3_tokenizer):
     eot = llama3_tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    assert inference.end_of_turn_id(llama3_tokenizer) == eot
-    stops = inference.stop_ids(llama3_tokenizer)
+    assert conversations.end_of_turn_id(llama3_tokenizer) == eot
+    stops = conversations.stop_ids(llama3_tokenizer)
     assert stops[:2] == [llama3_tokenizer.eos_token_id, eot]
 
 
@@ -176,7 +181,7 @@ def test_conversation_rows_become_messages_without_the_final_answer():
         {"role": "system", "content": "짧게 답하세요."},
         {"role": "user", "content": "안녕?"},
     ]
-    from kotune.data import DataError
+    from kotune.data.read import DataError
 
     with pytest.raises(DataError, match="row 3"):
         inference.prompt_messages({"_row": 3, "conversations": [{"from": "robot", "value": "x"}]}, "sharegpt", "f")
@@ -186,18 +191,19 @@ def test_conversation_rows_become_messages_without_the_final_answer():
 
 def test_conversation_prompts_follow_the_chat_template_training_used(llama3_train_tokenizer):
     """The prompt is the training rendering of the turns before the reply; with the plain template, EOS ends turns."""
+    from reference_encoding import encode_rows
+
     from kotune.config import Config
-    from kotune.conversations import resolve_chat_template
-    from kotune.encoding import encode_rows
-    from kotune.prepare import render_rows
-    from kotune.templates import KO_ALPACA
+    from kotune.data.conversations import resolve_chat_template
+    from kotune.data.prepare import render_rows
+    from kotune.data.templates import KO_ALPACA
 
     messages = [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "네, 안녕하세요."}]
     for chat_template in (None, "plain"):
         cfg = Config()
         cfg.data.chat_template = chat_template
         rendered, _ = render_rows(
-            [{"_row": 0, "messages": messages}], "messages", cfg, KO_ALPACA, llama3_train_tokenizer
+            [{"_row": 0, "messages": messages}], "messages", cfg.data, KO_ALPACA, llama3_train_tokenizer
         )
         [example], _ = encode_rows(llama3_train_tokenizer, rendered, cutoff_len=512)
         prompt = inference.chat_prompt(llama3_train_tokenizer, messages[:1], cfg.data)
@@ -205,7 +211,7 @@ def test_conversation_prompts_follow_the_chat_template_training_used(llama3_trai
         assert example.input_ids[: len(ids)] == ids, chat_template
         assert example.labels[len(ids) - 1] == -100 and example.labels[len(ids)] != -100
         trained_end = example.input_ids[max(i for i, t in enumerate(example.labels) if t != -100)]
-        stops = inference.stop_ids(
+        stops = conversations.stop_ids(
             llama3_train_tokenizer, None, resolve_chat_template(chat_template, llama3_train_tokenizer)
         )
         assert trained_end in stops  # the token training ends an assistant turn with stops generation
@@ -214,10 +220,10 @@ def test_conversation_prompts_follow_the_chat_template_training_used(llama3_trai
 def test_chat_session_keeps_history_for_conversation_runs(tiny, tmp_path):
     from kotune.commands.chat import ChatSession
     from kotune.config import Config
-    from kotune.templates import KO_ALPACA
+    from kotune.data.templates import KO_ALPACA
 
     model, tokenizer = tiny
-    folder = inference.ModelFolder(tmp_path, True, Config(), KO_ALPACA, "messages")
+    folder = run_folder.ModelFolder(tmp_path, True, Config(), KO_ALPACA, "messages")
     session = ChatSession(model, tokenizer, folder, Sampling(max_new_tokens=4))
     first = "".join(session.reply("안녕?"))
     assert [m["role"] for m in session.history] == ["user", "assistant"]
@@ -238,9 +244,9 @@ def test_chat_session_keeps_history_for_conversation_runs(tiny, tmp_path):
 def test_an_adapter_loads_on_the_4bit_or_the_full_precision_base(tiny_qlora_run):
     import bitsandbytes as bnb
 
-    folder = inference.open_folder(tiny_qlora_run[0])
-    as_trained, _ = inference.load_model(folder)
-    full, _ = inference.load_model(folder, base="none")
+    folder = run_folder.open_folder(tiny_qlora_run[0])
+    as_trained, _ = load.load_model(folder)
+    full, _ = load.load_model(folder, base="none")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in as_trained.modules())
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in full.modules())
     ids = torch.tensor([[128000, 1234, 5678]])
@@ -256,7 +262,7 @@ def test_load_base_never_reads_pickle_weights_unless_allowed(tiny_llama3_model, 
     import shutil
 
     from kotune.config import ModelConfig
-    from kotune.inference import load_base
+    from kotune.model.load import load_base
 
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_llama3_model, folder)

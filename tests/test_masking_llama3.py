@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from reference_encoding import encode_rows
 from tricky_rows import TRICKY_ROWS
 from walkthrough import make_generate_and_tokenize_prompt
 
-from kotune.encoding import IGNORE, encode_rows
-from kotune.formats import render_alpaca
-from kotune.templates import KO_ALPACA
+from kotune.data.examples import IGNORE
+from kotune.data.formats import render_alpaca
+from kotune.data.templates import KO_ALPACA
 
 CUTOFF = 4098
 

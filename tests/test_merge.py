@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import nf4_config
 
-from kotune import merge as merging
+from kotune import run_folder
+from kotune.export import merge as merging
 
 
 @pytest.mark.parametrize("command", ["merge", "chat", "generate", "push"])
@@ -52,13 +53,13 @@ def reference(tiny_qlora_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kotune.config import load_config
-    from kotune.model import keep_4bit_weights_exact
-    from kotune.prepare import prepare
+    from kotune.data.prepare import prepare
+    from kotune.model.load import keep_4bit_weights_exact
 
     run, _, _ = tiny_qlora_run
     cfg = load_config(run / "kotune_config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run)
-    rows = prepare(cfg, tokenizer).validation
+    rows = prepare(cfg.data, tokenizer).validation
     base = AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=nf4_config(), dtype=torch.float32)
     # as kotune does (test_model_load.py): on AVX512-BF16 CPUs bitsandbytes would otherwise round the NF4
     # constants to bf16 at the first eval forward, and the reference would no longer be the trained model
@@ -150,7 +151,10 @@ def test_merged_weights_are_dequantized_nf4_plus_lora_delta(tiny_qlora_run, tiny
 
 
 def test_merged_and_adapter_greedy_generations_agree_token_for_token(tiny_qlora_run, tiny_merged, reference):
-    from kotune.inference import Sampling, encode_prompt, generate, load_model, open_folder, pad_id, stop_ids
+    from kotune.data.conversations import stop_ids
+    from kotune.inference.generate import Sampling, encode_prompt, generate, pad_id
+    from kotune.inference.load import load_model
+    from kotune.run_folder import open_folder
 
     run, _, _ = tiny_qlora_run
     out, _ = tiny_merged
@@ -218,7 +222,7 @@ def test_merge_is_idempotent_and_refuses_to_overwrite(tiny_qlora_run, tiny_merge
 def test_sharded_save_loads_with_plain_transformers(tiny_merged, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kotune.inference import open_folder
+    from kotune.run_folder import open_folder
 
     out, _ = tiny_merged
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -233,7 +237,7 @@ def test_sharded_save_loads_with_plain_transformers(tiny_merged, tmp_path):
 
 
 def test_merge_refuses_merged_folder_and_non_runs(tiny_merged, tmp_path):
-    from kotune.inference import FolderError
+    from kotune.run_folder import FolderError
 
     out, _ = tiny_merged
     with pytest.raises(merging.MergeError, match="already a merged model"):
@@ -310,8 +314,8 @@ def test_force_replaces_a_different_merge_atomically(tiny_qlora_run, tiny_merged
     old = marked_merge(tmp_path / "merged", {"an": "older merge"})
     merging.merge(run, old, dtype="fp32", force=True)
     assert (old / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
-    marker = json.loads((old / merging.MARKER_FILE).read_text())
-    assert set(marker["files"]) | {merging.MARKER_FILE} == {p.name for p in old.iterdir()}
+    marker = json.loads((old / run_folder.MERGE_MARKER).read_text())
+    assert set(marker["files"]) | {run_folder.MERGE_MARKER} == {p.name for p in old.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["merged"], "no partial or replaced folder is left beside it"
 
 
@@ -320,7 +324,8 @@ def test_merged_tokenizer_prompts_in_the_trained_format(tiny_merged):
     the ids kotune's training encoding gives the prompt, with and without input."""
     from transformers import AutoTokenizer
 
-    from kotune.inference import encode_prompt, open_folder
+    from kotune.inference.generate import encode_prompt
+    from kotune.run_folder import open_folder
 
     out, _ = tiny_merged
     folder, tokenizer = open_folder(out), AutoTokenizer.from_pretrained(out)

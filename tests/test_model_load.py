@@ -41,7 +41,7 @@ def test_bitsandbytes_still_repacks_4bit_weights_in_eval_mode(tiny_llama3_model)
 
 def test_evaluation_leaves_4bit_weights_and_training_outputs_unchanged(tiny_llama3_model):
     from kotune.config import ModelConfig
-    from kotune.model import load_base_model
+    from kotune.model.load import load_base_model
 
     cfg = ModelConfig(path=tiny_llama3_model, compute_dtype="float32", gradient_checkpointing=False)
     model = load_base_model(tiny_llama3_model, cfg)

@@ -11,7 +11,7 @@ import torch
 import yaml
 from conftest import PLANTED_TOKEN, run_kotune
 
-from kotune.publish import PublishError, push
+from kotune.export.publish import PublishError, push
 
 ADAPTER_UPLOAD = {
     "README.md",
@@ -31,7 +31,13 @@ MERGED_UPLOAD = ADAPTER_UPLOAD - {"adapter_config.json", "adapter_model.safetens
     "model.safetensors",
     "merge_report.json",
 }
-REWRITTEN = {"adapter_config.json", "kotune_config.yaml", "merge_report.json", "chat_template.jinja"}
+REWRITTEN = {
+    "adapter_config.json",
+    "kotune_config.yaml",
+    "merge_report.json",
+    "chat_template.jinja",
+    "run_summary.json",
+}
 """Uploaded as copies without local paths and with the trained prompt format; the run's own files stay."""
 IDS = torch.tensor([[128000, 1234, 5678, 91011, 220]])
 
@@ -52,6 +58,8 @@ def test_adapter_dry_run_is_the_upload_and_loads_with_peft(tiny_qlora_run, tmp_p
     assert {p.name for p in dry.iterdir()} == ADAPTER_UPLOAD  # no checkpoints, no best/, no peft README
     for name in ADAPTER_UPLOAD - {"README.md"} - REWRITTEN:
         assert (dry / name).read_bytes() == (run / name).read_bytes(), name
+    summary, uploaded = (json.loads((folder / "run_summary.json").read_text()) for folder in (run, dry))
+    assert uploaded == {**summary, "audit": uploaded["audit"]} and len(uploaded["audit"]) == len(summary["audit"])
 
     base_path = json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
     # the upload names a local base by its folder's name: it loads from the folder holding it
@@ -172,7 +180,8 @@ def test_uploaded_files_name_no_local_folder(tiny_qlora_run, tiny_merged, tmp_pa
 def test_pushed_chat_template_renders_the_trained_prompt(tiny_qlora_run, tmp_path):
     from transformers import AutoTokenizer
 
-    from kotune.inference import encode_prompt, open_folder
+    from kotune.inference.generate import encode_prompt
+    from kotune.run_folder import open_folder
 
     run, _, _ = tiny_qlora_run
     push(run, "someone/tiny-ko", dry_run=tmp_path / "dry")
@@ -187,9 +196,9 @@ def test_pushed_chat_template_renders_the_trained_prompt(tiny_qlora_run, tmp_pat
 
 def test_card_metadata_names_hub_base_and_dataset_and_the_license_it_finds(tmp_path):
     from kotune.config import load_config
-    from kotune.inference import ModelFolder
-    from kotune.publish import base_license, card_metadata, source_name
-    from kotune.templates import ALPACA, KO_ALPACA
+    from kotune.data.templates import ALPACA, KO_ALPACA
+    from kotune.export.publish import base_license, card_metadata, source_name
+    from kotune.run_folder import ModelFolder
 
     hub = load_config(None, ["model.path=beomi/Llama-3-Open-Ko-8B", "data.path=DopeorNope/Ko-Optimize_Dataset"])
     meta = card_metadata(ModelFolder(tmp_path, False, hub, KO_ALPACA, "alpaca"))

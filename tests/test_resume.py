@@ -2,7 +2,7 @@
 
 The kill is an exception raised from a global forward pre-hook (``torch.nn.modules.module.
 register_module_forward_pre_hook``, a public PyTorch API) at the N-th training forward, so the real
-``kotune.recipe.train`` runs unchanged and nothing after the kill point is executed, as with ``kill -9``.
+``kotune.training.recipe.train`` runs unchanged and nothing after the kill point is executed, as with ``kill -9``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 from conftest import TINY_TRAIN_ROWS, write_jsonl
 from safetensors.torch import load_file
 
-from kotune.checkpoint import CheckpointError, latest_good
-from kotune.fingerprint import FingerprintMismatch
-from kotune.recipe import train
-from kotune.signals import Interrupted
+from kotune.training.checkpoint import CheckpointError, latest_good
+from kotune.training.fingerprint import FingerprintMismatch
+from kotune.training.recipe import train
+from kotune.training.signals import Interrupted
 
 
 class SimulatedKill(Exception):
@@ -161,7 +161,7 @@ FOUR_BIT = {"model.quantization": "4bit"}
 @pytest.mark.slow
 def test_an_evaluation_does_not_change_4bit_training(tiny_train_config, tmp_path):
     # On AVX512-BF16 CPUs bitsandbytes rewrote the 4-bit weights at the first evaluation (see
-    # kotune.model.keep_4bit_weights_exact): step 4's loss moved by 2e-6 relative after an eval at step 3.
+    # kotune.model.load.keep_4bit_weights_exact): step 4's loss moved by 2e-6 relative after an eval at step 3.
     with_eval = train(tiny_train_config(tmp_path / "eval3", FOUR_BIT))  # evaluations at steps 3 and 6
     without = train(tiny_train_config(tmp_path / "eval6", {**FOUR_BIT, "train.eval_steps": 6}))  # step 6 only
     assert_close_rel(by_step(with_eval, "loss"), by_step(without, "loss"), rel=0)
@@ -259,7 +259,7 @@ def test_resume_with_changed_dataset_is_refused_then_forced(tiny_train_config, f
     assert (finished_copy / "metrics.jsonl").read_bytes() == before, "a refused resume must not touch the run"
 
     train(cfg, resume="auto", force=True)
-    assert "warning: resuming from" in capsys.readouterr().out
+    assert "kotune: warning: resuming from" in capsys.readouterr().err  # a warning: stderr, like every warning
     assert sorted(by_step(finished_copy, "loss")) == [1, 2, 3, 4, 5, 6]
 
 
@@ -281,7 +281,7 @@ def test_resume_may_change_bookkeeping_settings(tiny_train_config, finished_copy
 
 def test_every_key_a_resume_may_change_is_a_real_config_key():
     from kotune.config import all_keys
-    from kotune.fingerprint import NOT_FINGERPRINTED
+    from kotune.training.fingerprint import NOT_FINGERPRINTED
 
     assert sorted(NOT_FINGERPRINTED - set(all_keys())) == []
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from kotune.claim import LOCK, RunFolderError, claim
 from kotune.cli import main
 from kotune.config import ConfigError
+from kotune.run_folder import LOCK
+from kotune.training.claim import RunFolderError, claim
 
-# Printed by kotune.model.load_for_training: seeing it means the model was loaded.
+# Printed by kotune.model.build.load_for_training: seeing it means the model was loaded.
 MODEL_LOADED = "trainable params:"
 
 
@@ -67,7 +68,7 @@ def test_a_folder_with_only_foreign_files_is_used(tmp_path):
 HOLD = (
     "import sys, time\n"
     "from pathlib import Path\n"
-    "from kotune.claim import claim\n"
+    "from kotune.training.claim import claim\n"
     "with claim(Path(sys.argv[1]), resume=False, overwrite=False):\n"
     "    print('held', flush=True)\n"
     "    time.sleep(120)\n"
@@ -160,17 +161,17 @@ def test_resume_from_a_missing_checkpoint_names_it(tiny_train_config, tmp_path, 
 
 
 def test_run_folder_errors_are_user_errors():
-    from kotune.errors import USER_ERRORS
+    from kotune.errors import KotuneError
 
-    assert issubclass(RunFolderError, USER_ERRORS)
+    assert issubclass(RunFolderError, KotuneError)
 
 
 CLAIM_ON_RANK = (
     "import sys\n"
     "from pathlib import Path\n"
     "import torch.distributed\n"
-    "from kotune import dist\n"
-    "from kotune.claim import RunFolderError, claim\n"
+    "from kotune.training import dist\n"
+    "from kotune.training.claim import RunFolderError, claim\n"
     "dist.init()\n"
     "try:\n"
     "    with claim(Path(sys.argv[1]), resume=False, overwrite=False):\n"

@@ -34,7 +34,7 @@ def test_report_plots_are_real_images(run_folder):
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread
 
-    from kotune.run_report import write_run_report
+    from kotune.evaluation.run_report import write_run_report
 
     text = write_run_report(run_folder).read_text(encoding="utf-8")
     for name in ("loss", "lr", "tokens_per_s"):
@@ -48,7 +48,7 @@ def test_report_plots_are_real_images(run_folder):
 
 
 def test_report_numbers_match_metrics(run_folder):
-    from kotune.run_report import write_run_report
+    from kotune.evaluation.run_report import write_run_report
 
     text = write_run_report(run_folder).read_text(encoding="utf-8")
     figures = dict(re.findall(r"^\| ([^|]+?) \| ([-\d.]+) \|$", text, flags=re.M))
@@ -64,7 +64,7 @@ def test_report_numbers_match_metrics(run_folder):
 def test_report_without_matplotlib_says_so(run_folder, monkeypatch):
     import sys
 
-    from kotune.run_report import write_run_report
+    from kotune.evaluation.run_report import write_run_report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     text = write_run_report(run_folder).read_text(encoding="utf-8")

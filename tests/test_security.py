@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from kotune.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from kotune.recipe import train
 from kotune.security import REDACTED, SecurityError, inside, redact, refuse_pickle
+from kotune.training.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from kotune.training.recipe import train
 
 
 def test_inside_accepts_paths_in_the_folder(tmp_path):
@@ -49,15 +49,15 @@ def test_training_refuses_an_output_folder_with_a_link_leading_out(tiny_train_co
 
 
 def test_a_checkpoint_save_does_not_follow_a_planted_symlink(tiny_train_config, tmp_path):
-    from kotune.model import load_for_training
-    from kotune.optim import build_optimizer
+    from kotune.model.build import load_for_training
+    from kotune.training.optim import build_optimizer
 
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     out.mkdir()
     elsewhere.mkdir()
     (out / "checkpoint-2").symlink_to(elsewhere)
     cfg = tiny_train_config(out)
-    _, model = load_for_training(cfg, cfg.model.path)
+    model = load_for_training(cfg, cfg.model.path).peft
     optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
     with pytest.raises(SecurityError, match="checkpoint-2 resolves to"):
         write_checkpoint(out, 2, model, optimizer, {"step": 2})
@@ -87,9 +87,22 @@ def test_a_model_folder_with_only_pickle_weights_is_refused_unless_allowed(
     refuse_pickle(tiny_llama3_model, allow=False, what="model folder", flag="model.allow_pickle: true")
 
 
+def test_load_base_refuses_a_model_folder_with_only_pickle_weights(tiny_llama3_model, tmp_path):
+    """merge, chat, generate and eval load the base through ``load_base``: the same guard as training."""
+    from kotune.config import ModelConfig
+    from kotune.model.load import load_base
+
+    folder = tmp_path / "pickled-model"
+    shutil.copytree(tiny_llama3_model, folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(SecurityError, match=r"pytorch_model.bin\) and no safetensors.*model.allow_pickle: true"):
+        load_base(ModelConfig(path=str(folder), compute_dtype="float32"), "none")
+
+
 def test_remote_code_does_not_run_unless_the_config_allows_it(tiny_llama3_model, tmp_path):
     from kotune.config import Config
-    from kotune.model import load_for_training
+    from kotune.model.build import load_for_training
 
     folder = tmp_path / "custom-code-model"
     shutil.copytree(tiny_llama3_model, folder)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kotune.templates import KO_ALPACA
+from kotune.data.templates import KO_ALPACA
 
 TEMPLATE = {"prompt_input": KO_ALPACA.prompt_input, "prompt_no_input": KO_ALPACA.prompt_no_input}
 

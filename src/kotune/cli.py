@@ -8,12 +8,13 @@ import sys
 
 from kotune import __version__
 
-COMMANDS = ("train", "data", "merge", "chat", "generate", "eval", "report", "push")
+COMMANDS = ("train", "plan", "data", "merge", "chat", "generate", "eval", "report", "push")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kotune", description="QLoRA fine-tuning of LLMs on instruction data.")
     parser.add_argument("--version", action="version", version=f"kotune {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only warnings, errors and results")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"kotune.commands.{name}").register(sub)
@@ -21,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kotune.errors import USER_ERRORS
-    from kotune.model import quiet_bitsandbytes
+    from kotune import output
+    from kotune.errors import KotuneError
+    from kotune.model.load import quiet_bitsandbytes
 
     quiet_bitsandbytes()
     parser = build_parser()
@@ -33,11 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    output.set_quiet(args.quiet)
     try:
         return args.run(args) or 0
-    except USER_ERRORS as exc:
-        print(f"kotune: error: {exc}", file=sys.stderr)
-        return 2
+    except KotuneError as exc:
+        output.error(str(exc))
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from kotune.errors import KotuneError
 
-class ConfigError(ValueError):
+
+class ConfigError(KotuneError, ValueError):
     """A configuration problem a user can fix; the message names the file and key."""
 
 
@@ -28,12 +30,12 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = "beomi/Llama-3-Open-Ko-8B"
     """Base model: a local folder, a hub name, a ``.gguf`` file, or ``pypi:PKG==VER/FILE.gguf``."""
-    quantization: str = "4bit"
-    """Weight quantization while training: ``4bit`` (NF4, QLoRA), ``8bit`` or ``none``."""
+    quantization: Literal["4bit", "8bit", "none"] = "4bit"
+    """Weight quantization while training (``4bit``: NF4, QLoRA)."""
     double_quant: bool = True
     """Quantize the 4-bit quantization constants again (saves ~0.4 bit per weight)."""
-    compute_dtype: str = "bfloat16"
-    """Dtype of the matrix products and of unquantized weights: ``bfloat16``, ``float16`` or ``float32``."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype of the matrix products and of unquantized weights."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass instead of storing them (less memory, ~30% more compute)."""
     trust_remote_code: bool = False
@@ -54,8 +56,8 @@ class DataConfig:
     """Split to read from a hub dataset."""
     validation_path: str | None = None
     """Separate validation file or dataset. Unset: ``val_size`` of ``path`` is held out."""
-    format: str = "auto"
-    """Row format: ``alpaca``, ``prompt_completion``, ``messages``, ``sharegpt`` or ``auto`` (detected from columns)."""
+    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
+    """Row format; ``auto`` detects it from the columns."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column mapping from kotune's names to yours, e.g. ``{instruction: question, output: answer}``."""
     template: str = "ko-alpaca"
@@ -109,10 +111,10 @@ class TrainConfig:
     """Peak learning rate. The walkthrough's 5e-8 is a typo-scale value: LoRA weights barely move."""
     warmup_steps: int = 100
     """Linear warm-up steps before the schedule."""
-    lr_scheduler: str = "cosine"
-    """Schedule after warm-up: ``cosine``, ``linear`` or ``constant``."""
-    optimizer: str = "paged_adamw_8bit"
-    """``paged_adamw_8bit``, ``adamw_8bit`` (bitsandbytes, CUDA) or ``adamw_torch`` (what CPU runs use)."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Schedule after warm-up."""
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw_torch"] = "paged_adamw_8bit"
+    """The ``8bit`` ones are bitsandbytes' (CUDA); CPU runs use ``adamw_torch``."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.95
@@ -136,8 +138,8 @@ class TrainConfig:
     """Write the adapter with the lowest validation loss, not the last one."""
     logging_steps: int = 1
     """Log training metrics every N optimizer steps."""
-    report_to: list[str] = field(default_factory=list)
-    """Extra loggers: ``wandb`` (offline when no key), ``tensorboard``. metrics.jsonl is always written."""
+    report_to: list[Literal["wandb", "tensorboard"]] = field(default_factory=list)
+    """Extra loggers (wandb runs offline when no key is set). metrics.jsonl is always written."""
     run_name: str | None = None
     """Run name for wandb / tensorboard."""
     seed: int = 42
@@ -150,9 +152,9 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
     min_free_disk_gb: float = 1.0
     """Free space (GB) a checkpoint must leave on the output disk; a save that would go below stops the run."""
-    kernels: str = "auto"
+    kernels: Literal["auto", "off"] = "auto"
     """``auto``: the fast path (docs/fast-path.md) on CUDA for Llama, Mistral, Qwen2 models; ``off``: plain forward."""
-    packing: str = "auto"
+    packing: Literal["auto", "on", "off"] = "auto"
     """``on``: feed each step's rows end to end in sequences of up to micro_batch_size x cutoff_len tokens (no
     padding, per-row positions, no cross-row attention; same steps and loss as unpacked). ``auto``: on with the
     fast path. ``off``: padded micro-batches."""
@@ -229,6 +231,8 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
                 continue
         raise ConfigError(f"{where}: '{key}' has value {value!r} of the wrong type")
     origin = get_origin(hint)
+    if origin is Literal:  # checked against its values by validate, which names them
+        return _to_str(value, key, where)
     if origin is list:
         return _coerce_list(value, get_args(hint)[0], key, where)
     if origin is dict:
@@ -333,18 +337,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-CHOICES = {
-    "model.quantization": ("4bit", "8bit", "none"),
-    "model.compute_dtype": ("bfloat16", "float16", "float32"),
-    "data.format": ("auto", "alpaca", "prompt_completion", "messages", "sharegpt"),
-    "train.lr_scheduler": ("cosine", "linear", "constant"),
-    "train.optimizer": ("paged_adamw_8bit", "adamw_8bit", "adamw_torch"),
-    "train.kernels": ("auto", "off"),
-    "train.packing": ("auto", "on", "off"),
-}
+def choices(cls: type, name: str) -> tuple[str, ...] | None:
+    """The values a field may take, as its ``Literal[...]`` type states them (a list of them: its items'); None
+    for a free field. Validation and the README reference both read this."""
+    hint = get_type_hints(cls)[name]
+    if get_origin(hint) is list:
+        hint = get_args(hint)[0]
+    return get_args(hint) if get_origin(hint) is Literal else None
 
-LOGGERS = ("wandb", "tensorboard")
-"""What ``train.report_to`` may name."""
+
+def _check_choices(cfg: Config) -> None:
+    """Each field with a ``Literal`` type holds one of its values (lists are checked item by item elsewhere)."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            allowed, value = choices(cls, f.name), getattr(getattr(cfg, section), f.name)
+            if allowed is not None and not isinstance(value, list) and value not in allowed:
+                raise ConfigError(f"'{section}.{f.name}' is {value!r}; choose one of {', '.join(allowed)}")
 
 
 def check_eval_generate(value: int) -> None:
@@ -354,11 +362,7 @@ def check_eval_generate(value: int) -> None:
 
 def validate(cfg: Config) -> None:
     """Check value ranges and choices; errors name the key."""
-    for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise ConfigError(f"'{key}' is {value!r}; choose one of {', '.join(choices)}")
+    _check_choices(cfg)
     positive = {
         "data.cutoff_len": cfg.data.cutoff_len,
         "lora.r": cfg.lora.r,
@@ -389,6 +393,7 @@ def validate(cfg: Config) -> None:
 
 def _validate_train(t: TrainConfig) -> None:
     """Values of ``train`` that must be positive, and the loggers ``report_to`` may name."""
+    loggers = choices(TrainConfig, "report_to")
     if t.learning_rate <= 0:
         raise ConfigError(f"'train.learning_rate' must be positive, got {t.learning_rate}")
     if t.num_epochs <= 0:  # 0 used to train one step
@@ -396,20 +401,5 @@ def _validate_train(t: TrainConfig) -> None:
     if t.max_steps is not None and t.max_steps <= 0:  # used to write an untrained adapter and exit 0
         raise ConfigError(f"'train.max_steps' must be positive (or null to train num_epochs), got {t.max_steps}")
     for name in t.report_to:
-        if name not in LOGGERS:
-            raise ConfigError(f"'train.report_to' holds {name!r}; choose from {', '.join(LOGGERS)}")
-
-
-def reference_markdown() -> str:
-    """The configuration reference, generated from the dataclasses' own docstrings (README section)."""
-    lines: list[str] = []
-    for section, cls in SECTIONS.items():
-        docs = field_docs(cls)
-        lines += [f"### `{section}`", "", "| key | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = yaml.safe_dump(default, default_flow_style=True, allow_unicode=True).strip()
-            shown = shown.removesuffix("\n...").removesuffix("...").strip()
-            lines.append(f"| `{section}.{f.name}` | `{shown}` | {docs.get(f.name, '')} |")
-        lines.append("")
-    return "\n".join(lines)
+        if name not in loggers:
+            raise ConfigError(f"'train.report_to' holds {name!r}; choose from {', '.join(loggers)}")

@@ -1,25 +1,13 @@
-"""Errors a user can fix: the CLI prints their message (which names the file, row or key) without a traceback."""
+"""The base of every error a user can fix.
 
-from kotune.assets import AssetError
-from kotune.checkpoint import CheckpointError
-from kotune.claim import RunFolderError
-from kotune.config import ConfigError
-from kotune.data import DataError
-from kotune.evaluation.harness import HarnessError
-from kotune.inference import FolderError
-from kotune.merge import MergeError
-from kotune.publish import PublishError
-from kotune.templates import TemplateError
+Each module defines and raises its own subclass (``ConfigError`` in ``config``, ``DataError`` in ``data.read``...);
+the message names what was wrong, where (file, row, key) and what to do. ``kotune`` prints one
+``kotune: error: MESSAGE`` line for any of them, without a traceback, and exits with its ``exit_code``.
+"""
 
-USER_ERRORS = (
-    AssetError,
-    CheckpointError,
-    ConfigError,
-    DataError,
-    FolderError,
-    HarnessError,
-    MergeError,
-    PublishError,
-    RunFolderError,
-    TemplateError,
-)
+
+class KotuneError(Exception):
+    """A problem the user can fix; the message says what, where and what to do."""
+
+    exit_code = 2
+    """The process's exit status when the CLI stops on this error."""

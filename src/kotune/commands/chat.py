@@ -6,17 +6,9 @@ from collections.abc import Iterator
 from dataclasses import fields
 
 from kotune.config import field_docs
-from kotune.inference import (
-    CHAT_FORMATS,
-    ModelFolder,
-    Sampling,
-    TextStream,
-    chat_prompt,
-    encode_prompt,
-    folder_stop_ids,
-    pad_id,
-    stream,
-)
+from kotune.data.formats import CHAT_FORMATS
+from kotune.inference.generate import Sampling, TextStream, chat_prompt, encode_prompt, pad_id, stream
+from kotune.run_folder import ModelFolder, folder_stop_ids
 
 CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=512)
 """Chat samples by default (replies read less repetitive than greedy); ``--temperature 0`` makes it greedy."""
@@ -61,7 +53,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from kotune.inference import load_model, open_folder
+    from kotune.inference.load import load_model
+    from kotune.run_folder import open_folder
 
     folder = open_folder(args.path)
     model, tokenizer = load_model(folder, args.base)

@@ -9,7 +9,7 @@ import sys
 
 from kotune.commands.train import add_config_arguments
 from kotune.config import load_config
-from kotune.encoding import IGNORE, Example
+from kotune.data.examples import IGNORE, Example
 
 
 def register(sub) -> None:
@@ -29,13 +29,13 @@ def register(sub) -> None:
 
 def load_prepared(cfg):
     """The model path, its tokenizer and the prepared (tokenized, audited) data of a config."""
-    from kotune.assets import resolve_model
-    from kotune.model import load_tokenizer
-    from kotune.prepare import prepare
+    from kotune.data.prepare import prepare
+    from kotune.model.assets import resolve_model
+    from kotune.model.load import load_tokenizer
 
     model_path = resolve_model(cfg.model.path)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    return model_path, tokenizer, prepare(cfg, tokenizer)
+    return model_path, tokenizer, prepare(cfg.data, tokenizer)
 
 
 def load_examples(cfg, split: str) -> tuple[list[Example], object]:
@@ -116,7 +116,7 @@ def format_report(report) -> str:
 
 
 def run_audit(args) -> int:
-    from kotune.audit import add_model_checks
+    from kotune.model.embeddings import add_model_checks
 
     cfg = load_config(args.config, args.overrides)
     model_path, tokenizer, data = load_prepared(cfg)

@@ -8,8 +8,9 @@ Writes ``eval_report.json`` and ``eval_report.md``; ``--compare`` puts an earlie
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+
+from kotune import output
 
 
 def register(sub) -> None:
@@ -39,7 +40,9 @@ def load(args):
     """(folder, model, tokenizer, model description) for the model ``args`` name."""
     from transformers import AutoTokenizer
 
-    from kotune.inference import load_base, load_model, open_folder
+    from kotune.inference.load import load_model
+    from kotune.model.load import load_base
+    from kotune.run_folder import open_folder
 
     folder = open_folder(args.path)
     if not args.base:
@@ -66,7 +69,7 @@ def run(args) -> int:
     report = {"model": described, **heldout_part(args, folder, model, tokenizer)}
     warning = stop_warning(report["generation"])
     if warning:
-        print(f"kotune: warning: {warning}", file=sys.stderr)
+        output.warn(warning)
     report["choice"], report["choice_items"] = choice_part(args.choices or DEFAULT_SET, model, tokenizer, args.limit)
     if tasks is not None:
         from kotune.evaluation.harness import run_tasks
@@ -75,7 +78,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out else folder.path / ("eval-base" if args.base else "eval")
     table = write_report(out, report, other)
     print(table.read_text(encoding="utf-8"))
-    print(f"kotune: wrote {out / 'eval_report.json'} and {table}")
+    output.info(f"kotune: wrote {out / 'eval_report.json'} and {table}")
     return 0
 
 
@@ -85,15 +88,16 @@ def heldout_part(args, folder, model, tokenizer) -> dict:
 
     from kotune.evaluation.checks import CHECK_SAMPLING, check_items, generation_checks
     from kotune.evaluation.heldout import load_heldout, overall_loss, row_losses
-    from kotune.inference import folder_stop_ids, pad_id
+    from kotune.inference.generate import pad_id
+    from kotune.run_folder import folder_stop_ids
 
     heldout = load_heldout(folder, tokenizer, args.data)
     examples = heldout.examples[: args.limit] if args.limit else heldout.examples
     rows = row_losses(model, examples, pad_id(tokenizer))
-    print(f"kotune: eval: loss on {len(rows)} held-out rows of {heldout.source}", file=sys.stderr)
+    output.status(f"kotune: eval: loss on {len(rows)} held-out rows of {heldout.source}")
     sampling = replace(CHECK_SAMPLING, max_new_tokens=args.max_new_tokens)
     items = check_items(heldout, folder, tokenizer, args.limit)
-    print(f"kotune: eval: generating replies to {len(items)} prompts", file=sys.stderr)
+    output.status(f"kotune: eval: generating replies to {len(items)} prompts")
     summary, replies = generation_checks(model, tokenizer, items, folder_stop_ids(folder, tokenizer, model), sampling)
     return {"data": heldout.source, "loss": overall_loss(rows), "rows": rows, "generation": summary, "replies": replies}
 
@@ -102,6 +106,6 @@ def choice_part(path, model, tokenizer, limit: int | None) -> tuple[dict, list[d
     from kotune.evaluation.choice import read_items, score_items
 
     items = read_items(path)[:limit] if limit else read_items(path)
-    print(f"kotune: eval: {len(items)} multiple-choice items of {path}", file=sys.stderr)
+    output.status(f"kotune: eval: {len(items)} multiple-choice items of {path}")
     summary, records = score_items(model, tokenizer, items)
     return {"file": str(path), **summary}, records

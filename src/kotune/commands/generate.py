@@ -14,8 +14,9 @@ import json
 import sys
 from pathlib import Path
 
+from kotune import output
 from kotune.commands.chat import add_model_arguments, add_sampling_arguments, sampling_from
-from kotune.inference import Sampling
+from kotune.inference.generate import Sampling
 
 BATCH_SIZE = 8
 
@@ -32,7 +33,7 @@ def register(sub) -> None:
 
 def completed_rows(path: Path) -> dict[int, dict]:
     """Row number -> its line in ``path``; a last line without its newline (cut mid-write) is removed from the file."""
-    from kotune.data import DataError
+    from kotune.data.read import DataError
 
     if not path.is_file():
         return {}
@@ -60,7 +61,7 @@ def prompt_hash(text: str) -> str:
 
 def check_resumable(path: Path, done: dict[int, dict], prompts: list[tuple[dict, str]], model: str) -> None:
     """Refuse to continue an output written for other prompts or by another model (the rows would mix)."""
-    from kotune.data import DataError
+    from kotune.data.read import DataError
 
     hashes = {row["_row"]: prompt_hash(text) for row, text in prompts}
     for number, record in done.items():
@@ -78,8 +79,8 @@ def check_resumable(path: Path, done: dict[int, dict], prompts: list[tuple[dict,
 
 def prompt_format(rows: list[dict], where: str) -> str:
     """The row format, told by the prompt-side column alone (prompts need no output / completion)."""
-    from kotune.data import DataError
-    from kotune.formats import FORMAT_COLUMNS
+    from kotune.data.formats import FORMAT_COLUMNS
+    from kotune.data.read import DataError
 
     for name, columns in FORMAT_COLUMNS.items():
         if all(columns[0] in row for row in rows):
@@ -90,8 +91,8 @@ def prompt_format(rows: list[dict], where: str) -> str:
 
 def read_prompts(path: str, folder, tokenizer) -> list[tuple[dict, str]]:
     """(row, prompt text) for every input row, formatted as the run formats its training rows."""
-    from kotune.data import read_rows
-    from kotune.inference import row_prompt
+    from kotune.data.read import read_rows
+    from kotune.inference.generate import row_prompt
 
     rows = read_rows(path)
     fmt = prompt_format(rows, path)
@@ -108,22 +109,23 @@ def output_line(row: dict, prompt: str, model: str, text: str, stopped: bool) ->
 def run(args) -> int:
     from transformers import AutoTokenizer
 
-    from kotune.inference import load_model, model_fingerprint, open_folder
+    from kotune.inference.load import load_model, model_fingerprint
+    from kotune.run_folder import open_folder
 
     folder = open_folder(args.path)
-    output = Path(args.output)
-    done = completed_rows(output)
+    out = Path(args.output)
+    done = completed_rows(out)
     prompts = read_prompts(args.input, folder, AutoTokenizer.from_pretrained(folder.path))
     model_id = model_fingerprint(folder, args.base)
-    check_resumable(output, done, prompts, model_id)
+    check_resumable(out, done, prompts, model_id)
     todo = [(row, text) for row, text in prompts if row["_row"] not in done]
     if not todo:
-        print(f"kotune: all {len(prompts)} rows are already in {output}; nothing to do")
+        output.info(f"kotune: all {len(prompts)} rows are already in {out}; nothing to do")
         return 0
     if done:
-        print(f"kotune: {len(prompts) - len(todo)} rows already in {output}; generating the other {len(todo)}")
+        output.info(f"kotune: {len(prompts) - len(todo)} rows already in {out}; generating the other {len(todo)}")
     model, tokenizer = load_model(folder, args.base)
-    write_generations(model, tokenizer, folder, todo, output, sampling_from(args), args, model_id)
+    write_generations(model, tokenizer, folder, todo, out, sampling_from(args), args, model_id)
     return 0
 
 
@@ -132,7 +134,8 @@ def write_generations(model, tokenizer, folder, todo, output: Path, sampling: Sa
     import torch
     from tqdm.auto import tqdm
 
-    from kotune.inference import completion_text, encode_prompt, folder_stop_ids, generate, pad_id
+    from kotune.inference.generate import completion_text, encode_prompt, generate, pad_id
+    from kotune.run_folder import folder_stop_ids
 
     stops = folder_stop_ids(folder, tokenizer, model)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None

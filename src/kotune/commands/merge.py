@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kotune import merge as merging
+from kotune.export import merge as merging
 
 
 def register(sub) -> None:

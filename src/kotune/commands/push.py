@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from kotune.publish import push
+    from kotune.export.publish import push
 
     push(args.path, args.repo, args.private, args.dry_run)
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kotune import output
+
 
 def register(sub) -> None:
     p = sub.add_parser("report", help="write RUN_DIR/report.md: curves, audit, config, eval and merge reports")
@@ -12,10 +14,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from kotune.inference import FolderError
-    from kotune.run_report import write_run_report
+    from kotune.evaluation.run_report import write_run_report
+    from kotune.run_folder import METRICS, FolderError
 
-    if not (Path(args.path) / "metrics.jsonl").is_file():
-        raise FolderError(f"{args.path}: no metrics.jsonl; give the output_dir of a `kotune train` run")
-    print(f"kotune: wrote {write_run_report(args.path)}")
+    if not (Path(args.path) / METRICS).is_file():
+        raise FolderError(f"{args.path}: no {METRICS}; give the output_dir of a `kotune train` run")
+    output.info(f"kotune: wrote {write_run_report(args.path)}")
     return 0

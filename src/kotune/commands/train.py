@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from kotune.config import ConfigError, load_config
-from kotune.report import check_loggers
+from kotune.training.report import check_loggers
 
 
 def add_config_arguments(parser, optional: bool = False) -> None:
@@ -34,7 +34,13 @@ def register(sub) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="with --resume: continue even if the data, tokenizer, template or training config changed",
+        help="with --resume: continue even if the data, tokenizer, template or training config changed; "
+        "start although `kotune plan` predicts the run does not fit the GPU",
+    )
+    p.add_argument(
+        "--fit",
+        action="store_true",
+        help="on a GPU: the largest train.micro_batch_size that fits it (rows per step unchanged; see kotune plan)",
     )
     p.add_argument(
         "--overwrite",
@@ -78,20 +84,16 @@ def run(args) -> int:
 
         print(redact(cfg.to_yaml()), end="")
         return 0
-    from kotune.dist import is_main
-    from kotune.recipe import OutOfMemory, train
-    from kotune.signals import Interrupted
-    from kotune.train import NonFiniteLoss
+    from kotune.training.dist import is_main
+    from kotune.training.recipe import train
+    from kotune.training.signals import Interrupted
 
     try:
-        train(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite)
+        train(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite, fit_gpu=args.fit)
     except Interrupted as stop:
         if is_main():  # every process stopped at the same step; one message
             print(f"kotune: {stop}\nkotune: to continue, run: {resume_command(args)}", file=sys.stderr)
         return stop.exit_code
-    except (NonFiniteLoss, OutOfMemory) as exc:
-        print(f"kotune: error: {exc}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from kotune.evaluation.metrics import score_reply, summarize
-from kotune.inference import Sampling
+from kotune.inference.generate import Sampling
 
 CHECK_SAMPLING = Sampling(temperature=0.0, max_new_tokens=256)
 """Greedy: a check must give the same replies every time it runs on the same model."""
@@ -18,7 +18,7 @@ def generate_replies(model, tokenizer, prompts: list[str], stops: list[int], sam
 
     from tqdm.auto import tqdm
 
-    from kotune.inference import completion_text, encode_prompt, generate, pad_id
+    from kotune.inference.generate import completion_text, encode_prompt, generate, pad_id
 
     out = []
     with tqdm(total=len(prompts), desc="generate", unit="reply", file=sys.stderr) as bar:
@@ -47,7 +47,7 @@ def generation_checks(model, tokenizer, items: list[dict], stops: list[int], sam
 def check_items(heldout, folder, tokenizer, limit: int | None = None) -> list[dict]:
     """The generation checks' inputs for held-out rows, prompts formatted as the run formatted training rows."""
     from kotune.evaluation.heldout import reference, user_text
-    from kotune.inference import row_prompt
+    from kotune.inference.generate import row_prompt
 
     rows = heldout.rows[:limit] if limit else heldout.rows
     return [
@@ -64,7 +64,7 @@ def check_items(heldout, folder, tokenizer, limit: int | None = None) -> list[di
 def prompt_and_reference(example) -> tuple[list[int], list[int]]:
     """A training example cut where its first trained token starts: the prompt ids exactly as trained, and the
     answer's ids up to the end of that trained stretch (its closing EOS / end-of-turn included)."""
-    from kotune.encoding import IGNORE
+    from kotune.data.examples import IGNORE
 
     start = next(i for i, label in enumerate(example.labels) if label != IGNORE)
     end = next((i for i in range(start, len(example.labels)) if example.labels[i] == IGNORE), len(example.labels))
@@ -74,7 +74,8 @@ def prompt_and_reference(example) -> tuple[list[int], list[int]]:
 def training_checks(model, tokenizer, examples, n: int, sampling: Sampling = CHECK_SAMPLING) -> dict:
     """``train.eval_generate``: the generation checks on the first ``n`` validation examples, as metrics.jsonl
     fields (``gen_stop_rate`` ...). The prompts are the examples' own ids, so nothing is formatted twice."""
-    from kotune.inference import completion_text, generate, pad_id, stop_ids
+    from kotune.data.conversations import stop_ids
+    from kotune.inference.generate import completion_text, generate, pad_id
 
     pairs = [prompt_and_reference(example) for example in list(examples)[:n]]
     stops = stop_ids(tokenizer, getattr(model, "generation_config", None))

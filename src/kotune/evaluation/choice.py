@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kotune.data import DataError
+from kotune.data.read import DataError
 
 DEFAULT_SET = Path(__file__).resolve().parents[3] / "data" / "ko-choice-smoke.jsonl"
 """kotune's bundled Korean smoke set (CC0): short questions in several subjects, four choices each."""
@@ -61,8 +61,8 @@ def continuation_logprobs(model, tokenizer, context: str, continuations: list[st
     """Sum of log P(continuation tokens | context) for each continuation, one forward pass for all of them."""
     import torch
 
-    from kotune.encoding import encode_segments
-    from kotune.inference import encode_prompt
+    from kotune.data.encoding import encode_segments
+    from kotune.inference.generate import encode_prompt
 
     context_ids = encode_prompt(tokenizer, context)
     rows = [context_ids + ids for ids in encode_segments(tokenizer, continuations)]

@@ -7,8 +7,10 @@ data is not available (offline, or not cached) fails at once, before any model t
 
 from __future__ import annotations
 
+from kotune.errors import KotuneError
 
-class HarnessError(RuntimeError):
+
+class HarnessError(KotuneError, RuntimeError):
     """lm-eval is missing, a task is unknown, or a task's data cannot be loaded; the message says what to do."""
 
 

@@ -1,5 +1,5 @@
 """Held-out rows as training sees them: read in any supported format, rendered and encoded by the run's own
-template and masks (``kotune.prepare``), then scored: loss and perplexity per row and overall, and the prompt,
+template and masks (``kotune.data.prepare``), then scored: loss and perplexity per row and overall, and the prompt,
 the user's text and the reference answer each row offers to the generation checks."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kotune.data import apply_columns, check_types, read_rows, split_indices
-from kotune.encoding import IGNORE, Example, encode_table
-from kotune.formats import check_columns, detect_format, used_columns
+from kotune.data.encoding import encode_table
+from kotune.data.examples import IGNORE, Example
+from kotune.data.formats import check_columns, detect_format, used_columns
+from kotune.data.read import apply_columns, check_types, read_rows, split_indices
 
 
 @dataclass
@@ -26,8 +27,8 @@ class HeldOut:
 def load_heldout(folder, tokenizer, path: str | None) -> HeldOut:
     """``path``'s rows, or (no path) the validation rows the run held out: its ``validation_path`` or the
     seeded ``val_size`` split of its data, exactly the rows its eval_loss was measured on."""
-    from kotune.data import DataError
-    from kotune.prepare import render_rows
+    from kotune.data.prepare import render_rows
+    from kotune.data.read import DataError
 
     cfg = folder.config
     if path is not None:
@@ -45,7 +46,7 @@ def load_heldout(folder, tokenizer, path: str | None) -> HeldOut:
     check_columns(rows, fmt, source)
     check_types(rows, used_columns(fmt))
     data_cfg = replace(cfg.data, path=source)
-    rendered, skipped = render_rows(rows, fmt, replace(cfg, data=data_cfg), folder.template, tokenizer)
+    rendered, skipped = render_rows(rows, fmt, data_cfg, folder.template, tokenizer)
     n_rows = max(row["_row"] for row in rows) + 1
     encoded = encode_table(tokenizer, rendered, n_rows, skipped, cfg.data.cutoff_len)
     examples = list(encoded.select([row["_row"] for row in rows]))
@@ -56,11 +57,11 @@ def load_heldout(folder, tokenizer, path: str | None) -> HeldOut:
 def row_losses(model, examples: list[Example], pad_id: int, batch_size: int = 4) -> list[dict]:
     """Per row: summed next-token loss over its trained tokens, their count, mean loss and perplexity.
 
-    The same positions ``kotune.train.loss_sum`` trains on (labels shifted by one, -100 left out), row by row.
+    The same positions ``kotune.model.build.loss_sum`` trains on (labels shifted by one, -100 left out), row by row.
     """
     import torch
 
-    from kotune.collate import collate
+    from kotune.data.batching import collate
 
     device = next(model.parameters()).device
     out = []

@@ -72,7 +72,7 @@ def markdown(report: dict, other: dict | None = None) -> str:
 
 def read_report(path: str | Path) -> dict:
     """A report from its file, or from the folder ``kotune eval --out`` wrote it to."""
-    from kotune.data import DataError
+    from kotune.data.read import DataError
 
     path = Path(path)
     if path.is_dir():

@@ -120,7 +120,7 @@ def unsupported_reason(config, lora_targets) -> str | None:
 
 
 class FastCausalLM(torch.nn.Module):
-    """``forward(**batch)`` -> summed next-token loss (fp32), like ``kotune.train.loss_sum`` on the plain path."""
+    """``forward(**batch)`` -> summed next-token loss (fp32), like the plain path's ``model.build.loss_sum``."""
 
     def __init__(
         self,

@@ -1,0 +1,132 @@
+"""``report.md`` of a run folder: curves as PNG files, figures from ``metrics.jsonl``, the data audit, the resolved
+config, and the eval and merge reports when present. Plain Markdown and PNG, readable without kotune.
+
+Plots need matplotlib (``pip install 'kotune[eval]'``); without it the report is written without them and says so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kotune.evaluation.tables import TABLE_FILE
+from kotune.run_folder import CONFIG, MERGE_REPORT, RUN_REPORT, read_json, read_metrics, read_summary
+
+PLOTS_DIR = "report"
+CURVES = (
+    ("loss", "Loss", ("loss", "eval_loss")),
+    ("lr", "Learning rate", ("lr",)),
+    ("tokens_per_s", "Trained tokens per second", ("tokens_per_s",)),
+    ("memory", "GPU memory (GB)", ("gpu_memory_gb", "max_memory_gb")),
+)
+"""(file name, title, metrics.jsonl keys drawn on it); a plot with none of its keys in the log is left out."""
+LEGEND = {"loss": "training", "eval_loss": "validation"}
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric, in logged order."""
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def figures(records: list[dict]) -> dict:
+    """The numbers the report states, each read straight from metrics.jsonl."""
+    _, loss = series(records, "loss")
+    eval_steps, eval_loss = series(records, "eval_loss")
+    _, speed = series(records, "tokens_per_s")
+    out: dict = {"steps": max((r["step"] for r in records), default=0)}
+    if loss:
+        out.update(first_loss=loss[0], last_loss=loss[-1])
+    if eval_loss:
+        out.update(first_eval_loss=eval_loss[0], last_eval_loss=eval_loss[-1], best_eval_loss=min(eval_loss))
+        out["best_eval_step"] = eval_steps[eval_loss.index(min(eval_loss))]
+    if speed:
+        out["mean_tokens_per_s"] = sum(speed) / len(speed)
+    return out
+
+
+def plot(records: list[dict], folder: Path) -> list[tuple[str, Path]] | None:
+    """One PNG per curve with data; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, never a window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, title, keys in CURVES:
+        drawn = [(key, *series(records, key)) for key in keys]
+        drawn = [(key, steps, values) for key, steps, values in drawn if steps]
+        if not drawn:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        for key, steps, values in drawn:
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=LEGEND.get(key, key))
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png")
+        plt.close(fig)
+        written.append((title, folder / f"{name}.png"))
+    return written
+
+
+def figure_lines(values: dict) -> list[str]:
+    labels = {
+        "steps": "optimizer steps",
+        "first_loss": "first training loss",
+        "last_loss": "last training loss",
+        "first_eval_loss": "first validation loss",
+        "last_eval_loss": "last validation loss",
+        "best_eval_loss": "best validation loss",
+        "best_eval_step": "step of the best validation loss",
+        "mean_tokens_per_s": "mean trained tokens / s",
+    }
+    lines = ["| figure | value |", "|---|---|"]
+    lines += [
+        f"| {labels[k]} | {v:.4f} |" if isinstance(v, float) else f"| {labels[k]} | {v} |" for k, v in values.items()
+    ]
+    return lines
+
+
+def section(title: str, body: list[str]) -> list[str]:
+    return ["", f"## {title}", "", *body]
+
+
+def audit_lines(run: Path) -> list[str]:
+    summary = read_summary(run) or {}
+    audit = summary.get("audit")
+    if not audit:
+        return ["No audit summary was recorded with this run (runs before kotune wrote it); `kotune data audit` it."]
+    return ["```", *audit, "```"]
+
+
+def write_run_report(run: str | Path) -> Path:
+    """Write ``RUN/report.md`` (and its PNGs under ``RUN/report/``); returns its path."""
+    run = Path(run)
+    records = read_metrics(run)
+    lines = [f"# Run report: {run.name}", "", f"Run folder `{run}`; figures from `metrics.jsonl`."]
+    lines += section("Figures", figure_lines(figures(records)))
+    plots = plot(records, run / PLOTS_DIR)
+    if plots is None:
+        body = ["Plots need matplotlib, which is not installed: `pip install 'kotune[eval]'`, then `kotune report`."]
+    else:
+        body = [f"![{title}]({path.relative_to(run).as_posix()})" for title, path in plots] or ["Nothing logged yet."]
+    lines += section("Curves", body)
+    lines += section("Data audit", audit_lines(run))
+    for folder in ("eval", "eval-base"):
+        table = run / folder / TABLE_FILE
+        if table.is_file():
+            lines += section(f"Evaluation (`{folder}/`)", [table.read_text(encoding="utf-8").rstrip()])
+    merge = read_json(run / "merged" / MERGE_REPORT)
+    if merge is not None:
+        lines += section(f"Merge report (`merged/{MERGE_REPORT}`)", ["```json", json.dumps(merge, indent=1), "```"])
+    config = run / CONFIG
+    if config.is_file():
+        lines += section("Resolved config", ["```yaml", config.read_text(encoding="utf-8").rstrip(), "```"])
+    path = run / RUN_REPORT
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,76 @@
+"""The model a run trains, assembled once: 4-bit base, LoRA, and the fast or the plain path computing its loss.
+
+The fast path (``kotune.fast``) is chosen here, once, from the config, the base model's config and the device
+the model loads on (``model.load.device_map``: this process's GPU when there is one); training only uses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kotune import fast, output
+from kotune.config import Config
+from kotune.data.examples import IGNORE
+from kotune.data.packing import block_causal_mask
+from kotune.model.load import load_base_model
+from kotune.model.lora import attach_lora, parameter_counts
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over supervised positions, in float32 (the plain path)."""
+    if "cu_seqlens" in batch:  # packed rows (collate_packed): a block-diagonal causal mask keeps them apart
+        mask = block_causal_mask(batch["cu_seqlens"], batch["input_ids"].shape[1])[None, None]
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1]
+    keep = labels != IGNORE
+    return torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+
+
+@dataclass
+class TrainingModel:
+    """What a run trains: the LoRA model, and the module and function that compute its summed loss."""
+
+    peft: Any
+    """The base with LoRA (peft): its adapter is what the optimizer updates, checkpoints hold and the run saves."""
+    fast: Any | None
+    """The fast-path model (``kotune.fast``) computing ``peft``'s loss with the same weights, or None (plain)."""
+
+    @property
+    def forward(self) -> torch.nn.Module:
+        """The module a training step calls: the fast model, else the peft model."""
+        return self.fast if self.fast is not None else self.peft
+
+    @property
+    def loss_sum(self):
+        """``loss_sum(forward, batch)``: the summed next-token loss of a batch on this path."""
+        return fast.loss_sum if self.fast is not None else loss_sum
+
+
+def fast_or_plain(cfg: Config, path: str) -> tuple[bool, str]:
+    """(use the fast path?, why), decided once for the run before its weights load."""
+    from transformers import AutoConfig
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"  # where device_map puts the whole model
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    return fast.wanted(cfg, model_config, device_type)
+
+
+def load_for_training(cfg: Config, path: str, token_ids: list[int] = ()) -> TrainingModel:
+    """The LoRA-wrapped model for a run (``token_ids``: embedding rows trained too, see
+    ``model.lora.trainable_token_ids``) on the path ``fast_or_plain`` picks; prints trainable / total parameters
+    like the walkthrough."""
+    torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random
+    use_fast, why = fast_or_plain(cfg, path)
+    model = attach_lora(load_base_model(path, cfg.model, use_fast), cfg.lora, token_ids)
+    trainable, total = parameter_counts(model)
+    share = 100 * trainable / total
+    output.info(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
+    if cfg.train.kernels != "off":
+        output.info(f"kotune: fast path {'on' if use_fast else 'off'} ({why})")
+    return TrainingModel(model, fast.build(model, cfg) if use_fast else None)

@@ -1,0 +1,200 @@
+"""Loading the tokenizer and the base model (4-bit NF4 / 8-bit / full precision) and attaching LoRA."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import warnings
+
+import torch
+
+from kotune.config import ModelConfig
+from kotune.model.assets import AssetError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_tokenizer(path: str, cfg: ModelConfig):
+    """The base model's tokenizer with a pad token set (``model.pad_token``, its own, else EOS)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.pad_token is not None:
+        if cfg.pad_token not in tokenizer.get_vocab():
+            raise ValueError(f"model.pad_token '{cfg.pad_token}' is not in the tokenizer's vocabulary")
+        tokenizer.pad_token = cfg.pad_token
+    elif tokenizer.pad_token is None:
+        # Safe here: collation pads labels with -100 by position, so the real EOS stays trained.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def quantization_config(cfg: ModelConfig):
+    """The walkthrough's ``BitsAndBytesConfig`` for ``4bit``; None for ``none``."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = DTYPES[cfg.compute_dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def keep_4bit_weights_exact(model) -> int:
+    """Stop bitsandbytes from repacking this model's 4-bit weights for its CPU inference kernel; returns the count.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) rewrites a ``Linear4bit``'s weight in place the first time it
+    runs in eval mode without gradients (``Linear4bit.forward`` -> ``_convert_weight_packed_for_cpu``): the absmax
+    constants are rounded to bfloat16 and the matrix product runs in bfloat16 from then on, also after going back
+    to training. That made an evaluation change later training steps, and the adapter on the 4-bit base drift
+    (2.3e-4 mean |logit| difference) from the exact dequantized merge. The packed layout only feeds a kernel
+    fetched from the hub (kernels-community), so turning it off costs nothing here. ``tests/test_model_load.py``
+    fails when a bitsandbytes release no longer has the attribute or the repacking.
+    """
+    import bitsandbytes as bnb
+
+    modules = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for module in modules:
+        module.support_avx512bf16_for_cpu = False
+    return len(modules)
+
+
+class _DropExactMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_bitsandbytes() -> None:
+    """Drop bitsandbytes' import-time warning that its hub-fetched CPU kernel is missing (``kernels`` package).
+
+    kotune never uses that kernel (``keep_4bit_weights_exact``), so the message is noise a user cannot act on.
+    Only that one message of that one logger is dropped; call before bitsandbytes is imported.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        _DropExactMessage("Failed to load CPU gemm_4bit_forward from kernels-community")
+    )
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing through the transformers API of the installed version.
+
+    transformers 5.24 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old
+    name warns); 5.17 has only the old name.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """Wrap a model in peft without the FutureWarning peft 0.21 triggers in transformers 5.24.
+
+    ``PeftModel.__init__`` reads ``is_gradient_checkpointing``, a property transformers 5.24 deprecated: nothing
+    a kotune user can change. Only that message, and only inside this block, is ignored.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def device_map() -> dict[str, object]:
+    """Whole model on this process's device: its local GPU under torchrun / accelerate, else the CPU."""
+    if torch.cuda.is_available():
+        import os
+
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def load_base_model(path: str, cfg: ModelConfig, fast_path: bool = False):
+    """The base model, quantized as configured, in training-ready state for k-bit LoRA.
+
+    ``fast_path``: leave dtypes as loaded and skip transformers' gradient checkpointing; ``kotune.fast``
+    checkpoints layers itself and never needs the fp32 copies of embeddings, norms and output layer that
+    peft's ``prepare_model_for_kbit_training`` makes (2 GiB more for an 8B model).
+    """
+    from transformers import AutoModelForCausalLM
+
+    quant = quantization_config(cfg)
+    model, loading = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=quant,
+        dtype=DTYPES[cfg.compute_dtype],
+        device_map=device_map(),
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+        use_safetensors=None if cfg.allow_pickle else True,  # hub names too: no pickle weights unless allowed
+        output_loading_info=True,
+    )
+    refuse_missing_weights(path, loading["missing_keys"])
+    model.config.use_cache = False
+    if cfg.quantization == "4bit":
+        keep_4bit_weights_exact(model)
+    if fast_path:
+        return model
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # peft would enable checkpointing through the name transformers 5.24 deprecated; it is done below
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+        if quant is None:  # non-reentrant checkpointing needs no input gradients; this keeps the earlier setup
+            model.enable_input_require_grads()
+    return model
+
+
+def refuse_missing_weights(path: str, missing) -> None:
+    """transformers fills weights absent from the files with random values and only warns: that is an error here.
+
+    (A folder with the real weights in ``pytorch_model.bin`` and an unrelated ``model.safetensors`` loaded every
+    weight at random and trained on it.)
+    """
+    if missing:
+        names = sorted(missing)
+        raise AssetError(
+            f"model {path}: {len(names)} weights are missing from its files ({', '.join(names[:4])}"
+            f"{', ...' if len(names) > 4 else ''}), so they would be random. Check the folder's weight files: "
+            "a .safetensors file that belongs to another model? (pickle weights load only with model.allow_pickle)"
+        )
+
+
+def load_base(model_cfg, quantization: str):
+    """The base model as ``model_cfg`` names it, quantized as asked (``4bit``, ``8bit`` or ``none``), for inference."""
+    from transformers import AutoModelForCausalLM
+
+    from kotune.model.assets import resolve_model
+    from kotune.security import refuse_pickle
+
+    model_cfg = dataclasses.replace(model_cfg, quantization=quantization)
+    path = resolve_model(model_cfg.path)
+    if os.path.isdir(path):
+        refuse_pickle(path, model_cfg.allow_pickle, "model folder", "model.allow_pickle: true")
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=quantization_config(model_cfg),
+        dtype=DTYPES[model_cfg.compute_dtype],
+        device_map=device_map(),
+        trust_remote_code=model_cfg.trust_remote_code,
+        attn_implementation=model_cfg.attn_implementation,
+        use_safetensors=None if model_cfg.allow_pickle else True,  # as training loads it: hub names too
+    )
+    if quantization == "4bit":
+        keep_4bit_weights_exact(model)  # the adapter must run on the weights it was trained against
+    return model

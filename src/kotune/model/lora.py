@@ -1,0 +1,77 @@
+"""LoRA on the base model: which modules (checked before the weights load), which embedding rows, the wrap."""
+
+from __future__ import annotations
+
+import torch
+
+from kotune.config import Config, ConfigError, LoraConfig
+from kotune.model.load import peft_quietly
+
+
+def check_target_modules(cfg: Config, path: str) -> None:
+    """Fail before the weights load if a ``lora.target_modules`` name matches no module of the model.
+
+    peft matches a name to a module whose full name is that name or ends in ``.NAME``; the model's modules are
+    listed from its config on the meta device, which allocates nothing.
+    """
+    if cfg.lora.target_modules == "all-linear":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    names = [name for name, _ in skeleton.named_modules()]
+    unmatched = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(
+            f"'lora.target_modules': {', '.join(unmatched)} match no module of {path}; its linear layers are "
+            f"{', '.join(linear)} (or use all-linear)"
+        )
+
+
+def attach_lora(model, cfg: LoraConfig, token_ids: list[int] = ()):
+    """LoRA on ``cfg.target_modules``; ``token_ids``: embedding rows (input and untied output) trained as well."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    trainable_tokens = None
+    if token_ids:
+        layers = {"embed_tokens": list(token_ids)}
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not model.get_input_embeddings().weight:
+            layers["lm_head"] = list(token_ids)
+        trainable_tokens = layers
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        trainable_token_indices=trainable_tokens,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with peft_quietly():
+        return get_peft_model(model, peft_config)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as stored elements, like the walkthrough's printout."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def trainable_token_ids(cfg: LoraConfig, tokenizer, untrained: list[int]) -> list[int]:
+    """``lora.trainable_tokens`` as ids: ``auto`` is the audit's ``untrained`` list; a token not in the vocabulary
+    is a config error naming it."""
+    from kotune.config import ConfigError
+
+    if cfg.trainable_tokens == "auto":
+        return list(untrained)
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in cfg.trainable_tokens if t not in vocab]
+    if missing:
+        raise ConfigError(f"'lora.trainable_tokens': {missing} not in the tokenizer's vocabulary")
+    return [vocab[t] for t in cfg.trainable_tokens]

@@ -1,0 +1,172 @@
+"""A run folder's files, each named once, with their reads and writes.
+
+What ``kotune train`` leaves in ``train.output_dir`` (and ``kotune merge`` in its ``--out``)::
+
+    kotune_config.yaml          CONFIG: the resolved config
+    kotune_template.yaml        TEMPLATE: the prompt template (``save_template`` / ``load_saved_template``)
+    adapter_model.safetensors   ADAPTER, with adapter_config.json (ADAPTER_CONFIG): the LoRA adapter
+    metrics.jsonl               METRICS: one JSON record per logged step or evaluation
+    run_summary.json            SUMMARY: written last, whole, by a finished run (``write_summary``)
+    best/                       BEST: the adapter with the lowest evaluation loss
+    checkpoint-STEP/            CHECKPOINT_PREFIX: resumable state; COMPLETE (CHECKPOINT_MARKER) is written last,
+                                beside fingerprint.json (FINGERPRINT) and best_adapter.safetensors (BEST_ADAPTER)
+    .kotune-lock                LOCK: the process training into the folder
+    merge_report.json           MERGE_REPORT (merged folders): what the merge was made of and how it verified
+    kotune_merge_output.json    MERGE_MARKER (merged folders): the files kotune merge wrote
+    report.md                   RUN_REPORT: ``kotune report``'s page
+
+``open_folder`` reads a run or merged folder back as a ``ModelFolder``; merge, publish, chat, generate and eval
+start from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kotune.config import Config, load_config
+from kotune.data.formats import CHAT_FORMATS
+from kotune.data.templates import Template, TemplateError, load_template
+from kotune.errors import KotuneError
+
+CONFIG = "kotune_config.yaml"
+TEMPLATE = "kotune_template.yaml"
+ADAPTER = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER)
+METRICS = "metrics.jsonl"
+SUMMARY = "run_summary.json"
+BEST = "best"
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_MARKER = "COMPLETE"
+FINGERPRINT = "fingerprint.json"
+BEST_ADAPTER = "best_adapter.safetensors"
+LOCK = ".kotune-lock"
+"""The lock file; it holds the pid, host and start time of the process training into the folder."""
+MERGE_REPORT = "merge_report.json"
+MERGE_MARKER = "kotune_merge_output.json"
+"""Written last into every merge output, listing its files: ``merge --force`` replaces only a folder that has it."""
+RUN_REPORT = "report.md"
+RECORDS = (TEMPLATE, CONFIG, SUMMARY, METRICS)
+"""The run's records a merged folder keeps a copy of."""
+
+
+class FolderError(KotuneError, ValueError):
+    """A folder that is not a kotune run or merged model, or lacks a file; the message names it."""
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """What a training run (adapter) or a merge (full model) left behind, read back."""
+
+    path: Path
+    merged: bool
+    """True for a merged full model, False for a run folder holding a LoRA adapter."""
+    config: Config
+    """The run's resolved config."""
+    template: Template
+    """The prompt template training used."""
+    fmt: str
+    """The training rows' format (``alpaca``, ``prompt_completion``, ``messages``, ``sharegpt``)."""
+
+
+# -- read a folder back ----------------------------------------------------------------------------
+def open_folder(path: str | Path) -> ModelFolder:
+    """Read a run folder (``adapter_config.json``) or a merged folder (``config.json``) with its saved config."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FolderError(f"{folder}: no such folder; give a training run's output_dir or a merged model folder")
+    merged = not (folder / ADAPTER_CONFIG).is_file()
+    if merged and not (folder / "config.json").is_file():
+        raise FolderError(f"{folder}: holds neither {ADAPTER_CONFIG} (a run) nor config.json (a merged model)")
+    if not (folder / CONFIG).is_file():
+        raise FolderError(f"{folder}: no {CONFIG}; is this a kotune output folder?")
+    cfg = load_config(folder / CONFIG)
+    return ModelFolder(folder, merged, cfg, load_saved_template(folder), training_format(cfg, folder / CONFIG))
+
+
+def training_format(cfg: Config, where: Path) -> str:
+    """The row format the run trained on; ``auto`` is detected again from the first row of its data."""
+    if cfg.data.format != "auto":
+        return cfg.data.format
+    from kotune.data.formats import detect_format
+    from kotune.data.read import DataError, read_rows
+
+    try:
+        return detect_format(read_rows(cfg.data.path, cfg.data.split)[:1], cfg.data.path)
+    except DataError as exc:
+        raise FolderError(
+            f"{where}: data.format is auto and the training data cannot be read to tell it ({exc}); "
+            "set data.format in that file"
+        ) from None
+
+
+def trained_chat_template(folder: ModelFolder, tokenizer) -> str | None:
+    """For a run trained on instruction rows or raw prompts: a chat template rendering exactly its prompts
+    (``templates.chat_template``), so tools that prompt through ``apply_chat_template`` use the trained format.
+    None for runs trained on conversations: the tokenizer's template is the one they trained with."""
+    from kotune.data.encoding import bos_id_to_add
+    from kotune.data.templates import RAW_PROMPT, chat_template
+
+    if folder.fmt in CHAT_FORMATS:
+        return None
+    template = folder.template if folder.fmt == "alpaca" else RAW_PROMPT
+    return chat_template(template, tokenizer.bos_token if bos_id_to_add(tokenizer) is not None else None)
+
+
+def folder_stop_ids(folder: ModelFolder, tokenizer, model) -> list[int]:
+    """``stop_ids`` for a run or merged folder: its chat template as training resolved it, its model's EOS ids."""
+    from kotune.data.conversations import stop_ids
+    from kotune.data.prepare import chat_template_for
+
+    return stop_ids(
+        tokenizer, getattr(model, "generation_config", None), chat_template_for(folder.config.data, tokenizer)
+    )
+
+
+# -- the template ---------------------------------------------------------------------------------
+def save_template(template: Template, directory: str | Path) -> Path:
+    """Write ``template`` beside the adapter, so inference prompts exactly as training did."""
+    path = Path(directory) / TEMPLATE
+    path.write_text(yaml.safe_dump(asdict(template), allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def load_saved_template(directory: str | Path) -> Template:
+    """The template a run saved next to its adapter."""
+    path = Path(directory) / TEMPLATE
+    if not path.is_file():
+        raise TemplateError(f"{directory}: no {TEMPLATE}; is this a kotune output folder?")
+    return load_template(str(path))
+
+
+# -- records --------------------------------------------------------------------------------------
+def read_json(path: Path) -> Any:
+    """A JSON file's content, None when it is not there."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    """The records of ``metrics.jsonl`` (none when the run logged nothing yet)."""
+    path = Path(folder) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_summary(folder: Path) -> dict | None:
+    """``run_summary.json`` of a finished run, None before it finished."""
+    return read_json(Path(folder) / SUMMARY)
+
+
+def write_summary(folder: Path, summary: dict) -> None:
+    """Write ``run_summary.json`` last and whole (renamed into place): its presence says the run finished and its
+    adapter is there."""
+    tmp = folder / f".tmp-{SUMMARY}"
+    tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, folder / SUMMARY)

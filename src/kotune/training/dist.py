@@ -1,0 +1,80 @@
+"""Several processes through torchrun or ``accelerate launch``: both set RANK / WORLD_SIZE / LOCAL_RANK.
+
+One process per GPU, each holding the whole 4-bit model on its own device; PyTorch's DDP all-reduces the LoRA
+gradients and nothing else. With one process every function here is a no-op, so the training loop reads the
+same either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as torch_dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_distributed() -> bool:
+    return rank_and_world()[1] > 1
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def init() -> None:
+    """Join the process group when launched with several processes."""
+    if is_distributed() and not torch_dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch_dist.init_process_group(backend)
+
+
+@contextlib.contextmanager
+def main_first():
+    """The first process runs the block before the others do (they then read what it cached)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def wrap(model):
+    """DDP over the trainable (LoRA) parameters only, when distributed; the model itself otherwise.
+
+    Frozen weights (4-bit, or the fast path's embedding table kept in host memory) and buffers are loaded the
+    same on every process, so DDP is told to ignore them: never checked, broadcast or all-reduced. That also
+    lets a module whose frozen parameters live on two device types (CPU embedding, GPU layers) be wrapped.
+    """
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ignored = [name for name, p in model.named_parameters() if not p.requires_grad]
+    ignored += [name for name, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def no_sync(model, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation window."""
+    if is_distributed() and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> None:
+    if is_distributed():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch_dist.barrier()

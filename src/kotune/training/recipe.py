@@ -1,0 +1,206 @@
+"""``kotune train``: the walkthrough's steps composed from kotune's parts.
+
+read data -> template -> tokenize + mask -> 4-bit base + LoRA -> train (eval / save every N) -> save adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from kotune import output
+from kotune.config import Config
+from kotune.data.audit import fatal_error, summary_lines
+from kotune.data.prepare import Prepared, prepare
+from kotune.data.read import DataError
+from kotune.errors import KotuneError
+from kotune.evaluation.run_report import write_run_report
+from kotune.model.assets import check_model_folder, resolve_model
+from kotune.model.build import load_for_training
+from kotune.model.embeddings import add_model_checks, untrained_token_ids
+from kotune.model.load import load_tokenizer
+from kotune.model.lora import check_target_modules, trainable_token_ids
+from kotune.plan.gate import check_before_loading
+from kotune.run_folder import ADAPTER, BEST, CONFIG, save_template
+from kotune.security import inside, redact, refuse_pickle
+from kotune.training import dist, fingerprint
+from kotune.training.checkpoint import write_adapter
+from kotune.training.claim import claim
+from kotune.training.loop import Fit, NonFiniteLoss
+from kotune.training.order import total_steps
+from kotune.training.resume import (
+    already_finished,
+    clear_leftovers,
+    find_resume,
+    resume_from,
+    start_metrics,
+    write_summary,
+)
+from kotune.training.signals import StopOnSignal
+
+
+class OutOfMemory(KotuneError, RuntimeError):
+    """CUDA ran out of memory; the message names the settings to change and a smaller value to try."""
+
+    exit_code = 1
+
+
+def train(
+    cfg: Config, resume: str | None = None, force: bool = False, overwrite: bool = False, fit_gpu: bool = False
+) -> Path:
+    """Run the whole job; returns the output folder holding the adapter.
+
+    ``resume``: ``auto`` or a checkpoint folder; ``force`` resumes even if the fingerprint changed, and starts
+    although the plan predicts the run does not fit the GPU; ``overwrite`` moves a run already in the output
+    folder aside instead of refusing to start over it; ``fit_gpu`` picks the largest micro-batch that fits the GPU.
+    """
+    dist.init()
+    output_dir = Path(cfg.train.output_dir)
+    try:
+        with claim(output_dir, resume is not None, overwrite) as aside:
+            if aside is not None:
+                output.info(f"kotune: moved the earlier run in {output_dir} to {aside} (--overwrite)")
+            return _train(cfg, output_dir, resume, force, fit_gpu)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise OutOfMemory(oom_advice(cfg)) from exc
+
+
+def oom_advice(cfg: Config) -> str:
+    """What to change after a CUDA out-of-memory: halve the micro-batch (same effective batch), else the cutoff."""
+    d, t = cfg.data, cfg.train
+    if t.micro_batch_size > 1:
+        mbs, gas = t.micro_batch_size // 2, t.gradient_accumulation_steps * 2
+        smaller = f"train.micro_batch_size={mbs} train.gradient_accumulation_steps={gas}"
+        smaller += f" (effective batch {t.micro_batch_size * t.gradient_accumulation_steps} -> {mbs * gas})"
+    else:
+        smaller = f"data.cutoff_len={max(64, d.cutoff_len // 2)} (longer rows are cut; `kotune data audit` counts them)"
+    if not cfg.model.gradient_checkpointing:
+        smaller += ", or model.gradient_checkpointing=true"
+    return (
+        f"CUDA out of memory with data.cutoff_len={d.cutoff_len} and train.micro_batch_size={t.micro_batch_size} "
+        f"(model.quantization={cfg.model.quantization}); try {smaller}. "
+        "Checkpoints already written stay usable: rerun with --resume"
+    )
+
+
+def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_gpu: bool) -> Path:
+    model_path = resolve_model(cfg.model.path)
+    check_model_folder(model_path)
+    if Path(model_path).is_dir():
+        refuse_pickle(model_path, cfg.model.allow_pickle, "model folder", "model.allow_pickle: true")
+    # Tokenizer, data and its audit first: a data problem stops the run before the model loads.
+    tokenizer = load_tokenizer(model_path, cfg.model)
+    with dist.main_first():  # the first process tokenizes into the cache, the others read it
+        data = prepare(cfg.data, tokenizer, log=output.info)
+    audit_data(data, model_path, tokenizer)
+    output.info(f"kotune: data ({data.format}): train {data.train_stats.summary()}")
+    if data.validation_stats.rows:
+        output.info(f"kotune: data: validation {data.validation_stats.summary()}")
+    if not data.train:
+        raise DataError("no training rows left after tokenization; run `kotune data audit` on the config")
+    if data.chat_template is not None:
+        tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
+    token_ids = trainable_token_ids(cfg.lora, tokenizer, untrained_token_ids(data.audits))
+    if cfg.lora.trainable_tokens == "auto":  # the saved config, fingerprint and fast-path choice see the result
+        cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
+    lengths = [len(e.input_ids) for e in data.train]
+    cfg = check_before_loading(cfg, model_path, lengths, dist.rank_and_world()[1], force, fit_gpu, output.info)
+    fp = fingerprint.compute(cfg, tokenizer, data.template, data.train, data.validation)
+    folder = find_resume(output_dir, resume, log=output.info)
+    if folder is not None:
+        fingerprint.check_resume(folder, fp, force)
+        steps = total_steps(cfg, len(data.train), dist.rank_and_world()[1])[0]
+        if already_finished(folder, output_dir, steps, log=output.info):
+            return output_dir
+    check_target_modules(cfg, model_path)
+    model = load_for_training(cfg, model_path, token_ids)
+    if dist.is_main():
+        inside(output_dir, CONFIG).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
+    fit = Fit(cfg, model, tokenizer, data.train, data.validation, output_dir, fingerprint=fp)
+    ready_folder(fit, folder)
+    with StopOnSignal() as stop:
+        try:
+            state = fit.run(stop)
+        except NonFiniteLoss as exc:
+            raise NonFiniteLoss(f"{exc}{untrained_tokens_hint(data)}") from None
+    if fit.rank == 0:
+        save_final(fit, data.template, tokenizer, output_dir)
+        write_summary(
+            output_dir,
+            state,
+            {
+                "train_rows": len(data.train),
+                "validation_rows": len(data.validation),
+                "skipped_rows": dict(data.train_stats.skipped),
+                "truncated_rows": data.train_stats.truncated,
+                "audit": [line.removeprefix("kotune: ") for r in data.audits for line in summary_lines(r)],
+            },
+        )
+        output.info(f"kotune: adapter written to {output_dir}")
+        output.info(f"kotune: run report written to {write_run_report(output_dir)}")
+    return output_dir
+
+
+def ready_folder(fit: Fit, checkpoint: Path | None) -> None:
+    """Before the first step: clear what an unfinished save left, then restore ``checkpoint`` or start the metrics
+    log afresh."""
+    if dist.is_main():
+        clear_leftovers(fit.output_dir)
+    if checkpoint is not None:
+        resume_from(fit, checkpoint)
+    elif dist.is_main():
+        start_metrics(fit.output_dir)
+
+
+def saved_config(cfg: Config, data: Prepared) -> Config:
+    """The config written beside the adapter, readable without the training data or template files: the data
+    format as detected, a chat template read from a file left to the tokenizer saved with the run (it holds
+    that template), so merge / chat / generate / push work on another machine, and local data paths made
+    absolute, so merge finds the data from any working directory."""
+    from kotune.data.conversations import BUILTIN_CHAT_TEMPLATES
+
+    chat_template = cfg.data.chat_template
+    if data.chat_template is not None and chat_template not in BUILTIN_CHAT_TEMPLATES:
+        chat_template = None
+    d = cfg.data
+    # merge reads the data again: relative local paths would only work from the folder training ran in
+    paths = {"path": absolute_if_local(d.path), "validation_path": absolute_if_local(d.validation_path)}
+    return replace(cfg, data=replace(d, format=data.format, chat_template=chat_template, **paths))
+
+
+def absolute_if_local(path: str | None) -> str | None:
+    """An existing local file or folder as an absolute path; a hub name (or nothing) unchanged."""
+    return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
+
+
+def audit_data(data: Prepared, model_path: str, tokenizer) -> None:
+    """Print the data audit's summary; a fatal problem raises DataError (the run stops before the model loads)."""
+    add_model_checks(data.audits, model_path, tokenizer)
+    for report in data.audits:
+        for line in summary_lines(report):
+            output.info(line)
+    message = fatal_error(data.audits)
+    if message is not None:
+        raise DataError(f"{message}\nSee `kotune data audit` for the full report.")
+
+
+def untrained_tokens_hint(data: Prepared) -> str:
+    """The audit's finding on untrained special-token embeddings, a likely cause of non-finite steps ('' if none)."""
+    found = [f.message for report in data.audits for f in report.findings if f.code == "untrained_special_tokens"]
+    return f". Likely cause, from the data audit: {found[0]}" if found else ""
+
+
+def save_final(fit: Fit, template, tokenizer, output_dir: Path) -> None:
+    """Adapter (safetensors, written atomically), tokenizer and template; the best evaluated adapter when asked for."""
+    t = fit.cfg.train
+    best = output_dir / BEST / ADAPTER
+    keep_best = t.load_best_model_at_end and fit.state.best_step is not None and best.is_file()
+    write_adapter(fit.model, output_dir, best if keep_best else None, keep_free=int(t.min_free_disk_gb * 1e9))
+    if keep_best:
+        output.info(
+            f"kotune: kept the best adapter (step {fit.state.best_step}, eval_loss {fit.state.best_eval_loss:.4f})"
+        )
+    tokenizer.save_pretrained(output_dir)
+    save_template(template, output_dir)

@@ -1,0 +1,86 @@
+"""Run logging: a progress bar with loss, tokens/s and ETA; metrics.jsonl always; wandb / tensorboard on request."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from kotune import output
+from kotune.config import Config, ConfigError
+from kotune.run_folder import METRICS
+
+PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
+"""The package each ``train.report_to`` logger imports (both come with ``pip install 'kotune[logging]'``)."""
+
+
+def check_loggers(cfg: Config) -> None:
+    """Fail before anything loads if a logger in ``train.report_to`` is not installed, naming the extra."""
+    import importlib.util
+
+    missing = [name for name in cfg.train.report_to if importlib.util.find_spec(PACKAGES[name]) is None]
+    if missing:
+        raise ConfigError(
+            f"'train.report_to' asks for {', '.join(missing)}, which is not installed: "
+            "pip install 'kotune[logging]' (or drop it from train.report_to; metrics.jsonl is always written)"
+        )
+
+
+class Reporter:
+    def __init__(self, cfg: Config, output_dir: Path, main_process: bool):
+        self.main = main_process
+        self.metrics_path = output_dir / METRICS
+        self.backends = []
+        if main_process:
+            for name in cfg.train.report_to:
+                self.backends.append(_open_backend(name, cfg, output_dir))
+
+    def progress(self, total: int, done: int):
+        return tqdm(
+            total=total,
+            initial=done,
+            desc="train",
+            unit="step",
+            disable=not self.main,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def log(self, record: dict) -> None:
+        """Append one record to metrics.jsonl (flushed at once, so a crash loses nothing logged)."""
+        if not self.main:
+            return
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        for backend in self.backends:
+            backend(numbers, record["step"])
+        if "eval_loss" in record:
+            output.status(f"kotune: step {record['step']}: eval_loss {record['eval_loss']:.4f}")
+
+
+def _open_backend(name: str, cfg: Config, output_dir: Path):
+    if name == "wandb":
+        import wandb
+
+        if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+            os.environ["WANDB_MODE"] = "offline"  # no key: keep the run locally, sync later with `wandb sync`
+        run = wandb.init(project="kotune", name=cfg.train.run_name, config=cfg.to_dict(), dir=str(output_dir))
+        return lambda values, step: run.log(values, step=step)
+    if name == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+        def write(values, step):
+            for key, value in values.items():
+                writer.add_scalar(key, value, step)
+            writer.flush()
+
+        return write
+    raise ValueError(
+        f"train.report_to: unknown logger '{name}'"
+    )  # config.validate lets only report_to's choices through
