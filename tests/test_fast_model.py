@@ -193,3 +193,25 @@ def test_bf16_four_bit_on_gpu_matches_plain_forward(tmp_path, offload):
     for g, w in zip(got[1], want[1], strict=True):
         rel = (g.float() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
         assert rel < 5e-2, rel
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_host_side_inputs_give_the_same_loss_and_gradients(packed):
+    """The training step hands the fast forward what it reads on the host (ids, row bounds, labelled positions)
+    so it never reads the device back; the result is the one it computes by reading them itself."""
+    from kotune.fast import HostSide, loss_sum as fast_loss_sum, with_host_side
+
+    model = _peft_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = _rows([7, 3, 12, 5], seed=4)
+    batch = collate_packed(rows) if packed else collate(rows, pad_id=0, pad_to_multiple_of=8)
+    host = HostSide(batch)
+    assert torch.equal(host.keep, (batch["labels"][:, 1:].reshape(-1) != -100).nonzero().squeeze(1))
+    assert host.bounds == (batch["cu_seqlens"].tolist() if packed else None)
+    fast = _fast(model)
+    _assert_same(
+        _loss_and_grads(fast, params, fast_loss_sum, with_host_side(batch)),
+        _loss_and_grads(fast, params, _fast_loss, batch),
+        rtol=0,
+        atol=0,
+    )

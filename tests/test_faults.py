@@ -74,6 +74,53 @@ def test_a_nan_step_is_skipped_counted_and_the_run_goes_on(tiny_train_config, tm
 
 
 @pytest.mark.slow
+def test_the_fused_optimizer_skips_a_nan_step_on_the_device_read_only_at_logged_steps(
+    tiny_train_config, tmp_path, monkeypatch
+):
+    """As on a GPU: steps are read only when logged, evaluated or saved, and the update is skipped by the
+    optimizer from a tensor (``found_inf``), not by the host; the run's numbers are those of a run read every
+    step."""
+    from kotune.training import loop
+
+    def run(out, lazy: bool):
+        if lazy:
+            monkeypatch.setattr(loop, "settles_each_step", lambda device: False)
+        handle = nan_logits_on_steps({5})  # step 5 is neither logged, evaluated nor saved: read at step 6
+        overrides = {"train.max_bad_steps": 2, "train.optimizer": "adamw_fused", "train.logging_steps": 3}
+        try:
+            train(tiny_train_config(out, overrides))
+        finally:
+            handle.remove()
+            monkeypatch.undo()
+        return records(out)
+
+    eager, lazy = run(tmp_path / "eager", False), run(tmp_path / "lazy", True)
+    strip = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in lazy]
+    assert strip == [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in eager]
+    assert [r["step"] for r in lazy if "loss" in r] == [3, 6]
+    assert json.loads((tmp_path / "lazy" / "run_summary.json").read_text())["skipped_steps"] == 1
+    _, optimizer_state, state = read_checkpoint(tmp_path / "lazy" / "checkpoint-6")
+    assert state["skipped_steps"] == 1 and state["bad_steps"] == 0
+    assert all(int(s["step"]) == 5 for s in optimizer_state["state"].values()), "step 5 must not update"
+
+
+@pytest.mark.slow
+def test_read_only_when_saved_bad_steps_still_stop_the_run_before_the_save(tiny_train_config, tmp_path, monkeypatch):
+    from kotune.training import loop
+
+    monkeypatch.setattr(loop, "settles_each_step", lambda device: False)
+    out = tmp_path / "run"
+    overrides = {"train.max_bad_steps": 2, "train.optimizer": "adamw_fused", "train.logging_steps": 100}
+    handle = nan_logits_on_steps({3, 4, 5, 6})
+    try:
+        with pytest.raises(NonFiniteLoss, match="the last at step 4"):
+            train(tiny_train_config(out, overrides))
+    finally:
+        handle.remove()
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+
+
+@pytest.mark.slow
 def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(tiny_train_config, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_train_config(out, {"train.max_bad_steps": 2})

@@ -113,8 +113,10 @@ class TrainConfig:
     """Linear warm-up steps before the schedule."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Schedule after warm-up."""
-    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw_torch"] = "paged_adamw_8bit"
-    """The ``8bit`` ones are bitsandbytes' (CUDA); CPU runs use ``adamw_torch``."""
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw_fused", "adamw_torch"] = "paged_adamw_8bit"
+    """The ``8bit`` ones are bitsandbytes' (CUDA; CPU runs use ``adamw_torch``). ``adamw_fused``: torch's fused
+    AdamW (32-bit moments, 8 bytes per LoRA weight) updates every LoRA tensor in one launch and skips a
+    non-finite step on the GPU, so a step needs no host synchronisation (bench/RESULTS.md compares them)."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.95

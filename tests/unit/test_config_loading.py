@@ -80,7 +80,7 @@ def test_unknown_section_is_named(tmp_path):
         ("data.columns=[a]", "must be a mapping, got ['a']"),
         ("data.cutoff_len=null", "cannot be null"),
         ("model.quantization=2bit", "'2bit'; choose one of 4bit, 8bit, none"),
-        ("train.optimizer=sgd", "'sgd'; choose one of paged_adamw_8bit, adamw_8bit, adamw_torch"),
+        ("train.optimizer=sgd", "'sgd'; choose one of paged_adamw_8bit, adamw_8bit, adamw_fused, adamw_torch"),
         ("data.cutoff_len=0", "must be positive, got 0"),
         ("train.gradient_accumulation_steps=-1", "must be positive, got -1"),
         ("data.val_size=1", "must be in [0, 1), got 1.0"),

@@ -53,3 +53,13 @@ def collate_packed(batch: list[Example]) -> dict[str, torch.Tensor]:
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "cu_seqlens": torch.tensor(offsets, dtype=torch.int32),
     }
+
+
+def to_device(value, device: torch.device):
+    """A batch value on ``device`` (anything not a tensor as it is); host-to-GPU copies go through pinned
+    memory and do not wait for the GPU (a copy from pageable memory waits for all work queued before it)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if device.type != "cuda" or value.device.type != "cpu":
+        return value.to(device)
+    return value.pin_memory().to(device, non_blocking=True)

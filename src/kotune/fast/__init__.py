@@ -12,6 +12,7 @@ import importlib
 import torch
 
 from kotune.config import Config
+from kotune.data.examples import IGNORE
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -65,6 +66,28 @@ def build(peft_model, cfg: Config, **levers):
     )
 
 
+class HostSide:
+    """What the fast forward reads on the host, taken from a batch before it moves to the GPU, so the forward
+    never waits for the device to hand it back: the token ids (the embedding table lives in host memory), the
+    packed rows' bounds, and the labelled positions the loss projects.
+
+    A plain class on purpose: DDP moves tensors (and dataclasses of tensors) in a forward's arguments to the
+    GPU, and these must stay where they are.
+    """
+
+    __slots__ = ("ids", "bounds", "keep")
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        self.ids = batch["input_ids"].reshape(-1)
+        self.bounds = batch["cu_seqlens"].tolist() if "cu_seqlens" in batch else None
+        self.keep = (batch["labels"][:, 1:].reshape(-1) != IGNORE).nonzero().squeeze(1)
+
+
+def with_host_side(batch: dict) -> dict:
+    """``batch`` (still on the host) with its :class:`HostSide` under ``"host"``."""
+    return {**batch, "host": HostSide(batch)}
+
+
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token loss through the fast model (or its DDP wrapper); the plain path's ``loss_sum`` twin."""
     return model(
@@ -72,4 +95,5 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels=batch["labels"],
         position_ids=batch.get("position_ids"),
         cu_seqlens=batch.get("cu_seqlens"),
+        host=batch.get("host"),
     )

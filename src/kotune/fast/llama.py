@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kotune.data.batching import to_device
 from kotune.fast.attention import causal_attention, packed_attention
 from kotune.fast.checkpoint import ActivationStore, checkpointed
 from kotune.fast.lora import Projection, UnsupportedModule, project, read_projection
@@ -79,22 +80,33 @@ class DecoderLayer:
 class HostEmbedding:
     """The input embedding table kept in host memory: a forward needs only its batch's rows (1 GiB saved at 8B).
 
-    Rows are gathered on the CPU into a reused pinned buffer and copied to the device asynchronously.
+    Rows are gathered on the CPU into one of two reused pinned buffers and copied to the device
+    asynchronously; before a buffer is refilled, the copy out of it two forwards ago must be done (an event
+    says when, so the host waits for that copy only, not for the device's queue).
     """
 
     def __init__(self, module: torch.nn.Embedding):
         module.to("cpu")
         self.weight = module.weight.detach()
-        self._buffer = torch.empty(0, dtype=self.weight.dtype)
+        self._buffers = [torch.empty(0, dtype=self.weight.dtype)] * 2
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
 
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.reshape(-1).cpu()  # waits for the device: the previous copy out of the buffer is done
-        n, dim = ids.numel(), self.weight.shape[1]
-        if self._buffer.numel() < n * dim:
-            self._buffer = torch.empty(n * dim, dtype=self.weight.dtype, pin_memory=True)
-        rows = self._buffer[: n * dim].view(n, dim)
+    def __call__(self, input_ids: torch.Tensor, host_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of ``input_ids`` on its device; ``host_ids``, the same ids on the host, spare a read back."""
+        ids = input_ids.reshape(-1).cpu() if host_ids is None else host_ids
+        n, dim, turn = ids.numel(), self.weight.shape[1], self._turn
+        self._turn ^= 1
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()
+        if self._buffers[turn].numel() < n * dim:
+            self._buffers[turn] = torch.empty(n * dim, dtype=self.weight.dtype, pin_memory=True)
+        rows = self._buffers[turn][: n * dim].view(n, dim)
         torch.index_select(self.weight, 0, ids, out=rows)
-        return rows.to(input_ids.device, non_blocking=True).view(*input_ids.shape, dim)
+        on_device = rows.to(input_ids.device, non_blocking=True)
+        self._copied[turn] = torch.cuda.Event()
+        self._copied[turn].record()
+        return on_device.view(*input_ids.shape, dim)
 
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -159,20 +171,29 @@ class FastCausalLM(torch.nn.Module):
         else:  # where an earlier fast model of this peft model may have left it
             inner.embed_tokens.to(device)
 
-    def forward(self, input_ids, labels, position_ids=None, cu_seqlens=None):
-        """Summed loss of ``labels`` (right-padded batch, or one packed row with ``position_ids``/``cu_seqlens``)."""
+    def forward(self, input_ids, labels, position_ids=None, cu_seqlens=None, host=None):
+        """Summed loss of ``labels`` (right-padded batch, or one packed row with ``position_ids``/``cu_seqlens``);
+        ``host`` (:class:`kotune.fast.HostSide`) spares the forward every read back from the device."""
         embed, norm, rotary, head = self._parts
         device = input_ids.device
         with torch.autocast(device.type, enabled=False):
-            x = (self.host_embedding or embed)(input_ids).to(self.dtype_)
+            if self.host_embedding is not None:
+                x = self.host_embedding(input_ids, host.ids if host is not None else None)
+            else:
+                x = embed(input_ids)
+            x = x.to(self.dtype_)
             if position_ids is None:
                 position_ids = torch.arange(input_ids.shape[1], device=device)[None].expand(input_ids.shape[0], -1)
             cos, sin = rotary(x, position_ids)
-            bounds = None if cu_seqlens is None else cu_seqlens.tolist()
+            if host is not None:
+                bounds = host.bounds
+            else:
+                bounds = None if cu_seqlens is None else cu_seqlens.tolist()
             rows = Rows(cos, sin, cu_seqlens, bounds, self.training and torch.is_grad_enabled())
             keep = self.checkpoint and torch.is_grad_enabled()
             rng = rows.training and any(p.dropout > 0 for layer in self.layers for p in layer.proj.values())
             for i, layer in enumerate(self.layers):
                 x = checkpointed(layer, x, (rows,), self.store, i, rng) if keep else layer(x, rows)
             x = self.ops.rms_norm(x, norm.weight, norm.variance_epsilon)
-            return linear_cross_entropy_sum(x, head.weight.to(self.dtype_), labels)
+            keep = None if host is None else to_device(host.keep, device)
+            return linear_cross_entropy_sum(x, head.weight.to(self.dtype_), labels, keep=keep)

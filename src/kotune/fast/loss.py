@@ -54,17 +54,24 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
 
 def linear_cross_entropy_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    rows: int | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed next-token cross-entropy (fp32) of ``hidden [batch, seq, dim]`` against ``labels [batch, seq]``.
 
     Position ``t`` predicts ``labels[:, t + 1]``; positions whose next label is -100 are dropped before the
     projection, so prompt and padding tokens cost nothing. ``weight`` (the output embedding) must be frozen.
+    ``keep``: those positions (flat indices into ``labels[:, 1:]``), found on the host beforehand; finding
+    them here waits for the device.
     """
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy_sum needs a frozen output weight (LoRA training)")
     targets = labels[:, 1:].reshape(-1)
-    keep = (targets != IGNORE).nonzero().squeeze(1)
+    if keep is None:
+        keep = (targets != IGNORE).nonzero().squeeze(1)
     flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     if keep.numel() == 0:
         return (flat.sum() * 0.0).float()  # keeps the graph connected when a micro-batch has no labelled token

@@ -46,6 +46,11 @@ class TrainingModel:
         """The module a training step calls: the fast model, else the peft model."""
         return self.fast if self.fast is not None else self.peft
 
+    def host_side(self, batch: dict) -> dict:
+        """``batch`` as the training step hands it over, still on the host (the fast path takes what it will
+        read on the host out of it first: ``kotune.fast.HostSide``)."""
+        return fast.with_host_side(batch) if self.fast is not None else batch
+
     @property
     def loss_sum(self):
         """``loss_sum(forward, batch)``: the summed next-token loss of a batch on this path."""

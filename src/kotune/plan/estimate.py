@@ -41,7 +41,7 @@ MARGIN = 0.08
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 """Per weight: a 4-bit code, an 8-bit absmax per block of 64 (double quant), an fp32 constant per 256 blocks."""
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-OPTIMIZER_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "adamw_torch": 8}
+OPTIMIZER_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "adamw_fused": 8, "adamw_torch": 8}
 """Optimizer state per LoRA weight (two moments)."""
 
 

@@ -8,7 +8,6 @@ the whole step (all processes), so long and short rows weigh what they should wh
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +16,18 @@ import torch
 
 from kotune import output
 from kotune.config import Config, TrainConfig
-from kotune.data.batching import collate
+from kotune.data.batching import collate, to_device
 from kotune.data.examples import IGNORE, Example
 from kotune.errors import KotuneError
 from kotune.model.build import TrainingModel
 from kotune.run_folder import BEST, CHECKPOINT_PREFIX
 from kotune.security import inside
-from kotune.training import dist
+from kotune.training import dist, memory
 from kotune.training.checkpoint import (
     latest_good,
     save_adapter,
 )
-from kotune.training.optim import build_optimizer, lr_at
+from kotune.training.optim import build_optimizer, lr_at, skips_on_device
 from kotune.training.order import DataOrder, total_steps
 from kotune.training.report import Reporter
 from kotune.training.resume import save_checkpoint
@@ -59,6 +58,18 @@ class RunState:
     processes: int = 1
     """Processes that trained the steps so far (the last of them); a resume on another number is allowed."""
     history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Pending:
+    """A step whose numbers are still on the device."""
+
+    step: int
+    micro_step: int
+    """Where the step starts in the data order (names its rows if it turns out bad)."""
+    lr: float
+    numbers: torch.Tensor
+    """float64 [loss, gradient norm, update applied, supervised tokens, input tokens of each process]."""
 
 
 def input_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -116,6 +127,7 @@ class Fit:
         self.rank, self.world = dist.rank_and_world()
         self.device = next(p for p in model.peft.parameters() if p.requires_grad).device
         self.loss_fn = model.loss_sum
+        self.host_side = model.host_side
         self.ddp_model = dist.wrap(model.forward)
         # peft's get_peft_model sets training mode on its wrapper only; the layers stay in from_pretrained's
         # eval mode, where transformers skips gradient checkpointing and LoRA dropout is off
@@ -127,21 +139,28 @@ class Fit:
         self.order = DataOrder(train, cfg, self.rank, self.world, tokenizer.pad_token_id, packed)
         self.state = RunState(processes=self.world)
         self.saved_step: int | None = None
+        self.pending: list[Pending] = []
+        """Steps whose loss, gradient norm and token counts are still on the device (see ``settle``)."""
+        self.settle_every_step = settles_each_step(self.device)
 
     # -- one optimizer step -----------------------------------------------------------------------
-    def step(self) -> dict:
-        """Forward / backward over one accumulation window, clip, check finiteness, update."""
+    def step(self) -> None:
+        """Forward / backward over one accumulation window, clip, update; the step's numbers stay on the device
+        (``Pending``) until ``settle`` reads them, so a step by itself waits for the GPU nowhere (with an
+        optimizer that ``skips_on_device``; the 8-bit ones need one read a step to decide on the update)."""
         cfg, model = self.cfg.train, self.ddp_model
-        window = self.order.window(self.state.micro_step)
+        start = self.state.micro_step
+        window = self.order.window(start)
         # [supervised tokens, input tokens of process 0, 1, ...]: one all-reduce gives the step's totals
-        counts = torch.zeros(1 + self.world, dtype=torch.float64, device=self.device)
-        counts[0] = float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in window))
-        counts[1 + self.rank] = float(sum(input_tokens(b) for b in window))
+        host_counts = [0.0] * (1 + self.world)
+        host_counts[0] = float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in window))
+        host_counts[1 + self.rank] = float(sum(input_tokens(b) for b in window))
+        counts = to_device(torch.tensor(host_counts, dtype=torch.float64), self.device)
         dist.all_reduce_sum(counts)
         n_tokens = counts[0].float()  # normalise by the supervised tokens of the whole step, all processes
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(window):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = {k: to_device(v, self.device) for k, v in self.host_side(batch).items()}
             with dist.no_sync(model, last=i == len(window) - 1), autocast(self.cfg, self.device):
                 loss = self.loss_fn(model, batch)
                 # DDP averages the processes' gradients; the step's gradient is their sum
@@ -149,25 +168,42 @@ class Fit:
             total += loss.detach().double()
         self.state.micro_step += cfg.gradient_accumulation_steps  # packing may feed them as fewer sequences
         dist.all_reduce_sum(total)
-        loss_value = (total / n_tokens.clamp(min=1)).item()
+        loss = total / n_tokens.clamp(min=1)
         lr = lr_at(self.state.step, self.steps, cfg)
-        grad_norm, finite = clip_and_update(self.model, self.optimizer, cfg, lr, loss_value)
-        self.state.bad_steps = 0 if finite else self.state.bad_steps + 1
-        self.state.skipped_steps += not finite
+        grad_norm, finite = clip_and_update(self.model, self.optimizer, cfg, lr, loss)
         self.state.step += 1
-        self.state.tokens += int(n_tokens.item())
-        record = {
-            "step": self.state.step,
-            "loss": loss_value,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "tokens": int(n_tokens.item()),
-            "skipped": not finite,
-        }
-        record["input_tokens"] = int(counts[1:].sum().item())
-        if self.world > 1:
-            record.update(processes=self.world, input_tokens_per_process=[int(c) for c in counts[1:].tolist()])
-        return record
+        numbers = torch.stack([loss, grad_norm.double(), finite.double()])
+        self.pending.append(Pending(self.state.step, start, lr, torch.cat([numbers, counts])))
+
+    def settle(self) -> list[dict]:
+        """Read the numbers of the steps not read yet (one wait for the device), count their tokens and
+        non-finite steps, and return their records; stops the run after ``max_bad_steps`` bad steps in a row."""
+        if not self.pending:
+            return []
+        pending, self.pending = self.pending, []
+        values = torch.stack([p.numbers for p in pending]).tolist()
+        records = []
+        for p, (loss, grad_norm, finite, supervised, *inputs) in zip(pending, values, strict=True):
+            record = {
+                "step": p.step,
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": p.lr,
+                "tokens": int(supervised),
+                "skipped": not finite,
+                "input_tokens": int(sum(inputs)),
+            }
+            if self.world > 1:
+                record.update(processes=self.world, input_tokens_per_process=[int(c) for c in inputs])
+            self.state.tokens += record["tokens"]
+            self.state.bad_steps = 0 if finite else self.state.bad_steps + 1
+            self.state.skipped_steps += not finite
+            records.append(record)
+            if not finite:
+                output.warn(f"step {p.step}: non-finite loss or gradient norm; update skipped")
+                if self.state.bad_steps >= self.cfg.train.max_bad_steps:
+                    raise numerical_fault(self, record, p.micro_step)
+        return records
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, stop: StopOnSignal | None = None) -> RunState:
@@ -179,27 +215,36 @@ class Fit:
             self._evaluate()
         window_start, window_tokens = time.perf_counter(), 0
         while self.state.step < self.steps:
-            record = self.step()
-            window_tokens += record["tokens"]
-            if record["skipped"]:
-                output.warn(f"step {record['step']}: non-finite loss or gradient norm; update skipped")
-                if self.state.bad_steps >= cfg.max_bad_steps:
+            self.step()
+            step = self.state.step
+            log_due = step % cfg.logging_steps == 0 or step == self.steps
+            eval_due = bool(self.val_rows) and (step % cfg.eval_steps == 0 or step == self.steps)
+            save_due = step % cfg.save_steps == 0 or step == self.steps
+            stop_due = stop is not None and step < self.steps and stop_requested(stop, self.device)
+            if self.settle_every_step or log_due or eval_due or save_due or stop_due:
+                try:
+                    records = self.settle()
+                except NonFiniteLoss:
                     progress.close()
-                    raise numerical_fault(self, record)
-            if self.state.step % cfg.logging_steps == 0 or self.state.step == self.steps:
+                    raise
+                window_tokens += sum(r["tokens"] for r in records)
+            if log_due:
+                record = records[-1]
                 elapsed = time.perf_counter() - window_start
                 record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
                 record["epoch"] = self.state.micro_step / self.order.per_epoch
+                record.update(memory.peak())
                 self.reporter.log(record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                tok_s = f"{record['tokens_per_s']:.0f}"
+                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=tok_s, **memory.now())
                 window_start, window_tokens = time.perf_counter(), 0
             progress.update(1)
-            if stop is not None and self.state.step < self.steps and stop_requested(stop, self.device):
+            if stop_due:
                 progress.close()
                 self._interrupt(stop)  # before this step's evaluation: a stop waits for one step, no more
-            if self.val_rows and (self.state.step % cfg.eval_steps == 0 or self.state.step == self.steps):
+            if eval_due:
                 self._evaluate()
-            if self.state.step % cfg.save_steps == 0 or self.state.step == self.steps:
+            if save_due:
                 save_checkpoint(self)  # the last step too: a finished run can be extended with --resume
         progress.close()
         if self.state.step and self.state.skipped_steps == self.state.step:
@@ -235,16 +280,28 @@ class Fit:
         raise Interrupted(stop.signum, self.state.step, folder if self.rank == 0 else None)
 
 
-def clip_and_update(model, optimizer, cfg: TrainConfig, lr: float, loss_value: float) -> tuple[float, bool]:
+def settles_each_step(device: torch.device) -> bool:
+    """Whether every step's numbers are read at once: off the GPU reading costs nothing; on it, only logged,
+    evaluated, saved and stopped-at steps are read (their skipped steps are counted then)."""
+    return device.type != "cuda"
+
+
+def clip_and_update(model, optimizer, cfg: TrainConfig, lr: float, loss: torch.Tensor):
     """Clip the trained parameters' gradients, and update them unless the loss or the gradient norm is not
-    finite; returns (gradient norm before clipping, update applied)."""
+    finite; returns (gradient norm before clipping, update applied), both as device tensors.
+
+    An optimizer that ``skips_on_device`` is handed the verdict as a tensor; any other needs it on the host.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-    if finite:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if skips_on_device(optimizer):
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+    elif finite.item():
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, finite
@@ -259,9 +316,9 @@ def stop_requested(stop: StopOnSignal, device) -> bool:
     return flag.item() > 0
 
 
-def numerical_fault(fit: Fit, record: dict) -> NonFiniteLoss:
-    """The error that stops a run after ``max_bad_steps`` bad steps: step, rows and what to try."""
-    start = fit.state.micro_step - fit.cfg.train.gradient_accumulation_steps
+def numerical_fault(fit: Fit, record: dict, start: int) -> NonFiniteLoss:
+    """The error that stops a run after ``max_bad_steps`` bad steps (the last of them ``record``, starting at
+    micro-batch ``start`` of the order): step, rows and what to try."""
     rows = sorted(fit.order.rows[i].row for i in fit.order.step_rows(start))
     good = latest_good(fit.output_dir, log=lambda _: None)
     kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"

@@ -15,15 +15,23 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.weight_decay}
     name = cfg.optimizer
-    if name != "adamw_torch" and device.type != "cuda":
+    if name.endswith("8bit") and device.type != "cuda":
         warnings.warn(f"train.optimizer={name} needs CUDA; using adamw_torch on {device.type}", stacklevel=2)
         name = "adamw_torch"
+    if name == "adamw_fused":
+        return torch.optim.AdamW(params, fused=True, **kwargs)
     if name == "adamw_torch":
         return torch.optim.AdamW(params, **kwargs)
     import bitsandbytes as bnb
 
     cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(params, **kwargs)
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether ``optimizer.step`` can be told on the device to skip an update (torch's fused AdamW reads a
+    ``found_inf`` tensor, as under a gradient scaler), so deciding needs no host synchronisation."""
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
