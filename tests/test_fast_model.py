@@ -199,7 +199,8 @@ def test_bf16_four_bit_on_gpu_matches_plain_forward(tmp_path, offload):
 def test_host_side_inputs_give_the_same_loss_and_gradients(packed):
     """The training step hands the fast forward what it reads on the host (ids, row bounds, labelled positions)
     so it never reads the device back; the result is the one it computes by reading them itself."""
-    from kotune.fast import HostSide, loss_sum as fast_loss_sum, with_host_side
+    from kotune.fast import HostSide, with_host_side
+    from kotune.fast import loss_sum as fast_loss_sum
 
     model = _peft_model()
     params = [p for p in model.parameters() if p.requires_grad]

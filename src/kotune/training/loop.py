@@ -62,7 +62,7 @@ class RunState:
 
 @dataclass
 class Pending:
-    """A step whose numbers are still on the device."""
+    """A step whose numbers are on their way from the device to the host."""
 
     step: int
     micro_step: int
@@ -70,6 +70,22 @@ class Pending:
     lr: float
     numbers: torch.Tensor
     """float64 [loss, gradient norm, update applied, supervised tokens, input tokens of each process]."""
+    copied: torch.cuda.Event | None
+    """Recorded after the copy to the host: waiting on it waits for this step only, not for later ones."""
+
+    @classmethod
+    def on_its_way(cls, step: int, micro_step: int, lr: float, numbers: torch.Tensor) -> Pending:
+        if numbers.device.type != "cuda":
+            return cls(step, micro_step, lr, numbers, None)
+        host = numbers.to("cpu", non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(step, micro_step, lr, host, copied)
+
+    def read(self) -> list[float]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.numbers.tolist()
 
 
 def input_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -145,9 +161,10 @@ class Fit:
 
     # -- one optimizer step -----------------------------------------------------------------------
     def step(self) -> None:
-        """Forward / backward over one accumulation window, clip, update; the step's numbers stay on the device
-        (``Pending``) until ``settle`` reads them, so a step by itself waits for the GPU nowhere (with an
-        optimizer that ``skips_on_device``; the 8-bit ones need one read a step to decide on the update)."""
+        """Forward / backward over one accumulation window, clip, update; the step's numbers are copied to the
+        host behind its work (``Pending``) and read by ``settle``, so a step by itself waits for the GPU nowhere
+        (with an optimizer that ``skips_on_device``; the 8-bit ones need one read a step to decide on the
+        update)."""
         cfg, model = self.cfg.train, self.ddp_model
         start = self.state.micro_step
         window = self.order.window(start)
@@ -172,18 +189,18 @@ class Fit:
         lr = lr_at(self.state.step, self.steps, cfg)
         grad_norm, finite = clip_and_update(self.model, self.optimizer, cfg, lr, loss)
         self.state.step += 1
-        numbers = torch.stack([loss, grad_norm.double(), finite.double()])
-        self.pending.append(Pending(self.state.step, start, lr, torch.cat([numbers, counts])))
+        numbers = torch.cat([torch.stack([loss, grad_norm.double(), finite.double()]), counts])
+        self.pending.append(Pending.on_its_way(self.state.step, start, lr, numbers))
 
-    def settle(self) -> list[dict]:
-        """Read the numbers of the steps not read yet (one wait for the device), count their tokens and
-        non-finite steps, and return their records; stops the run after ``max_bad_steps`` bad steps in a row."""
-        if not self.pending:
-            return []
-        pending, self.pending = self.pending, []
-        values = torch.stack([p.numbers for p in pending]).tolist()
+    def settle(self, up_to: int) -> list[dict]:
+        """Read the numbers of the steps up to ``up_to`` not read yet (waiting for those steps only), count
+        their tokens and non-finite steps, and return their records; stops the run after ``max_bad_steps`` bad
+        steps in a row."""
+        ready = [p for p in self.pending if p.step <= up_to]
+        self.pending = self.pending[len(ready) :]
         records = []
-        for p, (loss, grad_norm, finite, supervised, *inputs) in zip(pending, values, strict=True):
+        for p in ready:
+            loss, grad_norm, finite, supervised, *inputs = p.read()
             record = {
                 "step": p.step,
                 "loss": loss,
@@ -192,6 +209,7 @@ class Fit:
                 "tokens": int(supervised),
                 "skipped": not finite,
                 "input_tokens": int(sum(inputs)),
+                "epoch": (p.micro_step + self.cfg.train.gradient_accumulation_steps) / self.order.per_epoch,
             }
             if self.world > 1:
                 record.update(processes=self.world, input_tokens_per_process=[int(c) for c in inputs])
@@ -217,27 +235,27 @@ class Fit:
         while self.state.step < self.steps:
             self.step()
             step = self.state.step
-            log_due = step % cfg.logging_steps == 0 or step == self.steps
             eval_due = bool(self.val_rows) and (step % cfg.eval_steps == 0 or step == self.steps)
             save_due = step % cfg.save_steps == 0 or step == self.steps
             stop_due = stop is not None and step < self.steps and stop_requested(stop, self.device)
-            if self.settle_every_step or log_due or eval_due or save_due or stop_due:
-                try:
-                    records = self.settle()
-                except NonFiniteLoss:
-                    progress.close()
-                    raise
-                window_tokens += sum(r["tokens"] for r in records)
-            if log_due:
-                record = records[-1]
-                elapsed = time.perf_counter() - window_start
-                record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
-                record["epoch"] = self.state.micro_step / self.order.per_epoch
-                record.update(memory.peak())
-                self.reporter.log(record)
-                tok_s = f"{record['tokens_per_s']:.0f}"
-                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=tok_s, **memory.now())
-                window_start, window_tokens = time.perf_counter(), 0
+            # the previous step's numbers are read while this one runs: the GPU never waits for the host
+            now = self.settle_every_step or eval_due or save_due or stop_due
+            try:
+                records = self.settle(step if now else step - 1)
+            except NonFiniteLoss:
+                progress.close()
+                raise
+            for record in records:
+                window_tokens += record["tokens"]
+                if record["step"] % cfg.logging_steps == 0 or record["step"] == self.steps:
+                    elapsed = time.perf_counter() - window_start
+                    record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
+                    record["epoch"] = record.pop("epoch")  # after the rate, as metrics.jsonl has always had it
+                    record.update(memory.peak())
+                    self.reporter.log(record)
+                    tok_s = f"{record['tokens_per_s']:.0f}"
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=tok_s, **memory.now())
+                    window_start, window_tokens = time.perf_counter(), 0
             progress.update(1)
             if stop_due:
                 progress.close()
@@ -281,8 +299,9 @@ class Fit:
 
 
 def settles_each_step(device: torch.device) -> bool:
-    """Whether every step's numbers are read at once: off the GPU reading costs nothing; on it, only logged,
-    evaluated, saved and stopped-at steps are read (their skipped steps are counted then)."""
+    """Whether every step's numbers are read right after it: off the GPU reading costs nothing; on it, a step's
+    numbers are read during the next step (at once before an evaluation, a save or a stop), so logging and the
+    count of non-finite steps run one step behind and the GPU always has the next step queued."""
     return device.type != "cuda"
 
 
