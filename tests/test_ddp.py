@@ -219,6 +219,6 @@ def test_a_step_with_fewer_rows_than_processes_is_a_config_error(tiny_train_conf
     from kotune.training.order import total_steps
 
     cfg = tiny_train_config(tmp_path, {"train.micro_batch_size": 1, "train.gradient_accumulation_steps": 1})
-    assert total_steps(cfg, 19, 1)[0] == 6
+    assert total_steps(cfg, [5] * 19, 1)[0] == 6
     with pytest.raises(ConfigError, match="cannot be split over 2 processes"):
-        total_steps(cfg, 19, 2)
+        total_steps(cfg, [5] * 19, 2)
