@@ -19,7 +19,7 @@ from kotune.data.batching import collate
 from kotune.data.examples import Example
 from kotune.data.packing import pack_best_fit, pack_groups
 from kotune.model.build import loss_sum
-from kotune.training.order import DataOrder, epoch_units, step_passes, step_units, total_steps, unit_count
+from kotune.training.order import DataOrder, Epochs, epoch_units, step_passes, step_units, total_steps, unit_count
 from tests.unit.test_pinned_run import kotune_train, write_config
 
 IGNORE = -100
@@ -50,7 +50,7 @@ def test_every_row_once_an_epoch_and_no_sequence_over_the_cutoff(seed):
     assert per_epoch == unit_count(lengths, cfg) < len(lengths)  # several rows a sequence: fewer steps an epoch
     epochs = []
     for epoch in range(2):
-        seqs = [step_units(lengths, cfg, epoch * per_epoch + m)[0] for m in range(per_epoch)]
+        seqs = [step_units(Epochs(lengths, cfg), epoch * per_epoch + m)[0] for m in range(per_epoch)]
         assert sorted(i for s in seqs for i in s) == list(range(len(lengths)))
         assert all(sum(lengths[i] for i in s) <= 64 for s in seqs)
         epochs.append(seqs)
@@ -68,7 +68,7 @@ def test_a_pass_is_micro_batch_size_sequences_and_the_plan_sees_the_same():
     steps = total_steps(cfg, lengths, 1)[0]
     order = DataOrder(rows, cfg, 0, 1, pad_id=0, packed=True)
     for step in range(steps):
-        seqs = step_units(lengths, cfg, step * 2)
+        seqs = step_units(Epochs(lengths, cfg), step * 2)
         assert len(seqs) == 4
         passes = order.passes(step * 2)
         assert passes == [seqs[0] + seqs[1], seqs[2] + seqs[3]]
@@ -82,8 +82,8 @@ def test_a_pass_is_micro_batch_size_sequences_and_the_plan_sees_the_same():
 def test_two_processes_split_each_step_into_whole_sequences_once(micro_step):
     lengths = random_lengths(5, n=80)
     cfg = config(**{"data.cutoff_len": 64, "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 3})
-    seqs = step_units(lengths, cfg, micro_step)
-    ranks = [step_passes(lengths, cfg, micro_step, rank, 2, packed=True) for rank in range(2)]
+    seqs = step_units(Epochs(lengths, cfg), micro_step)
+    ranks = [step_passes(Epochs(lengths, cfg), micro_step, rank, 2, packed=True) for rank in range(2)]
     fed = [i for passes in ranks for p in passes for i in p]
     assert sorted(fed) == sorted(i for s in seqs for i in s)  # every row of the step, on exactly one process
     for passes in ranks:

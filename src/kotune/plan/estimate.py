@@ -20,7 +20,6 @@ kernels: CPU, 8-bit weights, unsupported models) is arithmetic only; ``Plan.basi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
 
 from kotune.config import Config
 from kotune.plan.gpus import GiB, Gpu
@@ -96,14 +95,14 @@ class Plan:
 
 def run_passes(lengths: list[int], cfg: Config, world: int = 1, rank: int = 0, packed: bool = True) -> list[Pass]:
     """Every pass process ``rank`` makes in the run, in order: ``training.order.step_passes``, step by step."""
-    from kotune.training.order import epoch_units, step_passes, total_steps
+    from kotune.training.order import Epochs, step_passes, total_steps
 
     t = cfg.train
     steps, _ = total_steps(cfg, lengths, world)
-    units = lru_cache(maxsize=1)(partial(epoch_units, lengths, cfg))
+    epochs = Epochs(lengths, cfg)
     out: list[Pass] = []
     for step in range(steps):
-        for group in step_passes(lengths, cfg, step * t.gradient_accumulation_steps, rank, world, packed, units):
+        for group in step_passes(epochs, step * t.gradient_accumulation_steps, rank, world, packed):
             if packed:
                 out.append(Pass(step, group, sum(lengths[i] for i in group), sum(lengths[i] ** 2 for i in group)))
                 continue

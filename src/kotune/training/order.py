@@ -11,8 +11,7 @@ position in the order (``micro_step``), so a resumed run sees exactly the rows i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from functools import lru_cache, partial
+from functools import lru_cache
 
 import torch
 
@@ -77,41 +76,44 @@ def share(rows: list, lengths: list[int], rank: int, world: int) -> list:
     return [rows[p] for p in sorted(mine)]
 
 
-def step_units(
-    lengths: list[int], cfg: Config, micro_step: int, units: Callable[[int], list[list[int]]] | None = None
-) -> list[list[int]]:
-    """The units of the optimizer step that starts at ``micro_step`` (all processes).
+class Epochs:
+    """The epochs' orders of one run over rows of these ``lengths``, memoised (one epoch at a time): nothing but
+    ``epoch_units``, so whatever reads them stays a pure function of (config, lengths, position)."""
 
-    ``units`` maps an epoch to its ``epoch_units`` (pass a memoised one when walking many steps).
-    """
-    t = cfg.train
-    units = units or partial(epoch_units, lengths, cfg)
+    def __init__(self, lengths: list[int], cfg: Config):
+        self.lengths, self.cfg = lengths, cfg
+        self.per_epoch = unit_count(lengths, cfg) // cfg.train.micro_batch_size
+        """Micro-batches an epoch (a partial last one is left out)."""
+        self._epoch: int | None = None
+        self._units: list[list[int]] = []
+
+    def units(self, epoch: int) -> list[list[int]]:
+        if self._epoch != epoch:
+            self._epoch, self._units = epoch, epoch_units(self.lengths, self.cfg, epoch)
+        return self._units
+
+
+def step_units(epochs: Epochs, micro_step: int) -> list[list[int]]:
+    """The units of the optimizer step that starts at ``micro_step`` (all processes)."""
+    t = epochs.cfg.train
     size = t.micro_batch_size
-    per_epoch = unit_count(lengths, cfg) // size
     out: list[list[int]] = []
     for m in range(micro_step, micro_step + t.gradient_accumulation_steps):
-        epoch, index = divmod(m, per_epoch)
-        out += units(epoch)[index * size : (index + 1) * size]
+        epoch, index = divmod(m, epochs.per_epoch)
+        out += epochs.units(epoch)[index * size : (index + 1) * size]
     return out
 
 
-def step_passes(
-    lengths: list[int],
-    cfg: Config,
-    micro_step: int,
-    rank: int,
-    world: int,
-    packed: bool,
-    units: Callable[[int], list[list[int]]] | None = None,
-) -> list[list[int]]:
+def step_passes(epochs: Epochs, micro_step: int, rank: int, world: int, packed: bool) -> list[list[int]]:
     """The passes process ``rank`` makes in the step that starts at ``micro_step``: row indices per pass.
 
     Padded: ``micro_batch_size`` of this process's rows a pass. ``packing: on``: this process's rows packed into
     as few sequences of at most micro_batch_size x cutoff_len tokens as fit. ``packing: full``: this process's
     packed sequences, ``micro_batch_size`` of them a pass (fed end to end: the same per-row attention).
     """
+    cfg, lengths = epochs.cfg, epochs.lengths
     size = cfg.train.micro_batch_size
-    step = step_units(lengths, cfg, micro_step, units)
+    step = step_units(epochs, micro_step)
     mine = share(step, [sum(lengths[i] for i in u) for u in step], rank, world)
     if packed and cfg.train.packing != "full":
         ids = [i for u in mine for i in u]
@@ -165,17 +167,16 @@ class DataOrder:
         self.pad_id = pad_id
         self.packed = packed
         """Feed passes as packed sequences (``feeds_packed``) rather than padded micro-batches."""
-        self.lengths = [len(e.input_ids) for e in rows]
-        self.per_epoch = unit_count(self.lengths, cfg) // cfg.train.micro_batch_size
-        self._units = lru_cache(maxsize=1)(partial(epoch_units, self.lengths, cfg))
+        self.epochs = Epochs([len(e.input_ids) for e in rows], cfg)
+        self.per_epoch = self.epochs.per_epoch
 
     def step_rows(self, micro_step: int) -> list[int]:
         """Indices of the rows of the optimizer step that starts at ``micro_step`` (all processes)."""
-        return [i for u in step_units(self.lengths, self.cfg, micro_step, self._units) for i in u]
+        return [i for u in step_units(self.epochs, micro_step) for i in u]
 
     def passes(self, micro_step: int) -> list[list[int]]:
         """This process's passes of the step that starts at ``micro_step`` (row indices per pass)."""
-        return step_passes(self.lengths, self.cfg, micro_step, self.rank, self.world, self.packed, self._units)
+        return step_passes(self.epochs, micro_step, self.rank, self.world, self.packed)
 
     def window(self, micro_step: int) -> list[dict[str, torch.Tensor]]:
         """This process's batches of the optimizer step that starts at ``micro_step``, one per pass."""
