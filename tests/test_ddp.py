@@ -109,6 +109,23 @@ def test_two_processes_train_the_same_steps_as_one(one_and_two):
     assert text.count("trainable params:") == 1 and text.count("kotune: data (alpaca)") == 1  # said once
 
 
+def test_two_processes_train_the_same_full_packing_steps_as_one(tiny_train_config, tmp_path):
+    """``packing: full``: each step's packed sequences are split over the processes, whole, so two processes train
+    the steps one does (cutoff 256: several rows a sequence, two sequences a step, one per process)."""
+    overrides = {"lora.dropout": 0.0, "train.packing": "full", "data.cutoff_len": 256, "train.max_steps": 3}
+    overrides |= {"train.micro_batch_size": 1, "train.gradient_accumulation_steps": 2, "train.save_steps": 3}
+    path = tmp_path / "config.yaml"
+    path.write_text(tiny_train_config(tmp_path / "unused", overrides).to_yaml(), encoding="utf-8")
+    runs = {}
+    for n in (1, 2):
+        runs[n], log = tmp_path / f"p{n}", tmp_path / f"p{n}.log"
+        assert kotune(["train", str(path), f"train.output_dir={runs[n]}"], n, log) == 0, log.read_text()[-4000:]
+    assert_same_run(runs[1], runs[2])
+    steps = [json.loads(x) for x in (runs[2] / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert all(len(r["input_tokens_per_process"]) == 2 and min(r["input_tokens_per_process"]) > 0 for r in steps)
+    assert "steps (packing full)" in log.read_text()
+
+
 def test_a_two_process_checkpoint_resumes_on_one_process(one_and_two, ddp_config, tmp_path):
     one, two, _ = one_and_two
     out = tmp_path / "resumed"
@@ -219,6 +236,6 @@ def test_a_step_with_fewer_rows_than_processes_is_a_config_error(tiny_train_conf
     from kotune.training.order import total_steps
 
     cfg = tiny_train_config(tmp_path, {"train.micro_batch_size": 1, "train.gradient_accumulation_steps": 1})
-    assert total_steps(cfg, 19, 1)[0] == 6
+    assert total_steps(cfg, [5] * 19, 1)[0] == 6
     with pytest.raises(ConfigError, match="cannot be split over 2 processes"):
-        total_steps(cfg, 19, 2)
+        total_steps(cfg, [5] * 19, 2)

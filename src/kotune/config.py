@@ -156,10 +156,17 @@ class TrainConfig:
     """Free space (GB) a checkpoint must leave on the output disk; a save that would go below stops the run."""
     kernels: Literal["auto", "off"] = "auto"
     """``auto``: the fast path (docs/fast-path.md) on CUDA for Llama, Mistral, Qwen2 models; ``off``: plain forward."""
-    packing: Literal["auto", "on", "off"] = "auto"
+    packing: Literal["auto", "on", "off", "full"] = "auto"
     """``on``: feed each step's rows end to end in sequences of up to micro_batch_size x cutoff_len tokens (no
-    padding, per-row positions, no cross-row attention; same steps and loss as unpacked). ``auto``: on with the
-    fast path. ``off``: padded micro-batches."""
+    padding, per-row positions, no cross-row attention). A step has the rows, tokens and loss normalisation of the
+    padded run's step; with lora.dropout 0 the same loss too, while with dropout > 0 the dropout masks are drawn
+    in the batch's shape, so losses and gradients differ from the padded run's by the draw (equal in distribution,
+    not in value; a fresh adapter's first loss is equal, as LoRA B starts at zero). ``auto``: on
+    with the fast path. ``off``: padded micro-batches. ``full`` changes the recipe: the whole training set is
+    packed once (best fit decreasing, seeded) into sequences of up to cutoff_len tokens, each epoch shuffles the
+    sequences, and a step is micro_batch_size x gradient_accumulation_steps sequences, so it holds several rows
+    per sequence and an epoch has fewer steps (``kotune train`` logs rows a step and steps an epoch; the fastest
+    feed on rows much shorter than cutoff_len); group_by_length does not apply."""
 
 
 @dataclass

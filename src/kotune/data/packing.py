@@ -1,13 +1,19 @@
-"""Padding-free packing: the rows of one optimizer step laid end to end in as few sequences as fit.
+"""Padding-free packing: rows laid end to end in as few sequences as fit.
 
-Packing changes how a step's rows are fed, not which rows a step holds or how its loss is normalised (the
-loss is a sum over the step's supervised tokens either way), so a packed run computes the same steps as an
-unpacked one. Inside a pack every row keeps its own positions (0, 1, ...) and attends only to itself.
+Two uses. ``train.packing: on`` packs the rows of one optimizer step (``pack_groups``): that changes how a step's
+rows are fed, not which rows a step holds or how its loss is normalised (a sum over the step's supervised tokens
+either way). ``train.packing: full`` packs the whole training set once (``pack_best_fit``) into sequences of up to
+``cutoff_len`` tokens, which then take the place of rows in the data order. Inside a pack every row keeps its own
+positions (0, 1, ...) and attends only to itself.
 """
 
 from __future__ import annotations
 
+import bisect
+
 import torch
+
+from kotune.data.batching import epoch_order
 
 
 def pack_groups(lengths: list[int], budget: int) -> list[list[int]]:
@@ -27,6 +33,28 @@ def pack_groups(lengths: list[int], budget: int) -> list[list[int]]:
             packs.append([i])
             room.append(budget - lengths[i])
     return [sorted(p) for p in packs]
+
+
+def pack_best_fit(lengths: list[int], budget: int, seed: int) -> list[list[int]]:
+    """Indices of ``lengths`` packed best-fit-decreasing into sequences of at most ``budget`` tokens.
+
+    Longest row first, each into the sequence it fills the most (the least room that still holds it), else a new
+    one; rows of equal length are taken in a seeded order, so the packing is a function of (lengths, seed). A row
+    longer than ``budget`` gets a sequence of its own. Every index appears exactly once.
+    """
+    shuffled = epoch_order(len(lengths), seed, -1)  # the packing's own draw, apart from every epoch's order
+    packs: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, pack index), sorted: the best fit is the first that holds a row
+    for i in sorted(shuffled, key=lambda j: -lengths[j]):
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at < len(free):
+            room, p = free.pop(at)
+            packs[p].append(i)
+            bisect.insort(free, (room - lengths[i], p))
+        else:
+            packs.append([i])
+            bisect.insort(free, (budget - lengths[i], len(packs) - 1))
+    return packs
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

@@ -20,7 +20,6 @@ kernels: CPU, 8-bit weights, unsupported models) is arithmetic only; ``Plan.basi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 from kotune.config import Config
 from kotune.plan.gpus import GiB, Gpu
@@ -95,32 +94,18 @@ class Plan:
 
 
 def run_passes(lengths: list[int], cfg: Config, world: int = 1, rank: int = 0, packed: bool = True) -> list[Pass]:
-    """Every pass process ``rank`` makes in the run, in order, as kotune's training loop will feed them."""
-    from kotune.data.packing import pack_groups
-    from kotune.training.order import micro_batches, share, total_steps
+    """Every pass process ``rank`` makes in the run, in order: ``training.order.step_passes``, step by step."""
+    from kotune.training.order import Epochs, step_passes, total_steps
 
     t = cfg.train
-    rows = [SimpleNamespace(input_ids=range(n)) for n in lengths]  # micro_batches reads only the lengths
-    steps, per_epoch = total_steps(cfg, len(rows), world)
+    steps, _ = total_steps(cfg, lengths, world)
+    epochs = Epochs(lengths, cfg)
     out: list[Pass] = []
-    epoch_batches: dict[int, list[list[int]]] = {}
     for step in range(steps):
-        ids = []
-        for m in range(step * t.gradient_accumulation_steps, (step + 1) * t.gradient_accumulation_steps):
-            epoch, index = divmod(m, per_epoch)
-            if epoch not in epoch_batches:
-                epoch_batches = {epoch: micro_batches(rows, cfg, epoch)}
-            ids += epoch_batches[epoch][index]
-        ids = share(ids, [lengths[i] for i in ids], rank, world)
-        if packed:
-            groups = [
-                [ids[j] for j in g]
-                for g in pack_groups([lengths[i] for i in ids], t.micro_batch_size * cfg.data.cutoff_len)
-            ]
-            out += [Pass(step, g, sum(lengths[i] for i in g), sum(lengths[i] ** 2 for i in g)) for g in groups]
-            continue
-        for k in range(0, len(ids), t.micro_batch_size):
-            group = ids[k : k + t.micro_batch_size]
+        for group in step_passes(epochs, step * t.gradient_accumulation_steps, rank, world, packed):
+            if packed:
+                out.append(Pass(step, group, sum(lengths[i] for i in group), sum(lengths[i] ** 2 for i in group)))
+                continue
             multiple = t.pad_to_multiple_of
             padded = -(-max(lengths[i] for i in group) // multiple) * multiple
             out.append(Pass(step, group, padded * len(group), padded**2 * len(group)))
@@ -164,9 +149,9 @@ def pass_seconds(shape: ModelShape, cfg: Config, p: Pass, gpu: Gpu) -> float:
 
 def estimate(shape: ModelShape, cfg: Config, lengths: list[int], gpu: Gpu, fast: bool, world: int = 1) -> Plan:
     """The plan of a run of ``cfg`` over rows of these token ``lengths`` on ``world`` processes of ``gpu``."""
-    t = cfg.train
-    packed = t.packing == "on" or (t.packing == "auto" and fast)
-    passes = run_passes(lengths, cfg, world, 0, packed)
+    from kotune.training.order import feeds_packed
+
+    passes = run_passes(lengths, cfg, world, 0, feeds_packed(cfg.train, fast))
     longest = max(passes, key=lambda p: p.tokens)
     seconds = sum(pass_seconds(shape, cfg, p, gpu) for p in passes)
     steps = passes[-1].step + 1

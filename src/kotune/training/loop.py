@@ -28,7 +28,7 @@ from kotune.training.checkpoint import (
     save_adapter,
 )
 from kotune.training.optim import build_optimizer, lr_at, skips_on_device
-from kotune.training.order import DataOrder, total_steps
+from kotune.training.order import DataOrder, feeds_packed, total_steps
 from kotune.training.report import Reporter
 from kotune.training.resume import save_checkpoint
 from kotune.training.signals import Interrupted, StopOnSignal
@@ -149,9 +149,9 @@ class Fit:
         # eval mode, where transformers skips gradient checkpointing and LoRA dropout is off
         self.ddp_model.train()
         self.optimizer = build_optimizer(model.peft, cfg.train, self.device)
-        self.steps, _ = total_steps(cfg, len(train), self.world)
+        self.steps, _ = total_steps(cfg, [len(e.input_ids) for e in train], self.world)
         t = cfg.train
-        packed = t.packing == "on" or (t.packing == "auto" and model.fast is not None)
+        packed = feeds_packed(t, model.fast is not None)
         self.order = DataOrder(train, cfg, self.rank, self.world, tokenizer.pad_token_id, packed)
         self.state = RunState(processes=self.world)
         self.saved_step: int | None = None

@@ -1,35 +1,66 @@
 """Data order: which training rows each optimizer step sees, and on which process.
 
-A step is ``gradient_accumulation_steps`` micro-batches of the epoch's order, whatever the number of processes;
-the processes split the step's rows between them (``share``). Everything here is a pure function of the config,
-the rows and the position in the order (``micro_step``), so a resumed run sees exactly the rows it would have.
+The order is a list of units per epoch: single rows, or with ``train.packing: full`` the sequences of up to
+``cutoff_len`` tokens the whole training set was packed into once. A micro-batch is ``micro_batch_size`` units and
+a step ``gradient_accumulation_steps`` micro-batches, whatever the number of processes; the processes split the
+step's units between them (``share``). Everything here is a pure function of the config, the rows' lengths and the
+position in the order (``micro_step``), so a resumed run sees exactly the rows it would have, and ``kotune plan``
+(``plan.estimate``) plans the very passes training feeds (``step_passes``).
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
-from kotune.config import Config, ConfigError
+from kotune.config import Config, ConfigError, TrainConfig
 from kotune.data.batching import collate, collate_packed, epoch_order, length_grouped_order
 from kotune.data.examples import Example
-from kotune.data.packing import pack_groups
+from kotune.data.packing import pack_best_fit, pack_groups
 
 
-def micro_batches(examples: list[Example], cfg: Config, epoch: int) -> list[list[int]]:
-    """An epoch's micro-batches (lists of example indices), the same for any number of processes."""
+def feeds_packed(t: TrainConfig, fast: bool) -> bool:
+    """Whether passes are fed as packed sequences (``collate_packed``) rather than padded micro-batches."""
+    return t.packing in ("on", "full") or (t.packing == "auto" and fast)
+
+
+@lru_cache(maxsize=4)
+def _packed_set(lengths: tuple[int, ...], budget: int, seed: int) -> list[list[int]]:
+    return pack_best_fit(list(lengths), budget, seed)
+
+
+def sequences(lengths: list[int], cfg: Config) -> list[list[int]]:
+    """``packing: full``: the training rows packed once, best fit decreasing, into sequences of <= cutoff_len."""
+    return _packed_set(tuple(lengths), cfg.data.cutoff_len, cfg.train.seed)
+
+
+def unit_count(lengths: list[int], cfg: Config) -> int:
+    """Units of an epoch's order: packed sequences with ``packing: full``, else rows."""
+    return len(sequences(lengths, cfg)) if cfg.train.packing == "full" else len(lengths)
+
+
+def epoch_units(lengths: list[int], cfg: Config, epoch: int) -> list[list[int]]:
+    """An epoch's order as units (lists of row indices), the same for any number of processes.
+
+    Rows: shuffled with (seed, epoch), or length-grouped. Packed sequences (``packing: full``): shuffled the same
+    way; ``group_by_length`` does not apply to them (a sequence is already near ``cutoff_len``).
+    """
     t = cfg.train
+    if t.packing == "full":
+        packed = sequences(lengths, cfg)
+        return [packed[i] for i in epoch_order(len(packed), t.seed, epoch)]
     if t.group_by_length:
-        order = length_grouped_order([len(e.input_ids) for e in examples], t.seed, epoch, 64 * t.micro_batch_size)
+        order = length_grouped_order(lengths, t.seed, epoch, 64 * t.micro_batch_size)
     else:
-        order = epoch_order(len(examples), t.seed, epoch)
-    size = t.micro_batch_size
-    return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+        order = epoch_order(len(lengths), t.seed, epoch)
+    return [[i] for i in order]
 
 
-def share(rows: list[int], lengths: list[int], rank: int, world: int) -> list[int]:
-    """This process's part of a step's rows: longest first to the least loaded process, kept in step order.
+def share(rows: list, lengths: list[int], rank: int, world: int) -> list:
+    """This process's part of a step's rows (or units): longest first to the least loaded process, kept in step
+    order.
 
     Every process computes the same split from the same step, so no message is exchanged; each gets at least
     one row when the step has at least ``world`` rows. With one process, all rows in their order.
@@ -45,21 +76,87 @@ def share(rows: list[int], lengths: list[int], rank: int, world: int) -> list[in
     return [rows[p] for p in sorted(mine)]
 
 
-def total_steps(cfg: Config, n_examples: int, world: int) -> tuple[int, int]:
-    """(optimizer steps, micro-batches per epoch); the step's rows are split over ``world`` processes."""
+class Epochs:
+    """The epochs' orders of one run over rows of these ``lengths``, memoised (one epoch at a time): nothing but
+    ``epoch_units``, so whatever reads them stays a pure function of (config, lengths, position)."""
+
+    def __init__(self, lengths: list[int], cfg: Config):
+        self.lengths, self.cfg = lengths, cfg
+        self.per_epoch = unit_count(lengths, cfg) // cfg.train.micro_batch_size
+        """Micro-batches an epoch (a partial last one is left out)."""
+        self._epoch: int | None = None
+        self._units: list[list[int]] = []
+
+    def units(self, epoch: int) -> list[list[int]]:
+        if self._epoch != epoch:
+            self._epoch, self._units = epoch, epoch_units(self.lengths, self.cfg, epoch)
+        return self._units
+
+
+def step_units(epochs: Epochs, micro_step: int) -> list[list[int]]:
+    """The units of the optimizer step that starts at ``micro_step`` (all processes)."""
+    t = epochs.cfg.train
+    size = t.micro_batch_size
+    out: list[list[int]] = []
+    for m in range(micro_step, micro_step + t.gradient_accumulation_steps):
+        epoch, index = divmod(m, epochs.per_epoch)
+        out += epochs.units(epoch)[index * size : (index + 1) * size]
+    return out
+
+
+def step_passes(epochs: Epochs, micro_step: int, rank: int, world: int, packed: bool) -> list[list[int]]:
+    """The passes process ``rank`` makes in the step that starts at ``micro_step``: row indices per pass.
+
+    Padded: ``micro_batch_size`` of this process's rows a pass. ``packing: on``: this process's rows packed into
+    as few sequences of at most micro_batch_size x cutoff_len tokens as fit. ``packing: full``: this process's
+    packed sequences, ``micro_batch_size`` of them a pass (fed end to end: the same per-row attention).
+    """
+    cfg, lengths = epochs.cfg, epochs.lengths
+    size = cfg.train.micro_batch_size
+    step = step_units(epochs, micro_step)
+    mine = share(step, [sum(lengths[i] for i in u) for u in step], rank, world)
+    if packed and cfg.train.packing != "full":
+        ids = [i for u in mine for i in u]
+        groups = pack_groups([lengths[i] for i in ids], size * cfg.data.cutoff_len)
+        return [[ids[j] for j in g] for g in groups]
+    return [[i for u in mine[k : k + size] for i in u] for k in range(0, len(mine), size)]
+
+
+def total_steps(cfg: Config, lengths: list[int], world: int) -> tuple[int, int]:
+    """(optimizer steps, micro-batches per epoch) over rows of these token ``lengths``; a step's units (rows, or
+    packed sequences with ``packing: full``) are split over ``world`` processes."""
     t = cfg.train
-    per_epoch = n_examples // t.micro_batch_size
+    unit = "packed sequence(s)" if t.packing == "full" else "row(s)"
+    n = unit_count(lengths, cfg)
+    per_epoch = n // t.micro_batch_size
     if per_epoch == 0:
-        raise ConfigError(f"{n_examples} training rows are fewer than one micro-batch ({t.micro_batch_size} rows)")
+        raise ConfigError(f"{n} training {unit} are fewer than one micro-batch ({t.micro_batch_size})")
     if t.micro_batch_size * t.gradient_accumulation_steps < world:
         raise ConfigError(
-            f"a step of {t.micro_batch_size * t.gradient_accumulation_steps} row(s) cannot be split over {world} "
+            f"a step of {t.micro_batch_size * t.gradient_accumulation_steps} {unit} cannot be split over {world} "
             "processes: raise train.gradient_accumulation_steps to at least the number of processes"
         )
-    if cfg.train.max_steps is not None:
-        return cfg.train.max_steps, per_epoch
-    steps = math.floor(per_epoch * cfg.train.num_epochs / cfg.train.gradient_accumulation_steps)
+    if t.max_steps is not None:
+        return t.max_steps, per_epoch
+    steps = math.floor(per_epoch * t.num_epochs / t.gradient_accumulation_steps)
     return max(1, steps), per_epoch
+
+
+def describe(cfg: Config, lengths: list[int], world: int) -> str:
+    """The run's step composition for the log: rows a step and steps an epoch (``packing: full`` changes both)."""
+    t = cfg.train
+    steps, per_epoch = total_steps(cfg, lengths, world)
+    per_step = t.micro_batch_size * t.gradient_accumulation_steps
+    epoch_steps = per_epoch / t.gradient_accumulation_steps
+    if t.packing != "full":
+        return f"kotune: steps: {per_step} rows a step, {epoch_steps:g} steps an epoch, {steps} steps"
+    packed = sequences(lengths, cfg)
+    mean = len(lengths) / len(packed) * per_step
+    return (
+        f"kotune: steps (packing full): {len(lengths)} rows packed into {len(packed)} sequences of up to "
+        f"{cfg.data.cutoff_len} tokens; {per_step} sequences (~{mean:.1f} rows) a step, {epoch_steps:g} steps an "
+        f"epoch, {steps} steps (packing off or on: {per_step} rows a step)"
+    )
 
 
 class DataOrder:
@@ -69,35 +166,22 @@ class DataOrder:
         self.rows, self.cfg, self.rank, self.world = rows, cfg, rank, world
         self.pad_id = pad_id
         self.packed = packed
-        """Feed a step's rows as few packed sequences (``train.packing``) rather than padded micro-batches."""
-        self.per_epoch = len(rows) // cfg.train.micro_batch_size
-        self._epoch: int | None = None
-        self._batches: list[list[int]] = []
-
-    def batch_ids(self, micro_step: int) -> list[int]:
-        """Indices into the training rows of micro-batch ``micro_step`` (all processes)."""
-        epoch, index = divmod(micro_step, self.per_epoch)
-        if self._epoch != epoch:
-            self._epoch, self._batches = epoch, micro_batches(self.rows, self.cfg, epoch)
-        return self._batches[index]
+        """Feed passes as packed sequences (``feeds_packed``) rather than padded micro-batches."""
+        self.epochs = Epochs([len(e.input_ids) for e in rows], cfg)
+        self.per_epoch = self.epochs.per_epoch
 
     def step_rows(self, micro_step: int) -> list[int]:
         """Indices of the rows of the optimizer step that starts at ``micro_step`` (all processes)."""
-        steps = range(micro_step, micro_step + self.cfg.train.gradient_accumulation_steps)
-        return [i for m in steps for i in self.batch_ids(m)]
+        return [i for u in step_units(self.epochs, micro_step) for i in u]
+
+    def passes(self, micro_step: int) -> list[list[int]]:
+        """This process's passes of the step that starts at ``micro_step`` (row indices per pass)."""
+        return step_passes(self.epochs, micro_step, self.rank, self.world, self.packed)
 
     def window(self, micro_step: int) -> list[dict[str, torch.Tensor]]:
-        """This process's micro-batches of the optimizer step that starts at ``micro_step``.
-
-        Packed, the same rows come as few sequences of at most micro_batch_size x cutoff_len tokens (the most an
-        unpacked micro-batch can hold), so the step and its loss are unchanged.
-        """
+        """This process's batches of the optimizer step that starts at ``micro_step``, one per pass."""
         t = self.cfg.train
-        ids = self.step_rows(micro_step)
-        ids = share(ids, [len(self.rows[i].input_ids) for i in ids], self.rank, self.world)
-        rows = [self.rows[i] for i in ids]
+        batches = [[self.rows[i] for i in p] for p in self.passes(micro_step)]
         if not self.packed:
-            size = t.micro_batch_size
-            return [collate(rows[i : i + size], self.pad_id, t.pad_to_multiple_of) for i in range(0, len(rows), size)]
-        packs = pack_groups([len(e.input_ids) for e in rows], t.micro_batch_size * self.cfg.data.cutoff_len)
-        return [collate_packed([rows[i] for i in pack]) for pack in packs]
+            return [collate(b, self.pad_id, t.pad_to_multiple_of) for b in batches]
+        return [collate_packed(b) for b in batches]

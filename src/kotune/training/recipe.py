@@ -29,7 +29,7 @@ from kotune.training import dist, fingerprint
 from kotune.training.checkpoint import write_adapter
 from kotune.training.claim import claim
 from kotune.training.loop import Fit, NonFiniteLoss
-from kotune.training.order import total_steps
+from kotune.training.order import describe, total_steps
 from kotune.training.resume import (
     already_finished,
     clear_leftovers,
@@ -107,11 +107,12 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
         cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
     lengths = [len(e.input_ids) for e in data.train]
     cfg = check_before_loading(cfg, model_path, lengths, dist.rank_and_world()[1], force, fit_gpu, output.info)
+    output.info(describe(cfg, lengths, dist.rank_and_world()[1]))
     fp = fingerprint.compute(cfg, tokenizer, data.template, data.train, data.validation)
     folder = find_resume(output_dir, resume, log=output.info)
     if folder is not None:
         fingerprint.check_resume(folder, fp, force)
-        steps = total_steps(cfg, len(data.train), dist.rank_and_world()[1])[0]
+        steps = total_steps(cfg, lengths, dist.rank_and_world()[1])[0]
         if already_finished(folder, output_dir, steps, log=output.info):
             return output_dir
     check_target_modules(cfg, model_path)
