@@ -1,7 +1,7 @@
 """One device call: check the stack, run the chosen stages (kotune and its baselines), print the table.
 
     python bench/gpu_call.py check pytest kotune:S,A,L:fast,unfused,resident plain:S seed:S unsloth:S \
-        seedv:30 parity
+        seedv:30 parity anchorv:unsloth:24:packing
 
 Each stage is a subprocess; its output goes to ``$OUT/log.txt``, its ``RESULT`` lines (tagged with the case) to
 ``$OUT/results.jsonl``. Stages past the deadline are skipped (and say so), so the table always comes back.
@@ -66,7 +66,8 @@ def stage_commands(stage: str) -> list[tuple[str, list[str], dict]]:
         cases, _, more = rest.partition(":")
         variants, _, profile = more.partition(":")
         argv = [py, str(HERE / "kotune_run.py"), "--cases", cases, "--variants", variants or "fast"]
-        return [("-", argv + (["--profile"] if profile else []), {})]
+        steps = ["--steps", os.environ["BENCH_STEPS"]] if os.environ.get("BENCH_STEPS") else []
+        return [("-", argv + steps + (["--profile"] if profile else []), {})]
     if kind == "plain":
         return [("-", [py, str(HERE / "kotune_run.py"), "--cases", rest, "--plain"], {})]
     if kind in ("seed", "unsloth"):
@@ -75,6 +76,12 @@ def stage_commands(stage: str) -> list[tuple[str, list[str], dict]]:
         return [(c, [py, anchor, "--tool", kind, *anchor_args(c)], env) for c in rest.split(",")]
     dump = ("-", [py, str(HERE / "kotune_run.py"), "--dump-v", V_ROWS_FILE], {})
     seed = [py, str(HERE / "seed_recipe.py"), "--rows", V_ROWS_FILE]
+    if kind == "anchorv":  # anchorv:TOOL:STEPS[:packing]: anchor_v.py (unsloth / TRL) on the V rows
+        tool, _, more = rest.partition(":")
+        steps, _, packing = more.partition(":")
+        env = {"PYTHONPATH": os.environ.get("UNSLOTH_SITE", "/tmp/site-u")}
+        argv = [py, str(HERE.parent / ".bench" / "anchor_v.py"), "--rows", V_ROWS_FILE, "--tool", tool]
+        return [dump, ("V", [*argv, "--steps", steps or "24", *(["--packing"] if packing else [])], env)]
     if kind == "seedv":
         return [dump, ("V", [*seed, "--steps", rest or "30", "--case", "V"], {})]
     if kind == "parity":
