@@ -47,6 +47,9 @@ VARIANTS = {
     "adamw": {"optimizer": "adamw_fused"},  # torch's fused AdamW instead of the preset's paged 8-bit one
     "full": {"packing": "full"},  # whole-set packing: cutoff_len-token sequences, 8 a step
     "fulladamw": {"packing": "full", "optimizer": "adamw_fused"},
+    # the same 8 sequences a step in fewer, longer passes (micro-batch x accumulation stays 8)
+    "fullmb2": {"packing": "full", "optimizer": "adamw_fused", "micro_batch_size": 2},
+    "fullmb4": {"packing": "full", "optimizer": "adamw_fused", "micro_batch_size": 4},
 }
 
 
@@ -131,9 +134,11 @@ def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
     options = dict(VARIANTS[variant])
     packing = options.pop("packing", "auto")
     optimizer = options.pop("optimizer", "paged_adamw_8bit")
+    micro_batch = options.pop("micro_batch_size", 1)
     steps = None if case.name == "V" and not args.steps else case.steps + case.warm
     cfg = case_config(case, args.model_dir, args.plain, packing, steps)
     cfg.train.optimizer = optimizer if torch.cuda.is_available() else cfg.train.optimizer
+    cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps = micro_batch, 8 // micro_batch
     cfg.train.output_dir = tempfile.mkdtemp()
     rows = rows_for(case, cfg, tokenizer, args.v_rows)
     torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random, as in kotune.model.build.load_for_training
@@ -150,7 +155,7 @@ def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
     fit = Fit(cfg, trained, tokenizer, rows, [], Path(cfg.train.output_dir))
     record = {"tool": "kotune-plain" if args.plain else "kotune", "case": case.name, "variant": variant}
     record.update(fast_path=trained.fast is not None, packing=packing, optimizer=cfg.train.optimizer)
-    record.update(rows=len(rows), gpu=gpu_name())
+    record.update(micro_batch_size=micro_batch, rows=len(rows), gpu=gpu_name())
     record.update(timed_run(fit, case.warm))
     if args.profile and torch.cuda.is_available():
         from profile_step import profile
