@@ -1,0 +1,186 @@
+"""Preference rows (a prompt, a chosen and a rejected response) to token ids, masked exactly by construction.
+
+Three shapes are read, detected from the columns:
+- ``prompt`` text + ``chosen`` / ``rejected`` text: the prompt is used as it is and EOS closes each response;
+- ``prompt`` as a message list (or any row with a ``system`` column) + ``chosen`` / ``rejected`` as text or as
+  a one-message assistant list: rendered through the chat template, each response ending at its end-of-turn token;
+- ``instruction`` (+ ``input``) + ``chosen`` / ``rejected``: the prompt comes from ``data.template``.
+
+The prompt and each response are encoded separately and concatenated (as ``data.encoding`` does for SFT), so the
+response's labels are exactly its own tokens. Truncation keeps the prompt's end (``preference.max_prompt_len``,
+BOS stays in front) and then cuts each response at ``data.cutoff_len``; a response cut before its closing token
+is counted (``eos_lost``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kotune.config import Config
+from kotune.data.encoding import bos_id_to_add, encode_segments
+from kotune.data.formats import SkipRow, _text
+from kotune.data.read import DataError
+from kotune.data.templates import Template
+
+PREFERENCE_COLUMNS = ("chosen", "rejected")
+"""Columns every preference row has, beside ``prompt`` or ``instruction``."""
+
+
+def is_preference(rows: list[dict[str, Any]]) -> bool:
+    """Whether the first row has the preference columns (checked before the SFT formats: ``prompt`` is shared)."""
+    columns = set(rows[0]) if rows else set()
+    return set(PREFERENCE_COLUMNS) <= columns and bool({"prompt", "instruction"} & columns)
+
+
+@dataclass(frozen=True)
+class PreferenceText:
+    row: int
+    prompt: str
+    chosen: str
+    rejected: str
+    append_eos: bool
+    """EOS closes each response (text prompts); chat-templated responses end at their end-of-turn token."""
+
+
+@dataclass
+class PreferencePair:
+    row: int
+    prompt: list[int]
+    """BOS (when the tokenizer adds one) and the prompt's ids, after truncation: never trained."""
+    chosen: list[int]
+    """The chosen response's ids (with its closing token unless cut): all trained."""
+    rejected: list[int]
+    reference: tuple[float, float] | None = None
+    """Reference log-probs of (chosen, rejected) when computed once for the run (``training.preference``)."""
+
+
+@dataclass
+class PreferenceData:
+    pairs: list[PreferencePair] = field(default_factory=list)
+    texts: list[PreferenceText] = field(default_factory=list)
+    """The rendered rows, kept for the audit (same order as the rows that rendered)."""
+    skipped: dict[int, str] = field(default_factory=dict)
+    """Rows left out, with the reason."""
+    prompt_cut: list[int] = field(default_factory=list)
+    """Rows whose prompt lost its start to ``preference.max_prompt_len``."""
+    eos_lost: list[int] = field(default_factory=list)
+    """Rows where the chosen or the rejected response lost its closing token to ``data.cutoff_len``."""
+
+
+def _response(value: Any, key: str, row: dict[str, Any], where: str) -> str:
+    """A response as text: a string, or a list holding one assistant message."""
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise DataError(f"{where} (row {row['_row']}): '{key}' must be text or one assistant message")
+        value = value[0].get("content")
+    return _text({**row, key: value}, key, where)
+
+
+class PreferenceRenderer:
+    """Renders rows to ``PreferenceText`` with one template and, for conversations, one chat template."""
+
+    def __init__(self, cfg: Config, template: Template, tokenizer):
+        self.cfg, self.template, self.tokenizer = cfg, template, tokenizer
+        self._chat = None
+
+    def chat(self):
+        if self._chat is None:
+            from kotune.data.conversations import ChatRenderer
+
+            self._chat = ChatRenderer(self.tokenizer, self.cfg.data)
+        return self._chat
+
+    def render(self, row: dict[str, Any], where: str) -> PreferenceText:
+        chosen = _response(row.get("chosen"), "chosen", row, where)
+        rejected = _response(row.get("rejected"), "rejected", row, where)
+        if not chosen.strip() or not rejected.strip():
+            raise SkipRow("empty response")
+        if "instruction" in row and "prompt" not in row:
+            prompt = self.template.format(_text(row, "instruction", where), _text(row, "input", where, True))
+            return PreferenceText(row["_row"], prompt, chosen, rejected, True)
+        prompt = row.get("prompt")
+        if isinstance(prompt, str) and not row.get("system"):
+            return PreferenceText(row["_row"], prompt, chosen, rejected, True)
+        return self._conversation(row, prompt, chosen, rejected, where)
+
+    def _conversation(self, row: dict[str, Any], prompt: Any, chosen: str, rejected: str, where: str):
+        """Prompt = the chat template's text up to the assistant turn; each response = its turn up to the
+        end-of-turn token (located as for SFT conversations, so the two agree on where a turn ends)."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if row.get("system"):
+            messages = [{"role": "system", "content": str(row["system"])}, *messages]
+        source = f"{row.get('_source', where)} (row {row['_row']})"
+        chat, turns = self.chat(), []
+        for reply in (chosen, rejected):
+            full, spans = chat.assistant_spans([*messages, {"role": "assistant", "content": reply}], source)
+            start, end = spans[-1]
+            turns.append((full[:start], full[start:end]))
+        if turns[0][0] != turns[1][0]:
+            raise DataError(f"{source}: the chat template renders the prompt differently for chosen and rejected")
+        prompt_text = turns[0][0]
+        if chat.bos_text and chat.drop_bos_text and prompt_text.startswith(chat.bos_text):
+            prompt_text = prompt_text[len(chat.bos_text) :]  # BOS is put in front as an id, like for SFT
+        return PreferenceText(row["_row"], prompt_text, turns[0][1], turns[1][1], False)
+
+
+def encode_pairs(texts: list[PreferenceText], tokenizer, cutoff_len: int, max_prompt_len: int) -> PreferenceData:
+    """Ids of every pair: prompt, chosen and rejected encoded separately (one batched call), then truncated."""
+    bos, eos = bos_id_to_add(tokenizer), tokenizer.eos_token_id
+    ids = encode_segments(tokenizer, [t for x in texts for t in (x.prompt, x.chosen, x.rejected)])
+    data = PreferenceData(texts=texts)
+    head = [bos] if bos is not None else []
+    for k, text in enumerate(texts):
+        prompt, chosen, rejected = ids[3 * k : 3 * k + 3]
+        keep = max_prompt_len - len(head)
+        if len(prompt) > keep:
+            prompt = prompt[len(prompt) - keep :]  # the prompt's end is what the response answers
+            data.prompt_cut.append(text.row)
+        prompt = head + prompt
+        closing = [eos] if text.append_eos else []
+        room = cutoff_len - len(prompt)
+        responses = [chosen + closing, rejected + closing]
+        if any(len(r) > room for r in responses):
+            data.eos_lost.append(text.row)
+        data.pairs.append(PreferencePair(text.row, prompt, responses[0][:room], responses[1][:room]))
+    return data
+
+
+def render_pairs(
+    rows: list[dict[str, Any]], cfg: Config, template: Template, tokenizer, where: str
+) -> PreferenceData:
+    """Render and encode preference rows; rows that cannot train are counted in ``skipped`` with the reason."""
+    renderer = PreferenceRenderer(cfg, template, tokenizer)
+    texts, skipped = [], {}
+    for row in rows:
+        try:
+            texts.append(renderer.render(row, where))
+        except SkipRow as reason:
+            skipped[row["_row"]] = str(reason)
+    data = encode_pairs(texts, tokenizer, cfg.data.cutoff_len, cfg.preference.max_prompt_len)
+    data.skipped = skipped
+    return data
+
+
+def collate_pairs(pairs: list[PreferencePair], pad_id: int, multiple: int = 8) -> dict[str, Any]:
+    """One padded batch of 2 x len(pairs) rows: every chosen sequence, then every rejected one (one forward pass
+    for both). Labels hold the response ids and -100 on the prompt and the padding."""
+    import torch
+
+    from kotune.data.examples import IGNORE
+
+    sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    width = max(len(a) + len(b) for a, b in sequences)
+    width = -(-width // multiple) * multiple
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    mask = torch.zeros_like(ids)
+    for i, (prompt, response) in enumerate(sequences):
+        n = len(prompt) + len(response)
+        ids[i, :n] = torch.tensor(prompt + response)
+        labels[i, len(prompt) : n] = torch.tensor(response)
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if all(p.reference is not None for p in pairs):
+        batch["reference"] = torch.tensor([p.reference[0] for p in pairs] + [p.reference[1] for p in pairs])
+    return batch

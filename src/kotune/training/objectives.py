@@ -1,0 +1,110 @@
+"""Preference objectives on per-sequence log-probabilities: DPO (sigmoid, IPO, label smoothing), ORPO, SimPO, KTO.
+
+Each loss function takes the summed log-probabilities of the chosen and rejected responses (and their token
+counts, for the length-normalised objectives) and returns per-pair losses and rewards; ``preference_step`` runs
+the model on a batch from ``collate_pairs`` and gathers the metrics. DPO's and KTO's reference is the same model
+with its adapter switched off (peft's ``disable_adapter``): no second copy of the weights is held. A run that starts
+from an adapter (``model.adapter``, e.g. SFT) takes as reference that starting model, whose log-probs are computed
+once before the first step (``reference_table``): switching the adapter off would give the base instead.
+
+Papers: DPO, Rafailov et al. 2023 (eq. 7); IPO, Azar et al. 2023 (eq. 17); conservative DPO (label smoothing),
+Mitchell 2023; ORPO, Hong et al. 2024 (eq. 6-7); SimPO, Meng et al. 2024 (eq. 6); KTO, Ethayarajh et al. 2024
+(eq. 8). ``tests/test_pref_objectives.py`` checks each against an implementation written from those formulas.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from kotune.data.examples import IGNORE
+from kotune.preference_config import PreferenceConfig
+
+METRICS = ("loss", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
+           "logps_rejected")
+"""Per-pair means a step or an evaluation reports (with ``eval_`` in front for evaluations)."""
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's labelled tokens, their count), in float32."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_logps = (picked - torch.logsumexp(logits, dim=-1)) * keep  # log_softmax without a vocab-sized copy
+    return token_logps.sum(-1), keep.sum(-1)
+
+
+def dpo_loss(pc, pr, rc, rr, p: PreferenceConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO on summed log-probs of policy (pc, pr) and reference (rc, rr): per-pair loss, chosen / rejected rewards."""
+    margin = (pc - rc) - (pr - rr)
+    if p.loss_type == "ipo":  # (h - 1 / (2 beta))^2, h the log-ratio margin
+        loss = (margin - 1 / (2 * p.beta)) ** 2
+    else:  # -log sigmoid(beta h), with a share eps of pairs taken as flipped (conservative DPO)
+        eps = p.label_smoothing
+        loss = -(1 - eps) * F.logsigmoid(p.beta * margin) - eps * F.logsigmoid(-p.beta * margin)
+    return loss, p.beta * (pc - rc).detach(), p.beta * (pr - rr).detach()
+
+
+def simpo_loss(pc, pr, nc, nr, p: PreferenceConfig):
+    """SimPO: rewards are beta x the token-mean log-prob (no reference); loss -log sigmoid(reward gap - gamma)."""
+    chosen, rejected = p.beta * pc / nc, p.beta * pr / nr
+    return -F.logsigmoid(chosen - rejected - p.simpo_gamma), chosen.detach(), rejected.detach()
+
+
+def orpo_loss(pc, pr, nc, nr, p: PreferenceConfig):
+    """ORPO: the chosen response's token-mean NLL + lambda x -log sigmoid(log odds ratio), odds = P / (1 - P) with
+    P the token-mean probability; rewards (reported only) are beta x the token-mean log-prob."""
+    mc, mr = pc / nc, pr / nr
+    log_odds = (mc - mr) - (torch.log1p(-torch.exp(mc)) - torch.log1p(-torch.exp(mr)))
+    loss = -mc - p.orpo_lambda * F.logsigmoid(log_odds)
+    return loss, p.beta * mc.detach(), p.beta * mr.detach()
+
+
+def kto_loss(pc, pr, rc, rr, p: PreferenceConfig):
+    """KTO on pairs, the chosen response desirable and the rejected one undesirable; per pair the mean of the two
+    responses' lambda_y - v(x, y). The reference point z0 (the paper's KL estimate) is the batch's mean log-ratio
+    over all its responses, clamped at 0 and not differentiated: estimated from the batch's own responses, not
+    from mismatched prompt / response pairs as in the paper's implementation."""
+    chosen_ratio, rejected_ratio = pc - rc, pr - rr
+    z0 = torch.cat([chosen_ratio, rejected_ratio]).mean().clamp(min=0).detach()
+    desirable = p.kto_desirable_weight * (1 - torch.sigmoid(p.beta * (chosen_ratio - z0)))
+    undesirable = p.kto_undesirable_weight * (1 - torch.sigmoid(p.beta * (z0 - rejected_ratio)))
+    return (desirable + undesirable) / 2, p.beta * chosen_ratio.detach(), p.beta * rejected_ratio.detach()
+
+
+def reference_logps(model, batch) -> torch.Tensor:
+    """Summed log-probs of the same model with its LoRA adapter switched off (the base), without gradients."""
+    switch_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    with torch.no_grad(), switch_off:
+        return sequence_logps(model, batch)[0]
+
+
+def preference_step(model, batch: dict[str, torch.Tensor], objective: str, p: PreferenceConfig):
+    """Summed loss over the batch's pairs (to backpropagate after dividing by the step's pairs) and the per-pair
+    metric sums (``METRICS``). The reference log-probs are ``batch["reference"]`` when the batch carries them
+    (a table computed once), else the model's own with its adapter switched off."""
+    logps, counts = sequence_logps(model, batch)
+    n = logps.shape[0] // 2
+    pc, pr, nc, nr = logps[:n], logps[n:], counts[:n].clamp(min=1), counts[n:].clamp(min=1)
+    if objective in ("dpo", "kto"):
+        ref = batch["reference"] if "reference" in batch else reference_logps(model, batch)
+        loss, chosen, rejected = (dpo_loss if objective == "dpo" else kto_loss)(pc, pr, ref[:n], ref[n:], p)
+    elif objective == "simpo":
+        loss, chosen, rejected = simpo_loss(pc, pr, nc, nr, p)
+    elif objective == "orpo":
+        loss, chosen, rejected = orpo_loss(pc, pr, nc, nr, p)
+    else:
+        raise ValueError(f"not a preference objective: {objective}")
+    metrics = {
+        "loss": loss.detach().sum(),
+        "reward_accuracy": (chosen > rejected).float().sum(),
+        "reward_margin": (chosen - rejected).sum(),
+        "rewards_chosen": chosen.sum(),
+        "rewards_rejected": rejected.sum(),
+        "logps_chosen": pc.detach().sum(),
+        "logps_rejected": pr.detach().sum(),
+    }
+    return loss.sum(), metrics

@@ -1,0 +1,149 @@
+"""Preference objectives against implementations written from the papers' formulas, on a tiny Llama.
+
+The reference implementation here shares nothing with ``kotune.training.objectives`` but the model: each
+sequence runs alone (no padding, no batch), its log-probability is summed token by token in float64 from
+``log_softmax``, the reference model is a second, separately loaded copy of the base (not the adapter switched
+off), and the losses are computed with ``math`` on Python floats.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kotune.data.preference import PreferenceText, collate_pairs, encode_pairs
+from kotune.preference_config import PreferenceConfig
+from kotune.training.objectives import preference_step
+
+PAIRS = [
+    ("질문: 서울은 어느 나라의 수도인가요?\n답변:", " 대한민국의 수도입니다.", " 일본입니다."),
+    ("Translate to Korean: good morning\n###답변:", "\n좋은 아침입니다.", "\"굿모닝\""),
+    ("2 + 3 = ?", " 5", " 6이라고 생각합니다만 확실하지 않습니다."),
+]
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def _sigmoid(x: float) -> float:
+    return math.exp(_log_sigmoid(x))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama3_model, llama3_tokenizer):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tiny_llama3_model, torch_dtype=torch.float32).eval()
+
+    policy = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    texts = [PreferenceText(i, *pair, True) for i, pair in enumerate(PAIRS)]
+    pairs = encode_pairs(texts, llama3_tokenizer, cutoff_len=256, max_prompt_len=128).pairs
+    return policy, base(), pairs, collate_pairs(pairs, llama3_tokenizer.eos_token_id)
+
+
+def _randomize_lora(policy, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+@torch.no_grad()
+def _seq_logp(model, prompt: list[int], response: list[int]) -> float:
+    ids = torch.tensor([prompt + response])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return sum(logp[len(prompt) + k - 1, token].item() for k, token in enumerate(response))
+
+
+def _independent(objective: str, p: PreferenceConfig, policy, reference, pairs) -> float:
+    """The mean loss over pairs, from the papers' formulas."""
+    rows = []
+    for pair in pairs:
+        lw, ll = _seq_logp(policy, pair.prompt, pair.chosen), _seq_logp(policy, pair.prompt, pair.rejected)
+        rw, rl = _seq_logp(reference, pair.prompt, pair.chosen), _seq_logp(reference, pair.prompt, pair.rejected)
+        rows.append((lw, ll, rw, rl, len(pair.chosen), len(pair.rejected)))
+    if objective == "kto":
+        ratios = [lw - rw for lw, _, rw, *_ in rows] + [ll - rl for _, ll, _, rl, *_ in rows]
+        z0 = max(0.0, sum(ratios) / len(ratios))
+    losses = []
+    for lw, ll, rw, rl, nw, nl in rows:
+        h = (lw - rw) - (ll - rl)
+        if objective == "dpo" and p.loss_type == "sigmoid":  # Rafailov et al. eq. 7; cDPO smoothing
+            eps = p.label_smoothing
+            losses.append(-(1 - eps) * _log_sigmoid(p.beta * h) - eps * _log_sigmoid(-p.beta * h))
+        elif objective == "dpo":  # IPO, Azar et al. eq. 17: (h - 1/(2 tau))^2
+            losses.append((h - 1 / (2 * p.beta)) ** 2)
+        elif objective == "simpo":  # Meng et al. eq. 6
+            losses.append(-_log_sigmoid(p.beta / nw * lw - p.beta / nl * ll - p.simpo_gamma))
+        elif objective == "orpo":  # Hong et al. eq. 6-7: odds(y|x) = P / (1 - P), P = exp(mean log-prob)
+            pw, pl = math.exp(lw / nw), math.exp(ll / nl)
+            ratio = math.log((pw / (1 - pw)) / (pl / (1 - pl)))
+            losses.append(-lw / nw - p.orpo_lambda * _log_sigmoid(ratio))
+        else:  # KTO, Ethayarajh et al. eq. 8: lambda_y - v(x, y), chosen desirable, rejected undesirable
+            vd = p.kto_desirable_weight * _sigmoid(p.beta * ((lw - rw) - z0))
+            vu = p.kto_undesirable_weight * _sigmoid(p.beta * (z0 - (ll - rl)))
+            losses.append(((p.kto_desirable_weight - vd) + (p.kto_undesirable_weight - vu)) / 2)
+    return sum(losses) / len(losses)
+
+
+CASES = [
+    ("dpo", PreferenceConfig(beta=0.1)),
+    ("dpo", PreferenceConfig(beta=0.5, label_smoothing=0.2)),
+    ("dpo", PreferenceConfig(beta=0.1, loss_type="ipo")),
+    ("simpo", PreferenceConfig(beta=2.0, simpo_gamma=0.8)),
+    ("orpo", PreferenceConfig(orpo_lambda=0.3)),
+    ("kto", PreferenceConfig(beta=0.3, kto_desirable_weight=1.0, kto_undesirable_weight=1.5)),
+]
+
+
+@pytest.mark.parametrize(("objective", "settings"), CASES, ids=[f"{o}-{i}" for i, (o, _) in enumerate(CASES)])
+def test_loss_matches_papers_formulas(setup, objective, settings):
+    policy, reference, pairs, batch = setup
+    _randomize_lora(policy, seed=1)
+    with torch.no_grad():
+        loss, metrics = preference_step(policy, batch, objective, settings)
+    expected = _independent(objective, settings, policy, reference, pairs)
+    assert abs(expected) > 1e-3  # a loss of zero would match anything trivially
+    assert loss.item() / len(pairs) == pytest.approx(expected, abs=1e-5, rel=1e-5)
+    assert metrics["loss"].item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_first_step_dpo_is_ln2_with_zero_rewards(setup):
+    """A fresh LoRA (B = 0) leaves the policy equal to the reference: -log sigmoid(0) = ln 2, rewards 0."""
+    policy, _, pairs, batch = setup
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+        loss, metrics = preference_step(policy, batch, "dpo", PreferenceConfig(beta=0.1))
+    assert loss.item() / len(pairs) == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["rewards_chosen"].item() == pytest.approx(0, abs=1e-6)
+    assert metrics["rewards_rejected"].item() == pytest.approx(0, abs=1e-6)
+    assert metrics["logps_chosen"].item() < 0
+
+
+def test_reference_table_equals_adapter_off_and_gradient_flows(setup):
+    """A batch carrying reference log-probs (computed once) gives the loss the adapter-off pass gives, and the
+    loss reaches the LoRA weights."""
+    policy, reference, pairs, batch = setup
+    _randomize_lora(policy, seed=2)
+    table = [(_seq_logp(reference, q.prompt, q.chosen), _seq_logp(reference, q.prompt, q.rejected)) for q in pairs]
+    for pair, ref in zip(pairs, table, strict=True):
+        pair.reference = ref
+    with_table = collate_pairs(pairs, 0)
+    for pair in pairs:
+        pair.reference = None
+    settings = PreferenceConfig(beta=0.1)
+    policy.zero_grad()
+    loss_table, _ = preference_step(policy, with_table, "dpo", settings)
+    loss_table.backward()
+    loss_off, _ = preference_step(policy, batch, "dpo", settings)
+    assert loss_table.item() == pytest.approx(loss_off.item(), abs=1e-5)
+    grads = [p.grad.abs().sum().item() for n, p in policy.named_parameters() if "lora_A" in n]
+    assert grads and all(g > 0 for g in grads)
