@@ -1,0 +1,120 @@
+"""Preference pairs with the real Llama-3 tokenizer: masks of chosen and rejected on tricky rows, the
+conversational form against the chat template's own ids, truncation, and the audit's additions."""
+
+from __future__ import annotations
+
+import pytest
+
+from kotune.config import load_config
+from kotune.data.examples import IGNORE
+from kotune.data.preference import (
+    PreferenceText,
+    collate_pairs,
+    encode_pairs,
+    is_preference,
+    render_pairs,
+)
+from kotune.data.preference_audit import audit_pairs
+from kotune.data.templates import KO_ALPACA
+from tricky_rows import TRICKY_ROWS
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _rows(rows: list[dict]) -> list[dict]:
+    return [{**row, "_row": i} for i, row in enumerate(rows)]
+
+
+def _config(*overrides: str):
+    return load_config(overrides=["train.objective=dpo", "data.cutoff_len=256", "preference.max_prompt_len=128",
+                                  *overrides])
+
+
+def test_detects_the_three_shapes():
+    assert is_preference([{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    assert is_preference([{"instruction": "q", "input": "", "chosen": "a", "rejected": "b"}])
+    assert is_preference([{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}])
+    assert not is_preference([{"prompt": "q", "completion": "a"}])
+
+
+@pytest.mark.parametrize("name", sorted(TRICKY_ROWS))
+def test_alpaca_style_masks_are_exact(llama3_tokenizer, name):
+    """Chosen = the tricky output, rejected = another answer: each response's labels are its own ids + EOS,
+    the prompt is the template's text encoded alone behind BOS, whatever the tokenizer merges across them."""
+    tok, row = llama3_tokenizer, TRICKY_ROWS[name]
+    if not isinstance(row.get("output"), str) or not row["output"].strip():
+        pytest.skip("no response text in this row")
+    rows = _rows([{"instruction": row["instruction"], "input": row.get("input"), "chosen": row["output"],
+                   "rejected": "잘 모르겠습니다."}])
+    data = render_pairs(rows, _config("data.cutoff_len=4096", "preference.max_prompt_len=4000"), KO_ALPACA, tok, "t")
+    (pair,) = data.pairs
+    prompt_text = KO_ALPACA.format(row["instruction"], row.get("input"))
+    assert pair.prompt == [tok.bos_token_id, *_ids(tok, prompt_text)]
+    assert pair.chosen == [*_ids(tok, row["output"]), tok.eos_token_id]
+    assert tok.decode(pair.chosen[:-1]) == row["output"]
+    assert pair.rejected == [*_ids(tok, "잘 모르겠습니다."), tok.eos_token_id]
+    batch = collate_pairs(data.pairs, tok.eos_token_id)
+    for k, response in enumerate((pair.chosen, pair.rejected)):
+        trained = batch["input_ids"][k][batch["labels"][k] != IGNORE].tolist()
+        assert trained == response
+        assert batch["labels"][k][: len(pair.prompt)].eq(IGNORE).all()
+
+
+def test_conversation_matches_the_chat_templates_ids(llama3_tokenizer):
+    """prompt + chosen is exactly the chat template's tokenization of the conversation up to the end-of-turn."""
+    tok = llama3_tokenizer
+    messages = [{"role": "user", "content": "한국의 수도는 어디인가요?"}]
+    rows = _rows([
+        {"prompt": messages, "chosen": [{"role": "assistant", "content": "서울입니다."}], "rejected": "부산입니다."},
+        {"system": "짧게 답하세요.", "prompt": "2+2는?", "chosen": "4", "rejected": "5"},
+    ])
+    data = render_pairs(rows, _config(), KO_ALPACA, tok, "t")
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    first, second = data.pairs
+    for pair, convo, replies in (
+        (first, messages, ("서울입니다.", "부산입니다.")),
+        (second, [{"role": "system", "content": "짧게 답하세요."}, {"role": "user", "content": "2+2는?"}], ("4", "5")),
+    ):
+        for reply, response in zip(replies, (pair.chosen, pair.rejected), strict=True):
+            full = tok.apply_chat_template([*convo, {"role": "assistant", "content": reply}], tokenize=True)
+            full = full if isinstance(full, list) else full["input_ids"]
+            assert full[: len(pair.prompt) + len(response)] == pair.prompt + response
+            assert response[-1] == eot and tok.decode(response[:-1]) == reply
+    assert first.prompt.count(tok.bos_token_id) == 1
+
+
+def test_truncation_keeps_the_prompts_end_and_counts_lost_eos(llama3_tokenizer):
+    tok = llama3_tokenizer
+    prompt = " ".join(f"단어{i}" for i in range(200)) + " 끝"
+    long_reply = " ".join(f"답{i}" for i in range(300))
+    texts = [PreferenceText(0, prompt, long_reply, "짧음", True), PreferenceText(1, "짧은 질문", "네", "아니요", True)]
+    data = encode_pairs(texts, tok, cutoff_len=160, max_prompt_len=40)
+    cut, short = data.pairs
+    full_prompt = _ids(tok, prompt)
+    assert cut.prompt == [tok.bos_token_id, *full_prompt[-39:]]  # BOS stays, the end is kept
+    assert len(cut.prompt) + len(cut.chosen) == 160 and cut.chosen[-1] != tok.eos_token_id
+    assert cut.rejected[-1] == tok.eos_token_id  # the short response keeps its EOS
+    assert data.prompt_cut == [0] and data.eos_lost == [0]
+    assert short.chosen == [*_ids(tok, "네"), tok.eos_token_id]
+
+
+def test_audit_reports_identical_empty_duplicates_and_length_bias(llama3_tokenizer):
+    rows = [{"prompt": f"질문 {i}", "chosen": f"자세하고 긴 좋은 답변 {i}입니다. 이유도 설명합니다.",
+             "rejected": "몰라요"} for i in range(8)]
+    rows += [
+        {"prompt": "같음", "chosen": "같은 답", "rejected": "같은 답"},
+        {"prompt": "빈 답", "chosen": "", "rejected": "무언가"},
+        dict(rows[0]),
+    ]
+    rows = _rows(rows)
+    cfg = _config()
+    data = render_pairs(rows, cfg, KO_ALPACA, llama3_tokenizer, "t")
+    report = audit_pairs("t", data, len(rows), 256, 128)
+    found = {f.code: f for f in report.findings}
+    assert found["identical_pair"].rows == [8]
+    assert found["empty_response"].rows == [9] and data.skipped == {9: "empty response"}
+    assert found["duplicates"].rows == [10]
+    assert found["length_ratio"].level == "warning"
+    assert report.kept == len(rows) - 1 and not report.fatal()
