@@ -4,6 +4,7 @@ conversational form against the chat template's own ids, truncation, and the aud
 from __future__ import annotations
 
 import pytest
+from tricky_rows import TRICKY_ROWS
 
 from kotune.config import load_config
 from kotune.data.examples import IGNORE
@@ -16,7 +17,6 @@ from kotune.data.preference import (
 )
 from kotune.data.preference_audit import audit_pairs
 from kotune.data.templates import KO_ALPACA
-from tricky_rows import TRICKY_ROWS
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -28,8 +28,9 @@ def _rows(rows: list[dict]) -> list[dict]:
 
 
 def _config(*overrides: str):
-    return load_config(overrides=["train.objective=dpo", "data.cutoff_len=256", "preference.max_prompt_len=128",
-                                  *overrides])
+    return load_config(
+        overrides=["train.objective=dpo", "data.cutoff_len=256", "preference.max_prompt_len=128", *overrides]
+    )
 
 
 def test_detects_the_three_shapes():
@@ -46,8 +47,16 @@ def test_alpaca_style_masks_are_exact(llama3_tokenizer, name):
     tok, row = llama3_tokenizer, TRICKY_ROWS[name]
     if not isinstance(row.get("output"), str) or not row["output"].strip():
         pytest.skip("no response text in this row")
-    rows = _rows([{"instruction": row["instruction"], "input": row.get("input"), "chosen": row["output"],
-                   "rejected": "잘 모르겠습니다."}])
+    rows = _rows(
+        [
+            {
+                "instruction": row["instruction"],
+                "input": row.get("input"),
+                "chosen": row["output"],
+                "rejected": "잘 모르겠습니다.",
+            }
+        ]
+    )
     data = render_pairs(rows, _config("data.cutoff_len=4096", "preference.max_prompt_len=4000"), KO_ALPACA, tok, "t")
     (pair,) = data.pairs
     prompt_text = KO_ALPACA.format(row["instruction"], row.get("input"))
@@ -66,10 +75,16 @@ def test_conversation_matches_the_chat_templates_ids(llama3_tokenizer):
     """prompt + chosen is exactly the chat template's tokenization of the conversation up to the end-of-turn."""
     tok = llama3_tokenizer
     messages = [{"role": "user", "content": "한국의 수도는 어디인가요?"}]
-    rows = _rows([
-        {"prompt": messages, "chosen": [{"role": "assistant", "content": "서울입니다."}], "rejected": "부산입니다."},
-        {"system": "짧게 답하세요.", "prompt": "2+2는?", "chosen": "4", "rejected": "5"},
-    ])
+    rows = _rows(
+        [
+            {
+                "prompt": messages,
+                "chosen": [{"role": "assistant", "content": "서울입니다."}],
+                "rejected": "부산입니다.",
+            },
+            {"system": "짧게 답하세요.", "prompt": "2+2는?", "chosen": "4", "rejected": "5"},
+        ]
+    )
     data = render_pairs(rows, _config(), KO_ALPACA, tok, "t")
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     first, second = data.pairs
@@ -101,8 +116,10 @@ def test_truncation_keeps_the_prompts_end_and_counts_lost_eos(llama3_tokenizer):
 
 
 def test_audit_reports_identical_empty_duplicates_and_length_bias(llama3_tokenizer):
-    rows = [{"prompt": f"질문 {i}", "chosen": f"자세하고 긴 좋은 답변 {i}입니다. 이유도 설명합니다.",
-             "rejected": "몰라요"} for i in range(8)]
+    rows = [
+        {"prompt": f"질문 {i}", "chosen": f"자세하고 긴 좋은 답변 {i}입니다. 이유도 설명합니다.", "rejected": "몰라요"}
+        for i in range(8)
+    ]
     rows += [
         {"prompt": "같음", "chosen": "같은 답", "rejected": "같은 답"},
         {"prompt": "빈 답", "chosen": "", "rejected": "무언가"},

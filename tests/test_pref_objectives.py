@@ -19,7 +19,7 @@ from kotune.training.objectives import preference_step
 
 PAIRS = [
     ("질문: 서울은 어느 나라의 수도인가요?\n답변:", " 대한민국의 수도입니다.", " 일본입니다."),
-    ("Translate to Korean: good morning\n###답변:", "\n좋은 아침입니다.", "\"굿모닝\""),
+    ("Translate to Korean: good morning\n###답변:", "\n좋은 아침입니다.", '"굿모닝"'),
     ("2 + 3 = ?", " 5", " 6이라고 생각합니다만 확실하지 않습니다."),
 ]
 
@@ -40,7 +40,9 @@ def setup(tiny_llama3_model, llama3_tokenizer):
     def base():
         return AutoModelForCausalLM.from_pretrained(tiny_llama3_model, torch_dtype=torch.float32).eval()
 
-    policy = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    policy = get_peft_model(
+        base(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    )
     texts = [PreferenceText(i, *pair, True) for i, pair in enumerate(PAIRS)]
     pairs = encode_pairs(texts, llama3_tokenizer, cutoff_len=256, max_prompt_len=128).pairs
     return policy, base(), pairs, collate_pairs(pairs, llama3_tokenizer.eos_token_id)

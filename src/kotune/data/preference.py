@@ -33,6 +33,13 @@ def is_preference(rows: list[dict[str, Any]]) -> bool:
     return set(PREFERENCE_COLUMNS) <= columns and bool({"prompt", "instruction"} & columns)
 
 
+def prompt_format(row: dict[str, Any]) -> str:
+    """The SFT format whose prompts a preference row's prompt is built like (what chat / generate use)."""
+    if "instruction" in row and "prompt" not in row:
+        return "alpaca"
+    return "prompt_completion" if isinstance(row.get("prompt"), str) and not row.get("system") else "messages"
+
+
 @dataclass(frozen=True)
 class PreferenceText:
     row: int
@@ -66,6 +73,8 @@ class PreferenceData:
     """Rows whose prompt lost its start to ``preference.max_prompt_len``."""
     eos_lost: list[int] = field(default_factory=list)
     """Rows where the chosen or the rejected response lost its closing token to ``data.cutoff_len``."""
+    chat_template: str | None = None
+    """The chat template conversational rows were rendered with (None when none was)."""
 
 
 def _response(value: Any, key: str, row: dict[str, Any], where: str) -> str:
@@ -146,9 +155,7 @@ def encode_pairs(texts: list[PreferenceText], tokenizer, cutoff_len: int, max_pr
     return data
 
 
-def render_pairs(
-    rows: list[dict[str, Any]], cfg: Config, template: Template, tokenizer, where: str
-) -> PreferenceData:
+def render_pairs(rows: list[dict[str, Any]], cfg: Config, template: Template, tokenizer, where: str) -> PreferenceData:
     """Render and encode preference rows; rows that cannot train are counted in ``skipped`` with the reason."""
     renderer = PreferenceRenderer(cfg, template, tokenizer)
     texts, skipped = [], {}
@@ -159,6 +166,7 @@ def render_pairs(
             skipped[row["_row"]] = str(reason)
     data = encode_pairs(texts, tokenizer, cfg.data.cutoff_len, cfg.preference.max_prompt_len)
     data.skipped = skipped
+    data.chat_template = renderer._chat.template if renderer._chat is not None else None
     return data
 
 

@@ -17,25 +17,59 @@ def _pair_findings(data: PreferenceData, cutoff_len: int, max_prompt_len: int) -
     found: list[Finding] = []
     same = [t.row for t in data.texts if t.chosen.strip() == t.rejected.strip()]
     if same:
-        found.append(Finding("identical_pair", WARNING, f"{len(same)} pairs have identical chosen and rejected "
-                             f"responses (nothing to prefer; rows {row_list(same)})", same))
+        found.append(
+            Finding(
+                "identical_pair",
+                WARNING,
+                f"{len(same)} pairs have identical chosen and rejected "
+                f"responses (nothing to prefer; rows {row_list(same)})",
+                same,
+            )
+        )
     empty = sorted(r for r, why in data.skipped.items() if why == "empty response")
     if empty:
-        found.append(Finding("empty_response", WARNING, f"{len(empty)} rows have an empty chosen or rejected "
-                             f"response and are left out (rows {row_list(empty)})", empty))
+        found.append(
+            Finding(
+                "empty_response",
+                WARNING,
+                f"{len(empty)} rows have an empty chosen or rejected "
+                f"response and are left out (rows {row_list(empty)})",
+                empty,
+            )
+        )
     if data.prompt_cut:
-        found.append(Finding("prompt_cut", WARNING, f"{len(data.prompt_cut)} prompts are longer than "
-                             f"preference.max_prompt_len={max_prompt_len} and lose their start "
-                             f"(rows {row_list(data.prompt_cut)})", data.prompt_cut))
+        found.append(
+            Finding(
+                "prompt_cut",
+                WARNING,
+                f"{len(data.prompt_cut)} prompts are longer than "
+                f"preference.max_prompt_len={max_prompt_len} and lose their start "
+                f"(rows {row_list(data.prompt_cut)})",
+                data.prompt_cut,
+            )
+        )
     if data.eos_lost:
-        found.append(Finding("eos_lost", WARNING, f"{len(data.eos_lost)} pairs have a response cut at "
-                             f"data.cutoff_len={cutoff_len} before its closing token (rows "
-                             f"{row_list(data.eos_lost)})", data.eos_lost))
+        found.append(
+            Finding(
+                "eos_lost",
+                WARNING,
+                f"{len(data.eos_lost)} pairs have a response cut at "
+                f"data.cutoff_len={cutoff_len} before its closing token (rows "
+                f"{row_list(data.eos_lost)})",
+                data.eos_lost,
+            )
+        )
     seen: dict[tuple[str, str, str], int] = {}
     dupes = [t.row for t in data.texts if seen.setdefault((t.prompt, t.chosen, t.rejected), t.row) != t.row]
     if dupes:
-        found.append(Finding("duplicates", WARNING, f"{len(dupes)} rows repeat an earlier row's prompt, chosen "
-                             f"and rejected (rows {row_list(dupes)})", dupes))
+        found.append(
+            Finding(
+                "duplicates",
+                WARNING,
+                f"{len(dupes)} rows repeat an earlier row's prompt, chosen and rejected (rows {row_list(dupes)})",
+                dupes,
+            )
+        )
     return found
 
 
@@ -48,9 +82,13 @@ def length_bias(data: PreferenceData) -> Finding | None:
     ratio = float(np.mean(chosen / np.maximum(rejected, 1)))
     longer = float(np.mean(chosen > rejected))
     level = WARNING if longer > LENGTH_BIAS or longer < 1 - LENGTH_BIAS else INFO
-    return Finding("length_ratio", level, f"chosen / rejected length ratio {ratio:.2f} (mean); the chosen "
-                   f"response is the longer one in {100 * longer:.0f}% of pairs"
-                   + ("; the objective may learn length rather than quality" if level == WARNING else ""))
+    return Finding(
+        "length_ratio",
+        level,
+        f"chosen / rejected length ratio {ratio:.2f} (mean); the chosen "
+        f"response is the longer one in {100 * longer:.0f}% of pairs"
+        + ("; the objective may learn length rather than quality" if level == WARNING else ""),
+    )
 
 
 def audit_pairs(source: str, data: PreferenceData, n_rows: int, cutoff_len: int, max_prompt_len: int) -> AuditReport:
@@ -65,5 +103,6 @@ def audit_pairs(source: str, data: PreferenceData, n_rows: int, cutoff_len: int,
         findings.append(bias)
     if not data.pairs:
         findings.append(Finding("no_pairs", FATAL, "no row holds a trainable preference pair"))
-    return AuditReport(source, "preference", n_rows, len(data.pairs), cutoff_len, stats, histogram, tokens,
-                       trained, [], findings)
+    return AuditReport(
+        source, "preference", n_rows, len(data.pairs), cutoff_len, stats, histogram, tokens, trained, [], findings
+    )

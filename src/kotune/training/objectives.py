@@ -22,8 +22,15 @@ import torch.nn.functional as F
 from kotune.data.examples import IGNORE
 from kotune.preference_config import PreferenceConfig
 
-METRICS = ("loss", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
-           "logps_rejected")
+METRICS = (
+    "loss",
+    "reward_accuracy",
+    "reward_margin",
+    "rewards_chosen",
+    "rewards_rejected",
+    "logps_chosen",
+    "logps_rejected",
+)
 """Per-pair means a step or an evaluation reports (with ``eval_`` in front for evaluations)."""
 
 

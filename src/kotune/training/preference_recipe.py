@@ -1,0 +1,116 @@
+"""``kotune train`` with a preference objective: read pairs, audit them, load the model (optionally from an SFT
+run's adapter), train, and write the same run folder an SFT run writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from kotune import output
+from kotune.config import Config, ConfigError
+from kotune.data.audit import AuditReport, fatal_error, summary_lines
+from kotune.data.preference import PreferenceData, PreferencePair, is_preference, render_pairs
+from kotune.data.preference_audit import audit_pairs
+from kotune.data.read import DataError, apply_columns, read_rows, split_indices
+from kotune.data.templates import Template, load_template
+from kotune.model.build import load_for_training
+from kotune.model.lora import check_target_modules, load_start_adapter
+from kotune.run_folder import CONFIG
+from kotune.security import inside, redact
+from kotune.training import dist
+from kotune.training.preference import PreferenceFit, reference_table
+from kotune.training.resume import start_metrics, write_summary
+
+
+@dataclass
+class PreparedPairs:
+    train: list[PreferencePair]
+    validation: list[PreferencePair]
+    audits: tuple[AuditReport, ...]
+    template: Template
+    chat_template: str | None
+
+
+def _source(spec: str, split: str, cfg: Config, template: Template, tokenizer) -> tuple[PreferenceData, AuditReport]:
+    rows = apply_columns(read_rows(spec, split), cfg.data.columns, spec)
+    if cfg.data.format not in ("auto", "preference") or not is_preference(rows):
+        raise DataError(
+            f"{spec}: train.objective={cfg.train.objective} needs preference rows: columns prompt (or instruction), "
+            "chosen and rejected; map yours with data.columns"
+        )
+    data = render_pairs(rows, cfg, template, tokenizer, spec)
+    return data, audit_pairs(spec, data, len(rows), cfg.data.cutoff_len, cfg.preference.max_prompt_len)
+
+
+def prepare_pairs(cfg: Config, tokenizer) -> PreparedPairs:
+    """Train and held-out pairs (``data.validation_path``, else ``data.val_size`` of the rows) with their audits."""
+    d, template = cfg.data, load_template(cfg.data.template)
+    main, audit = _source(d.path, d.split, cfg, template, tokenizer)
+    by_row = {p.row: p for p in main.pairs}
+    if d.validation_path:
+        val, val_audit = _source(d.validation_path, "validation", cfg, template, tokenizer)
+        train, validation, audits = main.pairs, val.pairs, (audit, val_audit)
+    else:
+        train_rows, val_rows = split_indices(audit.rows, d.val_size, d.seed)
+        train = [by_row[r] for r in train_rows if r in by_row]
+        validation, audits = [by_row[r] for r in val_rows if r in by_row], (audit,)
+    if d.max_rows is not None:
+        train = train[: d.max_rows]
+    return PreparedPairs(train, validation, audits, template, main.chat_template)
+
+
+def train_preference(cfg: Config, output_dir: Path, model_path: str, tokenizer, resume: str | None) -> Path:
+    """The run; the data and its audit come before the model loads, as for SFT."""
+    from kotune.evaluation.run_report import write_run_report
+    from kotune.training.recipe import absolute_if_local, save_final
+
+    if resume is not None or dist.rank_and_world()[1] > 1:
+        raise ConfigError("preference runs do not support --resume or several processes yet; run on one process")
+    data = prepare_pairs(cfg, tokenizer)
+    for report in data.audits:
+        for line in summary_lines(report):
+            output.info(line)
+    message = fatal_error(data.audits)
+    if message is not None or not data.train:
+        raise DataError(message or "no training pairs left; run `kotune data audit` on the config")
+    output.info(f"kotune: data (preference): {len(data.train)} train pairs, {len(data.validation)} held out")
+    if data.chat_template is not None:
+        tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
+    cfg = replace(cfg, train=replace(cfg.train, kernels="off"))  # the fast path computes the SFT loss only
+    check_target_modules(cfg, model_path)
+    model = load_for_training(cfg, model_path).peft
+    if cfg.model.adapter:
+        load_start_adapter(model, cfg.model.adapter)
+        output.info(f"kotune: started from the adapter in {cfg.model.adapter}; it is the reference too")
+    saved = replace(
+        cfg,
+        data=replace(
+            cfg.data,
+            format="preference",
+            path=absolute_if_local(cfg.data.path),
+            validation_path=absolute_if_local(cfg.data.validation_path),
+        ),
+    )
+    inside(output_dir, CONFIG).write_text(redact(saved.to_yaml()), encoding="utf-8")
+    fit = PreferenceFit(cfg, model, tokenizer.pad_token_id, data.train, data.validation, output_dir)
+    if cfg.model.adapter:  # the reference is the starting model, not the base the adapter sits on
+        reference_table(
+            model, data.train + data.validation, tokenizer.pad_token_id, cfg.train.micro_batch_size, fit.device
+        )
+    start_metrics(output_dir)
+    state = fit.run()
+    save_final(fit, data.template, tokenizer, output_dir)
+    audit = [line.removeprefix("kotune: ") for r in data.audits for line in summary_lines(r)]
+    write_summary(
+        output_dir,
+        state,
+        {
+            "objective": cfg.train.objective,
+            "train_pairs": len(data.train),
+            "validation_pairs": len(data.validation),
+            "audit": audit,
+        },
+    )
+    output.info(f"kotune: adapter written to {output_dir}")
+    output.info(f"kotune: run report written to {write_run_report(output_dir)}")
+    return output_dir

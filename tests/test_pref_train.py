@@ -1,0 +1,87 @@
+"""Preference runs end to end on the tiny Llama (CPU, in process): each objective trains and writes the run
+folder; DPO from an SFT run's adapter starts at ln 2 (its reference is that starting model) and logs the
+preference metrics; the model card names the objective."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import write_jsonl
+from safetensors.torch import load_file
+
+from kotune.run_folder import ADAPTER, METRICS, open_folder
+from kotune.training.recipe import train
+
+PAIRS = [
+    {
+        "instruction": f"질문 {i}: 하늘은 왜 파란가요?",
+        "input": "과학" if i % 2 else "",
+        "chosen": f"답변 {i}: 햇빛이 공기에 산란하기 때문입니다.",
+        "rejected": f"모름 {i}",
+    }
+    for i in range(24)
+]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", PAIRS)
+
+
+def _records(folder):
+    return [json.loads(line) for line in (folder / METRICS).read_text().splitlines()]
+
+
+def _preference_overrides(pairs_file, objective: str, **extra):
+    return {
+        "data.path": str(pairs_file),
+        "data.val_size": 0.25,
+        "train.objective": objective,
+        "preference.max_prompt_len": 96,
+        "lora.dropout": 0.0,
+        "train.max_steps": 3,
+        "train.eval_steps": 3,
+        "train.learning_rate": 5e-3,
+        "data.cache": False,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "kto"])
+def test_each_objective_trains_and_writes_the_run(tmp_path, tiny_train_config, pairs_file, objective):
+    out = tmp_path / objective
+    train(tiny_train_config(out, _preference_overrides(pairs_file, objective)))
+    records = _records(out)
+    steps = [r for r in records if "reward_accuracy" in r]
+    evals = [r for r in records if "eval_reward_accuracy" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and len(evals) == 1
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in steps)
+    assert {"reward_margin", "logps_chosen", "logps_rejected", "rewards_chosen"} <= set(steps[0])
+    lora_b = [v for k, v in load_file(out / ADAPTER).items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: the objective moved it
+
+
+def test_dpo_from_an_sft_adapter(tmp_path, tiny_train_config, pairs_file):
+    from kotune.export.publish import model_card
+
+    sft = tmp_path / "sft"
+    train(tiny_train_config(sft, {"lora.dropout": 0.0, "train.max_steps": 2, "data.cache": False}))
+    dpo = tmp_path / "dpo"
+    cfg = tiny_train_config(
+        dpo, _preference_overrides(pairs_file, "dpo", **{"model.adapter": str(sft), "train.eval_at_start": True})
+    )
+    train(cfg)
+    records = _records(dpo)
+    first_eval, first_step = records[0], records[1]
+    # policy = reference (the SFT model) before any update: -log sigmoid(0) = ln 2, rewards 0
+    assert first_eval["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first_step["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first_step["rewards_chosen"] == pytest.approx(0, abs=1e-5)
+    start, end = load_file(sft / ADAPTER), load_file(dpo / ADAPTER)
+    assert start.keys() == end.keys()
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    card = model_card(open_folder(dpo), "someone/tiny-dpo")
+    assert "dpo (beta 0.1, loss sigmoid, label smoothing 0.0)" in card and str(sft) in card
