@@ -15,7 +15,7 @@ import torch
 
 from kotune.data.preference import PreferenceText, collate_pairs, encode_pairs
 from kotune.preference_config import PreferenceConfig
-from kotune.training.objectives import preference_step
+from kotune.training.objectives import StartWeights, preference_step, reference_logps, sequence_logps
 
 PAIRS = [
     ("질문: 서울은 어느 나라의 수도인가요?\n답변:", " 대한민국의 수도입니다.", " 일본입니다."),
@@ -130,22 +130,24 @@ def test_first_step_dpo_is_ln2_with_zero_rewards(setup):
     assert metrics["logps_chosen"].item() < 0
 
 
-def test_reference_table_equals_adapter_off_and_gradient_flows(setup):
-    """A batch carrying reference log-probs (computed once) gives the loss the adapter-off pass gives, and the
-    loss reaches the LoRA weights."""
-    policy, reference, pairs, batch = setup
+def test_start_weights_are_the_reference_and_gradient_flows(setup):
+    """From a start adapter the reference is that starting model: after the LoRA weights move, the reference pass
+    still gives the start's log-probs (computed here on the start directly), the current weights come back after
+    it, and the loss reaches the LoRA weights."""
+    policy, _, pairs, batch = setup
     _randomize_lora(policy, seed=2)
-    table = [(_seq_logp(reference, q.prompt, q.chosen), _seq_logp(reference, q.prompt, q.rejected)) for q in pairs]
-    for pair, ref in zip(pairs, table, strict=True):
-        pair.reference = ref
-    with_table = collate_pairs(pairs, 0)
-    for pair in pairs:
-        pair.reference = None
-    settings = PreferenceConfig(beta=0.1)
+    start_logps = sequence_logps(policy, batch)[0].detach()
+    start = StartWeights(policy)
+    _randomize_lora(policy, seed=3)
+    moved_logps = sequence_logps(policy, batch)[0].detach()
+    assert not torch.allclose(start_logps, moved_logps)
+    assert torch.allclose(reference_logps(policy, batch, start), start_logps, atol=1e-5)
+    assert torch.allclose(sequence_logps(policy, batch)[0].detach(), moved_logps, atol=1e-6)
     policy.zero_grad()
-    loss_table, _ = preference_step(policy, with_table, "dpo", settings)
-    loss_table.backward()
-    loss_off, _ = preference_step(policy, batch, "dpo", settings)
-    assert loss_table.item() == pytest.approx(loss_off.item(), abs=1e-5)
-    grads = [p.grad.abs().sum().item() for n, p in policy.named_parameters() if "lora_A" in n]
+    loss, metrics = preference_step(policy, batch, "dpo", PreferenceConfig(beta=0.1), start)
+    loss.backward()
+    n = len(pairs)
+    expected_chosen = 0.1 * (moved_logps[:n] - start_logps[:n]).sum()
+    assert metrics["rewards_chosen"].item() == pytest.approx(expected_chosen.item(), abs=1e-4)
+    grads = [p.grad.abs().sum().item() for name, p in policy.named_parameters() if "lora_A" in name]
     assert grads and all(g > 0 for g in grads)

@@ -85,3 +85,23 @@ def test_dpo_from_an_sft_adapter(tmp_path, tiny_train_config, pairs_file):
     assert any(not torch.equal(start[k], end[k]) for k in start)
     card = model_card(open_folder(dpo), "someone/tiny-dpo")
     assert "dpo (beta 0.1, loss sigmoid, label smoothing 0.0)" in card and str(sft) in card
+
+
+def test_merge_verifies_a_preference_run_on_its_chosen_responses(tmp_path, tiny_train_config, pairs_file):
+    """merge reads a run's validation rows again; for a preference run they are the chosen responses."""
+    from transformers import AutoTokenizer
+
+    from kotune.data.examples import IGNORE
+    from kotune.export.merge import verification_rows
+
+    out = tmp_path / "orpo"
+    train(tiny_train_config(out, _preference_overrides(pairs_file, "orpo", **{"train.max_steps": 1})))
+    folder = open_folder(out)
+    assert folder.fmt == "alpaca"  # prompts as the ko-alpaca template built them, for chat / generate
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    split, rows = verification_rows(folder, tokenizer, 3)
+    assert split == "validation" and len(rows) == 3
+    chosen = {p["chosen"] for p in PAIRS}
+    for row in rows:
+        labels = [t for t in row.labels if t != IGNORE]
+        assert tokenizer.decode(labels, skip_special_tokens=True) in chosen

@@ -40,6 +40,18 @@ def prompt_format(row: dict[str, Any]) -> str:
     return "prompt_completion" if isinstance(row.get("prompt"), str) and not row.get("system") else "messages"
 
 
+def chosen_as_sft(data, prompt_fmt: str):
+    """A preference run's ``DataConfig`` read as SFT data on its chosen responses (what merge verifies on): the
+    chosen column stands in for alpaca's ``output`` or for ``completion``. None for conversational prompts."""
+    from dataclasses import replace
+
+    target = {"alpaca": "output", "prompt_completion": "completion"}.get(prompt_fmt)
+    if target is None:
+        return None
+    columns = {k: v for k, v in data.columns.items() if k not in ("chosen", "rejected")}
+    return replace(data, format=prompt_fmt, columns={**columns, target: data.columns.get("chosen", "chosen")})
+
+
 @dataclass(frozen=True)
 class PreferenceText:
     row: int
@@ -58,8 +70,6 @@ class PreferencePair:
     chosen: list[int]
     """The chosen response's ids (with its closing token unless cut): all trained."""
     rejected: list[int]
-    reference: tuple[float, float] | None = None
-    """Reference log-probs of (chosen, rejected) when computed once for the run (``training.preference``)."""
 
 
 @dataclass
@@ -188,7 +198,4 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, multiple: int = 8) -
         ids[i, :n] = torch.tensor(prompt + response)
         labels[i, len(prompt) : n] = torch.tensor(response)
         mask[i, :n] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if all(p.reference is not None for p in pairs):
-        batch["reference"] = torch.tensor([p.reference[0] for p in pairs] + [p.reference[1] for p in pairs])
-    return batch
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

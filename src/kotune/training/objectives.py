@@ -4,8 +4,9 @@ Each loss function takes the summed log-probabilities of the chosen and rejected
 counts, for the length-normalised objectives) and returns per-pair losses and rewards; ``preference_step`` runs
 the model on a batch from ``collate_pairs`` and gathers the metrics. DPO's and KTO's reference is the same model
 with its adapter switched off (peft's ``disable_adapter``): no second copy of the weights is held. A run that starts
-from an adapter (``model.adapter``, e.g. SFT) takes as reference that starting model, whose log-probs are computed
-once before the first step (``reference_table``): switching the adapter off would give the base instead.
+from an adapter (``model.adapter``, e.g. SFT) takes as reference that starting model: its LoRA weights are kept
+aside (``StartWeights``, the adapter's size) and put in place for the reference pass, since switching the adapter
+off would give the base instead.
 
 Papers: DPO, Rafailov et al. 2023 (eq. 7); IPO, Azar et al. 2023 (eq. 17); conservative DPO (label smoothing),
 Mitchell 2023; ORPO, Hong et al. 2024 (eq. 6-7); SimPO, Meng et al. 2024 (eq. 6); KTO, Ethayarajh et al. 2024
@@ -14,7 +15,7 @@ Mitchell 2023; ORPO, Hong et al. 2024 (eq. 6-7); SimPO, Meng et al. 2024 (eq. 6)
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -82,22 +83,51 @@ def kto_loss(pc, pr, rc, rr, p: PreferenceConfig):
     return (desirable + undesirable) / 2, p.beta * chosen_ratio.detach(), p.beta * rejected_ratio.detach()
 
 
-def reference_logps(model, batch) -> torch.Tensor:
-    """Summed log-probs of the same model with its LoRA adapter switched off (the base), without gradients."""
-    switch_off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-    with torch.no_grad(), switch_off:
+class StartWeights:
+    """A copy of the trainable (LoRA) weights as they start; ``swapped_in`` puts them in place for a reference
+    pass and the current ones back after it."""
+
+    def __init__(self, model):
+        self.start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @contextmanager
+    def swapped_in(self, model):
+        params = dict(model.named_parameters())
+        current = {n: params[n].detach().clone() for n in self.start}
+        with torch.no_grad():
+            for name, value in self.start.items():
+                params[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in current.items():
+                    params[name].copy_(value)
+
+
+def reference_logps(model, batch, start: StartWeights | None = None) -> torch.Tensor:
+    """Summed log-probs under the reference, without gradients: the starting weights when ``start`` is given,
+    else the same model with its LoRA adapter switched off (the base)."""
+    if start is not None:
+        switch = start.swapped_in(model)
+    else:
+        switch = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    with torch.no_grad(), switch:
         return sequence_logps(model, batch)[0]
 
 
-def preference_step(model, batch: dict[str, torch.Tensor], objective: str, p: PreferenceConfig):
+def preference_step(
+    model, batch: dict[str, torch.Tensor], objective: str, p: PreferenceConfig, start: StartWeights | None = None
+):
     """Summed loss over the batch's pairs (to backpropagate after dividing by the step's pairs) and the per-pair
-    metric sums (``METRICS``). The reference log-probs are ``batch["reference"]`` when the batch carries them
-    (a table computed once), else the model's own with its adapter switched off."""
+    metric sums (``METRICS``); ``start``: see ``reference_logps``."""
+    # the reference pass first: swapping weights in and out after the policy's forward would invalidate what
+    # autograd saved for its backward
+    ref = reference_logps(model, batch, start) if objective in ("dpo", "kto") else None
     logps, counts = sequence_logps(model, batch)
     n = logps.shape[0] // 2
     pc, pr, nc, nr = logps[:n], logps[n:], counts[:n].clamp(min=1), counts[n:].clamp(min=1)
-    if objective in ("dpo", "kto"):
-        ref = batch["reference"] if "reference" in batch else reference_logps(model, batch)
+    if ref is not None:
         loss, chosen, rejected = (dpo_loss if objective == "dpo" else kto_loss)(pc, pr, ref[:n], ref[n:], p)
     elif objective == "simpo":
         loss, chosen, rejected = simpo_loss(pc, pr, nc, nr, p)

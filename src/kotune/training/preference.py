@@ -24,7 +24,7 @@ from kotune.run_folder import BEST
 from kotune.security import inside
 from kotune.training.checkpoint import save_adapter
 from kotune.training.loop import RunState, autocast, clip_and_update
-from kotune.training.objectives import METRICS, preference_step, sequence_logps
+from kotune.training.objectives import METRICS, StartWeights, preference_step
 from kotune.training.optim import build_optimizer, lr_at
 from kotune.training.report import Reporter
 
@@ -35,20 +35,6 @@ def pair_steps(cfg: Config, n_pairs: int) -> int:
     if t.max_steps is not None:
         return t.max_steps
     return max(1, math.floor(n_pairs // t.micro_batch_size * t.num_epochs / t.gradient_accumulation_steps))
-
-
-@torch.no_grad()
-def reference_table(model, pairs: list[PreferencePair], pad_id: int, size: int, device) -> None:
-    """Store each pair's (chosen, rejected) log-probs under the model as it is now: the reference of a run that
-    starts from an adapter (computed once, before the first step)."""
-    model.eval()
-    for i in range(0, len(pairs), size):
-        chunk = pairs[i : i + size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
-        logps = sequence_logps(model, batch)[0].tolist()
-        for k, pair in enumerate(chunk):
-            pair.reference = (logps[k], logps[len(chunk) + k])
-    model.train()
 
 
 @dataclass
@@ -77,6 +63,7 @@ class PreferenceFit:
         train: list[PreferencePair],
         validation: list[PreferencePair],
         output_dir: Path,
+        start: StartWeights | None = None,
     ):
         self.cfg, self.model, self.pad_id = cfg, peft_model, pad_id
         self.train_pairs, self.val_pairs, self.output_dir = train, validation, output_dir
@@ -85,6 +72,8 @@ class PreferenceFit:
         self.steps = pair_steps(cfg, len(train))
         self.order = PairOrder(len(train), cfg.train.micro_batch_size, cfg.train.seed)
         self.state = RunState()
+        self.start = start
+        """The starting adapter's weights, the reference of a run from ``model.adapter`` (None: adapter off)."""
         self.model.train()
 
     def _batch(self, pairs: list[PreferencePair]) -> dict[str, torch.Tensor]:
@@ -100,7 +89,7 @@ class PreferenceFit:
         for rows in windows:
             batch = self._batch([self.train_pairs[i] for i in rows])
             with autocast(self.cfg, self.device):
-                loss, metrics = preference_step(self.model, batch, t.objective, self.cfg.preference)
+                loss, metrics = preference_step(self.model, batch, t.objective, self.cfg.preference, self.start)
             (loss / n_pairs).backward()
             for key, value in metrics.items():
                 sums[key] += value.item()
@@ -128,7 +117,9 @@ class PreferenceFit:
         for i in range(0, len(self.val_pairs), size):
             batch = self._batch(self.val_pairs[i : i + size])
             with autocast(self.cfg, self.device):
-                _, metrics = preference_step(self.model, batch, self.cfg.train.objective, self.cfg.preference)
+                _, metrics = preference_step(
+                    self.model, batch, self.cfg.train.objective, self.cfg.preference, self.start
+                )
             for key, value in metrics.items():
                 sums[key] += value.item()
         self.model.train()

@@ -18,7 +18,8 @@ from kotune.model.lora import check_target_modules, load_start_adapter
 from kotune.run_folder import CONFIG
 from kotune.security import inside, redact
 from kotune.training import dist
-from kotune.training.preference import PreferenceFit, reference_table
+from kotune.training.objectives import StartWeights
+from kotune.training.preference import PreferenceFit
 from kotune.training.resume import start_metrics, write_summary
 
 
@@ -92,11 +93,8 @@ def train_preference(cfg: Config, output_dir: Path, model_path: str, tokenizer, 
         ),
     )
     inside(output_dir, CONFIG).write_text(redact(saved.to_yaml()), encoding="utf-8")
-    fit = PreferenceFit(cfg, model, tokenizer.pad_token_id, data.train, data.validation, output_dir)
-    if cfg.model.adapter:  # the reference is the starting model, not the base the adapter sits on
-        reference_table(
-            model, data.train + data.validation, tokenizer.pad_token_id, cfg.train.micro_batch_size, fit.device
-        )
+    start = StartWeights(model) if cfg.model.adapter else None  # the reference is the start, not the base
+    fit = PreferenceFit(cfg, model, tokenizer.pad_token_id, data.train, data.validation, output_dir, start)
     start_metrics(output_dir)
     state = fit.run()
     save_final(fit, data.template, tokenizer, output_dir)
