@@ -135,3 +135,40 @@ def test_audit_reports_identical_empty_duplicates_and_length_bias(llama3_tokeniz
     assert found["duplicates"].rows == [10]
     assert found["length_ratio"].level == "warning"
     assert report.kept == len(rows) - 1 and not report.fatal()
+
+
+def test_data_audit_and_preview_read_preference_pairs(tmp_path, tiny_llama3_model, capsys):
+    """`kotune data audit` reports the pair audit; `kotune data preview` shows chosen and rejected with the
+    prompt masked."""
+    import json
+
+    from conftest import write_jsonl
+
+    from kotune.cli import main
+
+    rows = [{"prompt": f"질문 {i}?", "chosen": f"좋은 답 {i}", "rejected": f"나쁜 답 {i}"} for i in range(6)]
+    rows.append({"prompt": "같음?", "chosen": "같은 답", "rejected": "같은 답"})
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    overrides = [
+        f"model.path={tiny_llama3_model}",
+        f"data.path={data}",
+        "data.val_size=0",
+        "train.objective=dpo",
+        "data.cutoff_len=64",
+        "preference.max_prompt_len=32",
+        "data.cache=false",
+    ]
+    config = tmp_path / "config.yaml"
+    config.write_text(load_config(overrides=overrides).to_yaml(), encoding="utf-8")
+    args = [str(config)]
+    assert main(["data", "audit", "--json", *args]) == 0
+    report = json.loads(capsys.readouterr().out)["reports"][0]
+    assert report["format"] == "preference" and report["kept"] == 7
+    assert [f["rows"] for f in report["findings"] if f["code"] == "identical_pair"] == [[6]]
+    assert main(["data", "preview", "--json", *args]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert shown[0]["row"] == shown[1]["row"]  # chosen, then rejected, of one pair
+    assert (
+        shown[0]["input_ids"][: shown[0]["labels"].count(-100)]
+        == shown[1]["input_ids"][: shown[1]["labels"].count(-100)]
+    )

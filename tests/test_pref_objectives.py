@@ -151,3 +151,22 @@ def test_start_weights_are_the_reference_and_gradient_flows(setup):
     assert metrics["rewards_chosen"].item() == pytest.approx(expected_chosen.item(), abs=1e-4)
     grads = [p.grad.abs().sum().item() for name, p in policy.named_parameters() if "lora_A" in name]
     assert grads and all(g > 0 for g in grads)
+
+
+def test_reference_pass_runs_without_dropout(tiny_llama3_model, setup):
+    """In training mode with LoRA dropout, the reference pass (start weights swapped in) is deterministic and
+    equals the eval-mode log-probs; the model is left in training mode."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    *_, batch = setup
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama3_model, torch_dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj"]))
+    _randomize_lora(model, seed=4)
+    start = StartWeights(model)
+    model.eval()
+    expected = sequence_logps(model, batch)[0].detach()
+    model.train()
+    assert torch.allclose(reference_logps(model, batch, start), expected, atol=1e-5)
+    assert torch.allclose(reference_logps(model, batch, start), expected, atol=1e-5)
+    assert model.training

@@ -199,3 +199,15 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, multiple: int = 8) -
         labels[i, len(prompt) : n] = torch.tensor(response)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pair_examples(pairs: list[PreferencePair]) -> list:
+    """Each pair as two ``Example`` rows, prompt + chosen then prompt + rejected, labelled on the response only:
+    what ``kotune data preview`` shows of a preference run."""
+    from kotune.data.examples import IGNORE, Example
+
+    return [
+        Example(p.row, p.prompt + response, [IGNORE] * len(p.prompt) + response)
+        for p in pairs
+        for response in (p.chosen, p.rejected)
+    ]

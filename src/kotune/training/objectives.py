@@ -112,8 +112,13 @@ def reference_logps(model, batch, start: StartWeights | None = None) -> torch.Te
         switch = start.swapped_in(model)
     else:
         switch = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-    with torch.no_grad(), switch:
-        return sequence_logps(model, batch)[0]
+    training = model.training
+    model.eval()  # the reference is deterministic: no LoRA dropout in its pass (the start weights have LoRA)
+    try:
+        with torch.no_grad(), switch:
+            return sequence_logps(model, batch)[0]
+    finally:
+        model.train(training)
 
 
 def preference_step(
