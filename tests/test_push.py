@@ -31,7 +31,13 @@ MERGED_UPLOAD = ADAPTER_UPLOAD - {"adapter_config.json", "adapter_model.safetens
     "model.safetensors",
     "merge_report.json",
 }
-REWRITTEN = {"adapter_config.json", "kotune_config.yaml", "merge_report.json", "chat_template.jinja"}
+REWRITTEN = {
+    "adapter_config.json",
+    "kotune_config.yaml",
+    "merge_report.json",
+    "chat_template.jinja",
+    "run_summary.json",
+}
 """Uploaded as copies without local paths and with the trained prompt format; the run's own files stay."""
 IDS = torch.tensor([[128000, 1234, 5678, 91011, 220]])
 
@@ -52,6 +58,8 @@ def test_adapter_dry_run_is_the_upload_and_loads_with_peft(tiny_qlora_run, tmp_p
     assert {p.name for p in dry.iterdir()} == ADAPTER_UPLOAD  # no checkpoints, no best/, no peft README
     for name in ADAPTER_UPLOAD - {"README.md"} - REWRITTEN:
         assert (dry / name).read_bytes() == (run / name).read_bytes(), name
+    summary, uploaded = (json.loads((folder / "run_summary.json").read_text()) for folder in (run, dry))
+    assert uploaded == {**summary, "audit": uploaded["audit"]} and len(uploaded["audit"]) == len(summary["audit"])
 
     base_path = json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
     # the upload names a local base by its folder's name: it loads from the folder holding it

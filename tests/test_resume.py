@@ -259,7 +259,7 @@ def test_resume_with_changed_dataset_is_refused_then_forced(tiny_train_config, f
     assert (finished_copy / "metrics.jsonl").read_bytes() == before, "a refused resume must not touch the run"
 
     train(cfg, resume="auto", force=True)
-    assert "warning: resuming from" in capsys.readouterr().out
+    assert "kotune: warning: resuming from" in capsys.readouterr().err  # a warning: stderr, like every warning
     assert sorted(by_step(finished_copy, "loss")) == [1, 2, 3, 4, 5, 6]
 
 

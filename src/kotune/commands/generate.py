@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from kotune import output
 from kotune.commands.chat import add_model_arguments, add_sampling_arguments, sampling_from
 from kotune.inference.generate import Sampling
 
@@ -112,19 +113,19 @@ def run(args) -> int:
     from kotune.run_folder import open_folder
 
     folder = open_folder(args.path)
-    output = Path(args.output)
-    done = completed_rows(output)
+    out = Path(args.output)
+    done = completed_rows(out)
     prompts = read_prompts(args.input, folder, AutoTokenizer.from_pretrained(folder.path))
     model_id = model_fingerprint(folder, args.base)
-    check_resumable(output, done, prompts, model_id)
+    check_resumable(out, done, prompts, model_id)
     todo = [(row, text) for row, text in prompts if row["_row"] not in done]
     if not todo:
-        output.info(f"kotune: all {len(prompts)} rows are already in {output}; nothing to do")
+        output.info(f"kotune: all {len(prompts)} rows are already in {out}; nothing to do")
         return 0
     if done:
-        output.info(f"kotune: {len(prompts) - len(todo)} rows already in {output}; generating the other {len(todo)}")
+        output.info(f"kotune: {len(prompts) - len(todo)} rows already in {out}; generating the other {len(todo)}")
     model, tokenizer = load_model(folder, args.base)
-    write_generations(model, tokenizer, folder, todo, output, sampling_from(args), args, model_id)
+    write_generations(model, tokenizer, folder, todo, out, sampling_from(args), args, model_id)
     return 0
 
 

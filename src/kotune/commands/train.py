@@ -34,7 +34,13 @@ def register(sub) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="with --resume: continue even if the data, tokenizer, template or training config changed",
+        help="with --resume: continue even if the data, tokenizer, template or training config changed; "
+        "start although `kotune plan` predicts the run does not fit the GPU",
+    )
+    p.add_argument(
+        "--fit",
+        action="store_true",
+        help="on a GPU: the largest train.micro_batch_size that fits it (rows per step unchanged; see kotune plan)",
     )
     p.add_argument(
         "--overwrite",
@@ -83,7 +89,7 @@ def run(args) -> int:
     from kotune.training.signals import Interrupted
 
     try:
-        train(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite)
+        train(cfg, resume=args.resume, force=args.force, overwrite=args.overwrite, fit_gpu=args.fit)
     except Interrupted as stop:
         if is_main():  # every process stopped at the same step; one message
             print(f"kotune: {stop}\nkotune: to continue, run: {resume_command(args)}", file=sys.stderr)

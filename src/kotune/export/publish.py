@@ -27,6 +27,7 @@ from kotune.run_folder import (
     CONFIG,
     MERGE_REPORT,
     RECORDS,
+    SUMMARY,
     ModelFolder,
     open_folder,
     read_json,
@@ -83,27 +84,34 @@ def source_name(spec: str) -> str:
     return spec if spec.startswith("pypi:") or hub_model_id(spec) else Path(spec).name
 
 
+LOCAL_PATH = re.compile(r"(?<![\w/~])~?/[^\s/]+(?:/[^\s/]+)+")
+"""An absolute (or home-relative) path of at least two parts inside a text, e.g. the data file an audit line names."""
+
+
 def portable(value):
-    """``value`` (parsed JSON / YAML) with each absolute local path replaced by its last part."""
+    """``value`` (parsed JSON / YAML) with each absolute local path replaced by its last part, also inside text."""
     if isinstance(value, dict):
         return {k: portable(v) for k, v in value.items()}
     if isinstance(value, list):
         return [portable(v) for v in value]
     if isinstance(value, str) and (value.startswith("~") or Path(value).is_absolute()):
         return Path(value).name
+    if isinstance(value, str):
+        return LOCAL_PATH.sub(lambda m: Path(m.group()).name, value)
     return value
 
 
 def portable_copies(folder: ModelFolder) -> dict[str, bytes]:
     """The run's own files that name local paths, rewritten for upload (the files in the folder stay as they are):
-    the resolved config, the merge report, and the adapter config's ``base_model_name_or_path`` (training wrote
-    the resolved local path there; the upload gets ``source_name``)."""
+    the resolved config, the run summary (its audit lines name the data files), the merge report, and the adapter
+    config's ``base_model_name_or_path`` (training wrote the resolved local path there; the upload gets
+    ``source_name``)."""
     copies: dict[str, bytes] = {}
     config = folder.path / CONFIG
     if config.is_file():
         values = portable(yaml.safe_load(config.read_text(encoding="utf-8")))
         copies[config.name] = yaml.safe_dump(values, sort_keys=False, allow_unicode=True).encode("utf-8")
-    for name in (MERGE_REPORT, ADAPTER_CONFIG):
+    for name in (SUMMARY, MERGE_REPORT, ADAPTER_CONFIG):
         data = read_json(folder.path / name)
         if data is None:
             continue

@@ -22,6 +22,7 @@ from kotune.model.build import load_for_training
 from kotune.model.embeddings import add_model_checks, untrained_token_ids
 from kotune.model.load import load_tokenizer
 from kotune.model.lora import check_target_modules, trainable_token_ids
+from kotune.plan.gate import check_before_loading
 from kotune.run_folder import ADAPTER, BEST, CONFIG, save_template
 from kotune.security import inside, redact, refuse_pickle
 from kotune.training import dist, fingerprint
@@ -46,11 +47,14 @@ class OutOfMemory(KotuneError, RuntimeError):
     exit_code = 1
 
 
-def train(cfg: Config, resume: str | None = None, force: bool = False, overwrite: bool = False) -> Path:
+def train(
+    cfg: Config, resume: str | None = None, force: bool = False, overwrite: bool = False, fit_gpu: bool = False
+) -> Path:
     """Run the whole job; returns the output folder holding the adapter.
 
-    ``resume``: ``auto`` or a checkpoint folder; ``force`` resumes even if the fingerprint changed;
-    ``overwrite`` moves a run already in the output folder aside instead of refusing to start over it.
+    ``resume``: ``auto`` or a checkpoint folder; ``force`` resumes even if the fingerprint changed, and starts
+    although the plan predicts the run does not fit the GPU; ``overwrite`` moves a run already in the output
+    folder aside instead of refusing to start over it; ``fit_gpu`` picks the largest micro-batch that fits the GPU.
     """
     dist.init()
     output_dir = Path(cfg.train.output_dir)
@@ -58,7 +62,7 @@ def train(cfg: Config, resume: str | None = None, force: bool = False, overwrite
         with claim(output_dir, resume is not None, overwrite) as aside:
             if aside is not None:
                 output.info(f"kotune: moved the earlier run in {output_dir} to {aside} (--overwrite)")
-            return _train(cfg, output_dir, resume, force)
+            return _train(cfg, output_dir, resume, force, fit_gpu)
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(oom_advice(cfg)) from exc
 
@@ -81,7 +85,7 @@ def oom_advice(cfg: Config) -> str:
     )
 
 
-def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Path:
+def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_gpu: bool) -> Path:
     model_path = resolve_model(cfg.model.path)
     check_model_folder(model_path)
     if Path(model_path).is_dir():
@@ -105,6 +109,8 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool) -> Pa
     token_ids = trainable_token_ids(cfg.lora, tokenizer, untrained_token_ids(data.audits))
     if cfg.lora.trainable_tokens == "auto":  # the saved config, fingerprint and fast-path choice see the result
         cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
+    lengths = [len(e.input_ids) for e in data.train]
+    cfg = check_before_loading(cfg, model_path, lengths, dist.rank_and_world()[1], force, fit_gpu, output.info)
     fp = fingerprint.compute(cfg, tokenizer, data.template, data.train, data.validation)
     folder = find_resume(output_dir, resume, log=output.info)
     if folder is not None:

@@ -1,0 +1,203 @@
+"""Peak GPU memory and time of a run, from its config, its base model's shape and its rows' real token counts.
+
+The memory model is arithmetic where the bytes are known (4-bit weights with their quantization constants, 16-bit
+weights, LoRA weights with their gradients and optimizer state) and fitted where they depend on kernels:
+
+    peak = weights + LoRA state + OMEGA x (largest linear weight in bf16) + KAPPA x 2(4 hidden + 3 intermediate) x T
+
+with T the tokens of the longest pass (a packed sequence, or a padded micro-batch) the run will make: on the fast
+path the layer inputs wait in host memory, so the GPU holds one layer's recomputed activations at a time and the
+peak grows with the pass, not with the depth. Step time is a sum over the step's passes of
+
+    max(LAUNCH x layers, (A x linear FLOPs + B x attention FLOPs) / GPU peak + C)
+
+(a pass is either bound by the host launching kernels or by the matrix products). OMEGA, KAPPA, A, B, C and LAUNCH
+were fitted by ``bench/fit_plan.py`` to kotune's own runs (``bench/RESULTS.md``, "kotune plan"): one H200, the
+Llama-3-8B shape, fast path. Other shapes and GPUs are extrapolations of that fit, and the plain path (no fast
+kernels: CPU, 8-bit weights, unsupported models) is arithmetic only; ``Plan.basis`` says which applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from kotune.config import Config
+from kotune.plan.gpus import GiB, Gpu
+from kotune.plan.shape import ModelShape
+
+MEASURED_ON = "H200"
+OMEGA = 1.473
+"""Workspace: dequantized weights in flight, the loss kernel's logits chunk, cuBLAS workspace."""
+KAPPA = 1.837
+"""Activation bytes per token of a pass, in units of 2 (4 hidden + 3 intermediate) bytes."""
+A, B, C = 1.89, 2.45, 0.042
+"""Inverse efficiency of the linear and attention products on the fast path, and a pass's fixed GPU time (s)."""
+LAUNCH = 0.0122
+"""Host time to launch one decoder layer's kernels for a pass (forward, recompute, backward), seconds."""
+MARGIN = 0.08
+"""Share of the GPU's memory kept free for the caching allocator's fragmentation and the CUDA context."""
+
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+"""Per weight: a 4-bit code, an 8-bit absmax per block of 64 (double quant), an fp32 constant per 256 blocks."""
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+OPTIMIZER_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "adamw_torch": 8}
+"""Optimizer state per LoRA weight (two moments)."""
+
+
+@dataclass
+class Pass:
+    step: int
+    rows: list[int]
+    """Row indices (into the training rows) of this pass."""
+    tokens: int
+    """Tokens the pass computes, padding included."""
+    square: int
+    """Sum over its rows of (padded) length squared: the attention work."""
+
+
+@dataclass
+class Plan:
+    parts: dict[str, int]
+    """Bytes of each part of the peak, in the order they are shown."""
+    longest: Pass
+    steps: int
+    step_seconds: float
+    """Mean over the run's steps."""
+    run_seconds: float
+    gpu: Gpu
+    fast: bool
+    passes: list[Pass] = field(default_factory=list)
+    """Every pass of the run on the first process, in order."""
+    world: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.gpu.memory_bytes * (1 - MARGIN))
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes
+
+    @property
+    def basis(self) -> str:
+        if not self.fast:
+            return "plain path: arithmetic only, not fitted to measured runs"
+        basis = f"fast path, fitted on an {MEASURED_ON} with the Llama-3-8B shape (other shapes extrapolate it)"
+        if self.gpu.name.upper().replace("NVIDIA ", "") != MEASURED_ON:
+            basis += f"; time scaled from the {MEASURED_ON} by peak throughput"
+        return basis
+
+
+def run_passes(lengths: list[int], cfg: Config, world: int = 1, rank: int = 0, packed: bool = True) -> list[Pass]:
+    """Every pass process ``rank`` makes in the run, in order, as kotune's training loop will feed them."""
+    from kotune.data.packing import pack_groups
+    from kotune.training.order import micro_batches, share, total_steps
+
+    t = cfg.train
+    rows = [SimpleNamespace(input_ids=range(n)) for n in lengths]  # micro_batches reads only the lengths
+    steps, per_epoch = total_steps(cfg, len(rows), world)
+    out: list[Pass] = []
+    epoch_batches: dict[int, list[list[int]]] = {}
+    for step in range(steps):
+        ids = []
+        for m in range(step * t.gradient_accumulation_steps, (step + 1) * t.gradient_accumulation_steps):
+            epoch, index = divmod(m, per_epoch)
+            if epoch not in epoch_batches:
+                epoch_batches = {epoch: micro_batches(rows, cfg, epoch)}
+            ids += epoch_batches[epoch][index]
+        ids = share(ids, [lengths[i] for i in ids], rank, world)
+        if packed:
+            groups = [
+                [ids[j] for j in g]
+                for g in pack_groups([lengths[i] for i in ids], t.micro_batch_size * cfg.data.cutoff_len)
+            ]
+            out += [Pass(step, g, sum(lengths[i] for i in g), sum(lengths[i] ** 2 for i in g)) for g in groups]
+            continue
+        for k in range(0, len(ids), t.micro_batch_size):
+            group = ids[k : k + t.micro_batch_size]
+            multiple = t.pad_to_multiple_of
+            padded = -(-max(lengths[i] for i in group) // multiple) * multiple
+            out.append(Pass(step, group, padded * len(group), padded**2 * len(group)))
+    return out
+
+
+def memory_parts(shape: ModelShape, cfg: Config, tokens: int, fast: bool) -> dict[str, int]:
+    """Bytes of the peak's parts for a pass of ``tokens`` tokens."""
+    m = cfg.model
+    dtype = DTYPE_BYTES[m.compute_dtype]
+    quantized = {"4bit": NF4_BYTES, "8bit": 1.0 + 4 / 4096, "none": dtype}[m.quantization]
+    embedding = shape.vocab * shape.hidden * dtype
+    sixteen = (0 if shape.tied_embeddings else embedding) + (2 * shape.layers + 1) * shape.hidden * dtype
+    if not fast or shape.tied_embeddings:
+        sixteen += embedding  # the fast path keeps an untied input embedding table in host memory
+    lora = shape.lora_params(cfg.lora.target_modules, cfg.lora.r)
+    largest = max(a * b for a, b in shape.linear().values()) * 2
+    per_token = 2 * (4 * shape.hidden + 3 * shape.intermediate)
+    parts = {
+        f"base weights ({m.quantization})": int(shape.linear_params() * quantized),
+        "unquantized weights (lm_head, embeddings on GPU, norms)": sixteen,
+        f"LoRA ({lora / 1e6:.1f}M): weights, gradients, optimizer": lora
+        * (4 + 4 + OPTIMIZER_BYTES[cfg.train.optimizer]),
+        "workspace (dequantized weights, loss chunks)": int(OMEGA * largest),
+        f"activations (longest pass, {tokens:,} tokens)": int(KAPPA * per_token * tokens),
+    }
+    if not fast:  # transformers' checkpointing keeps every layer's input and the whole pass's logits on the GPU
+        parts[f"activations (longest pass, {tokens:,} tokens)"] += shape.layers * tokens * shape.hidden * dtype
+        parts["logits (bf16, fp32 copy, gradient)"] = tokens * shape.vocab * (dtype + 4 + 4)
+    return parts
+
+
+def pass_seconds(shape: ModelShape, cfg: Config, p: Pass, gpu: Gpu) -> float:
+    lora = shape.lora_params(cfg.lora.target_modules, cfg.lora.r)
+    # forward, recomputed forward and the input-gradient backward of every frozen product; LoRA's are small
+    linear_flops = 6 * (shape.linear_params() + lora) * p.tokens + 4 * shape.vocab * shape.hidden * p.tokens
+    attention_flops = 8 * shape.hidden * shape.layers * p.square  # causal QK^T and PV, fwd + recompute + bwd
+    compute = (A * linear_flops + B * attention_flops) / (gpu.bf16_tflops * 1e12) + C
+    return max(LAUNCH * shape.layers, compute)
+
+
+def estimate(shape: ModelShape, cfg: Config, lengths: list[int], gpu: Gpu, fast: bool, world: int = 1) -> Plan:
+    """The plan of a run of ``cfg`` over rows of these token ``lengths`` on ``world`` processes of ``gpu``."""
+    t = cfg.train
+    packed = t.packing == "on" or (t.packing == "auto" and fast)
+    passes = run_passes(lengths, cfg, world, 0, packed)
+    longest = max(passes, key=lambda p: p.tokens)
+    seconds = sum(pass_seconds(shape, cfg, p, gpu) for p in passes)
+    steps = passes[-1].step + 1
+    plan = Plan(memory_parts(shape, cfg, longest.tokens, fast), longest, steps, seconds / steps, seconds, gpu, fast)
+    plan.passes, plan.world = passes, world
+    if world > 1:
+        plan.notes.append(f"per process of {world} (DDP: each holds the whole base model; the step's rows are split)")
+    return plan
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def duration(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{seconds:.0f} s" if seconds < 90 else f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
+def render(plan: Plan) -> list[str]:
+    """The plan as lines for the terminal: the parts, the verdict, the time."""
+    lines = [f"kotune: plan for {plan.gpu.name} ({gib(plan.gpu.memory_bytes)}), {plan.basis}:"]
+    width = max(len(k) for k in plan.parts)
+    lines += [f"  {name:<{width}}  {gib(size):>10}" for name, size in plan.parts.items()]
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    lines.append(
+        f"  {'predicted peak':<{width}}  {gib(plan.peak_bytes):>10}  ({verdict}: budget {gib(plan.budget_bytes)})"
+    )
+    p = plan.longest
+    lines.append(f"  longest pass: step {p.step + 1}, {len(p.rows)} row(s), {p.tokens:,} tokens")
+    run = duration(plan.run_seconds)
+    lines.append(f"  time: {plan.steps} steps x {plan.step_seconds:.2f} s = {run} (model loading not included)")
+    lines += [f"  {note}" for note in plan.notes]
+    return lines

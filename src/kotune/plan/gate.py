@@ -1,0 +1,103 @@
+"""The plan at the start of ``kotune train``: print it, pick settings that fit (``--fit``), stop a run that would not.
+
+All of it runs on the tokenized rows, before the model loads, so an out-of-memory an hour in becomes an error
+naming the rows and the setting to change in the first seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from kotune.config import Config
+from kotune.errors import KotuneError
+from kotune.plan.estimate import Plan, estimate, gib, render
+from kotune.plan.gpus import Gpu
+from kotune.plan.shape import ModelShape, shape_of
+
+
+class WouldNotFit(KotuneError, RuntimeError):
+    """The plan predicts the run's longest pass does not fit the GPU; the message says what to change."""
+
+
+def plan_for(cfg: Config, model_path: str, lengths: list[int], gpu: Gpu, world: int = 1) -> tuple[Plan, ModelShape]:
+    """The plan of ``cfg`` on ``world`` processes of ``gpu``, fast path or not as training would choose on CUDA."""
+    from transformers import AutoConfig
+
+    from kotune import fast
+
+    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    use_fast, _ = fast.wanted(cfg, model_config, "cuda")
+    shape = shape_of(model_config)
+    return estimate(shape, cfg, lengths, gpu, use_fast, world), shape
+
+
+def fit_settings(cfg: Config, shape: ModelShape, lengths: list[int], gpu: Gpu, fast: bool, world: int = 1) -> Config:
+    """The config with the largest ``train.micro_batch_size`` that fits, rows per step unchanged (a divisor of
+    them); if not even one row a pass fits, the largest ``data.cutoff_len`` (halving) that does."""
+    t = cfg.train
+    rows = t.micro_batch_size * t.gradient_accumulation_steps
+    for micro in sorted((m for m in range(1, rows + 1) if rows % m == 0), reverse=True):
+        candidate = replace(cfg, train=replace(t, micro_batch_size=micro, gradient_accumulation_steps=rows // micro))
+        if estimate(shape, candidate, lengths, gpu, fast, world).fits:
+            return candidate
+    cutoff = cfg.data.cutoff_len
+    one_row = replace(cfg, train=replace(t, micro_batch_size=1, gradient_accumulation_steps=rows))
+    while cutoff > 256:
+        cutoff //= 2
+        candidate = replace(one_row, data=replace(cfg.data, cutoff_len=cutoff))
+        if estimate(shape, candidate, [min(n, cutoff) for n in lengths], gpu, fast, world).fits:
+            return candidate
+    least = estimate(shape, one_row, lengths, gpu, fast, world)
+    raise WouldNotFit(
+        f"no micro-batch size or data.cutoff_len >= 256 fits {gpu.name}: one row a pass needs {gib(least.peak_bytes)} "
+        f"of a {gib(least.budget_bytes)} budget ({', '.join(f'{k} {gib(v)}' for k, v in least.parts.items())})"
+    )
+
+
+def refusal(plan: Plan, cfg: Config) -> str:
+    p = plan.longest
+    rows = ", ".join(str(i) for i in p.rows[:8]) + (", ..." if len(p.rows) > 8 else "")
+    t = cfg.train
+    change = (
+        f"train.micro_batch_size={max(1, t.micro_batch_size // 2)} "
+        f"train.gradient_accumulation_steps={t.gradient_accumulation_steps * 2}"
+        if t.micro_batch_size > 1
+        else f"data.cutoff_len={cfg.data.cutoff_len // 2} (longer rows are cut)"
+    )
+    return (
+        f"predicted peak {gib(plan.peak_bytes)} does not fit {plan.gpu.name} (budget {gib(plan.budget_bytes)}): "
+        f"the longest pass, step {p.step + 1}, holds {p.tokens:,} tokens (training rows {rows}). "
+        f"Try {change}, or `kotune train --fit` to choose the settings, or --force to try anyway"
+    )
+
+
+def check_before_loading(
+    cfg: Config, model_path: str, lengths: list[int], world: int, force: bool, fit: bool, log
+) -> Config:
+    """On CUDA: with ``fit``, the config with settings that fit (``fit_settings``); log the plan for this GPU and
+    refuse a run predicted not to fit (unless ``force``). Returns the config to train with."""
+    from kotune.plan.gpus import present_gpu
+
+    gpu = present_gpu()
+    if gpu is None:  # the CPU has no memory ceiling kotune can predict
+        if fit:
+            log("kotune: --fit: no CUDA GPU here, the settings stay as configured")
+        return cfg
+    plan, shape = plan_for(cfg, model_path, lengths, gpu, world)
+    if fit:
+        fitted = fit_settings(cfg, shape, lengths, gpu, plan.fast, world)
+        if fitted.data.cutoff_len != cfg.data.cutoff_len:  # the rows would have to be tokenized again
+            raise WouldNotFit(
+                f"even one row a pass does not fit {gpu.name} at data.cutoff_len={cfg.data.cutoff_len}; "
+                f"set data.cutoff_len={fitted.data.cutoff_len} (longer rows are cut: `kotune data audit` counts them)"
+            )
+        t = fitted.train
+        log(f"kotune: --fit: train.micro_batch_size={t.micro_batch_size} train.gradient_accumulation_steps="
+            f"{t.gradient_accumulation_steps} (rows per step unchanged)")  # fmt: skip
+        cfg = fitted
+        plan, _ = plan_for(cfg, model_path, lengths, gpu, world)
+    for line in render(plan):
+        log(line)
+    if not plan.fits and not force:
+        raise WouldNotFit(refusal(plan, cfg))
+    return cfg
