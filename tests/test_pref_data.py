@@ -10,9 +10,11 @@ from kotune.config import load_config
 from kotune.data.examples import IGNORE
 from kotune.data.preference import (
     PreferenceText,
+    UnpairedResponse,
     collate_pairs,
     encode_pairs,
     is_preference,
+    is_unpaired,
     render_pairs,
 )
 from kotune.data.preference_audit import audit_pairs
@@ -98,6 +100,41 @@ def test_conversation_matches_the_chat_templates_ids(llama3_tokenizer):
             assert full[: len(pair.prompt) + len(response)] == pair.prompt + response
             assert response[-1] == eot and tok.decode(response[:-1]) == reply
     assert first.prompt.count(tok.bos_token_id) == 1
+
+
+def test_unpaired_rows_mask_their_completion_and_keep_their_label(llama3_tokenizer):
+    """KTO's unpaired rows (prompt, completion, label), text and conversational: the completion's labels are its
+    own ids (+ EOS for text prompts, the end-of-turn for chat ones); the label rides along to the batch."""
+    tok = llama3_tokenizer
+    assert is_unpaired([{"prompt": "q", "completion": "a", "label": True}])
+    assert not is_unpaired([{"prompt": "q", "completion": "a", "label": "yes"}])
+    assert not is_preference([{"prompt": "q", "completion": "a", "label": True}])
+    messages = [{"role": "user", "content": "한국의 수도는?"}]
+    rows = _rows(
+        [
+            {"prompt": "질문: 2+2는?\n답변:", "completion": " 4입니다.", "label": True},
+            {"prompt": messages, "completion": [{"role": "assistant", "content": "부산"}], "label": False},
+            {"prompt": "빈 답", "completion": " ", "label": True},
+        ]
+    )
+    data = render_pairs(rows, _config("train.objective=kto"), KO_ALPACA, tok, "t")
+    text, chat = data.pairs
+    assert isinstance(text, UnpairedResponse) and (text.desirable, chat.desirable) == (True, False)
+    assert text.prompt == [tok.bos_token_id, *_ids(tok, "질문: 2+2는?\n답변:")]
+    assert text.completion == [*_ids(tok, " 4입니다."), tok.eos_token_id]
+    full = tok.apply_chat_template([*messages, {"role": "assistant", "content": "부산"}], tokenize=True)
+    full = full if isinstance(full, list) else full["input_ids"]
+    assert full[: len(chat.prompt) + len(chat.completion)] == chat.prompt + chat.completion
+    assert chat.completion[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
+    assert data.skipped == {2: "empty response"}
+    batch = collate_pairs(data.pairs, tok.eos_token_id)
+    assert batch["desirable"].tolist() == [True, False] and batch["input_ids"].shape[0] == 2
+    for k, item in enumerate(data.pairs):
+        assert batch["input_ids"][k][batch["labels"][k] != IGNORE].tolist() == item.completion
+    report = audit_pairs("t", data, len(rows), 256, 128)
+    found = {f.code: f for f in report.findings}
+    assert "1 desirable and 1 undesirable" in found["label_balance"].message
+    assert report.trained_tokens == len(text.completion) + len(chat.completion)
 
 
 def test_truncation_keeps_the_prompts_end_and_counts_lost_eos(llama3_tokenizer):

@@ -13,9 +13,15 @@ import math
 import pytest
 import torch
 
-from kotune.data.preference import PreferenceText, collate_pairs, encode_pairs
+from kotune.data.preference import PreferenceText, UnpairedResponse, collate_pairs, encode_pairs
 from kotune.preference_config import PreferenceConfig
-from kotune.training.objectives import StartWeights, preference_step, reference_logps, sequence_logps
+from kotune.training.objectives import (
+    StartWeights,
+    metric_means,
+    preference_step,
+    reference_logps,
+    sequence_logps,
+)
 
 PAIRS = [
     ("질문: 서울은 어느 나라의 수도인가요?\n답변:", " 대한민국의 수도입니다.", " 일본입니다."),
@@ -114,6 +120,40 @@ def test_loss_matches_papers_formulas(setup, objective, settings):
     assert abs(expected) > 1e-3  # a loss of zero would match anything trivially
     assert loss.item() / len(pairs) == pytest.approx(expected, abs=1e-5, rel=1e-5)
     assert metrics["loss"].item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_unpaired_kto_matches_the_papers_formula(setup):
+    """Unpaired responses (one label each, uneven counts): the mean of lambda_y - v(x, y), with
+    v = lambda_D sigmoid(beta (r - z0)) for desirable and lambda_U sigmoid(beta (z0 - r)) for undesirable responses,
+    r the policy / reference log-ratio and z0 the batch's mean r clamped at 0 (as for pairs)."""
+    policy, reference, pairs, _ = setup
+    _randomize_lora(policy, seed=2)
+    labelled = [(p.prompt, response, good) for p in pairs for response, good in ((p.chosen, True), (p.rejected, False))]
+    responses = [UnpairedResponse(i, *row) for i, row in enumerate(labelled[:5])]
+    settings = PreferenceConfig(beta=0.3, kto_desirable_weight=1.2, kto_undesirable_weight=0.8)
+    with torch.no_grad():
+        loss, metrics = preference_step(policy, collate_pairs(responses, 0), "kto", settings)
+    ratios = [
+        _seq_logp(policy, r.prompt, r.completion) - _seq_logp(reference, r.prompt, r.completion) for r in responses
+    ]
+    z0 = max(0.0, sum(ratios) / len(ratios))
+    losses = []
+    for r, ratio in zip(responses, ratios, strict=True):
+        if r.desirable:
+            w = settings.kto_desirable_weight
+            losses.append(w - w * _sigmoid(settings.beta * (ratio - z0)))
+        else:
+            w = settings.kto_undesirable_weight
+            losses.append(w - w * _sigmoid(settings.beta * (z0 - ratio)))
+    assert loss.item() / len(responses) == pytest.approx(sum(losses) / len(losses), abs=1e-5, rel=1e-5)
+    means = metric_means({k: v.item() for k, v in metrics.items()}, len(responses))
+    chosen = [settings.beta * x for r, x in zip(responses, ratios, strict=True) if r.desirable]
+    rejected = [settings.beta * x for r, x in zip(responses, ratios, strict=True) if not r.desirable]
+    assert means["rewards_chosen"] == pytest.approx(sum(chosen) / len(chosen), abs=1e-5)
+    assert means["rewards_rejected"] == pytest.approx(sum(rejected) / len(rejected), abs=1e-5)
+    assert means["reward_margin"] == pytest.approx(means["rewards_chosen"] - means["rewards_rejected"])
+    right = sum(x > 0 for x in chosen) + sum(x < 0 for x in rejected)
+    assert means["reward_accuracy"] == pytest.approx(right / len(responses))
 
 
 def test_first_step_dpo_is_ln2_with_zero_rewards(setup):

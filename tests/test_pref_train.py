@@ -12,7 +12,7 @@ import torch
 from conftest import write_jsonl
 from safetensors.torch import load_file
 
-from kotune.run_folder import ADAPTER, METRICS, open_folder
+from kotune.run_folder import ADAPTER, METRICS, open_folder, read_summary
 from kotune.training.recipe import train
 
 PAIRS = [
@@ -105,3 +105,35 @@ def test_merge_verifies_a_preference_run_on_its_chosen_responses(tmp_path, tiny_
     for row in rows:
         labels = [t for t in row.labels if t != IGNORE]
         assert tokenizer.decode(labels, skip_special_tokens=True) in chosen
+
+
+PROMPT = "질문 {}: 하늘은 왜 파란가요?\n답변:"
+UNPAIRED = [
+    {"prompt": PROMPT.format(i), "completion": f" 답변 {i}: 햇빛이 산란하기 때문입니다.", "label": True}
+    for i in range(12)
+] + [{"prompt": PROMPT.format(i), "completion": f" 모름 {i}", "label": False} for i in range(12)]
+
+
+def test_kto_trains_on_unpaired_rows_and_other_objectives_refuse_them(tmp_path, tiny_train_config):
+    """Rows of prompt / completion / label train KTO (one response each; metrics per label), merge verifies on
+    the completions; DPO refuses them by name before any model loads."""
+    from transformers import AutoTokenizer
+
+    from kotune.data.read import DataError
+    from kotune.export.merge import verification_rows
+
+    rows = write_jsonl(tmp_path / "unpaired.jsonl", UNPAIRED)
+    out = tmp_path / "kto"
+    train(tiny_train_config(out, _preference_overrides(rows, "kto", **{"preference.kto_undesirable_weight": 1.2})))
+    records = _records(out)
+    steps = [r for r in records if "reward_accuracy" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(r["grad_norm"] > 0 for r in steps)
+    # policy = reference at the first step: each response's loss is lambda_y (1 - sigmoid(0)) = lambda_y / 2,
+    # 0.5 for desirable and 0.6 for undesirable ones
+    assert 0.5 <= steps[0]["loss"] <= 0.6 and steps[0]["rewards_chosen"] == pytest.approx(0, abs=1e-6)
+    assert len([r for r in records if "eval_reward_accuracy" in r]) == 1
+    assert read_summary(out)["train_pairs"] == 18  # 24 responses, a quarter held out
+    _, verify = verification_rows(open_folder(out), AutoTokenizer.from_pretrained(out), 2)
+    assert len(verify) == 2
+    with pytest.raises(DataError, match="only train.objective=kto"):
+        train(tiny_train_config(tmp_path / "dpo", _preference_overrides(rows, "dpo")))

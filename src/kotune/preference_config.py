@@ -24,9 +24,10 @@ class PreferenceConfig:
     orpo_lambda: float = 0.1
     """ORPO's weight of the odds-ratio term added to the chosen response's token-mean NLL (paper: 0.1)."""
     kto_desirable_weight: float = 1.0
-    """KTO's weight of desirable (chosen) responses, lambda_D."""
+    """KTO's weight of desirable responses (chosen, or label true), lambda_D."""
     kto_undesirable_weight: float = 1.0
-    """KTO's weight of undesirable (rejected) responses, lambda_U."""
+    """KTO's weight of undesirable responses (rejected, or label false), lambda_U; with unpaired data, weights
+    that make lambda_D n_D about lambda_U n_U offset uneven label counts (the paper keeps the ratio in [1, 4/3])."""
     max_prompt_len: int = 512
     """Prompt tokens kept (its end: the part next to the response); must be below ``data.cutoff_len``, so each
     response keeps at least one token. Prompt + response is then cut to ``data.cutoff_len`` at the response's end."""

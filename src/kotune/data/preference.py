@@ -1,10 +1,13 @@
 """Preference rows (a prompt, a chosen and a rejected response) to token ids, masked exactly by construction.
 
-Three shapes are read, detected from the columns:
+Three shapes of pairs are read, detected from the columns:
 - ``prompt`` text + ``chosen`` / ``rejected`` text: the prompt is used as it is and EOS closes each response;
 - ``prompt`` as a message list (or any row with a ``system`` column) + ``chosen`` / ``rejected`` as text or as
   a one-message assistant list: rendered through the chat template, each response ending at its end-of-turn token;
 - ``instruction`` (+ ``input``) + ``chosen`` / ``rejected``: the prompt comes from ``data.template``.
+
+KTO also reads unpaired rows (TRL's unpaired preference format): ``prompt`` + ``completion`` + a boolean ``label``
+(true: a desirable response), the prompt and completion in either of the first two shapes.
 
 The prompt and each response are encoded separately and concatenated (as ``data.encoding`` does for SFT), so the
 response's labels are exactly its own tokens. Truncation keeps the prompt's end (``preference.max_prompt_len``,
@@ -25,12 +28,19 @@ from kotune.data.templates import Template
 
 PREFERENCE_COLUMNS = ("chosen", "rejected")
 """Columns every preference row has, beside ``prompt`` or ``instruction``."""
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")
+"""Columns of an unpaired preference row (KTO): one response and whether it is desirable."""
 
 
 def is_preference(rows: list[dict[str, Any]]) -> bool:
     """Whether the first row has the preference columns (checked before the SFT formats: ``prompt`` is shared)."""
     columns = set(rows[0]) if rows else set()
     return set(PREFERENCE_COLUMNS) <= columns and bool({"prompt", "instruction"} & columns)
+
+
+def is_unpaired(rows: list[dict[str, Any]]) -> bool:
+    """Whether the first row is an unpaired preference row: prompt, completion and a true / false label."""
+    return bool(rows) and set(UNPAIRED_COLUMNS) <= set(rows[0]) and isinstance(rows[0]["label"], bool)
 
 
 def prompt_format(row: dict[str, Any]) -> str:
@@ -42,12 +52,17 @@ def prompt_format(row: dict[str, Any]) -> str:
 
 def chosen_as_sft(data, prompt_fmt: str):
     """A preference run's ``DataConfig`` read as SFT data on its chosen responses (what merge verifies on): the
-    chosen column stands in for alpaca's ``output`` or for ``completion``. None for conversational prompts."""
+    chosen column stands in for alpaca's ``output`` or for ``completion``; unpaired rows (which have a completion)
+    are read as they are. None for conversational prompts."""
     from dataclasses import replace
 
     target = {"alpaca": "output", "prompt_completion": "completion"}.get(prompt_fmt)
     if target is None:
         return None
+    from kotune.data.read import apply_columns, read_rows
+
+    if is_unpaired(apply_columns(read_rows(data.path, data.split)[:1], data.columns, data.path)):
+        return replace(data, format=prompt_fmt)
     columns = {k: v for k, v in data.columns.items() if k not in ("chosen", "rejected")}
     return replace(data, format=prompt_fmt, columns={**columns, target: data.columns.get("chosen", "chosen")})
 
@@ -71,11 +86,56 @@ class PreferencePair:
     """The chosen response's ids (with its closing token unless cut): all trained."""
     rejected: list[int]
 
+    @property
+    def longest(self) -> int:
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
+    @property
+    def input_tokens(self) -> int:
+        """Tokens the model reads: the prompt twice, once before each response."""
+        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+    @property
+    def trained_tokens(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+@dataclass(frozen=True)
+class UnpairedText:
+    row: int
+    prompt: str
+    completion: str
+    append_eos: bool
+    desirable: bool
+
+
+@dataclass
+class UnpairedResponse:
+    """One response of unpaired (KTO) data: trained towards (desirable) or away from (undesirable)."""
+
+    row: int
+    prompt: list[int]
+    completion: list[int]
+    desirable: bool
+
+    @property
+    def longest(self) -> int:
+        return len(self.prompt) + len(self.completion)
+
+    @property
+    def input_tokens(self) -> int:
+        return len(self.prompt) + len(self.completion)
+
+    @property
+    def trained_tokens(self) -> int:
+        return len(self.completion)
+
 
 @dataclass
 class PreferenceData:
-    pairs: list[PreferencePair] = field(default_factory=list)
-    texts: list[PreferenceText] = field(default_factory=list)
+    pairs: list[PreferencePair | UnpairedResponse] = field(default_factory=list)
+    """What trains: pairs, or for unpaired rows one response each."""
+    texts: list[PreferenceText | UnpairedText] = field(default_factory=list)
     """The rendered rows, kept for the audit (same order as the rows that rendered)."""
     skipped: dict[int, str] = field(default_factory=dict)
     """Rows left out, with the reason."""
@@ -115,15 +175,30 @@ class PreferenceRenderer:
         rejected = _response(row.get("rejected"), "rejected", row, where)
         if not chosen.strip() or not rejected.strip():
             raise SkipRow("empty response")
+        prompt, (chosen, rejected), append_eos = self._prompt_and(row, [chosen, rejected], where)
+        return PreferenceText(row["_row"], prompt, chosen, rejected, append_eos)
+
+    def render_unpaired(self, row: dict[str, Any], where: str) -> UnpairedText:
+        label = row.get("label")
+        if not isinstance(label, bool):
+            raise DataError(f"{where} (row {row['_row']}): 'label' must be true or false, got {label!r}")
+        completion = _response(row.get("completion"), "completion", row, where)
+        if not completion.strip():
+            raise SkipRow("empty response")
+        prompt, (completion,), append_eos = self._prompt_and(row, [completion], where)
+        return UnpairedText(row["_row"], prompt, completion, append_eos, label)
+
+    def _prompt_and(self, row: dict[str, Any], replies: list[str], where: str) -> tuple[str, list[str], bool]:
+        """(prompt text, the replies' texts, whether EOS closes each reply) for the row's shape."""
         if "instruction" in row and "prompt" not in row:
             prompt = self.template.format(_text(row, "instruction", where), _text(row, "input", where, True))
-            return PreferenceText(row["_row"], prompt, chosen, rejected, True)
+            return prompt, replies, True
         prompt = row.get("prompt")
         if isinstance(prompt, str) and not row.get("system"):
-            return PreferenceText(row["_row"], prompt, chosen, rejected, True)
-        return self._conversation(row, prompt, chosen, rejected, where)
+            return prompt, replies, True
+        return self._conversation(row, prompt, replies, where)
 
-    def _conversation(self, row: dict[str, Any], prompt: Any, chosen: str, rejected: str, where: str):
+    def _conversation(self, row: dict[str, Any], prompt: Any, replies: list[str], where: str):
         """Prompt = the chat template's text up to the assistant turn; each response = its turn up to the
         end-of-turn token (located as for SFT conversations, so the two agree on where a turn ends)."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
@@ -131,26 +206,37 @@ class PreferenceRenderer:
             messages = [{"role": "system", "content": str(row["system"])}, *messages]
         source = f"{row.get('_source', where)} (row {row['_row']})"
         chat, turns = self.chat(), []
-        for reply in (chosen, rejected):
+        for reply in replies:
             full, spans = chat.assistant_spans([*messages, {"role": "assistant", "content": reply}], source)
             start, end = spans[-1]
             turns.append((full[:start], full[start:end]))
-        if turns[0][0] != turns[1][0]:
+        if any(prompt != turns[0][0] for prompt, _ in turns):
             raise DataError(f"{source}: the chat template renders the prompt differently for chosen and rejected")
         prompt_text = turns[0][0]
         if chat.bos_text and chat.drop_bos_text and prompt_text.startswith(chat.bos_text):
             prompt_text = prompt_text[len(chat.bos_text) :]  # BOS is put in front as an id, like for SFT
-        return PreferenceText(row["_row"], prompt_text, turns[0][1], turns[1][1], False)
+        return prompt_text, [reply for _, reply in turns], False
 
 
-def encode_pairs(texts: list[PreferenceText], tokenizer, cutoff_len: int, max_prompt_len: int) -> PreferenceData:
-    """Ids of every pair: prompt, chosen and rejected encoded separately (one batched call), then truncated."""
+def _segments(text: PreferenceText | UnpairedText) -> list[str]:
+    """The texts encoded apart: the prompt, then each response."""
+    if isinstance(text, UnpairedText):
+        return [text.prompt, text.completion]
+    return [text.prompt, text.chosen, text.rejected]
+
+
+def encode_pairs(
+    texts: list[PreferenceText | UnpairedText], tokenizer, cutoff_len: int, max_prompt_len: int
+) -> PreferenceData:
+    """Ids of every pair (or unpaired response): prompt and responses encoded separately (one batched call), then
+    truncated."""
     bos, eos = bos_id_to_add(tokenizer), tokenizer.eos_token_id
-    ids = encode_segments(tokenizer, [t for x in texts for t in (x.prompt, x.chosen, x.rejected)])
+    segments = [_segments(x) for x in texts]
+    ids = iter(encode_segments(tokenizer, [t for row in segments for t in row]))
     data = PreferenceData(texts=texts)
     head = [bos] if bos is not None else []
-    for k, text in enumerate(texts):
-        prompt, chosen, rejected = ids[3 * k : 3 * k + 3]
+    for text, row in zip(texts, segments, strict=True):
+        prompt, *responses = (next(ids) for _ in row)
         keep = max_prompt_len - len(head)
         if len(prompt) > keep:
             prompt = prompt[len(prompt) - keep :]  # the prompt's end is what the response answers
@@ -158,20 +244,26 @@ def encode_pairs(texts: list[PreferenceText], tokenizer, cutoff_len: int, max_pr
         prompt = head + prompt
         closing = [eos] if text.append_eos else []
         room = cutoff_len - len(prompt)
-        responses = [chosen + closing, rejected + closing]
+        responses = [r + closing for r in responses]
         if any(len(r) > room for r in responses):
             data.eos_lost.append(text.row)
-        data.pairs.append(PreferencePair(text.row, prompt, responses[0][:room], responses[1][:room]))
+        cut = [r[:room] for r in responses]
+        if isinstance(text, UnpairedText):
+            data.pairs.append(UnpairedResponse(text.row, prompt, cut[0], text.desirable))
+        else:
+            data.pairs.append(PreferencePair(text.row, prompt, cut[0], cut[1]))
     return data
 
 
 def render_pairs(rows: list[dict[str, Any]], cfg: Config, template: Template, tokenizer, where: str) -> PreferenceData:
-    """Render and encode preference rows; rows that cannot train are counted in ``skipped`` with the reason."""
+    """Render and encode preference rows (pairs, or unpaired rows: ``is_unpaired``); rows that cannot train are
+    counted in ``skipped`` with the reason."""
     renderer = PreferenceRenderer(cfg, template, tokenizer)
+    render = renderer.render_unpaired if is_unpaired(rows) else renderer.render
     texts, skipped = [], {}
     for row in rows:
         try:
-            texts.append(renderer.render(row, where))
+            texts.append(render(row, where))
         except SkipRow as reason:
             skipped[row["_row"]] = str(reason)
     data = encode_pairs(texts, tokenizer, cfg.data.cutoff_len, cfg.preference.max_prompt_len)
@@ -180,14 +272,24 @@ def render_pairs(rows: list[dict[str, Any]], cfg: Config, template: Template, to
     return data
 
 
-def collate_pairs(pairs: list[PreferencePair], pad_id: int, multiple: int = 8) -> dict[str, Any]:
+def collate_pairs(pairs: list[PreferencePair | UnpairedResponse], pad_id: int, multiple: int = 8) -> dict[str, Any]:
     """One padded batch of 2 x len(pairs) rows: every chosen sequence, then every rejected one (one forward pass
-    for both). Labels hold the response ids and -100 on the prompt and the padding."""
+    for both). Labels hold the response ids and -100 on the prompt and the padding. Unpaired responses: one row
+    each, and ``desirable`` (bool, per row) in the batch."""
+    import torch
+
+    if pairs and isinstance(pairs[0], UnpairedResponse):
+        batch = _padded([(p.prompt, p.completion) for p in pairs], pad_id, multiple)
+        return {**batch, "desirable": torch.tensor([p.desirable for p in pairs])}
+    return _padded([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs], pad_id, multiple)
+
+
+def _padded(sequences: list[tuple[list[int], list[int]]], pad_id: int, multiple: int) -> dict[str, Any]:
+    """(prompt, response) id lists as padded ids, attention mask and labels (the response's ids only)."""
     import torch
 
     from kotune.data.examples import IGNORE
 
-    sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     width = max(len(a) + len(b) for a, b in sequences)
     width = -(-width // multiple) * multiple
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -201,13 +303,13 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int, multiple: int = 8) -
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def pair_examples(pairs: list[PreferencePair]) -> list:
-    """Each pair as two ``Example`` rows, prompt + chosen then prompt + rejected, labelled on the response only:
-    what ``kotune data preview`` shows of a preference run."""
+def pair_examples(pairs: list[PreferencePair | UnpairedResponse]) -> list:
+    """Each pair as two ``Example`` rows, prompt + chosen then prompt + rejected (an unpaired response as one),
+    labelled on the response only: what ``kotune data preview`` shows of a preference run."""
     from kotune.data.examples import IGNORE, Example
 
     return [
         Example(p.row, p.prompt + response, [IGNORE] * len(p.prompt) + response)
         for p in pairs
-        for response in (p.chosen, p.rejected)
+        for response in ((p.completion,) if isinstance(p, UnpairedResponse) else (p.chosen, p.rejected))
     ]

@@ -83,6 +83,46 @@ def kto_loss(pc, pr, rc, rr, p: PreferenceConfig):
     return (desirable + undesirable) / 2, p.beta * chosen_ratio.detach(), p.beta * rejected_ratio.detach()
 
 
+def kto_unpaired_loss(policy, ref, desirable, p: PreferenceConfig):
+    """KTO on unpaired responses (``desirable``: bool per response): each response's lambda_y - v(x, y), z0 as for
+    pairs (the batch's mean log-ratio, clamped at 0, not differentiated); per-response losses and rewards."""
+    ratio = policy - ref
+    z0 = ratio.mean().clamp(min=0).detach()
+    towards = p.kto_desirable_weight * (1 - torch.sigmoid(p.beta * (ratio - z0)))
+    away = p.kto_undesirable_weight * (1 - torch.sigmoid(p.beta * (z0 - ratio)))
+    return torch.where(desirable, towards, away), p.beta * ratio.detach()
+
+
+def unpaired_metrics(loss, rewards, logps, desirable) -> dict[str, torch.Tensor]:
+    """Metric sums of unpaired responses; ``metric_means`` divides the chosen / rejected ones by their counts.
+    A response counts as accurate when its reward has its label's sign (desirable above 0, undesirable below)."""
+    undesirable = ~desirable
+    return {
+        "loss": loss.detach().sum(),
+        "reward_accuracy": torch.where(desirable, rewards > 0, rewards < 0).float().sum(),
+        "reward_margin": rewards.new_zeros(()),  # the difference of the two means, set by metric_means
+        "rewards_chosen": rewards[desirable].sum(),
+        "rewards_rejected": rewards[undesirable].sum(),
+        "logps_chosen": logps.detach()[desirable].sum(),
+        "logps_rejected": logps.detach()[undesirable].sum(),
+        "desirable": desirable.sum(),
+        "undesirable": undesirable.sum(),
+    }
+
+
+def metric_means(sums: dict[str, float], n: int) -> dict[str, float]:
+    """``METRICS`` as means of their sums over ``n`` pairs (unpaired: responses, and the chosen / rejected
+    values over the responses of that label)."""
+    if "desirable" not in sums:
+        return {key: sums[key] / max(1, n) for key in METRICS}
+    means = {key: sums[key] / max(1, n) for key in ("loss", "reward_accuracy")}
+    for key, count in (("chosen", sums["desirable"]), ("rejected", sums["undesirable"])):
+        for name in (f"rewards_{key}", f"logps_{key}"):
+            means[name] = sums[name] / max(1, count)
+    means["reward_margin"] = means["rewards_chosen"] - means["rewards_rejected"]
+    return {key: means[key] for key in METRICS}
+
+
 class StartWeights:
     """A copy of the trainable (LoRA) weights as they start; ``swapped_in`` puts them in place for a reference
     pass and the current ones back after it."""
@@ -125,11 +165,17 @@ def preference_step(
     model, batch: dict[str, torch.Tensor], objective: str, p: PreferenceConfig, start: StartWeights | None = None
 ):
     """Summed loss over the batch's pairs (to backpropagate after dividing by the step's pairs) and the per-pair
-    metric sums (``METRICS``); ``start``: see ``reference_logps``."""
+    metric sums (``METRICS``; see ``metric_means``); ``start``: see ``reference_logps``. A batch of unpaired
+    responses (``desirable`` in it) trains KTO, one loss per response."""
     # the reference pass first: swapping weights in and out after the policy's forward would invalidate what
     # autograd saved for its backward
     ref = reference_logps(model, batch, start) if objective in ("dpo", "kto") else None
     logps, counts = sequence_logps(model, batch)
+    if "desirable" in batch:
+        if objective != "kto":
+            raise ValueError(f"unpaired responses train only with kto, not {objective}")
+        loss, rewards = kto_unpaired_loss(logps, ref, batch["desirable"], p)
+        return loss.sum(), unpaired_metrics(loss, rewards, logps, batch["desirable"])
     n = logps.shape[0] // 2
     pc, pr, nc, nr = logps[:n], logps[n:], counts[:n].clamp(min=1), counts[n:].clamp(min=1)
     if ref is not None:

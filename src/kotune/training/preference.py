@@ -4,7 +4,8 @@ The loop mirrors ``training.loop.Fit`` at a smaller scale: a step is ``gradient_
 of ``micro_batch_size`` pairs in a seeded order; the loss is the mean over the step's pairs; the optimizer, the
 schedule, clipping, metrics.jsonl and the best-adapter rule are the SFT run's own. Evaluation reports the same
 metrics on held-out pairs (``eval_reward_accuracy``: the share of pairs whose chosen response gets the higher
-reward). Checkpoints, resume and several processes are not supported for preference runs yet.
+reward). Unpaired KTO data runs the same loop with one response in place of each pair. Checkpoints, resume and
+several processes are not supported for preference runs yet.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import torch
 from kotune import output
 from kotune.config import Config
 from kotune.data.batching import epoch_order
-from kotune.data.preference import PreferencePair, collate_pairs
+from kotune.data.preference import PreferencePair, UnpairedResponse, collate_pairs
 from kotune.run_folder import BEST
 from kotune.security import inside
 from kotune.training.checkpoint import save_adapter
 from kotune.training.loop import RunState, autocast, clip_and_update
-from kotune.training.objectives import METRICS, StartWeights, preference_step
+from kotune.training.objectives import StartWeights, metric_means, preference_step
 from kotune.training.optim import build_optimizer, lr_at
 from kotune.training.report import Reporter
 
@@ -60,8 +61,8 @@ class PreferenceFit:
         cfg: Config,
         peft_model,
         pad_id: int,
-        train: list[PreferencePair],
-        validation: list[PreferencePair],
+        train: list[PreferencePair | UnpairedResponse],
+        validation: list[PreferencePair | UnpairedResponse],
         output_dir: Path,
         start: StartWeights | None = None,
     ):
@@ -76,7 +77,7 @@ class PreferenceFit:
         """The starting adapter's weights, the reference of a run from ``model.adapter`` (None: adapter off)."""
         self.model.train()
 
-    def _batch(self, pairs: list[PreferencePair]) -> dict[str, torch.Tensor]:
+    def _batch(self, pairs: list[PreferencePair | UnpairedResponse]) -> dict[str, torch.Tensor]:
         batch = collate_pairs(pairs, self.pad_id, self.cfg.train.pad_to_multiple_of)
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -85,16 +86,16 @@ class PreferenceFit:
         t = self.cfg.train
         windows = [self.order.micro_batch(self.state.micro_step + i) for i in range(t.gradient_accumulation_steps)]
         n_pairs = sum(map(len, windows))
-        sums = dict.fromkeys(METRICS, 0.0)
+        sums: dict[str, float] = {}
         for rows in windows:
             batch = self._batch([self.train_pairs[i] for i in rows])
             with autocast(self.cfg, self.device):
                 loss, metrics = preference_step(self.model, batch, t.objective, self.cfg.preference, self.start)
             (loss / n_pairs).backward()
             for key, value in metrics.items():
-                sums[key] += value.item()
+                sums[key] = sums.get(key, 0.0) + value.item()
         self.state.micro_step += t.gradient_accumulation_steps
-        record = {key: value / n_pairs for key, value in sums.items()}
+        record = metric_means(sums, n_pairs)
         lr = lr_at(self.state.step, self.steps, t)
         grad_norm, finite = clip_and_update(self.model, self.optimizer, t, lr, record["loss"])
         self.state.step += 1
@@ -113,7 +114,7 @@ class PreferenceFit:
     def evaluate(self) -> dict:
         """The metrics (``eval_`` in front) as means over the held-out pairs."""
         self.model.eval()
-        sums, size = dict.fromkeys(METRICS, 0.0), self.cfg.train.micro_batch_size
+        sums, size = {}, self.cfg.train.micro_batch_size
         for i in range(0, len(self.val_pairs), size):
             batch = self._batch(self.val_pairs[i : i + size])
             with autocast(self.cfg, self.device):
@@ -121,9 +122,9 @@ class PreferenceFit:
                     self.model, batch, self.cfg.train.objective, self.cfg.preference, self.start
                 )
             for key, value in metrics.items():
-                sums[key] += value.item()
+                sums[key] = sums.get(key, 0.0) + value.item()
         self.model.train()
-        return {f"eval_{key}": value / max(1, len(self.val_pairs)) for key, value in sums.items()}
+        return {f"eval_{key}": value for key, value in metric_means(sums, len(self.val_pairs)).items()}
 
     def _evaluate(self, reporter: Reporter) -> None:
         record = {"step": self.state.step, **self.evaluate()}

@@ -9,7 +9,14 @@ from pathlib import Path
 from kotune import output
 from kotune.config import Config, ConfigError
 from kotune.data.audit import AuditReport, fatal_error, summary_lines
-from kotune.data.preference import PreferenceData, PreferencePair, is_preference, render_pairs
+from kotune.data.preference import (
+    PreferenceData,
+    PreferencePair,
+    UnpairedResponse,
+    is_preference,
+    is_unpaired,
+    render_pairs,
+)
 from kotune.data.preference_audit import audit_pairs
 from kotune.data.read import DataError, apply_columns, read_rows, split_indices
 from kotune.data.templates import Template, load_template
@@ -25,8 +32,8 @@ from kotune.training.resume import start_metrics, write_summary
 
 @dataclass
 class PreparedPairs:
-    train: list[PreferencePair]
-    validation: list[PreferencePair]
+    train: list[PreferencePair | UnpairedResponse]
+    validation: list[PreferencePair | UnpairedResponse]
     audits: tuple[AuditReport, ...]
     template: Template
     chat_template: str | None
@@ -34,10 +41,17 @@ class PreparedPairs:
 
 def _source(spec: str, split: str, cfg: Config, template: Template, tokenizer) -> tuple[PreferenceData, AuditReport]:
     rows = apply_columns(read_rows(spec, split), cfg.data.columns, spec)
-    if cfg.data.format not in ("auto", "preference") or not is_preference(rows):
+    unpaired = not is_preference(rows) and is_unpaired(rows)
+    if cfg.data.format not in ("auto", "preference") or not (is_preference(rows) or unpaired):
         raise DataError(
             f"{spec}: train.objective={cfg.train.objective} needs preference rows: columns prompt (or instruction), "
-            "chosen and rejected; map yours with data.columns"
+            "chosen and rejected (for kto also prompt, completion and a true / false label); map yours with "
+            "data.columns"
+        )
+    if unpaired and cfg.train.objective != "kto":
+        raise DataError(
+            f"{spec}: rows of prompt, completion and label are unpaired preference data, which only "
+            f"train.objective=kto trains on ({cfg.train.objective} needs chosen and rejected responses of one prompt)"
         )
     data = render_pairs(rows, cfg, template, tokenizer, spec)
     return data, audit_pairs(spec, data, len(rows), cfg.data.cutoff_len, cfg.preference.max_prompt_len)
@@ -74,7 +88,8 @@ def train_preference(cfg: Config, output_dir: Path, model_path: str, tokenizer, 
     message = fatal_error(data.audits)
     if message is not None or not data.train:
         raise DataError(message or "no training pairs left; run `kotune data audit` on the config")
-    output.info(f"kotune: data (preference): {len(data.train)} train pairs, {len(data.validation)} held out")
+    unit = "responses" if isinstance(data.train[0], UnpairedResponse) else "pairs"
+    output.info(f"kotune: data (preference): {len(data.train)} train {unit}, {len(data.validation)} held out")
     if data.chat_template is not None:
         tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
     cfg = replace(cfg, train=replace(cfg.train, kernels="off"))  # the fast path computes the SFT loss only
