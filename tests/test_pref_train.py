@@ -137,3 +137,28 @@ def test_kto_trains_on_unpaired_rows_and_other_objectives_refuse_them(tmp_path, 
     assert len(verify) == 2
     with pytest.raises(DataError, match="only train.objective=kto"):
         train(tiny_train_config(tmp_path / "dpo", _preference_overrides(rows, "dpo")))
+
+
+def test_a_killed_dpo_run_resumes_to_the_same_metrics_and_adapter(tmp_path, tiny_train_config, pairs_file):
+    """Killed mid-window of step 3 (after checkpoint-2 and the eval at 2), resumed with --resume: the same losses,
+    preference metrics and adapters as an uninterrupted run, LoRA dropout on (so the RNG state must carry over)."""
+    from test_resume import SimulatedKill, assert_same_adapter, kill_at_forward
+
+    from kotune.training.checkpoint import latest_good
+
+    overrides = {"lora.dropout": 0.1, "train.max_steps": 4, "train.eval_steps": 2, "train.save_steps": 2}
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    train(tiny_train_config(reference, _preference_overrides(pairs_file, "dpo", **overrides)))
+    cfg = tiny_train_config(run, _preference_overrides(pairs_file, "dpo", **overrides))
+    with pytest.raises(SimulatedKill), kill_at_forward(6):  # two micro-batches a step: forward 6 is in step 3
+        train(cfg)
+    assert latest_good(run).name == "checkpoint-2"
+    train(cfg, resume="auto")
+    got, want = _records(run), _records(reference)
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "reward_accuracy", "reward_margin", "logps_chosen", "eval_loss", "eval_reward_margin"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (b["step"], key)
+    assert_same_adapter(run / ADAPTER, reference / ADAPTER)
+    assert_same_adapter(run / "best" / ADAPTER, reference / "best" / ADAPTER)

@@ -162,15 +162,21 @@ def reference_logps(model, batch, start: StartWeights | None = None) -> torch.Te
 
 
 def preference_step(
-    model, batch: dict[str, torch.Tensor], objective: str, p: PreferenceConfig, start: StartWeights | None = None
+    model,
+    batch: dict[str, torch.Tensor],
+    objective: str,
+    p: PreferenceConfig,
+    start: StartWeights | None = None,
+    forward=None,
 ):
     """Summed loss over the batch's pairs (to backpropagate after dividing by the step's pairs) and the per-pair
-    metric sums (``METRICS``; see ``metric_means``); ``start``: see ``reference_logps``. A batch of unpaired
-    responses (``desirable`` in it) trains KTO, one loss per response."""
+    metric sums (``METRICS``; see ``metric_means``); ``start``: see ``reference_logps``; ``forward``: the module
+    the policy's pass calls (DDP's wrapper of ``model`` with several processes). A batch of unpaired responses
+    (``desirable`` in it) trains KTO, one loss per response."""
     # the reference pass first: swapping weights in and out after the policy's forward would invalidate what
     # autograd saved for its backward
     ref = reference_logps(model, batch, start) if objective in ("dpo", "kto") else None
-    logps, counts = sequence_logps(model, batch)
+    logps, counts = sequence_logps(model if forward is None else forward, batch)
     if "desirable" in batch:
         if objective != "kto":
             raise ValueError(f"unpaired responses train only with kto, not {objective}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kotune import output
-from kotune.config import Config, ConfigError
+from kotune.config import Config
 from kotune.data.audit import AuditReport, fatal_error, summary_lines
 from kotune.data.preference import (
     PreferenceData,
@@ -15,6 +15,7 @@ from kotune.data.preference import (
     UnpairedResponse,
     is_preference,
     is_unpaired,
+    pair_examples,
     render_pairs,
 )
 from kotune.data.preference_audit import audit_pairs
@@ -24,10 +25,11 @@ from kotune.model.build import load_for_training
 from kotune.model.lora import check_target_modules, load_start_adapter
 from kotune.run_folder import CONFIG
 from kotune.security import inside, redact
-from kotune.training import dist
+from kotune.training import dist, fingerprint
 from kotune.training.objectives import StartWeights
-from kotune.training.preference import PreferenceFit
-from kotune.training.resume import start_metrics, write_summary
+from kotune.training.preference import PreferenceFit, pair_steps
+from kotune.training.resume import already_finished, find_resume, write_summary
+from kotune.training.signals import StopOnSignal
 
 
 @dataclass
@@ -74,13 +76,13 @@ def prepare_pairs(cfg: Config, tokenizer) -> PreparedPairs:
     return PreparedPairs(train, validation, audits, template, main.chat_template)
 
 
-def train_preference(cfg: Config, output_dir: Path, model_path: str, tokenizer, resume: str | None) -> Path:
-    """The run; the data and its audit come before the model loads, as for SFT."""
+def train_preference(
+    cfg: Config, output_dir: Path, model_path: str, tokenizer, resume: str | None, force: bool = False
+) -> Path:
+    """The run; the data and its audit come before the model loads, as for SFT, and so do the resume checks."""
     from kotune.evaluation.run_report import write_run_report
-    from kotune.training.recipe import absolute_if_local, save_final
+    from kotune.training.recipe import absolute_if_local, ready_folder, save_final
 
-    if resume is not None or dist.rank_and_world()[1] > 1:
-        raise ConfigError("preference runs do not support --resume or several processes yet; run on one process")
     data = prepare_pairs(cfg, tokenizer)
     for report in data.audits:
         for line in summary_lines(report):
@@ -93,6 +95,12 @@ def train_preference(cfg: Config, output_dir: Path, model_path: str, tokenizer, 
     if data.chat_template is not None:
         tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
     cfg = replace(cfg, train=replace(cfg.train, kernels="off"))  # the fast path computes the SFT loss only
+    fp = fingerprint.compute(cfg, tokenizer, data.template, pair_examples(data.train), pair_examples(data.validation))
+    folder = find_resume(output_dir, resume, log=output.info)
+    if folder is not None:
+        fingerprint.check_resume(folder, fp, force)
+        if already_finished(folder, output_dir, pair_steps(cfg, len(data.train)), log=output.info):
+            return output_dir
     check_target_modules(cfg, model_path)
     model = load_for_training(cfg, model_path).peft
     if cfg.model.adapter:
@@ -107,11 +115,15 @@ def train_preference(cfg: Config, output_dir: Path, model_path: str, tokenizer, 
             validation_path=absolute_if_local(cfg.data.validation_path),
         ),
     )
-    inside(output_dir, CONFIG).write_text(redact(saved.to_yaml()), encoding="utf-8")
+    if dist.is_main():
+        inside(output_dir, CONFIG).write_text(redact(saved.to_yaml()), encoding="utf-8")
     start = StartWeights(model) if cfg.model.adapter else None  # the reference is the start, not the base
-    fit = PreferenceFit(cfg, model, tokenizer.pad_token_id, data.train, data.validation, output_dir, start)
-    start_metrics(output_dir)
-    state = fit.run()
+    fit = PreferenceFit(cfg, model, tokenizer.pad_token_id, data.train, data.validation, output_dir, start, fp)
+    ready_folder(fit, folder)  # after StartWeights: a resumed run's reference is still its starting adapter
+    with StopOnSignal() as stop:
+        state = fit.run(stop)
+    if fit.rank != 0:
+        return output_dir
     save_final(fit, data.template, tokenizer, output_dir)
     audit = [line.removeprefix("kotune: ") for r in data.audits for line in summary_lines(r)]
     write_summary(
