@@ -240,6 +240,7 @@ def test_two_processes_train_the_same_dpo_steps_as_one(tiny_train_config, tmp_pa
         assert kotune(["train", str(config), f"train.output_dir={out}"], n, log) == 0, log.read_text()[-4000:]
         runs.append([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()])
     one, two = runs
+    assert all(r.pop("processes") == 2 for r in two if "loss" in r)
     assert [sorted(r) for r in one] == [sorted(r) for r in two]
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "reward_margin", "logps_chosen", "logps_rejected", "eval_loss", "eval_reward_margin"):

@@ -140,14 +140,10 @@ class PreferenceFit:
         self.state.step += 1
         self.state.skipped_steps += not finite
         self.state.bad_steps = 0 if finite else self.state.bad_steps + 1
-        return {
-            "step": self.state.step,
-            **record,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "pairs": len(step_rows),
-            "skipped": not finite,
-        }
+        record.update(step=self.state.step, grad_norm=grad_norm, lr=lr, pairs=len(step_rows), skipped=not finite)
+        if self.world > 1:
+            record["processes"] = self.world
+        return {"step": record.pop("step"), **record}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
