@@ -210,3 +210,57 @@ def test_reference_pass_runs_without_dropout(tiny_llama3_model, setup):
     assert torch.allclose(reference_logps(model, batch, start), expected, atol=1e-5)
     assert torch.allclose(reference_logps(model, batch, start), expected, atol=1e-5)
     assert model.training
+
+
+def _assert_same_up_to_fp32_sums(got, want):
+    """Equal up to the rounding of fp32 sums of ~300 log-probs added in another order (an ulp near 256 is 3e-5)."""
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert got[1] == pytest.approx(want[1], rel=1e-5, abs=1e-4)
+    for a, b in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def _loss_metrics_grads(policy, batch, objective, settings, **kw):
+    params = [p for p in policy.parameters() if p.requires_grad]
+    loss, metrics = preference_step(policy, batch, objective, settings, **kw)
+    return loss.detach(), {k: v.item() for k, v in metrics.items()}, torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize(("objective", "settings"), CASES, ids=[f"{o}-{i}" for i, (o, _) in enumerate(CASES)])
+@pytest.mark.parametrize("from_start", [False, True])
+def test_fast_path_packed_pass_matches_the_plain_path(setup, objective, settings, from_start):
+    """Chosen and rejected packed into one row, log-probabilities by the chunked kernel (no full logits), the
+    reference with LoRA B zeroed (or the start weights swapped in): the plain path's loss, metrics and LoRA
+    gradients; the weights are the same after."""
+    from kotune.fast.llama import FastCausalLM
+
+    policy, _, pairs, batch = setup
+    _randomize_lora(policy, seed=3)
+    start = StartWeights(policy) if from_start else None
+    if from_start:
+        _randomize_lora(policy, seed=4)  # the policy has moved away from its start
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    fast = FastCausalLM(policy, torch.float32, checkpoint=True, offload=False, fused=False).train()
+    plain = _loss_metrics_grads(policy, batch, objective, settings, start=start)
+    packed = collate_pairs(pairs, 0, packed=True)
+    assert packed["input_ids"].shape[0] == 1  # one row: every chosen and rejected sequence end to end
+    got = _loss_metrics_grads(policy, packed, objective, settings, start=start, forward=fast)
+    _assert_same_up_to_fp32_sums(got, plain)
+    for name, p in policy.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[name]), name
+
+
+def test_fast_path_unpaired_kto_matches_the_plain_path(setup):
+    from kotune.fast.llama import FastCausalLM
+
+    policy, _, pairs, _ = setup
+    _randomize_lora(policy, seed=5)
+    responses = [
+        UnpairedResponse(i, p.prompt, p.chosen if i % 2 else p.rejected, bool(i % 2)) for i, p in enumerate(pairs)
+    ]
+    settings = PreferenceConfig(beta=0.3, kto_undesirable_weight=1.4)
+    fast = FastCausalLM(policy, torch.float32, checkpoint=False, offload=False, fused=False).train()
+    plain = _loss_metrics_grads(policy, collate_pairs(responses, 0), "kto", settings)
+    got = _loss_metrics_grads(policy, collate_pairs(responses, 0, packed=True), "kto", settings, forward=fast)
+    _assert_same_up_to_fp32_sums(got, plain)

@@ -272,16 +272,28 @@ def render_pairs(rows: list[dict[str, Any]], cfg: Config, template: Template, to
     return data
 
 
-def collate_pairs(pairs: list[PreferencePair | UnpairedResponse], pad_id: int, multiple: int = 8) -> dict[str, Any]:
-    """One padded batch of 2 x len(pairs) rows: every chosen sequence, then every rejected one (one forward pass
-    for both). Labels hold the response ids and -100 on the prompt and the padding. Unpaired responses: one row
-    each, and ``desirable`` (bool, per row) in the batch."""
+def collate_pairs(
+    pairs: list[PreferencePair | UnpairedResponse], pad_id: int, multiple: int = 8, packed: bool = False
+) -> dict[str, Any]:
+    """One batch of 2 x len(pairs) sequences: every chosen sequence, then every rejected one (one forward pass
+    for both). Labels hold the response ids and -100 on the prompt and the padding. Unpaired responses: one
+    sequence each, and ``desirable`` (bool, per sequence) in the batch. ``packed``: the sequences end to end in
+    one row (``data.batching.collate_packed``: no padding; the fast path's form)."""
     import torch
 
     if pairs and isinstance(pairs[0], UnpairedResponse):
-        batch = _padded([(p.prompt, p.completion) for p in pairs], pad_id, multiple)
-        return {**batch, "desirable": torch.tensor([p.desirable for p in pairs])}
-    return _padded([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs], pad_id, multiple)
+        sequences = [(p.prompt, p.completion) for p in pairs]
+        extra = {"desirable": torch.tensor([p.desirable for p in pairs])}
+    else:
+        sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+        extra = {}
+    if packed:
+        from kotune.data.batching import collate_packed
+        from kotune.data.examples import IGNORE, Example
+
+        rows = [Example(i, a + b, [IGNORE] * len(a) + b) for i, (a, b) in enumerate(sequences)]
+        return {**collate_packed(rows), **extra}
+    return {**_padded(sequences, pad_id, multiple), **extra}
 
 
 def _padded(sequences: list[tuple[list[int], list[int]]], pad_id: int, multiple: int) -> dict[str, Any]:

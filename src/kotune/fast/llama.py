@@ -21,7 +21,7 @@ import torch
 from kotune.fast.attention import causal_attention, packed_attention
 from kotune.fast.checkpoint import ActivationStore, checkpointed
 from kotune.fast.lora import Projection, UnsupportedModule, project, read_projection
-from kotune.fast.loss import linear_cross_entropy_sum
+from kotune.fast.loss import linear_cross_entropy_sum, linear_sequence_logps
 from kotune.fast.ops import Ops
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -159,8 +159,10 @@ class FastCausalLM(torch.nn.Module):
         else:  # where an earlier fast model of this peft model may have left it
             inner.embed_tokens.to(device)
 
-    def forward(self, input_ids, labels, position_ids=None, cu_seqlens=None):
-        """Summed loss of ``labels`` (right-padded batch, or one packed row with ``position_ids``/``cu_seqlens``)."""
+    def forward(self, input_ids, labels, position_ids=None, cu_seqlens=None, per_sequence=False):
+        """Summed loss of ``labels`` (right-padded batch, or one packed row with ``position_ids``/``cu_seqlens``);
+        ``per_sequence``: (summed log-probability of each sequence's labels, their count) instead, the sequences
+        being the batch's rows or the packed row's segments (what preference objectives need)."""
         embed, norm, rotary, head = self._parts
         device = input_ids.device
         with torch.autocast(device.type, enabled=False):
@@ -175,4 +177,6 @@ class FastCausalLM(torch.nn.Module):
             for i, layer in enumerate(self.layers):
                 x = checkpointed(layer, x, (rows,), self.store, i, rng) if keep else layer(x, rows)
             x = self.ops.rms_norm(x, norm.weight, norm.variance_epsilon)
+            if per_sequence:
+                return linear_sequence_logps(x, head.weight.to(self.dtype_), labels, cu_seqlens)
             return linear_cross_entropy_sum(x, head.weight.to(self.dtype_), labels)

@@ -35,8 +35,19 @@ METRICS = (
 """Per-pair means a step or an evaluation reports (with ``eval_`` in front for evaluations)."""
 
 
+def is_fast(model) -> bool:
+    """Whether ``model`` (or the module DDP wraps) is the fast path's ``FastCausalLM``."""
+    from kotune.fast.llama import FastCausalLM
+
+    return isinstance(getattr(model, "module", None) or model, FastCausalLM)
+
+
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each row's labelled tokens, their count), in float32."""
+    """(summed log-probability of each sequence's labelled tokens, their count), in float32. The fast path takes
+    a packed batch (``collate_pairs(..., packed=True)``) and projects the labelled positions only, in chunks."""
+    if is_fast(model):
+        ids, labels = batch["input_ids"], batch["labels"]
+        return model(ids, labels, batch.get("position_ids"), batch.get("cu_seqlens"), per_sequence=True)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
@@ -145,20 +156,41 @@ class StartWeights:
                     params[name].copy_(value)
 
 
-def reference_logps(model, batch, start: StartWeights | None = None) -> torch.Tensor:
+@contextmanager
+def lora_b_zeroed(model):
+    """The adapter switched off for the fast path, which reads the LoRA weights, not peft's switch: with B = 0
+    every LoRA term is 0, so the output is the base's exactly. B is put back after."""
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in saved:
+            params[name].zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+def reference_logps(model, batch, start: StartWeights | None = None, fast=None) -> torch.Tensor:
     """Summed log-probs under the reference, without gradients: the starting weights when ``start`` is given,
-    else the same model with its LoRA adapter switched off (the base)."""
+    else the same model with its LoRA adapter switched off (the base). ``fast``: the fast-path model computing
+    them (from the same weights)."""
     if start is not None:
         switch = start.swapped_in(model)
+    elif fast is not None:
+        switch = lora_b_zeroed(model)
     else:
         switch = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-    training = model.training
-    model.eval()  # the reference is deterministic: no LoRA dropout in its pass (the start weights have LoRA)
+    runner = model if fast is None else fast
+    training = runner.training
+    runner.eval()  # the reference is deterministic: no LoRA dropout in its pass (the start weights have LoRA)
     try:
         with torch.no_grad(), switch:
-            return sequence_logps(model, batch)[0]
+            return sequence_logps(runner, batch)[0]
     finally:
-        model.train(training)
+        runner.train(training)
 
 
 def preference_step(
@@ -171,11 +203,12 @@ def preference_step(
 ):
     """Summed loss over the batch's pairs (to backpropagate after dividing by the step's pairs) and the per-pair
     metric sums (``METRICS``; see ``metric_means``); ``start``: see ``reference_logps``; ``forward``: the module
-    the policy's pass calls (DDP's wrapper of ``model`` with several processes). A batch of unpaired responses
-    (``desirable`` in it) trains KTO, one loss per response."""
+    the policy's pass calls (the fast path's model, and DDP's wrapper with several processes). A batch of unpaired
+    responses (``desirable`` in it) trains KTO, one loss per response."""
     # the reference pass first: swapping weights in and out after the policy's forward would invalidate what
     # autograd saved for its backward
-    ref = reference_logps(model, batch, start) if objective in ("dpo", "kto") else None
+    fast = getattr(forward, "module", forward) if forward is not None and is_fast(forward) else None
+    ref = reference_logps(model, batch, start, fast) if objective in ("dpo", "kto") else None
     logps, counts = sequence_logps(model if forward is None else forward, batch)
     if "desirable" in batch:
         if objective != "kto":
