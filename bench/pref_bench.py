@@ -1,6 +1,7 @@
 """DPO on one GPU: kotune's preference loop against TRL's ``DPOTrainer``, same pairs, same 4-bit base, same LoRA.
 
-    python bench/pref_bench.py --tool kotune       # kotune: train.objective dpo (sigmoid, beta 0.1)
+    python bench/pref_bench.py --tool kotune       # kotune: train.objective dpo (sigmoid, beta 0.1), fast path
+    python bench/pref_bench.py --tool kotune --kernels off   # kotune's plain path (transformers forward)
     python bench/pref_bench.py --tool trl          # TRL 1.15 DPOTrainer, ref_model=None (adapter off)
     python bench/pref_bench.py --dry               # CPU: build the pairs, check TRL's tokenization, print shapes
     python bench/pref_bench.py --dry --tool kotune # CPU: also two steps of one pair on a tiny random model
@@ -201,7 +202,7 @@ def run_kotune(args, pairs, counts) -> dict:
         "train.learning_rate": args.lr,
         "train.warmup_steps": 0,
         "train.optimizer": "paged_adamw_8bit",
-        "train.kernels": "off",  # what kotune's preference recipe runs today
+        "train.kernels": args.kernels,
         "train.max_steps": args.warm + args.steps,
         "train.seed": 42,
     }
@@ -209,9 +210,13 @@ def run_kotune(args, pairs, counts) -> dict:
         values.update({"model.quantization": "none", "model.compute_dtype": "float32"})
         values["train.optimizer"] = "adamw_torch"
     cfg = load_config(None, [f"{k}={v}" for k, v in values.items()])
-    model = load_for_training(cfg, args.model_dir).peft
+    trained = load_for_training(cfg, args.model_dir)
+    if trained.fast is None and args.kernels == "auto" and not torch.cuda.is_available():
+        from kotune import fast  # the CPU dry run: the fast path forced on, to run its code
+
+        trained.fast = fast.build(trained.peft, cfg)
     rows = [PreferencePair(i, p, [*c, EOS], [*r, EOS]) for i, (p, c, r) in enumerate(pairs)]
-    fit = PreferenceFit(cfg, model, EOS, rows, [], Path(tempfile.mkdtemp()))
+    fit = PreferenceFit(cfg, trained.peft, EOS, rows, [], Path(tempfile.mkdtemp()), fast=trained.fast)
     fit.order = SequentialPairs(args.mbs)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -222,7 +227,7 @@ def run_kotune(args, pairs, counts) -> dict:
         losses.append(fit.step()["loss"])
         sync()
         seconds.append(time.perf_counter() - start)
-    return summarise("kotune", args, seconds, counts, losses)
+    return {**summarise("kotune", args, seconds, counts, losses), "fast_path": trained.fast is not None}
 
 
 def run_trl(args, pairs, counts) -> dict:
@@ -302,6 +307,7 @@ def main() -> None:
     ap.add_argument("--mbs", type=int, default=1, help="pairs per micro-batch")
     ap.add_argument("--ga", type=int, default=8, help="gradient accumulation (micro-batches per step)")
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--kernels", choices=["auto", "off"], default="auto", help="kotune's train.kernels")
     ap.add_argument("--seed", type=int, default=0, help="seed of the pairs")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--model-dir", default=MODEL_DIR)

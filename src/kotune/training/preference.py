@@ -75,6 +75,7 @@ class PreferenceFit:
         output_dir: Path,
         start: StartWeights | None = None,
         fingerprint: dict | None = None,
+        fast=None,
     ):
         self.cfg, self.model, self.pad_id = cfg, peft_model, pad_id
         self.train_pairs, self.val_pairs, self.output_dir = train, validation, output_dir
@@ -89,7 +90,11 @@ class PreferenceFit:
                 "train.gradient_accumulation_steps"
             )
         self.device = next(p for p in peft_model.parameters() if p.requires_grad).device
-        self.ddp_model = dist.wrap(peft_model)  # the policy's forward; the reference pass needs no gradients
+        self.packed = fast is not None
+        """The fast path (``TrainingModel.fast``): each micro-batch's sequences packed into one row, log-probs by the
+        chunked kernel, reference and policy both through it."""
+        self.ddp_model = dist.wrap(fast if self.packed else peft_model)  # the policy's forward; DDP needs no more
+        self.ddp_model.train()
         self.optimizer = build_optimizer(peft_model, t, self.device)
         self.steps = pair_steps(cfg, len(train))
         self.order = PairOrder(len(train), t.micro_batch_size, t.seed)
@@ -101,7 +106,7 @@ class PreferenceFit:
         self.model.train()
 
     def _batch(self, pairs: list[PreferencePair | UnpairedResponse]) -> dict[str, torch.Tensor]:
-        batch = collate_pairs(pairs, self.pad_id, self.cfg.train.pad_to_multiple_of)
+        batch = collate_pairs(pairs, self.pad_id, self.cfg.train.pad_to_multiple_of, packed=self.packed)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _sum_metrics(self, batches, loss_scale: float | None) -> dict[str, float]:

@@ -94,7 +94,6 @@ def train_preference(
     output.info(f"kotune: data (preference): {len(data.train)} train {unit}, {len(data.validation)} held out")
     if data.chat_template is not None:
         tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
-    cfg = replace(cfg, train=replace(cfg.train, kernels="off"))  # the fast path computes the SFT loss only
     fp = fingerprint.compute(cfg, tokenizer, data.template, pair_examples(data.train), pair_examples(data.validation))
     folder = find_resume(output_dir, resume, log=output.info)
     if folder is not None:
@@ -102,7 +101,8 @@ def train_preference(
         if already_finished(folder, output_dir, pair_steps(cfg, len(data.train)), log=output.info):
             return output_dir
     check_target_modules(cfg, model_path)
-    model = load_for_training(cfg, model_path).peft
+    trained = load_for_training(cfg, model_path)
+    model = trained.peft
     if cfg.model.adapter:
         load_start_adapter(model, cfg.model.adapter)
         output.info(f"kotune: started from the adapter in {cfg.model.adapter}; it is the reference too")
@@ -118,7 +118,9 @@ def train_preference(
     if dist.is_main():
         inside(output_dir, CONFIG).write_text(redact(saved.to_yaml()), encoding="utf-8")
     start = StartWeights(model) if cfg.model.adapter else None  # the reference is the start, not the base
-    fit = PreferenceFit(cfg, model, tokenizer.pad_token_id, data.train, data.validation, output_dir, start, fp)
+    fit = PreferenceFit(
+        cfg, model, tokenizer.pad_token_id, data.train, data.validation, output_dir, start, fp, trained.fast
+    )
     ready_folder(fit, folder)  # after StartWeights: a resumed run's reference is still its starting adapter
     with StopOnSignal() as stop:
         state = fit.run(stop)
