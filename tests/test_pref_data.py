@@ -8,6 +8,7 @@ from tricky_rows import TRICKY_ROWS
 
 from kotune.config import load_config
 from kotune.data.examples import IGNORE
+from kotune.data.formats import detect_format
 from kotune.data.preference import (
     PreferenceText,
     UnpairedResponse,
@@ -18,6 +19,7 @@ from kotune.data.preference import (
     render_pairs,
 )
 from kotune.data.preference_audit import audit_pairs
+from kotune.data.read import DataError
 from kotune.data.templates import KO_ALPACA
 
 
@@ -109,6 +111,8 @@ def test_unpaired_rows_mask_their_completion_and_keep_their_label(llama3_tokeniz
     assert is_unpaired([{"prompt": "q", "completion": "a", "label": True}])
     assert not is_unpaired([{"prompt": "q", "completion": "a", "label": "yes"}])
     assert not is_preference([{"prompt": "q", "completion": "a", "label": True}])
+    with pytest.raises(DataError, match="train.objective=kto"):  # SFT would learn the undesirable completions too
+        detect_format([{"prompt": "q", "completion": "a", "label": False}], "t.jsonl")
     messages = [{"role": "user", "content": "한국의 수도는?"}]
     rows = _rows(
         [
