@@ -213,3 +213,28 @@ def test_data_audit_and_preview_read_preference_pairs(tmp_path, tiny_llama3_mode
         shown[0]["input_ids"][: shown[0]["labels"].count(-100)]
         == shown[1]["input_ids"][: shown[1]["labels"].count(-100)]
     )
+
+
+def test_data_audit_and_preview_read_unpaired_rows(tmp_path, tiny_llama3_model, capsys):
+    """`kotune data audit` on unpaired KTO rows counts the labels; `kotune data preview` shows each response once."""
+    import json
+
+    from conftest import write_jsonl
+
+    from kotune.cli import main
+
+    rows = [{"prompt": f"질문 {i}?", "completion": f"답 {i}", "label": i % 3 != 0} for i in range(6)]
+    data = write_jsonl(tmp_path / "unpaired.jsonl", rows)
+    overrides = [f"model.path={tiny_llama3_model}", f"data.path={data}", "data.val_size=0", "train.objective=kto"]
+    overrides += ["data.cutoff_len=64", "preference.max_prompt_len=32", "data.cache=false"]
+    config = tmp_path / "config.yaml"
+    config.write_text(load_config(overrides=overrides).to_yaml(), encoding="utf-8")
+    assert main(["data", "audit", "--json", str(config)]) == 0
+    report = json.loads(capsys.readouterr().out)["reports"][0]
+    assert report["kept"] == 6
+    assert [f["message"][:32] for f in report["findings"] if f["code"] == "label_balance"] == [
+        "4 desirable and 2 undesirable re"
+    ]
+    assert main(["data", "preview", "--json", str(config)]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len({s["row"] for s in shown}) == len(shown)  # one example per response
