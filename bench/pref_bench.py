@@ -254,7 +254,7 @@ def run_trl(args, pairs, counts) -> dict:
     gpu = torch.cuda.is_available()  # else the dry run's tiny model: no 4-bit, float32, torch's AdamW
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(),
-        model_init_kwargs={"dtype": torch.bfloat16, "device_map": {"": 0}} if gpu else {"dtype": torch.float32},
+        model_init_kwargs={"dtype": "bfloat16", "device_map": {"": 0}} if gpu else {"dtype": "float32"},
         per_device_train_batch_size=args.mbs,
         gradient_accumulation_steps=args.ga,
         max_steps=args.warm + args.steps,
