@@ -239,3 +239,30 @@ def test_a_step_with_fewer_rows_than_processes_is_a_config_error(tiny_train_conf
     assert total_steps(cfg, [5] * 19, 1)[0] == 6
     with pytest.raises(ConfigError, match="cannot be split over 2 processes"):
         total_steps(cfg, [5] * 19, 2)
+
+
+def test_two_processes_train_the_same_dpo_steps_as_one(tiny_train_config, tmp_path):
+    """A DPO run (each process takes every second pair of a step and of the held-out pairs): the same losses,
+    preference metrics and adapter on one process and on two."""
+    from test_pref_train import PAIRS, _preference_overrides
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    overrides = {"train.max_steps": 2, "train.eval_steps": 2, "train.micro_batch_size": 1}
+    cfg = tiny_train_config(tmp_path / "unused", _preference_overrides(pairs, "dpo", **overrides))
+    config = tmp_path / "dpo.yaml"
+    config.write_text(cfg.to_yaml(), encoding="utf-8")
+    runs = []
+    for n in (1, 2):
+        out, log = tmp_path / f"p{n}", tmp_path / f"p{n}.log"
+        assert kotune(["train", str(config), f"train.output_dir={out}"], n, log) == 0, log.read_text()[-4000:]
+        runs.append([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()])
+    one, two = runs
+    assert all(r.pop("processes") == 2 for r in two if "loss" in r)
+    assert [sorted(r) for r in one] == [sorted(r) for r in two]
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "reward_margin", "logps_chosen", "logps_rejected", "eval_loss", "eval_reward_margin"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    wa, wb = (load_file(tmp_path / f"p{n}" / "adapter_model.safetensors") for n in (1, 2))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-7)

@@ -82,3 +82,41 @@ def test_bf16_on_gpu_matches_fp32_reference(seq, vocab):
     assert abs(got.item() - ref.item()) <= 2e-3 * abs(ref.item()) + 1e-3
     rel = (got_grad.float() - ref_grad).norm() / ref_grad.norm().clamp(min=1e-12)
     assert rel < 1e-2
+
+
+def _reference_sequence_logps(hidden, weight, labels, owner, n_sequences):
+    """Full logits, fp64 log-softmax, summed per sequence (``owner``: the sequence of each predicted position)."""
+    logp = torch.log_softmax((hidden[:, :-1] @ weight.T).double(), dim=-1)
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * keep
+    sums = torch.zeros(n_sequences, dtype=torch.float64).index_add(0, owner.reshape(-1), picked.reshape(-1))
+    return sums, torch.zeros(n_sequences, dtype=torch.long).index_add(0, owner.reshape(-1), keep.long().reshape(-1))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("rows", [3, None])
+def test_sequence_logps_match_full_logits_with_their_gradient(packed, rows):
+    """Per-sequence sums (rows of a batch, or segments of one packed row) and the gradient of a weighted sum of
+    them, as a DPO loss weighs chosen and rejected differently."""
+    from kotune.fast.loss import linear_sequence_logps
+
+    hidden, weight, labels = _case(3, 12, 16, 50, 0.4, seed=4)
+    kwargs = {"rows": rows}
+    if packed:  # the three rows end to end; each segment's first label is -100 (collate_packed)
+        hidden, labels = hidden.reshape(1, 36, 16), labels.reshape(1, 36).clone()
+        labels[0, [0, 12, 24]] = IGNORE
+        kwargs["cu_seqlens"] = torch.tensor([0, 12, 24, 36], dtype=torch.int32)
+        owner = (torch.arange(1, 36) // 12)[None]
+    else:
+        owner = torch.arange(3)[:, None].expand(3, 11)
+    weights = torch.tensor([0.7, -1.3, 0.2], dtype=torch.float64)
+    h = hidden.clone().requires_grad_(True)
+    got, counts = linear_sequence_logps(h, weight, labels, **kwargs)
+    (got.double() * weights).sum().backward()
+    h_ref = hidden.clone().double().requires_grad_(True)
+    want, want_counts = _reference_sequence_logps(h_ref, weight.double(), labels, owner, 3)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == want_counts.tolist() and min(counts.tolist()) > 0
+    torch.testing.assert_close(h.grad.double(), h_ref.grad, rtol=1e-5, atol=1e-6)

@@ -151,14 +151,8 @@ def test_unsupported_models_are_named():
     assert "gelu" in unsupported_reason(gelu, ["q_proj"])
 
 
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("offload", [True, False])
-def test_bf16_four_bit_on_gpu_matches_plain_forward(tmp_path, offload):
-    """The plain path as the walkthrough runs it (fp32 copies, autocast) against the fast path in bf16.
-
-    ``offload`` switches every memory lever together: layer inputs and the embedding table in host memory.
-    """
+def _four_bit_models(tmp_path):
+    """Two LoRA models on one bf16 4-bit base (GPU): the plain path's (prepared, fp32 copies) and the fast path's."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -178,7 +172,18 @@ def test_bf16_four_bit_on_gpu_matches_plain_forward(tmp_path, offload):
         tmp_path, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}
     )
     plain_model = _peft_model(model=prepare_model_for_kbit_training(load(), use_gradient_checkpointing=False))
-    fast_model = _peft_model(model=load())
+    return plain_model, _peft_model(model=load())
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("offload", [True, False])
+def test_bf16_four_bit_on_gpu_matches_plain_forward(tmp_path, offload):
+    """The plain path as the walkthrough runs it (fp32 copies, autocast) against the fast path in bf16.
+
+    ``offload`` switches every memory lever together: layer inputs and the embedding table in host memory.
+    """
+    plain_model, fast_model = _four_bit_models(tmp_path)
     rows = _rows([300, 77, 512], seed=9)
     batch = {k: v.cuda() for k, v in collate(rows, pad_id=0, pad_to_multiple_of=8).items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -216,3 +221,35 @@ def test_host_side_inputs_give_the_same_loss_and_gradients(packed):
         rtol=0,
         atol=0,
     )
+
+
+@pytest.mark.gpu
+@cuda
+def test_bf16_four_bit_dpo_on_gpu_matches_the_plain_path(tmp_path):
+    """DPO on the fast path (pairs packed into one row, log-probs by the chunked kernel, reference with LoRA B
+    zeroed) against the plain path (padded pairs, full logits, peft's adapter switch), bf16 on a 4-bit base."""
+    from kotune.data.preference import PreferencePair, collate_pairs
+    from kotune.preference_config import PreferenceConfig
+    from kotune.training.objectives import preference_step
+
+    plain_model, fast_model = _four_bit_models(tmp_path)
+    g = torch.Generator().manual_seed(11)
+    ids = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [PreferencePair(i, ids(p), ids(c), ids(r)) for i, (p, c, r) in enumerate([(40, 120, 60), (200, 30, 90)])]
+    settings = PreferenceConfig(beta=0.1)
+
+    def run(model, batch, **kw):
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, metrics = preference_step(model, {k: v.cuda() for k, v in batch.items()}, "dpo", settings, **kw)
+        return loss.item(), {k: v.item() for k, v in metrics.items()}, torch.autograd.grad(loss, params)
+
+    want = run(plain_model, collate_pairs(pairs, 0))
+    fast = FastCausalLM(fast_model, torch.bfloat16, checkpoint=True, offload=True, fused=True).train()
+    got = run(fast_model, collate_pairs(pairs, 0, packed=True), forward=fast)
+    assert got[0] == pytest.approx(want[0], abs=2e-2)
+    for key in ("logps_chosen", "logps_rejected"):
+        assert got[1][key] == pytest.approx(want[1][key], rel=1e-2), key
+    for a, b in zip(got[2], want[2], strict=True):
+        rel = (a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)
+        assert rel < 5e-2, rel

@@ -20,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from kotune.errors import KotuneError
+from kotune.preference_config import PreferenceConfig, validate_preference
 
 
 class ConfigError(KotuneError, ValueError):
@@ -44,6 +45,8 @@ class ModelConfig:
     """Load base-model weights stored as pickle (``.bin``, ``.pt``), which can run code. Off: safetensors only."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: ``sdpa``, ``eager`` or ``flash_attention_2``."""
+    adapter: str | None = None
+    """A run folder whose adapter training starts from (e.g. an SFT run before DPO); its LoRA settings must match."""
     pad_token: str | None = None
     """Padding token. Unset: the tokenizer's own, else EOS (safe: padded labels are -100 and real EOS stays trained)."""
 
@@ -56,8 +59,9 @@ class DataConfig:
     """Split to read from a hub dataset."""
     validation_path: str | None = None
     """Separate validation file or dataset. Unset: ``val_size`` of ``path`` is held out."""
-    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt"] = "auto"
-    """Row format; ``auto`` detects it from the columns."""
+    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "preference"] = "auto"
+    """Row format; ``auto`` detects it from the columns (``preference``: prompt or instruction, chosen, rejected;
+    for kto also prompt, completion, label)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column mapping from kotune's names to yours, e.g. ``{instruction: question, output: answer}``."""
     template: str = "ko-alpaca"
@@ -97,6 +101,8 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = "sft"
+    """``sft``: next-token loss on responses; the others train on preference pairs (settings: ``preference``)."""
     output_dir: str = "outputs/kotune-run"
     """Where the adapter, tokenizer, template, resolved config, checkpoints and metrics go."""
     num_epochs: float = 1.0
@@ -179,6 +185,8 @@ class Config:
     """LoRA adapter."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, evaluation, checkpoints and logging."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """Preference objectives (``train.objective`` other than ``sft``)."""
 
     def effective_batch_size(self, world_size: int = 1) -> int:
         """Rows per optimizer step across all processes."""
@@ -390,6 +398,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     _validate_train(cfg.train)
+    validate_preference(cfg.preference, cfg.data.cutoff_len, cfg.train.objective)
     if cfg.lora.target_modules in (["all-linear"], "all-linear"):
         cfg.lora.target_modules = "all-linear"  # peft's keyword, not a module name
     elif isinstance(cfg.lora.target_modules, str):

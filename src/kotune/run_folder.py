@@ -91,14 +91,17 @@ def open_folder(path: str | Path) -> ModelFolder:
 
 
 def training_format(cfg: Config, where: Path) -> str:
-    """The row format the run trained on; ``auto`` is detected again from the first row of its data."""
-    if cfg.data.format != "auto":
+    """The row format the run trained on; ``auto`` is detected again from the first row of its data. A preference
+    run answers with the format its prompts were built like (``data.preference.prompt_format``)."""
+    if cfg.data.format not in ("auto", "preference"):
         return cfg.data.format
     from kotune.data.formats import detect_format
+    from kotune.data.preference import prompt_format
     from kotune.data.read import DataError, read_rows
 
     try:
-        return detect_format(read_rows(cfg.data.path, cfg.data.split)[:1], cfg.data.path)
+        first = read_rows(cfg.data.path, cfg.data.split)[:1]
+        return prompt_format(first[0]) if cfg.data.format == "preference" else detect_format(first, cfg.data.path)
     except DataError as exc:
         raise FolderError(
             f"{where}: data.format is auto and the training data cannot be read to tell it ({exc}); "

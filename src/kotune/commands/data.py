@@ -35,6 +35,15 @@ def load_prepared(cfg):
 
     model_path = resolve_model(cfg.model.path)
     tokenizer = load_tokenizer(model_path, cfg.model)
+    if cfg.train.objective != "sft":  # preference pairs: the pair audit, and each response as an example
+        from types import SimpleNamespace
+
+        from kotune.data.preference import pair_examples
+        from kotune.training.preference_recipe import prepare_pairs
+
+        pairs = prepare_pairs(cfg, tokenizer)
+        train, validation = pair_examples(pairs.train), pair_examples(pairs.validation)
+        return model_path, tokenizer, SimpleNamespace(train=train, validation=validation, audits=pairs.audits)
     return model_path, tokenizer, prepare(cfg.data, tokenizer)
 
 

@@ -52,6 +52,12 @@ def detect_format(rows: list[dict[str, Any]], where: str) -> str:
     if not rows:
         raise DataError(f"{where}: no rows")
     columns = set(rows[0])
+    if {"prompt", "completion", "label"} <= columns and isinstance(rows[0]["label"], bool):
+        raise DataError(
+            f"{where}: rows with prompt, completion and a true / false label are unpaired preference data; "
+            "train them with train.objective=kto (SFT would also learn the completions labelled false), or drop "
+            "the label column to train on every completion"
+        )
     for name, required in FORMAT_COLUMNS.items():
         if set(required) <= columns:
             return name

@@ -206,8 +206,15 @@ def verification_rows(folder: ModelFolder, tokenizer, limit: int) -> tuple[str, 
     from kotune.data.prepare import prepare
     from kotune.data.read import DataError
 
+    data_cfg = folder.config.data
+    if data_cfg.format == "preference":  # a preference run: verify on its chosen responses
+        from kotune.data.preference import chosen_as_sft
+
+        data_cfg = chosen_as_sft(data_cfg, folder.fmt)
+        if data_cfg is None:
+            raise MergeError(f"{folder.path}: merge cannot verify a preference run on conversational prompts yet")
     try:
-        data = prepare(folder.config.data, tokenizer)
+        data = prepare(data_cfg, tokenizer)
     except DataError as exc:
         raise MergeError(
             f"merge verification needs the run's validation rows: {exc}. A relative data.path (saved by kotune "

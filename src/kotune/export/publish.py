@@ -343,8 +343,27 @@ def hyperparameter_section(folder: ModelFolder) -> str:
         "optimizer": t.optimizer,
         "seed": str(t.seed),
     }
+    if t.objective != "sft":  # a preference run: the objective and the settings it reads
+        rows["objective"] = objective_settings(cfg)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
     return f"## Hyperparameters\n\n| setting | value |\n|---|---|\n{table}\n\nFull config: `{CONFIG}`.\n"
+
+
+def objective_settings(cfg) -> str:
+    """``dpo (beta 0.1, loss sigmoid, label smoothing 0.0)``: the objective and the preference settings it uses."""
+    p = cfg.preference
+    used = {
+        "dpo": {"beta": p.beta, "loss": p.loss_type, "label smoothing": p.label_smoothing},
+        "simpo": {"beta": p.beta, "gamma": p.simpo_gamma},
+        "orpo": {"lambda": p.orpo_lambda},
+        "kto": {
+            "beta": p.beta,
+            "desirable weight": p.kto_desirable_weight,
+            "undesirable weight": p.kto_undesirable_weight,
+        },
+    }[cfg.train.objective]
+    start = f"; started from the adapter {cfg.model.adapter}" if cfg.model.adapter else ""
+    return f"{cfg.train.objective} ({', '.join(f'{k} {v}' for k, v in used.items())}){start}"
 
 
 def metrics_section(folder: ModelFolder) -> str:

@@ -22,7 +22,7 @@ from kotune.data.batching import to_device
 from kotune.fast.attention import causal_attention, packed_attention
 from kotune.fast.checkpoint import ActivationStore, checkpointed
 from kotune.fast.lora import Projection, UnsupportedModule, project, read_projection
-from kotune.fast.loss import linear_cross_entropy_sum
+from kotune.fast.loss import linear_cross_entropy_sum, linear_sequence_logps
 from kotune.fast.ops import Ops
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -171,9 +171,11 @@ class FastCausalLM(torch.nn.Module):
         else:  # where an earlier fast model of this peft model may have left it
             inner.embed_tokens.to(device)
 
-    def forward(self, input_ids, labels, position_ids=None, cu_seqlens=None, host=None):
+    def forward(self, input_ids, labels, position_ids=None, cu_seqlens=None, per_sequence=False, host=None):
         """Summed loss of ``labels`` (right-padded batch, or one packed row with ``position_ids``/``cu_seqlens``);
-        ``host`` (:class:`kotune.fast.HostSide`) spares the forward every read back from the device."""
+        ``per_sequence``: (summed log-probability of each sequence's labels, their count) instead, the sequences
+        being the batch's rows or the packed row's segments (what preference objectives need); ``host``
+        (:class:`kotune.fast.HostSide`) spares the forward every read back from the device."""
         embed, norm, rotary, head = self._parts
         device = input_ids.device
         with torch.autocast(device.type, enabled=False):
@@ -195,5 +197,7 @@ class FastCausalLM(torch.nn.Module):
             for i, layer in enumerate(self.layers):
                 x = checkpointed(layer, x, (rows,), self.store, i, rng) if keep else layer(x, rows)
             x = self.ops.rms_norm(x, norm.weight, norm.variance_epsilon)
+            if per_sequence:
+                return linear_sequence_logps(x, head.weight.to(self.dtype_), labels, cu_seqlens)
             keep = None if host is None else to_device(host.keep, device)
             return linear_cross_entropy_sum(x, head.weight.to(self.dtype_), labels, keep=keep)

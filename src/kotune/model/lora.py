@@ -75,3 +75,32 @@ def trainable_token_ids(cfg: LoraConfig, tokenizer, untrained: list[int]) -> lis
     if missing:
         raise ConfigError(f"'lora.trainable_tokens': {missing} not in the tokenizer's vocabulary")
     return [vocab[t] for t in cfg.trainable_tokens]
+
+
+def load_start_adapter(model, run_dir: str) -> None:
+    """Copy the adapter of the run in ``run_dir`` into ``model``'s LoRA weights (``model.adapter``: start a
+    preference run from an SFT run). Every LoRA weight must be found with the same shape, or the settings differ."""
+    from pathlib import Path
+
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from kotune.config import ConfigError
+    from kotune.run_folder import ADAPTER
+
+    path = Path(run_dir) / ADAPTER
+    if not path.is_file():
+        raise ConfigError(f"'model.adapter': {path} not found; give a kotune run folder holding {ADAPTER}")
+    state = load_file(path)
+    ours = {n for n, _ in model.named_parameters() if "lora_" in n}
+    try:
+        result = set_peft_model_state_dict(model, state)
+    except RuntimeError as exc:  # a shape mismatch: another rank or base
+        raise ConfigError(f"'model.adapter': {path} does not fit lora.r / the base model: {exc}") from None
+    missing = [n for n in getattr(result, "missing_keys", []) if n in ours]
+    if missing or getattr(result, "unexpected_keys", []):
+        raise ConfigError(
+            f"'model.adapter': {path} holds other LoRA modules than lora.target_modules asks for "
+            f"(missing {missing[:3]}, unexpected {list(getattr(result, 'unexpected_keys', []))[:3]}); "
+            "use the SFT run's lora settings"
+        )

@@ -92,6 +92,10 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
         refuse_pickle(model_path, cfg.model.allow_pickle, "model folder", "model.allow_pickle: true")
     # Tokenizer, data and its audit first: a data problem stops the run before the model loads.
     tokenizer = load_tokenizer(model_path, cfg.model)
+    if cfg.train.objective != "sft":
+        from kotune.training.preference_recipe import train_preference
+
+        return train_preference(cfg, output_dir, model_path, tokenizer, resume, force)
     with dist.main_first():  # the first process tokenizes into the cache, the others read it
         data = prepare(cfg.data, tokenizer, log=output.info)
     audit_data(data, model_path, tokenizer)
