@@ -122,10 +122,11 @@ class PreferenceFit:
                 )
                 if loss_scale:
                     (loss * loss_scale).backward()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value.item()
+            for key, value in metrics.items():  # summed on the device: one read for the whole step
+                sums[key] = sums.get(key, 0.0) + value.detach().double()
         keys = sorted({*METRICS, *(("desirable", "undesirable") if self.unpaired else ())})  # alike on every rank
-        totals = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=self.device)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        totals = torch.stack([torch.as_tensor(sums.get(k, zero), device=self.device) for k in keys])
         dist.all_reduce_sum(totals)
         return dict(zip(keys, totals.tolist(), strict=True))
 
