@@ -13,6 +13,7 @@ from kotune.data.read import DataError
 from kotune.data.templates import TemplateError
 from kotune.errors import KotuneError
 from kotune.evaluation.harness import HarnessError
+from kotune.export.gguf import ExportError
 from kotune.export.merge import MergeError
 from kotune.export.publish import PublishError
 from kotune.model.assets import AssetError
@@ -29,6 +30,7 @@ USER_ERRORS = (
     CheckpointError,
     ConfigError,
     DataError,
+    ExportError,
     FingerprintMismatch,
     FolderError,
     HarnessError,

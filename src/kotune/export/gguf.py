@@ -1,0 +1,384 @@
+"""Write a merged model folder as one GGUF file, the format llama.cpp, Ollama and LM Studio read.
+
+What goes in (names as llama.cpp's ``convert_hf_to_gguf.py`` writes them, through the ``gguf`` library's keys and
+tensor-name maps):
+
+* hyperparameters under ``{arch}.*``; weights renamed to GGUF's ``token_embd`` / ``blk.N.attn_q`` / ... names.
+  Llama-family q and k projections are permuted from Hugging Face's rotary layout (the two halves of each head
+  apart) to llama.cpp's (the pairs interleaved); Qwen2's rotary already matches and is written as is.
+* the tokenizer: byte-level BPE vocabulary, merges, token types (special added tokens are control tokens), the
+  pre-tokenizer's name (which regex llama.cpp splits text with), BOS / EOS / end-of-turn / padding ids, and
+  whether BOS is put in front.
+* ``tokenizer.chat_template``: the Jinja template kotune's merge saved, which renders prompts exactly as the run
+  trained them (the ko-alpaca template, or the model's chat template for runs trained on conversations).
+
+Tensor types follow llama.cpp's converter: 1-D tensors (norms, biases) stay float32; 2-D weights take the chosen
+type; ``q8_0`` falls back to float16 for a tensor whose rows are not a multiple of its 32-value block. Tensors are
+converted and written one at a time, so memory holds one tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kotune import output
+from kotune.data.encoding import LLAMA3_SPLIT
+from kotune.errors import KotuneError
+
+QUANTS = ("f32", "f16", "bf16", "q8_0")
+"""``--quant`` choices: float32, float16, bfloat16, and llama.cpp's 8-bit blocks (32 values, one f16 scale)."""
+
+
+class ExportError(KotuneError, ValueError):
+    """A model or folder kotune cannot export; the message names the architecture, tokenizer part or file."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    gguf_name: str
+    """``general.architecture`` and the prefix of its hyperparameter keys."""
+    permute_qk: bool
+    """True when llama.cpp expects q / k rows interleaved per rotary pair (its ``llama`` architecture)."""
+
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": Architecture("llama", permute_qk=True),
+    "Qwen2ForCausalLM": Architecture("qwen2", permute_qk=False),
+}
+"""Hugging Face architectures kotune exports, by the name in ``config.json``'s ``architectures``."""
+
+# Pre-tokenizer regexes of tokenizer.json → the name llama.cpp knows them by (``tokenizer.ggml.pre``); it picks
+# its own copy of the same regex from that name. ``gpt-2`` is a ByteLevel pre-tokenizer with its built-in regex.
+# Qwen2's regex is Llama-3's with digits split one by one.
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
+
+# llama.cpp's token types (``gguf.TokenType``)
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+
+# -- hyperparameters ----------------------------------------------------------------------------------
+def architecture_of(config) -> Architecture:
+    """The GGUF architecture of a transformers config; an error naming it and the supported ones otherwise."""
+    names = list(getattr(config, "architectures", None) or [])
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    found = ", ".join(names) or f"model_type {config.model_type!r}"
+    raise ExportError(
+        f"kotune cannot export {found} to GGUF; it exports {', '.join(ARCHITECTURES)}. "
+        "llama.cpp's own convert_hf_to_gguf.py may know this architecture: run it on the merged folder"
+    )
+
+
+def rope_theta(config) -> float:
+    """The rotary base; only plain rotary embeddings (no scaling) are exported."""
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise ExportError(
+            f"rope type {rope_type!r} (rope scaling) is not exported by kotune yet; only plain rotary embeddings"
+        )
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ExportError("config.json names no rope_theta")
+    return float(theta)
+
+
+def write_hyperparameters(writer, config) -> None:
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+
+# -- tokenizer ------------------------------------------------------------------------------------------
+def pre_tokenizer_name(tokenizer_json: dict) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer; an error for one it has no exact match for."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+        regex = parts[0].get("pattern", {}).get("Regex")
+        if regex in PRE_TOKENIZERS:
+            return PRE_TOKENIZERS[regex]
+    raise ExportError(
+        f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) is not one kotune can name for llama.cpp "
+        f"(GPT-2 byte-level, Llama-3 or Qwen2 split); llama.cpp would split text differently from training"
+    )
+
+
+def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token strings and llama.cpp token types for ids 0..vocab_size-1 (ids with no token: ``[PADn]``, unused)."""
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise ExportError(f"the tokenizer has token id {max(by_id)}, beyond the model's vocab_size {vocab_size}")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        elif i in added:
+            tokens.append(added[i].content)
+            types.append(CONTROL if added[i].special else USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(NORMAL)
+    return tokens, types
+
+
+def write_tokenizer(writer, tokenizer, vocab_size: int, stop_ids: list[int], chat_template: str | None) -> None:
+    """Vocabulary, merges, special ids and chat template of a byte-level BPE tokenizer."""
+    from kotune.data.encoding import bos_id_to_add
+
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, decoder = data.get("model", {}), data.get("decoder") or {}
+    if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
+        raise ExportError(
+            f"kotune exports byte-level BPE tokenizers (Llama-3, SmolLM2, Qwen2); this one is "
+            f"{model.get('type')} with a {decoder.get('type')} decoder (SentencePiece-style tokenizers are not "
+            "exported yet)"
+        )
+    tokens, types = tokenizer_vocab(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(data))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ExportError("the tokenizer has no EOS token: llama.cpp would not know where a reply ends")
+    writer.add_eos_token_id(eos)
+    end_of_turn = [i for i in stop_ids if i != eos]
+    if end_of_turn:
+        writer.add_eot_token_id(end_of_turn[0])
+    if tokenizer.bos_token_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    if tokenizer.unk_token_id is not None:
+        writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_add_bos_token(bos_id_to_add(tokenizer) is not None)
+    writer.add_add_eos_token(False)  # kotune never appends EOS to a prompt
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+# -- tensors ----------------------------------------------------------------------------------------
+def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Rows of each head from (first half, second half) order to interleaved pairs, llama.cpp's rotary layout."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def tensor_type(quant: str, shape: tuple[int, ...]):
+    """The GGML type a tensor of ``shape`` is written in for ``--quant quant``."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
+
+    if len(shape) < 2 or quant == "f32":
+        return T.F32
+    chosen = {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[quant]
+    block, _ = GGML_QUANT_SIZES[chosen]
+    return chosen if shape[-1] % block == 0 else T.F16
+
+
+def encode_tensor(array: np.ndarray, qtype) -> np.ndarray:
+    """``array`` (float32) in GGML type ``qtype``: float arrays for F32 / F16, blocks as bytes otherwise."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    if qtype == T.F32:
+        return array.astype(np.float32)
+    if qtype == T.F16:
+        return array.astype(np.float16)
+    return quants.quantize(array, qtype)
+
+
+def encoded_size(shape: tuple[int, ...], qtype) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, bytes) of ``encode_tensor``'s result, known before any data is read."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quant_shape_to_byte_shape
+
+    if qtype in (T.F32, T.F16):
+        dtype = np.dtype(np.float32 if qtype == T.F32 else np.float16)
+        return shape, dtype, int(np.prod(shape)) * dtype.itemsize
+    byte_shape = quant_shape_to_byte_shape(shape, qtype)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
+
+
+@dataclass(frozen=True)
+class Tensor:
+    gguf_name: str
+    hf_name: str
+    shape: tuple[int, ...]
+    file: Path
+
+
+def plan_tensors(model_dir: Path, config, arch: Architecture) -> list[Tensor]:
+    """Every weight of the safetensors files with its GGUF name; an error for a weight GGUF has no name for."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+    from safetensors import safe_open
+
+    model_arch = {name: arch_id for arch_id, name in MODEL_ARCH_NAMES.items()}[arch.gguf_name]
+    names = get_tensor_name_map(model_arch, config.num_hidden_layers)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{model_dir}: no .safetensors weights")
+    plan = []
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for hf_name in f.keys():
+                if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # llama.cpp reuses token_embd as the output projection when there is none
+                gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                if gguf_name is None:
+                    raise ExportError(f"{file.name}: weight {hf_name} has no GGUF name for {arch.gguf_name}")
+                plan.append(Tensor(gguf_name, hf_name, tuple(f.get_slice(hf_name).get_shape()), file))
+    return sorted(plan, key=lambda t: t.hf_name)
+
+
+def load_tensor(tensor: Tensor, config, arch: Architecture) -> np.ndarray:
+    """The weight as float32 numpy, q / k rows permuted for llama.cpp's rotary when the architecture needs it."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(tensor.file, framework="pt") as f:
+        array = f.get_tensor(tensor.hf_name).to(torch.float32).numpy()
+    if arch.permute_qk and tensor.hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = config.num_attention_heads if "q_proj" in tensor.hf_name else config.num_key_value_heads
+        array = permute_rotary(array, heads)
+    return array
+
+
+# -- the file ---------------------------------------------------------------------------------------
+def file_type(quant: str) -> int:
+    from gguf import LlamaFileType as F
+
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[quant]
+
+
+def write_gguf(
+    model_dir: str | Path,
+    out: str | Path,
+    quant: str,
+    chat_template: str | None,
+    stop_ids: list[int],
+    name: str | None = None,
+) -> Path:
+    """Write the model folder ``model_dir`` (config, safetensors, tokenizer) to the GGUF file ``out``.
+
+    ``chat_template``: Jinja stored as ``tokenizer.chat_template``; ``stop_ids``: the ids that end a reply (EOS
+    first is not required; the tokenizer's EOS is written as EOS and the first other id as end-of-turn). The file
+    is written beside ``out`` under a temporary name and renamed into place when complete.
+    """
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    if quant not in QUANTS:
+        raise ExportError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+    model_dir, out = Path(model_dir), Path(out)
+    config = AutoConfig.from_pretrained(model_dir)
+    arch = architecture_of(config)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    plan = plan_tensors(model_dir, config, arch)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.partial-")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(partial, arch.gguf_name)
+        writer.add_name(name or model_dir.name)
+        writer.add_file_type(file_type(quant))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_hyperparameters(writer, config)
+        write_tokenizer(writer, tokenizer, config.vocab_size, stop_ids, chat_template)
+        types = {t.gguf_name: tensor_type(quant, t.shape) for t in plan}
+        for t in plan:
+            shape, dtype, nbytes = encoded_size(t.shape, types[t.gguf_name])
+            writer.add_tensor_info(t.gguf_name, shape, dtype, nbytes, raw_dtype=types[t.gguf_name])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in plan:
+            writer.write_tensor_data(encode_tensor(load_tensor(t, config, arch), types[t.gguf_name]))
+        writer.close()
+        os.replace(partial, out)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return out
+
+
+# -- from a kotune folder -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """A merged model folder ready to export, with what kotune knows of how its run prompted and stopped."""
+
+    model_dir: Path
+    chat_template: str | None
+    """Renders prompts exactly as training did (``kotune.run_folder.trained_chat_template``), else the model's."""
+    stop_ids: list[int]
+    """Ids that end a reply: EOS, end-of-turn, the model's own EOS ids."""
+    eos_token: str
+    stop_tokens: list[str]
+    """``stop_ids`` as token strings."""
+
+
+def source_of(path: str | Path) -> Source:
+    """A run folder merged first (``kotune merge``'s default output, ``RUN_DIR/merged``, reused when it already
+    holds this merge), or a merged folder as it is."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from kotune.data.conversations import stop_ids
+    from kotune.export.merge import merge
+    from kotune.run_folder import open_folder, trained_chat_template
+
+    folder = open_folder(path)
+    if not folder.merged:
+        output.info(f"kotune: {folder.path} is a run: merging it first")
+        folder = open_folder(merge(folder.path))
+    tokenizer = AutoTokenizer.from_pretrained(folder.path)
+    template = trained_chat_template(folder, tokenizer) or tokenizer.chat_template
+    stops = stop_ids(tokenizer, GenerationConfig.from_pretrained(folder.path), template)
+    return Source(
+        folder.path, template, stops, tokenizer.eos_token, [tokenizer.convert_ids_to_tokens(i) for i in stops]
+    )
+
+
+def export_gguf(path: str | Path, quant: str, out: str | Path | None = None) -> Path:
+    """``kotune export PATH --format gguf``: the GGUF file of a run (merged first) or a merged folder."""
+    source = source_of(path)
+    out = Path(out) if out is not None else default_gguf_path(Path(path), quant)
+    refuse_existing(out)
+    write_gguf(source.model_dir, out, quant, source.chat_template, source.stop_ids, name=Path(path).resolve().name)
+    output.info(f"kotune: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {quant})")
+    return out
+
+
+def default_gguf_path(path: Path, quant: str) -> Path:
+    """``FOLDER/FOLDER_NAME-QUANT.gguf`` in the folder given (a run or a merged folder)."""
+    return path / f"{path.resolve().name}-{quant}.gguf"
+
+
+def refuse_existing(out: Path) -> None:
+    if out.exists():
+        raise ExportError(f"{out} already exists; move it away or choose --out")
