@@ -24,62 +24,6 @@ def chunk_rows(vocab_size: int) -> int:
     return rows // 64 * 64 if rows >= 64 else rows
 
 
-class _LinearCrossEntropySum(torch.autograd.Function):
-    """Sum over rows of ``-log softmax(hidden @ weight.T)[target]``; every target is a valid class id."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int):
-        need_grad = ctx.needs_input_grad[0]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
-        for start in range(0, hidden.shape[0], rows):
-            h, t = hidden[start : start + rows], targets[start : start + rows]
-            logits = (h @ weight.T).float()
-            picked = logits.gather(1, t[:, None]).squeeze(1)
-            peak = logits.amax(dim=1, keepdim=True)
-            exp = logits.sub_(peak).exp_()  # in place: the chunk's fp32 logits are the only large buffer
-            sums = exp.sum(dim=1)
-            total += (sums.log() + peak.squeeze(1) - picked).sum()
-            if need_grad:
-                # d loss / d logits = softmax - one_hot(target), built in place
-                probs = exp.div_(sums[:, None])
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                grad_hidden[start : start + rows] = probs.to(weight.dtype) @ weight
-        ctx.save_for_backward(grad_hidden)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
-
-
-def linear_cross_entropy_sum(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    rows: int | None = None,
-    keep: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Summed next-token cross-entropy (fp32) of ``hidden [batch, seq, dim]`` against ``labels [batch, seq]``.
-
-    Position ``t`` predicts ``labels[:, t + 1]``; positions whose next label is -100 are dropped before the
-    projection, so prompt and padding tokens cost nothing. ``weight`` (the output embedding) must be frozen.
-    ``keep``: those positions (flat indices into ``labels[:, 1:]``), found on the host beforehand; finding
-    them here waits for the device.
-    """
-    if weight.requires_grad:
-        raise ValueError("linear_cross_entropy_sum needs a frozen output weight (LoRA training)")
-    targets = labels[:, 1:].reshape(-1)
-    if keep is None:
-        keep = (targets != IGNORE).nonzero().squeeze(1)
-    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    if keep.numel() == 0:
-        return (flat.sum() * 0.0).float()  # keeps the graph connected when a micro-batch has no labelled token
-    rows = rows or chunk_rows(weight.shape[0])
-    return _LinearCrossEntropySum.apply(flat.index_select(0, keep), weight, targets.index_select(0, keep), rows)
-
-
 class _LinearTokenLogps(torch.autograd.Function):
     """Per row ``log softmax(hidden @ weight.T)[target]``; each row's gradient is stored at forward and scaled by
     that row's incoming gradient at backward (a row's log-probability depends on its hidden row alone)."""
@@ -109,6 +53,33 @@ class _LinearTokenLogps(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         (grad_rows,) = ctx.saved_tensors
         return grad_rows * grad_out[:, None].to(grad_rows.dtype), None, None, None
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    rows: int | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Summed next-token cross-entropy (fp32) of ``hidden [batch, seq, dim]`` against ``labels [batch, seq]``.
+
+    Position ``t`` predicts ``labels[:, t + 1]``; positions whose next label is -100 are dropped before the
+    projection, so prompt and padding tokens cost nothing. ``weight`` (the output embedding) must be frozen.
+    ``keep``: those positions (flat indices into ``labels[:, 1:]``), found on the host beforehand; finding
+    them here waits for the device.
+    """
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy_sum needs a frozen output weight (LoRA training)")
+    targets = labels[:, 1:].reshape(-1)
+    if keep is None:
+        keep = (targets != IGNORE).nonzero().squeeze(1)
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    if keep.numel() == 0:
+        return (flat.sum() * 0.0).float()  # keeps the graph connected when a micro-batch has no labelled token
+    rows = rows or chunk_rows(weight.shape[0])
+    logps = _LinearTokenLogps.apply(flat.index_select(0, keep), weight, targets.index_select(0, keep), rows)
+    return -logps.sum()
 
 
 def linear_sequence_logps(
