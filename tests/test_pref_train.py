@@ -64,6 +64,19 @@ def test_each_objective_trains_and_writes_the_run(tmp_path, tiny_train_config, p
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: the objective moved it
 
 
+def test_non_finite_preference_steps_stop_the_run(tmp_path, tiny_train_config, pairs_file):
+    """A learning rate that blows the adapter up: the steps after the first are non-finite, skipped, and the
+    run stops after ``max_bad_steps`` of them, as an SFT run does, instead of saving an adapter it never updated."""
+    from kotune.training.loop import NonFiniteLoss
+
+    overrides = {"train.learning_rate": 1e30, "train.max_steps": 6, "train.max_bad_steps": 2, "train.warmup_steps": 0}
+    cfg = tiny_train_config(tmp_path / "run", _preference_overrides(pairs_file, "dpo", **overrides))
+    with pytest.raises(NonFiniteLoss, match="2 consecutive steps with a non-finite loss .* the last at step 3"):
+        train(cfg)
+    steps = [r for r in _records(tmp_path / "run") if "reward_accuracy" in r]
+    assert [r["skipped"] for r in steps] == [False, True]  # the stopping step is not logged, as in an SFT run
+
+
 def test_dpo_from_an_sft_adapter(tmp_path, tiny_train_config, pairs_file):
     from kotune.export.publish import model_card
 

@@ -26,7 +26,7 @@ from kotune.run_folder import BEST, CHECKPOINT_PREFIX
 from kotune.security import inside
 from kotune.training import dist
 from kotune.training.checkpoint import save_adapter
-from kotune.training.loop import RunState, autocast, clip_and_update, stop_requested
+from kotune.training.loop import NonFiniteLoss, RunState, autocast, clip_and_update, stop_requested
 from kotune.training.objectives import METRICS, StartWeights, metric_means, preference_step
 from kotune.training.optim import build_optimizer, lr_at
 from kotune.training.report import Reporter
@@ -185,6 +185,14 @@ class PreferenceFit:
             record["seconds"] = round(time.perf_counter() - start, 3)
             if record["skipped"]:
                 output.warn(f"step {record['step']}: non-finite loss or gradient norm; update skipped")
+                if self.state.bad_steps >= t.max_bad_steps:
+                    progress.close()
+                    raise NonFiniteLoss(
+                        f"{self.state.bad_steps} consecutive steps with a non-finite loss or gradient norm, the "
+                        f"last at step {record['step']} (loss {record['loss']}, grad_norm {record['grad_norm']}). "
+                        f"Check the pairs (`kotune data audit`), or lower train.learning_rate (now "
+                        f"{t.learning_rate:g}, try {t.learning_rate / 4:g}), or preference.beta"
+                    )
             if self.state.step % t.logging_steps == 0 or self.state.step == self.steps:
                 reporter.log(record)
                 progress.set_postfix(
@@ -201,6 +209,11 @@ class PreferenceFit:
             if self.state.step % t.save_steps == 0 or self.state.step == self.steps:
                 save_checkpoint(self)  # the last step too: a finished run can be extended with --resume
         progress.close()
+        if self.state.step and self.state.skipped_steps == self.state.step:
+            raise NonFiniteLoss(
+                f"no update was applied: all {self.state.step} steps had a non-finite loss or gradient norm, so "
+                f"the adapter is untrained. Lower train.learning_rate (now {t.learning_rate:g})"
+            )
         return self.state
 
     def _interrupt(self, stop: StopOnSignal):
