@@ -141,3 +141,33 @@ def test_rows_off_a_nested_group_are_refused(folder):
         read_quantized_rows(folder, "model.layers.0.self_attn.q_proj", (32, 256))
     with pytest.raises(ValueError, match="no tensor"):
         read_quantized_rows(folder, "model.layers.0.self_attn.nope", (0, 64))
+
+
+def fsdp_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "fsdp_bench.py"
+    spec = importlib.util.spec_from_file_location("fsdp_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_writes_the_tiny_llama3_shape_with_its_tokenizer(tmp_path, capsys, llama3_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    fsdp_bench().main(["--shape", "tiny", "--folder", str(tmp_path / "m"), "--write", "--tokenizer", llama3_dir])
+    record = json.loads(capsys.readouterr().out.split("RESULT ", 1)[1])
+    assert record["shape"] == "tiny" and record["files"] == 1 and record["tokenizer"]
+    config = AutoConfig.from_pretrained(tmp_path / "m")
+    assert (config.hidden_size, config.vocab_size, config.rope_parameters["rope_theta"]) == (256, 128256, 500000.0)
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "m")) == config.vocab_size
+
+
+def test_bench_70b_shape_is_about_37_gb_in_many_files():
+    from kotune.model.prequantized import DEFAULT_SHARD_BYTES, shard_plan, stored_bytes, tensor_plan
+
+    plan = tensor_plan(fsdp_bench().llama3_config("70b"))
+    assert 36e9 < sum(stored_bytes(shape, kind) for _, shape, kind in plan) < 41e9
+    assert len(shard_plan(plan, DEFAULT_SHARD_BYTES)) > 15

@@ -128,7 +128,6 @@ def write_random_4bit(config, folder, seed: int = 0, device=None, shard_bytes: i
         save_file(tensors, folder / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
     index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n", encoding="utf-8")
     write_config(config, folder)
@@ -139,6 +138,7 @@ def write_config(config, folder: Path) -> None:
     """``config.json`` as transformers writes it for the 4-bit model: bfloat16, with its ``quantization_config``."""
     config = config.__class__.from_dict(config.to_dict())  # a copy: the caller's config stays unquantized
     config.dtype = torch.bfloat16
+    config.architectures = config.architectures or [type(config).__name__.removesuffix("Config") + "ForCausalLM"]
     config.quantization_config = bnb_config().to_dict()
     config.save_pretrained(folder)
 
