@@ -133,11 +133,15 @@ def track_peaks(peaks: dict) -> None:
     def peak() -> dict[str, float]:
         figures = inner()
         peaks.setdefault("first_step_logged", time.perf_counter())
-        for key, value in figures.items():
-            peaks[key] = max(peaks.get(key, 0.0), value)
+        keep_max(peaks, figures)
         return figures
 
     memory.peak = peak
+
+
+def keep_max(peaks: dict, figures: dict[str, float]) -> None:
+    for key, value in figures.items():
+        peaks[key] = max(peaks.get(key, 0.0), value)
 
 
 def train(args, overrides: list[str]) -> dict | None:
@@ -160,11 +164,12 @@ def train(args, overrides: list[str]) -> dict | None:
     peaks: dict = {}
     track_peaks(peaks)
     rc = cli.main(["train", str(config), *overrides, *(["--force"] if args.force else [])])
-    if torch.cuda.is_available():
-        peaks["peak_allocated_gib"] = max(
-            peaks.get("peak_allocated_gib", 0.0), torch.cuda.max_memory_allocated() / 2**30
-        )
-        peaks["peak_reserved_gib"] = max(peaks.get("peak_reserved_gib", 0.0), torch.cuda.max_memory_reserved() / 2**30)
+    if torch.cuda.is_available():  # what came after the last logged step (the adapter's save)
+        gib = {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(),
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(),
+        }
+        keep_max(peaks, {key: value / 2**30 for key, value in gib.items()})
     mine = {"rank": rank, "rc": rc, **{k: round(v, 2) for k, v in peaks.items() if k.startswith("peak")}}
     print(f"rank {rank}: {json.dumps(mine)}", flush=True)
     everyone = gather(mine)
@@ -232,7 +237,12 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     ap.add_argument("--train", action="store_true", help="run kotune train on --folder (under torchrun: each process)")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps; the first is not timed")
     ap.add_argument("--rows-per-step", type=int, default=8, help="rows a step over all processes (micro-batch 1)")
-    ap.add_argument("--data", choices=["fixed", "v"], default="fixed", help="rows of about --seq tokens, or V's rows")
+    ap.add_argument(
+        "--data",
+        choices=["fixed", "v"],
+        default="fixed",
+        help="rows of about --seq tokens; or bench/vdata.py's (its words are 2-3 Llama-3 tokens)",
+    )
     ap.add_argument("--seq", type=int, default=2048, help="tokens of a fixed row")
     ap.add_argument("--cap-gib", type=float, help="cap each process's CUDA memory at this many GiB")
     ap.add_argument("--out", default="/tmp/fsdp-bench-run", help="the run's output folder (emptied first)")
