@@ -40,7 +40,7 @@ def test_matches_bitsandbytes_exactly(nested, storage, rows, cols):
     import bitsandbytes.functional as F
 
     weight = _quantized(rows, cols, nested, storage, seed=rows + cols)
-    ours = nf4.NF4Weight(weight)
+    ours = nf4.NF4Weight.of(weight)
     for dtype in (torch.bfloat16, torch.float32):
         weight.quant_state.dtype = dtype
         want = F.dequantize_4bit(weight.data, weight.quant_state)

@@ -160,6 +160,11 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
     min_free_disk_gb: float = 1.0
     """Free space (GB) a checkpoint must leave on the output disk; a save that would go below stops the run."""
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """With several processes (torchrun): ``ddp``, every GPU holds the whole 4-bit base (fastest when it fits);
+    ``fsdp``, each GPU holds 1/N of it, gathered a decoder layer at a time in 4 bits (for bases larger than one
+    GPU: 70B in NF4 is ~37 GB); ``auto``, ddp when the plan says the base and the step fit each GPU, else fsdp.
+    fsdp needs the fast path's model families, model.quantization 4bit and gradient checkpointing."""
     kernels: Literal["auto", "off"] = "auto"
     """``auto``: the fast path (docs/fast-path.md) on CUDA for Llama, Mistral, Qwen2 models; ``off``: plain forward."""
     packing: Literal["auto", "on", "off", "full"] = "auto"

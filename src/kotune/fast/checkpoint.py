@@ -9,6 +9,7 @@ layers' compute instead of adding to it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -66,27 +67,35 @@ def _rng_state(device: torch.device):
     return torch.get_rng_state(), cuda
 
 
+def _gathered(run):
+    """``run.gathered()`` when it has one (a decoder layer that may be sharded), else nothing to enter."""
+    gathered = getattr(run, "gathered", None)
+    return gathered() if gathered is not None else contextlib.nullcontext()
+
+
 class _Checkpointed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, extra, store: ActivationStore, index: int, rng: bool, x, *params):
         ctx.run, ctx.extra, ctx.store, ctx.index = run, extra, store, index
         ctx.rng = _rng_state(x.device) if rng else None
         ctx.handle = store.put(index, x)
-        return run(x, *extra)
+        with _gathered(run):
+            return run(x, *extra)
 
     @staticmethod
     def backward(ctx, grad_out):
         x = ctx.store.get(ctx.index, ctx.handle).detach().requires_grad_(ctx.needs_input_grad[5])
         devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None), torch.enable_grad():
-            if ctx.rng is not None:  # the same dropout masks as in forward
-                torch.set_rng_state(ctx.rng[0])
-                if ctx.rng[1] is not None:
-                    torch.cuda.set_rng_state(ctx.rng[1], x.device)
-            out = ctx.run(x, *ctx.extra)
         wanted = [x] if x.requires_grad else []
         params = [p for p, need in zip(ctx.run.parameters(), ctx.needs_input_grad[6:], strict=True) if need]
-        grads = torch.autograd.grad(out, wanted + params, grad_out, allow_unused=True)
+        with _gathered(ctx.run):  # the weights whole for the recomputation and its backward alike
+            with torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None), torch.enable_grad():
+                if ctx.rng is not None:  # the same dropout masks as in forward
+                    torch.set_rng_state(ctx.rng[0])
+                    if ctx.rng[1] is not None:
+                        torch.cuda.set_rng_state(ctx.rng[1], x.device)
+                out = ctx.run(x, *ctx.extra)
+            grads = torch.autograd.grad(out, wanted + params, grad_out, allow_unused=True)
         grad_x = grads[0] if x.requires_grad else None
         it = iter(grads[len(wanted) :])
         grad_params = [next(it) if need else None for need in ctx.needs_input_grad[6:]]

@@ -14,6 +14,7 @@ and packed rows kept apart by variable-length attention (:mod:`kotune.fast.atten
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ class DecoderLayer:
 
     def __init__(self, layer: torch.nn.Module, ops: Ops):
         attn, mlp = layer.self_attn, layer.mlp
+        self.module = layer
         self.proj: dict[str, Projection] = {n: read_projection(getattr(attn, n)) for n in ATTENTION}
         self.proj.update({n: read_projection(getattr(mlp, n)) for n in MLP})
         self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
@@ -56,6 +58,13 @@ class DecoderLayer:
     def parameters(self) -> list[torch.nn.Parameter]:
         """The layer's trainable (LoRA) tensors."""
         return self._params
+
+    def gathered(self):
+        """A block in which the layer's weights are whole: FSDP2 all-gathers them on entry and frees them on exit
+        when the layer is sharded (``kotune.training.fsdp``); nothing to do otherwise."""
+        if hasattr(self.module, "unshard"):
+            return _Gathered(self.module)
+        return contextlib.nullcontext()
 
     def _norm(self, x: torch.Tensor, which: int) -> torch.Tensor:
         norm = self.norms[which]
@@ -75,6 +84,17 @@ class DecoderLayer:
         h = self._norm(x, 1)
         m = self.ops.silu_mul(project(h, p["gate_proj"], train), project(h, p["up_proj"], train))
         return x + project(m, p["down_proj"], train)
+
+
+class _Gathered:
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.module.unshard()
+
+    def __exit__(self, *exc):
+        self.module.reshard()
 
 
 class HostEmbedding:
@@ -195,7 +215,11 @@ class FastCausalLM(torch.nn.Module):
             keep = self.checkpoint and torch.is_grad_enabled()
             rng = rows.training and any(p.dropout > 0 for layer in self.layers for p in layer.proj.values())
             for i, layer in enumerate(self.layers):
-                x = checkpointed(layer, x, (rows,), self.store, i, rng) if keep else layer(x, rows)
+                if keep:
+                    x = checkpointed(layer, x, (rows,), self.store, i, rng)
+                else:
+                    with layer.gathered():
+                        x = layer(x, rows)
             x = self.ops.rms_norm(x, norm.weight, norm.variance_epsilon)
             if per_sequence:
                 return linear_sequence_logps(x, head.weight.to(self.dtype_), labels, cu_seqlens)

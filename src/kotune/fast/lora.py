@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kotune.fast import nf4
+from kotune.fast.nf4_tensor import NF4Tensor
 
 
 @dataclass
@@ -32,12 +33,16 @@ class Projection:
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The frozen weight ``[out, in]`` in ``dtype``; a fresh dequantized copy for 4-bit layers."""
         w = self.base.weight
+        if isinstance(w, NF4Tensor):  # FSDP: this layer's gathered weight (kotune.training.fsdp)
+            return w.dequantize(dtype) if self.triton_dequant else w.dequantize_reference(dtype)
+        if getattr(w, "_local_tensor", None) is not None:
+            raise RuntimeError("a sharded weight was read outside its layer's gathered() block")
         qs = getattr(w, "quant_state", None)
         if qs is None:
             return w.to(dtype)
         if self.triton_dequant and w.is_cuda and qs.quant_type == "nf4" and nf4.available():
             if self._nf4 is None:
-                self._nf4 = nf4.NF4Weight(w)
+                self._nf4 = nf4.NF4Weight.of(w)
             return self._nf4.dequantize(dtype)
         import bitsandbytes.functional as bnb_functional
 

@@ -53,28 +53,35 @@ BYTES_PER_PROGRAM = 1024
 
 
 class NF4Weight:
-    """The kernel's arguments for one ``Params4bit`` weight, gathered once (its quantization never changes)."""
+    """The kernel's arguments for one NF4 weight, gathered once (its quantization never changes)."""
 
-    def __init__(self, weight):
+    def __init__(self, packed, shape, table, blocksize, absmax, nested=None):
+        """``packed``: the 4-bit bytes; ``absmax``: one scale per block, or with ``nested`` = (``code2``,
+        ``absmax2``, ``offset``, ``blocksize2``) the 8-bit codes of double quantization."""
+        self.packed = packed.view(torch.uint8).reshape(-1)
+        self.shape, self.numel = tuple(shape), self.packed.numel() * 2
+        device = self.packed.device
+        self.table = table.to(device, torch.float32)
+        self.blocksize, self.nested = blocksize, nested is not None
+        if self.nested:
+            code2, self.absmax2, offset, self.blocksize2 = nested
+            self.absmax, self.code2 = absmax, code2.to(device)
+            self.offset = torch.as_tensor(offset, dtype=torch.float32, device=device).reshape(1)
+        else:
+            self.absmax = absmax.float()
+            self.code2 = self.absmax2 = self.offset = self.absmax
+            self.blocksize2 = 1
+        self.n_bytes = self.numel // 2
+        self.grid = (-(-self.n_bytes // BYTES_PER_PROGRAM),)
+
+    @classmethod
+    def of(cls, weight) -> NF4Weight:
+        """For a bitsandbytes ``Params4bit``."""
         qs = weight.quant_state
         if qs.quant_type != "nf4" or qs.shape.numel() % 2:
             raise ValueError("NF4Weight needs an nf4 weight with an even number of elements")
-        self.packed = weight.data.view(torch.uint8).reshape(-1)
-        self.shape, self.numel = tuple(qs.shape), qs.shape.numel()
-        self.table = qs.code.to(self.packed.device, torch.float32)
-        self.blocksize, self.nested = qs.blocksize, bool(qs.nested)
-        if self.nested:
-            s2 = qs.state2
-            self.absmax, self.code2, self.absmax2 = qs.absmax, s2.code.to(self.packed.device), s2.absmax
-            self.offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=self.packed.device).reshape(1)
-            self.blocksize2 = s2.blocksize
-        else:
-            self.absmax = qs.absmax.float()
-            self.code2 = self.absmax2 = self.offset = self.absmax
-            self.blocksize2 = 1
-        n_bytes = self.numel // 2
-        self.grid = (-(-n_bytes // BYTES_PER_PROGRAM),)
-        self.n_bytes = n_bytes
+        nested = (qs.state2.code, qs.state2.absmax, qs.offset, qs.state2.blocksize) if qs.nested else None
+        return cls(weight.data, qs.shape, qs.code, qs.blocksize, qs.absmax, nested)
 
     def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weight as ``dtype`` ``[out, in]``, as bitsandbytes computes it (into ``out`` when given)."""

@@ -17,6 +17,9 @@ from kotune.data.examples import IGNORE
 from kotune.data.packing import block_causal_mask
 from kotune.model.load import load_base_model
 from kotune.model.lora import attach_lora, parameter_counts
+from kotune.model.sharded_load import is_prequantized, load_sharded
+from kotune.training import dist
+from kotune.training.fsdp import CannotShard, LayerSharding, held_bytes, shard_layers
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -66,13 +69,48 @@ def fast_or_plain(cfg: Config, path: str) -> tuple[bool, str]:
     return fast.wanted(cfg, model_config, device_type)
 
 
+def refuse_unsharded_recipe(cfg: Config, path: str) -> str:
+    """Why FSDP can train this run (it always runs the fast path's forward, on any device), or CannotShard."""
+    from transformers import AutoConfig
+
+    from kotune.fast.llama import unsupported_reason
+
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    reason = unsupported_reason(model_config, cfg.lora.target_modules)
+    if reason is None and cfg.model.quantization != "4bit":
+        reason = f"model.quantization {cfg.model.quantization} (FSDP shards 4-bit weights: set 4bit)"
+    if reason is None and not cfg.model.gradient_checkpointing:
+        reason = "model.gradient_checkpointing off (a layer's weights are gathered again for its recomputation)"
+    if reason is None and cfg.lora.trainable_tokens:
+        reason = "lora.trainable_tokens"
+    if reason is None and cfg.train.eval_generate:
+        reason = "train.eval_generate (generation runs on the first process alone)"
+    if reason is None and cfg.train.objective != "sft":
+        reason = f"train.objective {cfg.train.objective} (preference tuning runs with train.distributed: ddp)"
+    if reason:
+        raise CannotShard(f"train.distributed fsdp cannot train this run: {reason}")
+    return "train.distributed fsdp"
+
+
 def load_for_training(cfg: Config, path: str, token_ids: list[int] = ()) -> TrainingModel:
     """The LoRA-wrapped model for a run (``token_ids``: embedding rows trained too, see
     ``model.lora.trainable_token_ids``) on the path ``fast_or_plain`` picks; prints trainable / total parameters
     like the walkthrough."""
     torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random
+    sharded = dist.is_distributed() and cfg.train.distributed == "fsdp"
     use_fast, why = fast_or_plain(cfg, path)
-    model = attach_lora(load_base_model(path, cfg.model, use_fast), cfg.lora, token_ids)
+    if sharded:
+        use_fast, why = True, refuse_unsharded_recipe(cfg, path)
+    if sharded and is_prequantized(path):  # read a layer at a time into its shards: never whole on a GPU
+        model = load_sharded(path, cfg, lambda base: attach_lora(base, cfg.lora, token_ids), LayerSharding())
+    else:
+        model = attach_lora(load_base_model(path, cfg.model, use_fast), cfg.lora, token_ids)
+        if sharded:
+            shard_layers(model)
+    if sharded:
+        world = dist.rank_and_world()[1]
+        output.info(f"kotune: FSDP over {world} processes: each holds {held_bytes(model) / 2**30:.2f} GiB of the "
+                    "base's decoder weights (its shard), a layer gathered in 4 bits at a time")  # fmt: skip
     trainable, total = parameter_counts(model)
     share = 100 * trainable / total
     output.info(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")

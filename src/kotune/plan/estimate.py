@@ -112,8 +112,8 @@ def run_passes(lengths: list[int], cfg: Config, world: int = 1, rank: int = 0, p
     return out
 
 
-def memory_parts(shape: ModelShape, cfg: Config, tokens: int, fast: bool) -> dict[str, int]:
-    """Bytes of the peak's parts for a pass of ``tokens`` tokens."""
+def memory_parts(shape: ModelShape, cfg: Config, tokens: int, fast: bool, shards: int = 1) -> dict[str, int]:
+    """Bytes of the peak's parts for a pass of ``tokens`` tokens, the base split in ``shards`` (FSDP)."""
     m = cfg.model
     dtype = DTYPE_BYTES[m.compute_dtype]
     quantized = {"4bit": NF4_BYTES, "8bit": 1.0 + 4 / 4096, "none": dtype}[m.quantization]
@@ -124,8 +124,14 @@ def memory_parts(shape: ModelShape, cfg: Config, tokens: int, fast: bool) -> dic
     lora = shape.lora_params(cfg.lora.target_modules, cfg.lora.r)
     largest = max(a * b for a, b in shape.linear().values()) * 2
     per_token = 2 * (4 * shape.hidden + 3 * shape.intermediate)
-    parts = {
-        f"base weights ({m.quantization})": int(shape.linear_params() * quantized),
+    base = shape.linear_params() * quantized
+    parts = {f"base weights ({m.quantization})": int(base)}
+    if shards > 1:  # its shard, and the layer being computed and the next one gathered whole
+        parts = {
+            f"base weights ({m.quantization}), 1/{shards} shard": int(base / shards),
+            "gathered layers (FSDP)": int(2 * base / shape.layers),
+        }
+    parts |= {
         "unquantized weights (lm_head, embeddings on GPU, norms)": sixteen,
         f"LoRA ({lora / 1e6:.1f}M): weights, gradients, optimizer": lora
         * (4 + 4 + OPTIMIZER_BYTES[cfg.train.optimizer]),
@@ -155,9 +161,13 @@ def estimate(shape: ModelShape, cfg: Config, lengths: list[int], gpu: Gpu, fast:
     longest = max(passes, key=lambda p: p.tokens)
     seconds = sum(pass_seconds(shape, cfg, p, gpu) for p in passes)
     steps = passes[-1].step + 1
-    plan = Plan(memory_parts(shape, cfg, longest.tokens, fast), longest, steps, seconds / steps, seconds, gpu, fast)
+    shards = world if cfg.train.distributed == "fsdp" else 1
+    parts = memory_parts(shape, cfg, longest.tokens, fast, shards)
+    plan = Plan(parts, longest, steps, seconds / steps, seconds, gpu, fast)
     plan.passes, plan.world = passes, world
-    if world > 1:
+    if shards > 1:
+        plan.notes.append(f"per process of {world} (FSDP: each holds 1/{world} of the base; the step's rows are split)")
+    elif world > 1:
         plan.notes.append(f"per process of {world} (DDP: each holds the whole base model; the step's rows are split)")
     return plan
 

@@ -54,6 +54,17 @@ def fit_settings(cfg: Config, shape: ModelShape, lengths: list[int], gpu: Gpu, f
     )
 
 
+def choose_distributed(cfg: Config, model_path: str, lengths: list[int], gpu: Gpu | None, world: int) -> Config:
+    """``train.distributed: auto`` made concrete for ``world`` processes: ddp when the plan of a DDP run fits
+    each GPU (and on the CPU, where there is no ceiling to predict), else fsdp."""
+    if cfg.train.distributed != "auto" or world == 1:
+        return cfg
+    ddp = replace(cfg, train=replace(cfg.train, distributed="ddp"))
+    if gpu is None or plan_for(ddp, model_path, lengths, gpu, world)[0].fits:
+        return ddp
+    return replace(cfg, train=replace(cfg.train, distributed="fsdp"))
+
+
 def refusal(plan: Plan, cfg: Config) -> str:
     p = plan.longest
     rows = ", ".join(str(i) for i in p.rows[:8]) + (", ..." if len(p.rows) > 8 else "")
@@ -79,6 +90,7 @@ def check_before_loading(
     from kotune.plan.gpus import present_gpu
 
     gpu = present_gpu()
+    cfg = choose_distributed(cfg, model_path, lengths, gpu, world)
     if gpu is None:  # the CPU has no memory ceiling kotune can predict
         if fit:
             log("kotune: --fit: no CUDA GPU here, the settings stay as configured")

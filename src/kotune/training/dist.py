@@ -1,8 +1,9 @@
 """Several processes through torchrun or ``accelerate launch``: both set RANK / WORLD_SIZE / LOCAL_RANK.
 
-One process per GPU, each holding the whole 4-bit model on its own device; PyTorch's DDP all-reduces the LoRA
-gradients and nothing else. With one process every function here is a no-op, so the training loop reads the
-same either way.
+One process per GPU. With DDP each holds the whole 4-bit model on its own device and PyTorch's DDP all-reduces
+the LoRA gradients and nothing else; with FSDP (``kotune.training.fsdp``) each holds a shard of the base and the
+LoRA gradients are averaged the same way (``ReplicatedTrainables``). With one process every function here is a
+no-op, so the training loop reads the same either way.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def wrap(model):
     """
     if not is_distributed():
         return model
+    from kotune.training.fsdp import is_sharded
+
+    if is_sharded(model):
+        return ReplicatedTrainables(model)
     from torch.nn.parallel import DistributedDataParallel
 
     ignored = [name for name, p in model.named_parameters() if not p.requires_grad]
@@ -61,6 +66,47 @@ def wrap(model):
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+class ReplicatedTrainables(torch.nn.Module):
+    """Under FSDP (``kotune.training.fsdp``): the trainable weights are whole on every process, and their
+    gradients are averaged across the processes at the end of each backward outside ``no_sync``, as DDP does
+    (DDP itself cannot wrap a module whose frozen weights are FSDP-sharded)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.trainable = [p for p in module.parameters() if p.requires_grad]
+        self.sync = True
+
+    def forward(self, *args, **kwargs):
+        out = self.module(*args, **kwargs)
+        if self.sync and torch.is_grad_enabled() and out.requires_grad:
+            out.register_hook(self._average_after_backward)
+        return out
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.sync = False
+        try:
+            yield
+        finally:
+            self.sync = True
+
+    def _average_after_backward(self, grad):
+        torch.autograd.Variable._execution_engine.queue_callback(self._average)
+        return grad
+
+    def _average(self) -> None:
+        """One all-reduce of every gradient, flattened (a process with no gradient for a weight adds zeros)."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
+        flat = _flatten_dense_tensors(grads)
+        torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+        flat /= rank_and_world()[1]
+        for p, g in zip(self.trainable, _unflatten_dense_tensors(flat, grads), strict=True):
+            p.grad = g
 
 
 def no_sync(model, last: bool):

@@ -27,6 +27,7 @@ from kotune.training.checkpoint import (
     latest_good,
     save_adapter,
 )
+from kotune.training.fsdp import is_sharded
 from kotune.training.optim import build_optimizer, lr_at, skips_on_device
 from kotune.training.order import DataOrder, feeds_packed, total_steps
 from kotune.training.report import Reporter
@@ -101,13 +102,19 @@ def evaluate(model, examples: list[Example], cfg: Config, pad_id: int, device, l
     model.eval()
     rank, world = dist.rank_and_world()
     total = torch.zeros(2, dtype=torch.float64, device=device)
+    size = cfg.train.micro_batch_size
     mine = examples[rank::world]
-    for i in range(0, len(mine), cfg.train.micro_batch_size):
-        batch = collate(mine[i : i + cfg.train.micro_batch_size], pad_id, cfg.train.pad_to_multiple_of)
+    chunks = [mine[i : i + size] for i in range(0, len(mine), size)]
+    if is_sharded(model):  # as in training: every process runs as many passes, the extra ones weighted 0
+        most = -(-len(examples[::world]) // size)
+        chunks += [chunks[-1] if chunks else examples[:1]] * (most - len(chunks))
+    for i, chunk in enumerate(chunks):
+        weight = 1.0 if i * size < len(mine) else 0.0
+        batch = collate(chunk, pad_id, cfg.train.pad_to_multiple_of)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(cfg, device):
-            total[0] += loss_fn(model, batch).double()
-        total[1] += (batch["labels"][:, 1:] != IGNORE).sum()
+            total[0] += loss_fn(model, batch).double() * weight
+        total[1] += (batch["labels"][:, 1:] != IGNORE).sum() * weight
     dist.all_reduce_sum(total)
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -145,6 +152,8 @@ class Fit:
         self.loss_fn = model.loss_sum
         self.host_side = model.host_side
         self.ddp_model = dist.wrap(model.forward)
+        self.sharded = is_sharded(model.forward)
+        """FSDP (``kotune.training.fsdp``): every process runs the same number of passes."""
         # peft's get_peft_model sets training mode on its wrapper only; the layers stay in from_pretrained's
         # eval mode, where transformers skips gradient checkpointing and LoRA dropout is off
         self.ddp_model.train()
@@ -176,10 +185,14 @@ class Fit:
         dist.all_reduce_sum(counts)
         n_tokens = counts[0].float()  # normalise by the supervised tokens of the whole step, all processes
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, batch in enumerate(window):
+        weights = [1.0] * len(window)
+        if self.sharded:  # a process with fewer passes repeats its last one, weighted 0, to gather with the others
+            idle = self.order.most_passes(start) - len(window)
+            window, weights = window + window[-1:] * idle, weights + [0.0] * idle
+        for i, (batch, weight) in enumerate(zip(window, weights, strict=True)):
             batch = {k: to_device(v, self.device) for k, v in self.host_side(batch).items()}
             with dist.no_sync(model, last=i == len(window) - 1), autocast(self.cfg, self.device):
-                loss = self.loss_fn(model, batch)
+                loss = self.loss_fn(model, batch) * weight
                 # DDP averages the processes' gradients; the step's gradient is their sum
                 (loss * self.world / n_tokens.clamp(min=1)).backward()
             total += loss.detach().double()

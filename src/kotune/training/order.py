@@ -178,6 +178,11 @@ class DataOrder:
         """This process's passes of the step that starts at ``micro_step`` (row indices per pass)."""
         return step_passes(self.epochs, micro_step, self.rank, self.world, self.packed)
 
+    def most_passes(self, micro_step: int) -> int:
+        """The most passes any process has in the step that starts at ``micro_step`` (FSDP: every process must
+        run as many, each pass gathering every layer's weights together)."""
+        return max(len(step_passes(self.epochs, micro_step, r, self.world, self.packed)) for r in range(self.world))
+
     def window(self, micro_step: int) -> list[dict[str, torch.Tensor]]:
         """This process's batches of the optimizer step that starts at ``micro_step``, one per pass."""
         t = self.cfg.train

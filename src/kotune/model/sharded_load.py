@@ -1,0 +1,123 @@
+"""Loading a pre-quantized 4-bit folder straight into FSDP shards: no process ever holds the whole base.
+
+A 70B base is ~37 GB in NF4: more than a 24 GB card, so it cannot be loaded whole on each GPU and then sharded.
+A folder written in 4 bits (transformers' ``save_pretrained`` of a bitsandbytes 4-bit model, or
+``kotune.model.prequantized``) is read here a decoder layer at a time: the model is built on the meta device
+(no memory), LoRA is attached and drawn as peft draws it, then each layer's weights are read from the files onto
+this process's device as :class:`~kotune.fast.nf4_tensor.NF4Tensor` and handed to ``fully_shard``, which keeps
+this process's rows and frees the rest before the next layer is read. Peak: the shards so far plus one layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from kotune.config import Config
+from kotune.fast.nf4_tensor import NF4Tensor
+
+
+def is_prequantized(path: str) -> bool:
+    """The folder's ``config.json`` says its weights are stored in bitsandbytes' 4-bit format."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    quant = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
+    return quant.get("quant_method") == "bitsandbytes" and bool(quant.get("load_in_4bit"))
+
+
+def load_sharded(path: str, cfg: Config, attach_lora, shard_layer):
+    """The LoRA model of the 4-bit folder ``path`` with every decoder layer sharded by ``shard_layer`` (called
+    once per layer, its weights on this device); ``attach_lora(model)`` wraps it in peft as a normal load does."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    # as transformers loads such a folder: its weights in the compute dtype it was quantized for, whatever
+    # model.compute_dtype says (kotune's forward still computes in model.compute_dtype)
+    dtype = getattr(torch, config.quantization_config["bnb_4bit_compute_dtype"])
+    config.use_cache = False
+    if getattr(config, "tie_word_embeddings", False):
+        raise ValueError(f"{path}: tied embeddings; a sharded load reads untied ones (train.distributed: ddp loads it)")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model = attach_lora(skeleton)  # peft draws its weights on the CPU, then moves them to the meta device
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed)  # where a normal load's peft starts drawing
+    draw_lora_as_peft(model, device)
+    files = WeightFiles(path)
+    base = model.get_base_model()
+    for name, module in base.named_modules():  # everything outside the decoder layers: embeddings, norm, head
+        if ".layers." not in f"{name}." and not name.endswith(".layers"):
+            files.fill(module, name, device, dtype)
+    inner = base.model
+    with device:  # its inverse frequencies are a buffer computed at construction, not read from the files
+        inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    for i, layer in enumerate(inner.layers):
+        for name, module in layer.named_modules():
+            if _is_lora(name) or list(module.children()):
+                continue
+            full = f"model.layers.{i}.{name.replace('.base_layer', '')}"  # as the files name it
+            if isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(files.nf4(full, device, dtype), requires_grad=False)
+            else:
+                files.fill(module, full, device, dtype)
+        shard_layer(layer)
+    return model
+
+
+def _is_lora(name: str) -> bool:
+    return ".lora_" in f".{name}" or "lora_dropout" in name
+
+
+def draw_lora_as_peft(model, device: torch.device) -> None:
+    """The LoRA weights, materialized from the meta device with the values a normal load draws: per LoRA layer in
+    module order, peft builds ``Linear(in, r)`` and ``Linear(r, out)`` (each drawing its default init from the
+    default generator), then redraws A Kaiming-uniform (a = sqrt(5)) and zeroes B; float32. Called right after
+    ``torch.manual_seed(train.seed)``, as a normal load reaches peft (loading draws nothing), the adapters are
+    equal (``tests/test_fsdp.py`` checks it)."""
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            for name in module.lora_A:
+                r, fan_in = module.lora_A[name].weight.shape
+                a = torch.nn.Linear(fan_in, r, bias=False).weight.detach()
+                torch.nn.Linear(r, module.lora_B[name].weight.shape[0], bias=False)  # its draw, as peft makes it
+                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                module.lora_A[name].weight = torch.nn.Parameter(a.to(device))
+                shape = module.lora_B[name].weight.shape
+                module.lora_B[name].weight = torch.nn.Parameter(torch.zeros(shape, device=device))
+
+
+class WeightFiles:
+    """The folder's safetensors files, read one tensor (or one 4-bit weight) at a time."""
+
+    def __init__(self, path: str):
+        from kotune.model import prequantized
+
+        self.folder = Path(path)
+        self.prequantized = prequantized
+
+    def fill(self, module: torch.nn.Module, name: str, device, dtype) -> None:
+        """``module``'s own (frozen, unquantized) parameters read from the files."""
+        for key in [key for key, _ in module.named_parameters(recurse=False)]:
+            setattr(module, key, torch.nn.Parameter(self.dense(f"{name}.{key}", device, dtype), requires_grad=False))
+
+    def dense(self, key: str, device, dtype) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.prequantized.weight_file(self.folder, key), "pt") as f:
+            return f.get_tensor(key).to(device, dtype)
+
+    def nf4(self, name: str, device, dtype) -> NF4Tensor:
+        """The 4-bit weight ``name`` (without ``.weight``) whole, on ``device``."""
+        from safetensors import safe_open
+
+        with safe_open(self.prequantized.weight_file(self.folder, f"{name}.weight"), "pt") as f:
+            out = json.loads(bytes(f.get_tensor(f"{name}.weight.quant_state.bitsandbytes__nf4").tolist()))["shape"][0]
+        p = self.prequantized.read_quantized_rows(self.folder, name, (0, out))
+        offset = torch.tensor([p["offset"]], dtype=torch.float32, device=device)
+        moved = {k: p[k].to(device) for k in ("packed", "absmax", "absmax2", "code2", "table")}
+        return NF4Tensor(p["shape"], dtype, moved["packed"], moved["absmax"], moved["absmax2"], moved["code2"],
+                         moved["table"], offset, p["blocksize"], p["blocksize2"], p["shape"][1])  # fmt: skip
