@@ -54,7 +54,7 @@ def losses(run: Path) -> dict[tuple[str, int], float]:
     return out
 
 
-def assert_same_run(a: Path, b: Path, tolerance: float = 1e-5) -> None:
+def assert_same_run(a: Path, b: Path, tolerance: float = 1e-5, atol: float = 1e-7) -> None:
     la, lb = losses(a), losses(b)
     assert la.keys() == lb.keys()
     for key in la:
@@ -62,7 +62,7 @@ def assert_same_run(a: Path, b: Path, tolerance: float = 1e-5) -> None:
     wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=tolerance, atol=1e-7)
+        torch.testing.assert_close(wb[name], wa[name], rtol=tolerance, atol=atol)
 
 
 @pytest.fixture(scope="module")

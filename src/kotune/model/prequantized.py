@@ -169,7 +169,7 @@ def read_quantized_rows(folder, name: str, rows: tuple[int, int]) -> dict:
         out, cols = state["shape"]
         start, end = check_rows(name, rows, out, cols, state)
         return {
-            "packed": f.get_slice(key)[start // 2 : end // 2].reshape(-1),
+            "packed": _packed_bytes(f.get_slice(key), start // 2, end // 2),
             "absmax": f.get_slice(f"{key}.absmax")[start // BLOCKSIZE : -(-end // BLOCKSIZE)],
             "absmax2": f.get_slice(f"{key}.nested_absmax")[start // GROUP : -(-end // GROUP)],
             "code2": f.get_tensor(f"{key}.nested_quant_map"),
@@ -179,6 +179,13 @@ def read_quantized_rows(folder, name: str, rows: tuple[int, int]) -> dict:
             "blocksize2": BLOCKSIZE2,
             "shape": (out, cols),
         }
+
+
+def _packed_bytes(packed, first: int, last: int) -> torch.Tensor:
+    """Bytes ``[first, last)`` of a packed weight stored in any dtype (bitsandbytes' ``quant_storage``: uint8,
+    or the compute dtype, two or four bytes to an element), as uint8."""
+    size = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4}[packed.get_dtype()]
+    return packed[first // size : -(-last // size)].reshape(-1).view(torch.uint8)
 
 
 def check_rows(name: str, rows: tuple[int, int], out: int, cols: int, state: dict) -> tuple[int, int]:

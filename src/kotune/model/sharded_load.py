@@ -53,8 +53,9 @@ def load_sharded(path: str, cfg: Config, attach_lora, shard_layer):
         if ".layers." not in f"{name}." and not name.endswith(".layers"):
             files.fill(module, name, device, dtype)
     inner = base.model
-    with device:  # its inverse frequencies are a buffer computed at construction, not read from the files
-        inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    # its inverse frequencies are a buffer computed at construction, not read from the files: computed on the
+    # CPU, as from_pretrained does (on a GPU, pow rounds differently and the rotary tables drift by an ulp)
+    inner.rotary_emb = type(inner.rotary_emb)(config=config).to(device)
     for i, layer in enumerate(inner.layers):
         for name, module in layer.named_modules():
             if _is_lora(name) or list(module.children()):

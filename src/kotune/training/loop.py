@@ -258,17 +258,20 @@ class Fit:
             except NonFiniteLoss:
                 progress.close()
                 raise
+            # records read together (one step behind, then the current one before an evaluation or a save) share
+            # the window's rate: the time they took is known only together
+            window_tokens += sum(record["tokens"] for record in records)
+            rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
             for record in records:
-                window_tokens += record["tokens"]
                 if record["step"] % cfg.logging_steps == 0 or record["step"] == self.steps:
-                    elapsed = time.perf_counter() - window_start
-                    record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
+                    record["tokens_per_s"] = rate
                     record["epoch"] = record.pop("epoch")  # after the rate, as metrics.jsonl has always had it
                     record.update(memory.peak())
                     self.reporter.log(record)
                     tok_s = f"{record['tokens_per_s']:.0f}"
                     progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=tok_s, **memory.now())
-                    window_start, window_tokens = time.perf_counter(), 0
+            if any("tokens_per_s" in record for record in records):
+                window_start, window_tokens = time.perf_counter(), 0
             progress.update(1)
             if stop_due:
                 progress.close()
