@@ -7,10 +7,12 @@ The model has hidden size 256 so that every 4-bit weight splits into two shards 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import build_tiny_model, nf4_config
-from test_ddp import assert_same_run, kotune
+from test_ddp import assert_same_run, kotune, losses
 
 from kotune.fast.nf4_tensor import NF4Tensor
 
@@ -135,3 +137,11 @@ def test_two_fsdp_processes_train_the_same_steps_and_adapter_as_one(fsdp_runs, f
     assert_same_run(runs[1], runs[2], atol=1e-6)
     text = log.read_text()
     assert "kotune: FSDP over 2 processes" in text and "fast path on (train.distributed fsdp)" in text
+    if folder == "plain":  # an FSDP checkpoint is a DDP one: it resumes on one process, on the same steps
+        resumed, log = root / "resumed", root / "resumed.log"
+        resumed.mkdir()
+        shutil.copytree(runs[2] / "checkpoint-2", resumed / "checkpoint-2")
+        args = ["train", str(configs[folder]), f"train.output_dir={resumed}", "--resume", str(resumed / "checkpoint-2")]
+        assert kotune(args, 1, log) == 0, log.read_text()[-4000:]
+        later = {k: v for k, v in losses(runs[1]).items() if k[1] > 2}
+        assert later and all(losses(resumed)[k] == pytest.approx(v, rel=1e-5) for k, v in later.items())

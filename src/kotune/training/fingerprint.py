@@ -35,6 +35,7 @@ NOT_FINGERPRINTED = frozenset(
         "model.attn_implementation",
         "model.trust_remote_code",
         "train.kernels",
+        "train.distributed",  # DDP or FSDP: the same steps (tests/test_fsdp.py), and the same checkpoints
         # Bookkeeping that does not touch the weights.
         "train.eval_steps",
         "train.eval_at_start",
