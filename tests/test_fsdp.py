@@ -145,3 +145,25 @@ def test_two_fsdp_processes_train_the_same_steps_and_adapter_as_one(fsdp_runs, f
         assert kotune(args, 1, log) == 0, log.read_text()[-4000:]
         later = {k: v for k, v in losses(runs[1]).items() if k[1] > 2}
         assert later and all(losses(resumed)[k] == pytest.approx(v, rel=1e-5) for k, v in later.items())
+
+
+def test_auto_picks_ddp_when_the_base_fits_each_gpu_and_fsdp_when_not(tmp_path):
+    """``train.distributed: auto`` on two RTX 4090s (24 GB): an 8B base in 4 bits fits each, a 70B one does not;
+    one process never shards, and on the CPU (no ceiling to predict) it stays ddp."""
+    from transformers import LlamaConfig
+
+    from kotune.config import Config
+    from kotune.plan.gate import choose_distributed
+    from kotune.plan.gpus import gpu_named
+
+    folders = {}
+    for name, (hidden, inter, layers, heads) in {"8b": (4096, 14336, 32, 32), "70b": (8192, 28672, 80, 64)}.items():
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=8, vocab_size=128256)  # fmt: skip
+        config.save_pretrained(tmp_path / name)
+        folders[name] = str(tmp_path / name)
+    gpu, lengths, cfg = gpu_named("RTX4090"), [512] * 64, Config()
+    assert choose_distributed(cfg, folders["8b"], lengths, gpu, 2).train.distributed == "ddp"
+    assert choose_distributed(cfg, folders["70b"], lengths, gpu, 2).train.distributed == "fsdp"
+    assert choose_distributed(cfg, folders["70b"], lengths, gpu, 1).train.distributed == "auto"
+    assert choose_distributed(cfg, folders["70b"], lengths, None, 2).train.distributed == "ddp"
