@@ -125,8 +125,8 @@ def fsdp_runs(tmp_path_factory, llama3_dir, tiny_train_config):
 @pytest.mark.slow
 @pytest.mark.parametrize("folder", ["plain", "quantized"])
 def test_two_fsdp_processes_train_the_same_steps_and_adapter_as_one(fsdp_runs, folder):
-    """A plain folder is loaded and quantized on each process, then sharded; a pre-quantized one is read a layer
-    at a time into the shards (LoRA drawn as a normal load draws it). Both equal one process's run."""
+    """Both folders are read a layer at a time into the shards (the plain one's weights quantized on the way, the
+    4-bit one's read as stored; LoRA drawn as a normal load draws it): both equal one process's run."""
     root, configs = fsdp_runs
     runs = {}
     for n, extra in ((1, []), (2, ["train.distributed=fsdp"])):

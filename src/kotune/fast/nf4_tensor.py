@@ -49,11 +49,15 @@ class NF4Tensor(torch.Tensor):
     @classmethod
     def from_params4bit(cls, weight) -> NF4Tensor:
         """The same weight as a bitsandbytes ``Params4bit`` (NF4), sharing its memory."""
-        qs = weight.quant_state
+        return cls.from_quant_state(weight.data, weight.quant_state)
+
+    @classmethod
+    def from_quant_state(cls, packed: torch.Tensor, qs) -> NF4Tensor:
+        """The NF4 weight of bitsandbytes' packed bytes and ``QuantState``, sharing their memory."""
         dtype = qs.dtype
         if qs.quant_type != "nf4":
             raise ValueError(f"NF4Tensor needs an nf4 weight, not {qs.quant_type}")
-        packed = weight.data.view(torch.uint8).reshape(-1)
+        packed = packed.view(torch.uint8).reshape(-1)
         rows, row_len = qs.shape
         if qs.nested:
             s2 = qs.state2

@@ -17,9 +17,9 @@ from kotune.data.examples import IGNORE
 from kotune.data.packing import block_causal_mask
 from kotune.model.load import load_base_model
 from kotune.model.lora import attach_lora, parameter_counts
-from kotune.model.sharded_load import is_prequantized, load_sharded
+from kotune.model.sharded_load import load_sharded
 from kotune.training import dist
-from kotune.training.fsdp import CannotShard, LayerSharding, held_bytes, shard_layers
+from kotune.training.fsdp import CannotShard, LayerSharding, held_bytes
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -99,18 +99,14 @@ def load_for_training(cfg: Config, path: str, token_ids: list[int] = ()) -> Trai
     torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random
     sharded = dist.is_distributed() and cfg.train.distributed == "fsdp"
     use_fast, why = fast_or_plain(cfg, path)
-    if sharded:
+    if sharded:  # read a layer at a time into its shards: the base is never whole on a GPU
         use_fast, why = True, refuse_unsharded_recipe(cfg, path)
-    if sharded and is_prequantized(path):  # read a layer at a time into its shards: never whole on a GPU
         model = load_sharded(path, cfg, lambda base: attach_lora(base, cfg.lora, token_ids), LayerSharding())
-    else:
-        model = attach_lora(load_base_model(path, cfg.model, use_fast), cfg.lora, token_ids)
-        if sharded:
-            shard_layers(model)
-    if sharded:
         world = dist.rank_and_world()[1]
         output.info(f"kotune: FSDP over {world} processes: each holds {held_bytes(model) / 2**30:.2f} GiB of the "
                     "base's decoder weights (its shard), a layer gathered in 4 bits at a time")  # fmt: skip
+    else:
+        model = attach_lora(load_base_model(path, cfg.model, use_fast), cfg.lora, token_ids)
     trainable, total = parameter_counts(model)
     share = 100 * trainable / total
     output.info(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")

@@ -1,11 +1,12 @@
-"""Loading a pre-quantized 4-bit folder straight into FSDP shards: no process ever holds the whole base.
+"""Loading a base straight into FSDP shards, a decoder layer at a time: no process ever holds the whole base.
 
 A 70B base is ~37 GB in NF4: more than a 24 GB card, so it cannot be loaded whole on each GPU and then sharded.
-A folder written in 4 bits (transformers' ``save_pretrained`` of a bitsandbytes 4-bit model, or
-``kotune.model.prequantized``) is read here a decoder layer at a time: the model is built on the meta device
-(no memory), LoRA is attached and drawn as peft draws it, then each layer's weights are read from the files onto
-this process's device as :class:`~kotune.fast.nf4_tensor.NF4Tensor` and handed to ``fully_shard``, which keeps
-this process's rows and frees the rest before the next layer is read. Peak: the shards so far plus one layer.
+The model is built on the meta device (no memory), LoRA is attached and drawn as peft draws it, then each layer's
+weights are read from the safetensors files onto this process's device as 4-bit
+:class:`~kotune.fast.nf4_tensor.NF4Tensor` and handed to ``fully_shard``, which keeps this process's rows and
+frees the rest before the next layer is read. Peak: the shards so far plus one layer. A folder stored in 4 bits
+(transformers' ``save_pretrained`` of a bitsandbytes 4-bit model, or ``kotune.model.prequantized``) is read as
+stored; a 16-bit folder's weights are quantized on the way, one at a time, as a normal load quantizes them.
 """
 
 from __future__ import annotations
@@ -30,28 +31,32 @@ def is_prequantized(path: str) -> bool:
 
 
 def load_sharded(path: str, cfg: Config, attach_lora, shard_layer):
-    """The LoRA model of the 4-bit folder ``path`` with every decoder layer sharded by ``shard_layer`` (called
-    once per layer, its weights on this device); ``attach_lora(model)`` wraps it in peft as a normal load does."""
+    """The LoRA model of the folder ``path`` with every decoder layer sharded by ``shard_layer`` (called once per
+    layer, its weights on this device); ``attach_lora(model)`` wraps it in peft as a normal load does. A 4-bit
+    folder's weights are read as stored; a 16-bit one's are quantized here as bitsandbytes quantizes on a normal
+    load (``model.double_quant``), a weight at a time."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    # as transformers loads such a folder: its weights in the compute dtype it was quantized for, whatever
-    # model.compute_dtype says (kotune's forward still computes in model.compute_dtype)
-    dtype = getattr(torch, config.quantization_config["bnb_4bit_compute_dtype"])
     config.use_cache = False
-    if getattr(config, "tie_word_embeddings", False):
-        raise ValueError(f"{path}: tied embeddings; a sharded load reads untied ones (train.distributed: ddp loads it)")
+    files = WeightFiles(path, cfg.model)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        skeleton = AutoModelForCausalLM.from_config(
+            config, dtype=files.dtype, trust_remote_code=cfg.model.trust_remote_code
+        )
     model = attach_lora(skeleton)  # peft draws its weights on the CPU, then moves them to the meta device
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)  # where a normal load's peft starts drawing
     draw_lora_as_peft(model, device)
-    files = WeightFiles(path)
     base = model.get_base_model()
     for name, module in base.named_modules():  # everything outside the decoder layers: embeddings, norm, head
         if ".layers." not in f"{name}." and not name.endswith(".layers"):
-            files.fill(module, name, device, dtype)
+            files.fill(module, name, device)
+    if getattr(config, "tie_word_embeddings", False):
+        base.tie_weights()
+    missing = [n for n, p in base.named_parameters() if p.is_meta and ".layers." not in n and "lora_" not in n]
+    if missing:
+        raise ValueError(f"{path}: its safetensors files lack {', '.join(missing[:4])}")
     inner = base.model
     # its inverse frequencies are a buffer computed at construction, not read from the files: computed on the
     # CPU, as from_pretrained does (on a GPU, pow rounds differently and the rotary tables drift by an ulp)
@@ -62,9 +67,9 @@ def load_sharded(path: str, cfg: Config, attach_lora, shard_layer):
                 continue
             full = f"model.layers.{i}.{name.replace('.base_layer', '')}"  # as the files name it
             if isinstance(module, torch.nn.Linear):
-                module.weight = torch.nn.Parameter(files.nf4(full, device, dtype), requires_grad=False)
+                module.weight = torch.nn.Parameter(files.nf4(full, device), requires_grad=False)
             else:
-                files.fill(module, full, device, dtype)
+                files.fill(module, full, device)
         shard_layer(layer)
     return model
 
@@ -92,33 +97,66 @@ def draw_lora_as_peft(model, device: torch.device) -> None:
 
 
 class WeightFiles:
-    """The folder's safetensors files, read one tensor (or one 4-bit weight) at a time."""
+    """The folder's safetensors files, read one tensor (or one 4-bit weight) at a time, in the dtype a normal load
+    gives them: a 4-bit folder's compute dtype (transformers uses the folder's own ``quantization_config``, not
+    ``model.compute_dtype``), else ``model.compute_dtype``."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, model_cfg):
         from kotune.model import prequantized
 
-        self.folder = Path(path)
-        self.prequantized = prequantized
+        self.folder, self.io, self.model_cfg = Path(path), prequantized, model_cfg
+        self.prequantized = is_prequantized(path)
+        if (
+            not (self.folder / "model.safetensors.index.json").is_file()
+            and not (self.folder / "model.safetensors").is_file()
+        ):
+            raise ValueError(f"{path}: no model.safetensors(.index.json); train.distributed fsdp reads safetensors")
+        if self.prequantized:
+            config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+            self.dtype = getattr(torch, config["quantization_config"]["bnb_4bit_compute_dtype"])
+        else:
+            self.dtype = getattr(torch, model_cfg.compute_dtype)
 
-    def fill(self, module: torch.nn.Module, name: str, device, dtype) -> None:
-        """``module``'s own (frozen, unquantized) parameters read from the files."""
+    def fill(self, module: torch.nn.Module, name: str, device) -> None:
+        """``module``'s own (frozen, unquantized) parameters read from the files (a tied output layer: none)."""
         for key in [key for key, _ in module.named_parameters(recurse=False)]:
-            setattr(module, key, torch.nn.Parameter(self.dense(f"{name}.{key}", device, dtype), requires_grad=False))
+            tensor = self.dense(f"{name}.{key}", device)
+            if tensor is not None:
+                setattr(module, key, torch.nn.Parameter(tensor, requires_grad=False))
 
-    def dense(self, key: str, device, dtype) -> torch.Tensor:
+    def dense(self, key: str, device) -> torch.Tensor | None:
+        """The tensor ``key`` (None when the files lack it: a tied output layer)."""
         from safetensors import safe_open
 
-        with safe_open(self.prequantized.weight_file(self.folder, key), "pt") as f:
-            return f.get_tensor(key).to(device, dtype)
+        try:
+            file = self.io.weight_file(self.folder, key)
+        except ValueError:
+            return None
+        with safe_open(file, "pt") as f:
+            return f.get_tensor(key).to(device, self.dtype) if key in f.keys() else None
 
-    def nf4(self, name: str, device, dtype) -> NF4Tensor:
-        """The 4-bit weight ``name`` (without ``.weight``) whole, on ``device``."""
+    def nf4(self, name: str, device) -> NF4Tensor:
+        """The linear weight ``name`` (without ``.weight``) whole, on ``device``, in 4 bits."""
+        if not self.prequantized:
+            return self._quantized(name, device)
         from safetensors import safe_open
 
-        with safe_open(self.prequantized.weight_file(self.folder, f"{name}.weight"), "pt") as f:
+        with safe_open(self.io.weight_file(self.folder, f"{name}.weight"), "pt") as f:
             out = json.loads(bytes(f.get_tensor(f"{name}.weight.quant_state.bitsandbytes__nf4").tolist()))["shape"][0]
-        p = self.prequantized.read_quantized_rows(self.folder, name, (0, out))
+        p = self.io.read_quantized_rows(self.folder, name, (0, out))
         offset = torch.tensor([p["offset"]], dtype=torch.float32, device=device)
         moved = {k: p[k].to(device) for k in ("packed", "absmax", "absmax2", "code2", "table")}
-        return NF4Tensor(p["shape"], dtype, moved["packed"], moved["absmax"], moved["absmax2"], moved["code2"],
+        return NF4Tensor(p["shape"], self.dtype, moved["packed"], moved["absmax"], moved["absmax2"], moved["code2"],
                          moved["table"], offset, p["blocksize"], p["blocksize2"], p["shape"][1])  # fmt: skip
+
+    def _quantized(self, name: str, device) -> NF4Tensor:
+        """A 16-bit weight quantized as a normal load quantizes it (bitsandbytes NF4, blocks of 64)."""
+        import bitsandbytes.functional as F
+
+        weight = self.dense(f"{name}.weight", device)
+        if weight is None:
+            raise ValueError(f"{self.folder}: no tensor {name}.weight")
+        packed, state = F.quantize_4bit(
+            weight, blocksize=64, compress_statistics=self.model_cfg.double_quant, quant_type="nf4"
+        )
+        return NF4Tensor.from_quant_state(packed, state)

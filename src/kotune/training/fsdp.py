@@ -26,20 +26,6 @@ class CannotShard(KotuneError):
     """The model cannot be trained with ``train.distributed: fsdp`` (the message says why and what to do)."""
 
 
-def as_nf4_tensors(model) -> int:
-    """Replace every bitsandbytes NF4 weight of ``model`` by the same bytes as an :class:`NF4Tensor`; returns the
-    count. The modules stay bitsandbytes' (kotune's forward reads their weights, never runs them)."""
-    import bitsandbytes as bnb
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            weight = NF4Tensor.from_params4bit(module.weight)
-            module.weight = torch.nn.Parameter(weight, requires_grad=False)
-            count += 1
-    return count
-
-
 def refuse_unshardable(layer: torch.nn.Module, where: str, world: int) -> None:
     """Every frozen weight of the decoder ``layer`` must be 4-bit (others would be all-gathered in 16 bits, and
     the base would not be the 4-bit model the run planned for) and split into ``world`` shards of whole rows and
@@ -79,15 +65,6 @@ class LayerSharding:
         trainable = {p for p in layer.parameters() if p.requires_grad}
         fully_shard(layer, mesh=self.mesh, reshard_after_forward=True, ignored_params=trainable)
         self.count += 1
-
-
-def shard_layers(peft_model) -> None:
-    """``fully_shard`` each decoder layer of a loaded ``peft_model``; its 4-bit weights become
-    :class:`NF4Tensor` first."""
-    as_nf4_tensors(peft_model)
-    shard = LayerSharding()
-    for layer in peft_model.get_base_model().model.layers:
-        shard(layer)
 
 
 def held_bytes(model: torch.nn.Module) -> int:
