@@ -66,7 +66,8 @@ def write(args) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
-    folder = write_random_4bit(llama3_config(args.shape), args.folder, seed=args.seed, device=device)
+    config = llama3_config(args.shape)
+    folder = write_random_4bit(config, args.folder, seed=args.seed, device=device, quantized=args.bits == 4)
     write_s = time.perf_counter() - start
     if args.tokenizer:
         copied = [name for name in TOKENIZER_FILES if (Path(args.tokenizer) / name).is_file()]
@@ -77,6 +78,7 @@ def write(args) -> dict:
     shards = sorted(folder.glob("*.safetensors"))
     return {
         "shape": args.shape,
+        "bits": args.bits,
         "device": device,
         "write_s": round(write_s, 1),
         "files": len(shards),
@@ -232,6 +234,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     ap.add_argument("--shape", choices=sorted(SHAPES), default="70b", help="Llama-3 shape to write")
     ap.add_argument("--folder", required=True, help="the model folder written by --write and trained by --train")
     ap.add_argument("--write", action="store_true", help="write the random 4-bit base (and tokenizer) to --folder")
+    ap.add_argument("--bits", type=int, choices=(4, 16), default=4, help="with --write: NF4 or bfloat16 weights")
     ap.add_argument("--tokenizer", help="with --write: a folder holding the Llama-3 tokenizer.json to copy in")
     ap.add_argument("--seed", type=int, default=0, help="of the weights and the rows")
     ap.add_argument("--train", action="store_true", help="run kotune train on --folder (under torchrun: each process)")

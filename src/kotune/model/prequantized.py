@@ -103,8 +103,11 @@ def random_tensors(name: str, shape, kind: str, generator, std: float, device) -
     return {key: value.cpu().contiguous() for key, value in tensors.items()}
 
 
-def write_random_4bit(config, folder, seed: int = 0, device=None, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write a random Llama-shaped 4-bit model (safetensors shards, their index, ``config.json``) to ``folder``.
+def write_random_4bit(
+    config, folder, seed: int = 0, device=None, shard_bytes: int = DEFAULT_SHARD_BYTES, quantized: bool = True
+) -> Path:
+    """Write a random Llama-shaped 4-bit model (safetensors shards, their index, ``config.json``) to ``folder``;
+    ``quantized=False``: the same draws stored in bfloat16 (a 16-bit base, as most hub folders are).
 
     Each weight is drawn from its own generator seeded by ``seed`` and its position, on ``device`` (CPU when
     None), and quantized there, so the folder is the same byte for byte for the same seed and device, and the
@@ -116,7 +119,8 @@ def write_random_4bit(config, folder, seed: int = 0, device=None, shard_bytes: i
     folder.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or "cpu")
     std = getattr(config, "initializer_range", 0.02)
-    shards = shard_plan(tensor_plan(config), shard_bytes)
+    plan = [(name, shape, kind if quantized or kind != "nf4" else "dense") for name, shape, kind in tensor_plan(config)]
+    shards = shard_plan(plan, shard_bytes)
     weight_map, total, index = {}, 0, 0
     for number, shard in enumerate(shards, start=1):
         file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
@@ -130,16 +134,18 @@ def write_random_4bit(config, folder, seed: int = 0, device=None, shard_bytes: i
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n", encoding="utf-8")
-    write_config(config, folder)
+    write_config(config, folder, quantized)
     return folder
 
 
-def write_config(config, folder: Path) -> None:
-    """``config.json`` as transformers writes it for the 4-bit model: bfloat16, with its ``quantization_config``."""
+def write_config(config, folder: Path, quantized: bool = True) -> None:
+    """``config.json`` as transformers writes it for the model: bfloat16, with the 4-bit ``quantization_config``
+    when ``quantized``."""
     config = config.__class__.from_dict(config.to_dict())  # a copy: the caller's config stays unquantized
     config.dtype = torch.bfloat16
     config.architectures = config.architectures or [type(config).__name__.removesuffix("Config") + "ForCausalLM"]
-    config.quantization_config = bnb_config().to_dict()
+    if quantized:
+        config.quantization_config = bnb_config().to_dict()
     config.save_pretrained(folder)
 
 
