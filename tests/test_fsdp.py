@@ -167,3 +167,15 @@ def test_auto_picks_ddp_when_the_base_fits_each_gpu_and_fsdp_when_not(tmp_path):
     assert choose_distributed(cfg, folders["70b"], lengths, gpu, 2).train.distributed == "fsdp"
     assert choose_distributed(cfg, folders["70b"], lengths, gpu, 1).train.distributed == "auto"
     assert choose_distributed(cfg, folders["70b"], lengths, None, 2).train.distributed == "ddp"
+
+
+def test_a_model_family_without_the_fast_path_is_refused_before_loading(tiny_train_config, tmp_path):
+    from transformers import GPT2Config
+
+    from kotune.model.build import refuse_unsharded_recipe
+    from kotune.training.fsdp import CannotShard
+
+    GPT2Config(n_embd=64, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+    cfg = tiny_train_config(tmp_path / "run", {"model.quantization": "4bit", "model.path": str(tmp_path / "gpt2")})
+    with pytest.raises(CannotShard, match="model type 'gpt2'"):
+        refuse_unsharded_recipe(cfg, str(tmp_path / "gpt2"))

@@ -16,7 +16,9 @@ def register(sub) -> None:
     add_config_arguments(p)
     p.add_argument("--gpu", metavar="NAME", help=f"plan for this GPU: {', '.join(g.name for g in GPUS.values())} "
                    "(default: this machine's)")  # fmt: skip
-    p.add_argument("--gpus", type=int, default=1, metavar="N", help="processes (one per GPU) under torchrun / DDP")
+    p.add_argument(
+        "--gpus", type=int, default=1, metavar="N", help="processes (one per GPU) under torchrun (DDP or FSDP)"
+    )
     p.add_argument("--fit", action="store_true", help="print the largest micro-batch (or cutoff_len) that fits")
     p.set_defaults(run=run)
 
@@ -26,7 +28,7 @@ def run(args) -> int:
     from kotune.commands.data import load_prepared
     from kotune.config import ConfigError, load_config
     from kotune.plan.estimate import render
-    from kotune.plan.gate import fit_settings, plan_for
+    from kotune.plan.gate import choose_distributed, fit_settings, plan_for
     from kotune.plan.gpus import gpu_named, present_gpu
 
     cfg = load_config(args.config, args.overrides)
@@ -37,6 +39,7 @@ def run(args) -> int:
         raise ConfigError("no CUDA GPU on this machine: name the one to plan for, e.g. --gpu L4 (see --help)")
     model_path, _, data = load_prepared(cfg)
     lengths = [len(e.input_ids) for e in data.train]
+    cfg = choose_distributed(cfg, model_path, lengths, gpu, args.gpus)  # train.distributed auto: as train picks
     plan, shape = plan_for(cfg, model_path, lengths, gpu, args.gpus)
     for line in render(plan):
         print(line)
