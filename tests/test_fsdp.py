@@ -27,13 +27,17 @@ def _params4bit(rows: int, cols: int, nested: bool, seed: int = 0):
     return weight._quantize("cpu") if hasattr(weight, "_quantize") else weight.to("cpu")
 
 
+def _nf4(weight) -> NF4Tensor:
+    return NF4Tensor.from_quant_state(weight.data, weight.quant_state)
+
+
 @pytest.mark.parametrize("nested", [True, False])
 def test_nf4_tensor_dequantizes_as_bitsandbytes_does(nested):
     import bitsandbytes.functional as F
 
     weight = _params4bit(128, 256, nested)
     want = F.dequantize_4bit(weight.data, weight.quant_state)
-    got = NF4Tensor.from_params4bit(weight).dequantize_reference(want.dtype)
+    got = NF4Tensor.from_quant_state(weight.data, weight.quant_state).dequantize_reference(want.dtype)
     assert got.shape == want.shape and torch.equal(got, want)
 
 
@@ -42,7 +46,7 @@ def test_nf4_tensor_dequantizes_as_bitsandbytes_does(nested):
 def test_the_all_gather_of_shards_rebuilds_the_weight_bit_for_bit(world, nested):
     """Shard as FSDP2 does (``torch.chunk`` on rows), concatenate what each shard sends, rebuild: every inner
     tensor and every dequantized value equal the whole weight's."""
-    whole = NF4Tensor.from_params4bit(_params4bit(64 * world, 1024, nested, seed=world))
+    whole = _nf4(_params4bit(64 * world, 1024, nested, seed=world))
     shards = torch.chunk(whole, world)
     assert all(isinstance(s, NF4Tensor) and s.shape == (64, 1024) for s in shards)
     sent = [s.fsdp_pre_all_gather(None, whole.shape, whole.stride(), None, None) for s in shards]
@@ -57,14 +61,14 @@ def test_the_all_gather_of_shards_rebuilds_the_weight_bit_for_bit(world, nested)
 
 
 def test_a_shard_that_splits_a_quantization_group_is_refused():
-    whole = NF4Tensor.from_params4bit(_params4bit(128, 256, nested=True))  # 2 groups of 16,384 values
+    whole = _nf4(_params4bit(128, 256, nested=True))  # 2 groups of 16,384 values
     with pytest.raises(ValueError, match="whole quantization groups"):
         torch.chunk(whole, 4)
 
 
 def test_fsdp_padding_and_copy_keep_the_values():
     """What ``fully_shard`` does to a shard: a zero tensor of its size, the shard copied in, viewed flat."""
-    whole = NF4Tensor.from_params4bit(_params4bit(128, 256, nested=True))
+    whole = _nf4(_params4bit(128, 256, nested=True))
     shard = torch.chunk(whole, 2)[1]
     padded = shard.new_zeros(shard.shape)
     padded.narrow(0, 0, shard.shape[0]).copy_(shard)

@@ -47,11 +47,6 @@ class NF4Tensor(torch.Tensor):
 
     # -- building ------------------------------------------------------------------------------------
     @classmethod
-    def from_params4bit(cls, weight) -> NF4Tensor:
-        """The same weight as a bitsandbytes ``Params4bit`` (NF4), sharing its memory."""
-        return cls.from_quant_state(weight.data, weight.quant_state)
-
-    @classmethod
     def from_quant_state(cls, packed: torch.Tensor, qs) -> NF4Tensor:
         """The NF4 weight of bitsandbytes' packed bytes and ``QuantState``, sharing their memory."""
         dtype = qs.dtype
