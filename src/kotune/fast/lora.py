@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from kotune.fast import nf4
 from kotune.fast.nf4_tensor import NF4Tensor
@@ -35,7 +36,7 @@ class Projection:
         w = self.base.weight
         if isinstance(w, NF4Tensor):  # FSDP: this layer's gathered weight (kotune.training.fsdp)
             return w.dequantize(dtype) if self.triton_dequant else w.dequantize_reference(dtype)
-        if getattr(w, "_local_tensor", None) is not None:
+        if isinstance(w, DTensor):  # FSDP's shard: only a gathered() block has the whole weight
             raise RuntimeError("a sharded weight was read outside its layer's gathered() block")
         qs = getattr(w, "quant_state", None)
         if qs is None:

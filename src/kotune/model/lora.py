@@ -58,10 +58,12 @@ def attach_lora(model, cfg: LoraConfig, token_ids: list[int] = ()):
 
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as stored elements, like the walkthrough's printout."""
+    from torch.distributed.tensor import DTensor
+
     from kotune.fast.nf4_tensor import NF4Tensor
 
     def stored(p) -> int:  # a sharded (FSDP) 4-bit weight counts as bitsandbytes stores it: two values a byte
-        return p.numel() // 2 if isinstance(getattr(p, "_local_tensor", p), NF4Tensor) else p.numel()
+        return p.numel() // 2 if isinstance(p.to_local() if isinstance(p, DTensor) else p, NF4Tensor) else p.numel()
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(stored(p) for p in model.parameters())

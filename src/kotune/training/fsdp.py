@@ -69,9 +69,11 @@ class LayerSharding:
 
 def held_bytes(model: torch.nn.Module) -> int:
     """Bytes of the sharded weights this process holds (its shards' packed values, codes and scales)."""
+    from torch.distributed.tensor import DTensor
+
     total = 0
     for p in model.parameters():
-        local = getattr(p, "_local_tensor", None)
+        local = p.to_local() if isinstance(p, DTensor) else None
         if isinstance(local, NF4Tensor):
             total += sum(t.numel() * t.element_size() for t in local._sharded_parts().values())
         elif local is not None:
