@@ -143,14 +143,15 @@ def test_two_fsdp_processes_train_the_same_steps_and_adapter_as_one(fsdp_runs, f
     assert_same_run(runs[1], runs[2], atol=1e-6)
     text = log.read_text()
     assert "kotune: FSDP over 2 processes" in text and "fast path on (train.distributed fsdp)" in text
-    if folder == "plain":  # an FSDP checkpoint is a DDP one: it resumes on one process, on the same steps
-        resumed, log = root / "resumed", root / "resumed.log"
-        resumed.mkdir()
-        shutil.copytree(runs[2] / "checkpoint-2", resumed / "checkpoint-2")
-        args = ["train", str(configs[folder]), f"train.output_dir={resumed}", "--resume", str(resumed / "checkpoint-2")]
-        assert kotune(args, 1, log) == 0, log.read_text()[-4000:]
+    if folder == "plain":  # an FSDP checkpoint is a DDP one: it resumes on one process and back, same steps
         later = {k: v for k, v in losses(runs[1]).items() if k[1] > 2}
-        assert later and all(losses(resumed)[k] == pytest.approx(v, rel=1e-5) for k, v in later.items())
+        for source, n, extra in ((runs[2], 1, []), (runs[1], 2, ["train.distributed=fsdp"])):
+            resumed, log = root / f"resumed-{n}", root / f"resumed-{n}.log"
+            resumed.mkdir()
+            shutil.copytree(source / "checkpoint-2", resumed / "checkpoint-2")
+            args = ["train", str(configs[folder]), f"train.output_dir={resumed}", *extra]
+            assert kotune([*args, "--resume", str(resumed / "checkpoint-2")], n, log) == 0, log.read_text()[-4000:]
+            assert later and all(losses(resumed)[k] == pytest.approx(v, rel=1e-5) for k, v in later.items())
 
 
 def test_auto_picks_ddp_when_the_base_fits_each_gpu_and_fsdp_when_not(tmp_path):
