@@ -261,7 +261,8 @@ class Fit:
             # records read together (one step behind, then the current one before an evaluation or a save) share
             # the window's rate: the time they took is known only together
             window_tokens += sum(record["tokens"] for record in records)
-            rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            elapsed = time.perf_counter() - window_start
+            rate = window_tokens / elapsed if elapsed > 0 else 0.0
             for record in records:
                 if record["step"] % cfg.logging_steps == 0 or record["step"] == self.steps:
                     record["tokens_per_s"] = rate
