@@ -32,10 +32,12 @@ from kotune import fast  # noqa: E402
 from kotune.config import Config, load_config  # noqa: E402
 from kotune.data.batching import epoch_order  # noqa: E402
 from kotune.data.examples import Example  # noqa: E402
-from kotune.model.build import TrainingModel  # noqa: E402
+from kotune.data.order import feeds_packed  # noqa: E402
 from kotune.model.load import load_base_model, load_tokenizer  # noqa: E402
 from kotune.model.lora import attach_lora  # noqa: E402
+from kotune.training.build import TrainingModel  # noqa: E402
 from kotune.training.loop import Fit  # noqa: E402
+from kotune.training.objective import SupervisedObjective  # noqa: E402
 
 VARIANTS = {
     "fast": {},  # kotune's default on CUDA: every lever on, the step's rows packed (train.packing: auto)
@@ -141,7 +143,7 @@ def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
     cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps = micro_batch, 8 // micro_batch
     cfg.train.output_dir = tempfile.mkdtemp()
     rows = rows_for(case, cfg, tokenizer, args.v_rows)
-    torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random, as in kotune.model.build.load_for_training
+    torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random, as in kotune.training.build.load_for_training
     model = attach_lora(base, cfg.lora)
     if args.init and case.name == "P":  # start from the seed recipe's own initial adapter
         from peft import set_peft_model_state_dict
@@ -152,7 +154,8 @@ def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
     # an ablation (the fast path without one lever), or a CPU dry run forcing the fast path on
     forced = (use_fast and options) or (args.quick and not args.plain and not use_fast)
     trained = TrainingModel(model, fast.build(model, cfg, **options) if use_fast or forced else None)
-    fit = Fit(cfg, trained, tokenizer, rows, [], Path(cfg.train.output_dir))
+    objective = SupervisedObjective(trained, tokenizer, cfg, feeds_packed(cfg.train, trained.fast is not None))
+    fit = Fit(cfg, trained, objective, rows, [], Path(cfg.train.output_dir))
     record = {"tool": "kotune-plain" if args.plain else "kotune", "case": case.name, "variant": variant}
     record.update(fast_path=trained.fast is not None, packing=packing, optimizer=cfg.train.optimizer)
     record.update(micro_batch_size=micro_batch, rows=len(rows), gpu=gpu_name())

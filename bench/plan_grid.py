@@ -29,10 +29,12 @@ from kotune_run import case_config, timed_run, v_examples  # noqa: E402
 
 from kotune import fast  # noqa: E402
 from kotune.data.examples import Example  # noqa: E402
-from kotune.model.build import TrainingModel  # noqa: E402
+from kotune.data.order import feeds_packed  # noqa: E402
 from kotune.model.load import load_base_model, load_tokenizer  # noqa: E402
 from kotune.model.lora import attach_lora  # noqa: E402
+from kotune.training.build import TrainingModel  # noqa: E402
 from kotune.training.loop import Fit  # noqa: E402
+from kotune.training.objective import SupervisedObjective  # noqa: E402
 
 GRID = {  # name: (row length = cutoff_len, packing, LoRA targets, micro-batch size); 8 rows an optimizer step
     "a": (512, "on", QKVO, 1),
@@ -103,7 +105,8 @@ def run_setting(base, tokenizer, name: str, args) -> dict:
     model = attach_lora(base, cfg.lora)
     use_fast, _ = fast.wanted(cfg, model.config)
     trained = TrainingModel(model, fast.build(model, cfg) if use_fast else None)
-    fit = Fit(cfg, trained, tokenizer, rows, [], Path(cfg.train.output_dir))
+    objective = SupervisedObjective(trained, tokenizer, cfg, feeds_packed(cfg.train, trained.fast is not None))
+    fit = Fit(cfg, trained, objective, rows, [], Path(cfg.train.output_dir))
     allocated = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     seq, packing, targets, micro = GRID[name]
     record = {"tool": "kotune", "case": name, "seq": seq, "packing": packing, "micro_batch": micro, "rows": len(rows)}

@@ -173,20 +173,27 @@ def summarise(tool: str, args, seconds: list[float], counts: list[dict], losses:
 
 
 class SequentialPairs:
-    """``PreferenceFit``'s order, replaced: the pairs as given, micro-batch after micro-batch (TRL: sequential)."""
+    """The loop's order (``data.order.DataOrder``), replaced: the pairs as given, micro-batch after micro-batch
+    (TRL: sequential), on one process."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, accumulation: int):
+        self.size, self.accumulation = size, accumulation
+        self.per_epoch = 1 << 30
 
-    def micro_batch(self, index: int) -> list[int]:
-        return list(range(index * self.size, (index + 1) * self.size))
+    def passes(self, micro_step: int) -> list[list[int]]:
+        first = micro_step * self.size
+        return [list(range(first + k * self.size, first + (k + 1) * self.size)) for k in range(self.accumulation)]
+
+    def step_rows(self, micro_step: int) -> list[int]:
+        return [i for p in self.passes(micro_step) for i in p]
 
 
 def run_kotune(args, pairs, counts) -> dict:
     from kotune.config import load_config
     from kotune.data.preference import PreferencePair
-    from kotune.model.build import load_for_training
-    from kotune.training.preference import PreferenceFit
+    from kotune.training.build import load_for_training
+    from kotune.training.loop import Fit
+    from kotune.training.preference import PreferenceObjective
 
     values = {
         "model.path": args.model_dir,
@@ -216,15 +223,17 @@ def run_kotune(args, pairs, counts) -> dict:
 
         trained.fast = fast.build(trained.peft, cfg)
     rows = [PreferencePair(i, p, [*c, EOS], [*r, EOS]) for i, (p, c, r) in enumerate(pairs)]
-    fit = PreferenceFit(cfg, trained.peft, EOS, rows, [], Path(tempfile.mkdtemp()), fast=trained.fast)
-    fit.order = SequentialPairs(args.mbs)
+    objective = PreferenceObjective(cfg, trained.peft, EOS, False, trained.fast is not None, None)
+    fit = Fit(cfg, trained, objective, rows, [], Path(tempfile.mkdtemp()))
+    fit.order = SequentialPairs(args.mbs, args.ga)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     seconds, losses = [], []
     while fit.state.step < fit.steps:
         sync()
         start = time.perf_counter()
-        losses.append(fit.step()["loss"])
+        fit.step()
+        losses.append(fit.settle(fit.state.step)[0]["loss"])
         sync()
         seconds.append(time.perf_counter() - start)
     return {**summarise("kotune", args, seconds, counts, losses), "fast_path": trained.fast is not None}

@@ -32,7 +32,7 @@ from kotune.training.resume import find_resume
 @pytest.fixture(scope="module")
 def trained(tiny_train_config, tmp_path_factory):
     """A LoRA model and an AdamW optimizer that has taken one step (so it holds moments and a step count)."""
-    from kotune.model.build import load_for_training
+    from kotune.training.build import load_for_training
     from kotune.training.optim import build_optimizer
 
     cfg = tiny_train_config(tmp_path_factory.mktemp("unused"))

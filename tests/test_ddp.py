@@ -233,7 +233,7 @@ def test_the_multi_host_command_runs_as_two_launchers_on_one_host(one_and_two, d
 
 def test_a_step_with_fewer_rows_than_processes_is_a_config_error(tiny_train_config, tmp_path):
     from kotune.config import ConfigError
-    from kotune.training.order import total_steps
+    from kotune.data.order import total_steps
 
     cfg = tiny_train_config(tmp_path, {"train.micro_batch_size": 1, "train.gradient_accumulation_steps": 1})
     assert total_steps(cfg, [5] * 19, 1)[0] == 6

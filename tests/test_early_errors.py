@@ -15,7 +15,7 @@ from kotune.cli import main
 from kotune.model.assets import looks_local
 
 MODEL_LOADED = "trainable params:"
-"""Printed by kotune.model.build.load_for_training: seeing it means the model was loaded."""
+"""Printed by kotune.training.build.load_for_training: seeing it means the model was loaded."""
 
 
 def kotune_train(tiny_train_config, tmp_path: Path, overrides: dict, capsys) -> tuple[int, str, str]:

@@ -11,7 +11,7 @@ import torch
 from kotune.data.batching import collate, collate_packed
 from kotune.data.examples import IGNORE, Example
 from kotune.fast.llama import FastCausalLM, unsupported_reason
-from kotune.model.build import loss_sum
+from kotune.training.build import loss_sum
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 VOCAB = 300

@@ -11,8 +11,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_tiny_model, nf4_config
+from conftest import build_tiny_model, nf4_config, write_jsonl
 from test_ddp import assert_same_run, kotune, losses
+from test_pref_train import PAIRS
 
 from kotune.fast.nf4_tensor import NF4Tensor
 
@@ -79,7 +80,7 @@ def test_fsdp_padding_and_copy_keep_the_values():
 
 
 def test_fsdp_refuses_what_it_cannot_train(tiny_train_config, tmp_path):
-    from kotune.model.build import refuse_unsharded_recipe
+    from kotune.training.build import refuse_unsharded_recipe
     from kotune.training.fsdp import CannotShard
 
     cfg = tiny_train_config(tmp_path / "run", {"model.quantization": "4bit"})
@@ -87,7 +88,6 @@ def test_fsdp_refuses_what_it_cannot_train(tiny_train_config, tmp_path):
     for overrides, reason in [
         ({"model.quantization": "none"}, "model.quantization none"),
         ({"model.quantization": "4bit", "model.gradient_checkpointing": False}, "gradient_checkpointing"),
-        ({"model.quantization": "4bit", "train.objective": "dpo", "preference.max_prompt_len": 64}, "preference"),
     ]:
         with pytest.raises(CannotShard, match=reason):
             refuse_unsharded_recipe(tiny_train_config(tmp_path / "run", overrides), cfg.model.path)
@@ -120,10 +120,13 @@ def fsdp_runs(tmp_path_factory, llama3_dir, tiny_train_config):
     # one row a pass: on the fast path each process packs its two rows of a step into one or two passes, and
     # in step 4 the processes differ (2 and 1), so the idle pass that keeps their all-gathers together runs
     overrides |= {"train.micro_batch_size": 1, "train.gradient_accumulation_steps": 4, "train.eval_steps": 2}
+    # the 4-bit folder trains DPO: a preference objective runs the same loop under FSDP
+    dpo = {"train.objective": "dpo", "data.path": str(write_jsonl(root / "pairs.jsonl", PAIRS)), "data.cache": False}
+    dpo |= {"preference.max_prompt_len": 96, "data.val_size": 0.25}
     configs = {}
-    for name, path in (("plain", plain), ("quantized", str(quantized))):
+    for name, path, extra in (("plain", plain, {}), ("quantized", str(quantized), dpo)):
         configs[name] = root / f"{name}.yaml"
-        cfg = tiny_train_config(root / "unused", {**overrides, "model.path": path})
+        cfg = tiny_train_config(root / "unused", {**overrides, **extra, "model.path": path})
         configs[name].write_text(cfg.to_yaml(), encoding="utf-8")
     return root, configs
 
@@ -132,7 +135,8 @@ def fsdp_runs(tmp_path_factory, llama3_dir, tiny_train_config):
 @pytest.mark.parametrize("folder", ["plain", "quantized"])
 def test_two_fsdp_processes_train_the_same_steps_and_adapter_as_one(fsdp_runs, folder):
     """Both folders are read a layer at a time into the shards (the plain one's weights quantized on the way, the
-    4-bit one's read as stored; LoRA drawn as a normal load draws it): both equal one process's run."""
+    4-bit one's read as stored; LoRA drawn as a normal load draws it): both equal one process's run, SFT on the
+    plain folder and DPO on the 4-bit one (the processes' pairs split by tokens, so some steps have idle passes)."""
     root, configs = fsdp_runs
     runs = {}
     for n, extra in ((1, []), (2, ["train.distributed=fsdp"])):
@@ -179,7 +183,7 @@ def test_auto_picks_ddp_when_the_base_fits_each_gpu_and_fsdp_when_not(tmp_path):
 def test_a_model_family_without_the_fast_path_is_refused_before_loading(tiny_train_config, tmp_path):
     from transformers import GPT2Config
 
-    from kotune.model.build import refuse_unsharded_recipe
+    from kotune.training.build import refuse_unsharded_recipe
     from kotune.training.fsdp import CannotShard
 
     GPT2Config(n_embd=64, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")

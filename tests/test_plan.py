@@ -7,7 +7,7 @@ from kotune.cli import main
 from kotune.plan.gpus import Gpu
 
 MODEL_LOADED = "trainable params:"
-"""Printed by kotune.model.build.load_for_training: seeing it means the model was loaded."""
+"""Printed by kotune.training.build.load_for_training: seeing it means the model was loaded."""
 
 
 def write_config(tiny_train_config, tmp_path):

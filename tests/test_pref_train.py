@@ -178,28 +178,31 @@ def test_a_killed_dpo_run_resumes_to_the_same_metrics_and_adapter(tmp_path, tiny
 
 
 def test_the_fast_path_trains_the_same_dpo_steps_as_the_plain_path(tmp_path, tiny_train_config, pairs_file):
-    """``PreferenceFit`` on the fast path (forced on here: on CPU ``train.kernels: auto`` leaves it off), the pairs
-    packed and log-probs by the chunked kernel, against the plain path from the same initial adapter."""
+    """The one loop with the DPO objective on the fast path (forced on here: on CPU ``train.kernels: auto`` leaves
+    it off), the pairs packed and log-probs by the chunked kernel, against the plain path from the same initial
+    adapter."""
     from kotune import fast
-    from kotune.model.build import load_for_training
+    from kotune.data.prepare_pairs import prepare_pairs
     from kotune.model.load import load_tokenizer
-    from kotune.training.preference import PreferenceFit
-    from kotune.training.preference_recipe import prepare_pairs
+    from kotune.training.build import TrainingModel, load_for_training
+    from kotune.training.loop import Fit
+    from kotune.training.preference import PreferenceObjective
 
     cfg = tiny_train_config(tmp_path, _preference_overrides(pairs_file, "dpo", **{"train.micro_batch_size": 2}))
     tokenizer = load_tokenizer(cfg.model.path, cfg.model)
     data = prepare_pairs(cfg, tokenizer)
     records = []
     for use_fast in (False, True):
-        trained = load_for_training(cfg, cfg.model.path)
-        speedy = fast.build(trained.peft, cfg) if use_fast else None
-        fit = PreferenceFit(
-            cfg, trained.peft, tokenizer.pad_token_id, data.train, data.validation, tmp_path, fast=speedy
-        )
-        records.append([fit.step() for _ in range(3)] + [fit.evaluate()])
+        peft = load_for_training(cfg, cfg.model.path).peft
+        model = TrainingModel(peft, fast.build(peft, cfg) if use_fast else None)
+        objective = PreferenceObjective(cfg, peft, tokenizer.pad_token_id, False, use_fast, None)
+        fit = Fit(cfg, model, objective, data.train, data.validation, tmp_path)
+        for _ in range(3):
+            fit.step()
+        records.append(fit.settle(3) + [fit.evaluate()])
     plain, packed = records
     assert plain[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for a, b in zip(packed, plain, strict=True):
         for key in b:
-            if key not in ("skipped", "lr", "pairs", "step"):
+            if key not in ("skipped", "lr", "pairs", "step", "input_tokens", "epoch"):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key

@@ -17,7 +17,7 @@ from kotune.config import ConfigError
 from kotune.run_folder import LOCK
 from kotune.training.claim import RunFolderError, claim
 
-# Printed by kotune.model.build.load_for_training: seeing it means the model was loaded.
+# Printed by kotune.training.build.load_for_training: seeing it means the model was loaded.
 MODEL_LOADED = "trainable params:"
 
 

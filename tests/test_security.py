@@ -49,7 +49,7 @@ def test_training_refuses_an_output_folder_with_a_link_leading_out(tiny_train_co
 
 
 def test_a_checkpoint_save_does_not_follow_a_planted_symlink(tiny_train_config, tmp_path):
-    from kotune.model.build import load_for_training
+    from kotune.training.build import load_for_training
     from kotune.training.optim import build_optimizer
 
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
@@ -102,7 +102,7 @@ def test_load_base_refuses_a_model_folder_with_only_pickle_weights(tiny_llama3_m
 
 def test_remote_code_does_not_run_unless_the_config_allows_it(tiny_llama3_model, tmp_path):
     from kotune.config import Config
-    from kotune.model.build import load_for_training
+    from kotune.training.build import load_for_training
 
     folder = tmp_path / "custom-code-model"
     shutil.copytree(tiny_llama3_model, folder)

@@ -31,7 +31,7 @@ STATE = {"step": 4, "micro_step": 8, "tokens": 123, "bad_steps": 0, "skipped_ste
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir):
     """A LoRA model and an AdamW optimizer that has taken one step (so it holds moments and a step count)."""
-    from kotune.model.build import load_for_training
+    from kotune.training.build import load_for_training
     from kotune.training.optim import build_optimizer
 
     overrides = ["model.quantization=none", "model.compute_dtype=float32", "train.optimizer=adamw_torch"]

@@ -9,6 +9,7 @@ import json
 import random
 import re
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,9 +18,10 @@ from conftest import write_jsonl
 from kotune.config import load_config
 from kotune.data.batching import collate
 from kotune.data.examples import Example
+from kotune.data.order import DataOrder, Epochs, epoch_units, step_passes, step_units, total_steps, unit_count
 from kotune.data.packing import pack_best_fit, pack_groups
-from kotune.model.build import loss_sum
-from kotune.training.order import DataOrder, Epochs, epoch_units, step_passes, step_units, total_steps, unit_count
+from kotune.training.build import loss_sum
+from kotune.training.objective import SupervisedObjective
 from tests.unit.test_pinned_run import kotune_train, write_config
 
 IGNORE = -100
@@ -66,15 +68,20 @@ def test_a_pass_is_micro_batch_size_sequences_and_the_plan_sees_the_same():
     rows = [Example(i, list(range(n)), list(range(n))) for i, n in enumerate(lengths)]
     cfg = config(**{"data.cutoff_len": 128, "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2})
     steps = total_steps(cfg, lengths, 1)[0]
-    order = DataOrder(rows, cfg, 0, 1, pad_id=0, packed=True)
+    order = DataOrder(lengths, cfg, 0, 1, packed=True)
+    objective = SupervisedObjective(None, SimpleNamespace(pad_token_id=0), cfg, packed=True)
+
+    def window(micro_step):  # the batches a training step feeds, collated as the loop collates them
+        return [objective.collate([rows[i] for i in p], train=True) for p in order.passes(micro_step)]
+
     for step in range(steps):
         seqs = step_units(Epochs(lengths, cfg), step * 2)
         assert len(seqs) == 4
         passes = order.passes(step * 2)
         assert passes == [seqs[0] + seqs[1], seqs[2] + seqs[3]]
-        assert all(b["input_ids"].numel() <= 2 * 128 for b in order.window(step * 2))
+        assert all(b["input_ids"].numel() <= 2 * 128 for b in window(step * 2))
     planned = est.run_passes(lengths, cfg, packed=True)
-    fed = [b["input_ids"].numel() for step in range(steps) for b in order.window(step * 2)]
+    fed = [b["input_ids"].numel() for step in range(steps) for b in window(step * 2)]
     assert [p.tokens for p in planned] == fed
 
 
@@ -108,8 +115,11 @@ def a_full_pass(rows: list[Example]) -> tuple[dict[str, torch.Tensor], list[int]
     """The first pass of a ``packing: full`` run over ``rows`` (cutoff 24: two or three rows a sequence, two
     sequences a pass), and the rows in it in their order."""
     cfg = config(**{"data.cutoff_len": 24, "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 1})
-    order = DataOrder(rows, cfg, 0, 1, pad_id=256, packed=True)
-    (ids,), (batch,) = order.passes(0), order.window(0)
+    order = DataOrder([len(r.input_ids) for r in rows], cfg, 0, 1, packed=True)
+    (ids,) = order.passes(0)
+    batch = SupervisedObjective(None, SimpleNamespace(pad_token_id=256), cfg, packed=True).collate(
+        [rows[i] for i in ids], train=True
+    )
     assert len(ids) > 2  # rows of more than one sequence in one pass
     return batch, ids
 

@@ -11,7 +11,7 @@ import torch
 from kotune.data.batching import collate, collate_packed
 from kotune.data.examples import Example
 from kotune.data.packing import block_causal_mask, pack_groups
-from kotune.model.build import loss_sum
+from kotune.training.build import loss_sum
 
 IGNORE = -100
 

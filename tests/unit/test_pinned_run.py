@@ -46,7 +46,17 @@ PROVENANCE = Path(__file__).parent / "pinned" / "PROVENANCE"
 
 
 def provenance() -> str:
-    return f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}\n"
+    """The torch build, the instruction set torch dispatches to, and the CPU model with its AVX-512 / AMX
+    extensions: two AMD EPYC machines both reporting ``AVX512`` summed one gradient in another order."""
+    cpu = {"model name": "unknown", "flags": ""}
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.is_file() else []:
+        key, _, value = line.partition(":")
+        if key.strip() in cpu and cpu[key.strip()] in ("unknown", ""):
+            cpu[key.strip()] = value.strip()
+    extensions = " ".join(sorted(f for f in cpu["flags"].split() if f.startswith(("avx512", "amx"))))
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"torch {torch.__version__}, cpu {capability}, {cpu['model name']} ({extensions or 'no AVX-512'})\n"
 
 
 ROWS = [

@@ -3,15 +3,18 @@ the ones training feeds, and the settings ``--fit`` chooses under a fake memory 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from kotune.config import load_config
 from kotune.data.examples import Example
+from kotune.data.order import DataOrder
 from kotune.plan import estimate as est
 from kotune.plan import gate
 from kotune.plan.gpus import GiB, Gpu, UnknownGpu, gpu_named
 from kotune.plan.shape import ModelShape
-from kotune.training.order import DataOrder
+from kotune.training.objective import SupervisedObjective
 
 LLAMA3_8B = ModelShape(
     hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256, tied_embeddings=False
@@ -51,8 +54,10 @@ def test_the_planned_passes_are_the_ones_training_feeds():
             **{"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 3, "data.cutoff_len": 512}, **extra
         )
         planned = est.run_passes(lengths, cfg, packed=packed)
-        order = DataOrder(rows, cfg, 0, 1, pad_id=0, packed=packed)
-        fed = [b["input_ids"].numel() for step in range(2) for b in order.window(step * 3)]
+        order = DataOrder(lengths, cfg, 0, 1, packed=packed)
+        objective = SupervisedObjective(None, SimpleNamespace(pad_token_id=0), cfg, packed=packed)
+        passes = [p for step in range(2) for p in order.passes(step * 3)]
+        fed = [objective.collate([rows[i] for i in p], train=True)["input_ids"].numel() for p in passes]
         assert [p.tokens for p in planned] == fed, packed
 
 

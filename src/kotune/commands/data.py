@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 
 from kotune.commands.train import add_config_arguments
 from kotune.config import load_config
@@ -27,29 +28,28 @@ def register(sub) -> None:
     audit.set_defaults(run=run_audit)
 
 
-def load_prepared(cfg):
-    """The model path, its tokenizer and the prepared (tokenized, audited) data of a config."""
-    from kotune.data.prepare import prepare
+def load_prepared(cfg) -> tuple[str, object, Sequence[Example], Sequence[Example], tuple]:
+    """The model path, its tokenizer, the train and validation examples and the audits of a config's data (a
+    preference run's pairs as their responses after their prompts)."""
     from kotune.model.assets import resolve_model
     from kotune.model.load import load_tokenizer
 
     model_path = resolve_model(cfg.model.path)
     tokenizer = load_tokenizer(model_path, cfg.model)
-    if cfg.train.objective != "sft":  # preference pairs: the pair audit, and each response as an example
-        from types import SimpleNamespace
-
-        from kotune.data.preference import pair_examples
-        from kotune.training.preference_recipe import prepare_pairs
+    if cfg.train.objective != "sft":
+        from kotune.data.prepare_pairs import prepare_pairs
 
         pairs = prepare_pairs(cfg, tokenizer)
-        train, validation = pair_examples(pairs.train), pair_examples(pairs.validation)
-        return model_path, tokenizer, SimpleNamespace(train=train, validation=validation, audits=pairs.audits)
-    return model_path, tokenizer, prepare(cfg.data, tokenizer)
+        return model_path, tokenizer, pairs.examples("train"), pairs.examples("validation"), pairs.audits
+    from kotune.data.prepare import prepare
+
+    data = prepare(cfg.data, tokenizer)
+    return model_path, tokenizer, data.train, data.validation, data.audits
 
 
 def load_examples(cfg, split: str) -> tuple[list[Example], object]:
-    _, tokenizer, data = load_prepared(cfg)
-    return (data.train if split == "train" else data.validation), tokenizer
+    _, tokenizer, train, validation, _ = load_prepared(cfg)
+    return (train if split == "train" else validation), tokenizer
 
 
 def token_pieces(tokenizer, example: Example) -> list[tuple[str, bool]]:
@@ -128,12 +128,12 @@ def run_audit(args) -> int:
     from kotune.model.embeddings import add_model_checks
 
     cfg = load_config(args.config, args.overrides)
-    model_path, tokenizer, data = load_prepared(cfg)
-    add_model_checks(data.audits, model_path, tokenizer)
-    fatal = sum(len(r.fatal()) for r in data.audits)
+    model_path, tokenizer, _, _, audits = load_prepared(cfg)
+    add_model_checks(audits, model_path, tokenizer)
+    fatal = sum(len(r.fatal()) for r in audits)
     if args.json:
-        print(json.dumps({"fatal": fatal, "reports": [r.to_dict() for r in data.audits]}, ensure_ascii=False))
+        print(json.dumps({"fatal": fatal, "reports": [r.to_dict() for r in audits]}, ensure_ascii=False))
     else:
-        print("\n\n".join(format_report(r) for r in data.audits))
+        print("\n\n".join(format_report(r) for r in audits))
         print(f"\n{fatal} fatal problem(s)" + ("; training would stop here" if fatal else ""))
     return 1 if fatal else 0

@@ -57,7 +57,7 @@ def load_heldout(folder, tokenizer, path: str | None) -> HeldOut:
 def row_losses(model, examples: list[Example], pad_id: int, batch_size: int = 4) -> list[dict]:
     """Per row: summed next-token loss over its trained tokens, their count, mean loss and perplexity.
 
-    The same positions ``kotune.model.build.loss_sum`` trains on (labels shifted by one, -100 left out), row by row.
+    The same positions ``kotune.training.build.loss_sum`` trains on (labels shifted by one, -100 left out), row by row.
     """
     import torch
 

@@ -152,7 +152,7 @@ def unsupported_reason(config, lora_targets) -> str | None:
 
 
 class FastCausalLM(torch.nn.Module):
-    """``forward(**batch)`` -> summed next-token loss (fp32), like the plain path's ``model.build.loss_sum``."""
+    """``forward(**batch)`` -> summed next-token loss (fp32), like the plain path's ``training.build.loss_sum``."""
 
     def __init__(
         self,

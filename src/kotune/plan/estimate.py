@@ -94,8 +94,8 @@ class Plan:
 
 
 def run_passes(lengths: list[int], cfg: Config, world: int = 1, rank: int = 0, packed: bool = True) -> list[Pass]:
-    """Every pass process ``rank`` makes in the run, in order: ``training.order.step_passes``, step by step."""
-    from kotune.training.order import Epochs, step_passes, total_steps
+    """Every pass process ``rank`` makes in the run, in order: ``data.order.step_passes``, step by step."""
+    from kotune.data.order import Epochs, step_passes, total_steps
 
     t = cfg.train
     steps, _ = total_steps(cfg, lengths, world)
@@ -155,7 +155,7 @@ def pass_seconds(shape: ModelShape, cfg: Config, p: Pass, gpu: Gpu) -> float:
 
 def estimate(shape: ModelShape, cfg: Config, lengths: list[int], gpu: Gpu, fast: bool, world: int = 1) -> Plan:
     """The plan of a run of ``cfg`` over rows of these token ``lengths`` on ``world`` processes of ``gpu``."""
-    from kotune.training.order import feeds_packed
+    from kotune.data.order import feeds_packed
 
     passes = run_passes(lengths, cfg, world, 0, feeds_packed(cfg.train, fast))
     longest = max(passes, key=lambda p: p.tokens)

@@ -55,8 +55,6 @@ def wrap(model):
     """
     if not is_distributed():
         return model
-    from kotune.training.fsdp import is_sharded
-
     if is_sharded(model):
         return ReplicatedTrainables(model)
     from torch.nn.parallel import DistributedDataParallel
@@ -66,6 +64,13 @@ def wrap(model):
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether any part of ``module`` is sharded with FSDP2 (``kotune.training.fsdp``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 class ReplicatedTrainables(torch.nn.Module):
@@ -81,8 +86,10 @@ class ReplicatedTrainables(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         out = self.module(*args, **kwargs)
-        if self.sync and torch.is_grad_enabled() and out.requires_grad:
-            out.register_hook(self._average_after_backward)
+        # the summed loss, or (log-probs, token counts) per sequence for a preference objective
+        head = out[0] if isinstance(out, tuple) else out
+        if self.sync and torch.is_grad_enabled() and head.requires_grad:
+            head.register_hook(self._average_after_backward)
         return out
 
     @contextlib.contextmanager

@@ -79,9 +79,3 @@ def held_bytes(model: torch.nn.Module) -> int:
         elif local is not None:
             total += local.numel() * local.element_size()
     return total
-
-
-def is_sharded(module: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in module.modules())

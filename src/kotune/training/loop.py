@@ -1,37 +1,36 @@
-"""The training loop: a thin, readable loop over plain PyTorch, multi-GPU through torchrun / accelerate launch.
+"""The one training loop: every objective (``training.objective``) runs here, multi-GPU through torchrun /
+accelerate launch, DDP or FSDP.
 
-One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``micro_batch_size`` rows, whatever the
-number of processes: N processes split those rows between them (balanced by tokens), so 1 and N GPUs train the
-same steps on the same rows. The loss is the sum of token losses divided by the number of supervised tokens in
-the whole step (all processes), so long and short rows weigh what they should whatever the accumulation.
+One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``micro_batch_size`` units (rows, or
+preference pairs), whatever the number of processes: N processes split those units between them (balanced by
+tokens), so 1 and N GPUs train the same steps on the same units. The loss is the step's summed loss divided by
+the objective's normaliser over the whole step (all processes): supervised tokens for SFT, so long and short rows
+weigh what they should whatever the accumulation; pairs for a preference objective.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kotune import output
 from kotune.config import Config, TrainConfig
-from kotune.data.batching import collate, to_device
-from kotune.data.examples import IGNORE, Example
+from kotune.data.batching import to_device
+from kotune.data.order import DataOrder, feeds_packed, total_steps, unit_config
 from kotune.errors import KotuneError
-from kotune.model.build import TrainingModel
 from kotune.run_folder import BEST, CHECKPOINT_PREFIX
 from kotune.security import inside
 from kotune.training import dist, memory
-from kotune.training.checkpoint import (
-    latest_good,
-    save_adapter,
-)
-from kotune.training.fsdp import is_sharded
+from kotune.training.build import TrainingModel
+from kotune.training.checkpoint import latest_good, save_adapter
+from kotune.training.objective import Objective, input_tokens, supervised_tokens
 from kotune.training.optim import build_optimizer, lr_at, skips_on_device
-from kotune.training.order import DataOrder, feeds_packed, total_steps
 from kotune.training.report import Reporter
-from kotune.training.resume import save_checkpoint
+from kotune.training.resume import RunState, save_checkpoint
 from kotune.training.signals import Interrupted, StopOnSignal
 
 
@@ -39,26 +38,6 @@ class NonFiniteLoss(KotuneError, FloatingPointError):
     """Too many consecutive steps had a non-finite loss or gradient norm; the message names step and rows."""
 
     exit_code = 1
-
-
-@dataclass
-class RunState:
-    step: int = 0
-    """Optimizer steps done."""
-    micro_step: int = 0
-    """Micro-batches of the data order consumed (all processes together), which fixes the data position."""
-    tokens: int = 0
-    """Supervised tokens trained on, all ranks."""
-    bad_steps: int = 0
-    """Consecutive steps skipped for a non-finite loss or gradient norm."""
-    skipped_steps: int = 0
-    eval_pending: bool = False
-    """A stop signal skipped the evaluation due at this step; a resume runs it first."""
-    best_eval_loss: float | None = None
-    best_step: int | None = None
-    processes: int = 1
-    """Processes that trained the steps so far (the last of them); a resume on another number is allowed."""
-    history: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -89,44 +68,13 @@ class Pending:
         return self.numbers.tolist()
 
 
-def input_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens a batch feeds the model, padding not counted."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return batch["input_ids"].numel()
-
-
-@torch.no_grad()
-def evaluate(model, examples: list[Example], cfg: Config, pad_id: int, device, loss_fn) -> float:
-    """Validation loss: token-mean over all supervised tokens of the validation rows (all ranks)."""
-    model.eval()
-    rank, world = dist.rank_and_world()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    size = cfg.train.micro_batch_size
-    mine = examples[rank::world]
-    chunks = [mine[i : i + size] for i in range(0, len(mine), size)]
-    if is_sharded(model):  # as in training: every process runs as many passes, the extra ones weighted 0
-        most = -(-len(examples[::world]) // size)
-        chunks += [chunks[-1] if chunks else examples[:1]] * (most - len(chunks))
-    for i, chunk in enumerate(chunks):
-        weight = 1.0 if i * size < len(mine) else 0.0
-        batch = collate(chunk, pad_id, cfg.train.pad_to_multiple_of)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(cfg, device):
-            total[0] += loss_fn(model, batch).double() * weight
-        total[1] += (batch["labels"][:, 1:] != IGNORE).sum() * weight
-    dist.all_reduce_sum(total)
-    model.train()
-    return (total[0] / total[1].clamp(min=1)).item()
-
-
 def autocast(cfg: Config, device):
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.compute_dtype)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
 
 
 class Fit:
-    """One training run's loop: steps, evaluations, checkpoints and the faults that stop it.
+    """One training run's loop, for any objective: steps, evaluations, checkpoints and the faults that stop it.
 
     Constructing it touches no file: the recipe clears leftovers and restores a checkpoint explicitly, and the
     loop saves through ``training.resume.save_checkpoint`` (the checkpoint protocol lives there).
@@ -136,37 +84,65 @@ class Fit:
         self,
         cfg: Config,
         model: TrainingModel,
-        tokenizer,
-        train: list[Example],
-        validation: list[Example],
+        objective: Objective,
+        train: list,
+        validation: list,
         output_dir: Path,
         fingerprint: dict | None = None,
     ):
-        self.cfg, self.model, self.tokenizer = cfg, model.peft, tokenizer
+        self.cfg, self.model, self.objective = cfg, model.peft, objective
         self.fingerprint = fingerprint
         """What this run trains on (``kotune.training.fingerprint``), written into every checkpoint."""
-        self.val_rows = validation
+        self.train_units, self.val_units = train, validation
         self.output_dir = output_dir
         self.rank, self.world = dist.rank_and_world()
         self.device = next(p for p in model.peft.parameters() if p.requires_grad).device
-        self.loss_fn = model.loss_sum
-        self.host_side = model.host_side
-        self.ddp_model = dist.wrap(model.forward)
-        self.sharded = is_sharded(model.forward)
+        self.forward = dist.wrap(model.forward)
+        """The module a pass calls: the fast model or the peft model, wrapped for DDP / FSDP when distributed."""
+        self.sharded = dist.is_sharded(model.forward)
         """FSDP (``kotune.training.fsdp``): every process runs the same number of passes."""
         # peft's get_peft_model sets training mode on its wrapper only; the layers stay in from_pretrained's
         # eval mode, where transformers skips gradient checkpointing and LoRA dropout is off
-        self.ddp_model.train()
+        self.forward.train()
         self.optimizer = build_optimizer(model.peft, cfg.train, self.device)
-        self.steps, _ = total_steps(cfg, [len(e.input_ids) for e in train], self.world)
-        t = cfg.train
-        packed = feeds_packed(t, model.fast is not None)
-        self.order = DataOrder(train, cfg, self.rank, self.world, tokenizer.pad_token_id, packed)
+        order_cfg = unit_config(cfg)
+        lengths = [objective.length(u) for u in train]
+        self.steps, _ = total_steps(order_cfg, lengths, self.world)
+        packed = feeds_packed(order_cfg.train, model.fast is not None) and objective.name == "sft"
+        self.order = DataOrder(lengths, order_cfg, self.rank, self.world, packed)
         self.state = RunState(processes=self.world)
         self.saved_step: int | None = None
         self.pending: list[Pending] = []
-        """Steps whose loss, gradient norm and token counts are still on the device (see ``settle``)."""
+        """Steps whose numbers are still on the device (see ``settle``)."""
         self.settle_every_step = settles_each_step(self.device)
+
+    # -- passes -----------------------------------------------------------------------------------
+    def _sums(self, batches: list[tuple[dict, float]], train: bool, norm: torch.Tensor | None = None):
+        """Run the passes (host batch, weight) and return this process's sums on the device: [summed loss, the
+        objective's ``extra_keys``...]. Training passes backpropagate their loss / ``norm`` (the step's
+        normaliser, all processes); DDP all-reduces the gradients on the last pass."""
+        obj = self.objective
+        sums = torch.zeros(1 + len(obj.extra_keys), dtype=torch.float64, device=self.device)
+        for i, (batch, weight) in enumerate(batches):
+            batch = obj.on_device(batch, self.device, train)
+            sync = dist.no_sync(self.forward, last=i == len(batches) - 1) if train else contextlib.nullcontext()
+            with sync, autocast(self.cfg, self.device):
+                loss, extras = obj.pass_sums(self.forward, batch)
+                loss = loss * weight
+                if train:  # DDP averages the processes' gradients; the step's gradient is their sum
+                    (loss * self.world / norm.clamp(min=1)).backward()
+            sums[0] += loss.detach().double()
+            for k, extra in enumerate(extras, start=1):
+                sums[k] += extra.detach().double() * weight
+        return sums
+
+    def _with_idle(self, batches: list[dict], most: int) -> list[tuple[dict, float]]:
+        """``batches`` weighted 1; under FSDP a process with fewer than ``most`` passes repeats its last one,
+        weighted 0, to gather every layer with the others."""
+        weighted = [(b, 1.0) for b in batches]
+        if self.sharded:
+            weighted += [(batches[-1], 0.0)] * (most - len(batches))
+        return weighted
 
     # -- one optimizer step -----------------------------------------------------------------------
     def step(self) -> None:
@@ -174,35 +150,27 @@ class Fit:
         host behind its work (``Pending``) and read by ``settle``, so a step by itself waits for the GPU nowhere
         (with an optimizer that ``skips_on_device``; the 8-bit ones need one read a step to decide on the
         update)."""
-        cfg, model = self.cfg.train, self.ddp_model
+        cfg, obj = self.cfg.train, self.objective
         start = self.state.micro_step
-        window = self.order.window(start)
-        # [supervised tokens, input tokens of process 0, 1, ...]: one all-reduce gives the step's totals
-        host_counts = [0.0] * (1 + self.world)
-        host_counts[0] = float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in window))
-        host_counts[1 + self.rank] = float(sum(input_tokens(b) for b in window))
+        passes = [[self.train_units[i] for i in p] for p in self.order.passes(start)]
+        batches = [obj.collate(units, True) for units in passes]
+        # [normaliser, supervised tokens, input tokens of process 0, 1, ...]: one all-reduce gives the totals
+        host_counts = [0.0] * (2 + self.world)
+        host_counts[0] = sum(obj.normaliser(u, b) for u, b in zip(passes, batches, strict=True))
+        host_counts[1] = float(sum(supervised_tokens(b) for b in batches))
+        host_counts[2 + self.rank] = float(sum(input_tokens(b) for b in batches))
         counts = to_device(torch.tensor(host_counts, dtype=torch.float64), self.device)
         dist.all_reduce_sum(counts)
-        n_tokens = counts[0].float()  # normalise by the supervised tokens of the whole step, all processes
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        weights = [1.0] * len(window)
-        if self.sharded:  # a process with fewer passes repeats its last one, weighted 0, to gather with the others
-            idle = self.order.most_passes(start) - len(window)
-            window, weights = window + window[-1:] * idle, weights + [0.0] * idle
-        for i, (batch, weight) in enumerate(zip(window, weights, strict=True)):
-            batch = {k: to_device(v, self.device) for k, v in self.host_side(batch).items()}
-            with dist.no_sync(model, last=i == len(window) - 1), autocast(self.cfg, self.device):
-                loss = self.loss_fn(model, batch) * weight
-                # DDP averages the processes' gradients; the step's gradient is their sum
-                (loss * self.world / n_tokens.clamp(min=1)).backward()
-            total += loss.detach().double()
+        norm = counts[0].float()  # the step's summed loss is divided by this, over all processes
+        most = self.order.most_passes(start) if self.sharded else len(batches)
+        sums = self._sums(self._with_idle(batches, most), True, norm)
         self.state.micro_step += cfg.gradient_accumulation_steps  # packing may feed them as fewer sequences
-        dist.all_reduce_sum(total)
-        loss = total / n_tokens.clamp(min=1)
+        dist.all_reduce_sum(sums)
+        loss = sums[0] / norm.clamp(min=1)
         lr = lr_at(self.state.step, self.steps, cfg)
         grad_norm, finite = clip_and_update(self.model, self.optimizer, cfg, lr, loss)
         self.state.step += 1
-        numbers = torch.cat([torch.stack([loss, grad_norm.double(), finite.double()]), counts])
+        numbers = torch.cat([torch.stack([loss, grad_norm.double(), finite.double()]), counts, sums[1:]])
         self.pending.append(Pending.on_its_way(self.state.step, start, lr, numbers))
 
     def settle(self, up_to: int) -> list[dict]:
@@ -212,8 +180,10 @@ class Fit:
         ready = [p for p in self.pending if p.step <= up_to]
         self.pending = self.pending[len(ready) :]
         records = []
+        extra_keys = self.objective.extra_keys
         for p in ready:
-            loss, grad_norm, finite, supervised, *inputs = p.read()
+            loss, grad_norm, finite, units, supervised, *rest = p.read()
+            inputs, extras = rest[: self.world], rest[self.world :]
             record = {
                 "step": p.step,
                 "loss": loss,
@@ -222,6 +192,7 @@ class Fit:
                 "tokens": int(supervised),
                 "skipped": not finite,
                 "input_tokens": int(sum(inputs)),
+                **self.objective.record(dict(zip(extra_keys, extras, strict=True)), units),
                 "epoch": (p.micro_step + self.cfg.train.gradient_accumulation_steps) / self.order.per_epoch,
             }
             if self.world > 1:
@@ -242,13 +213,13 @@ class Fit:
         cfg = self.cfg.train
         self.reporter = Reporter(self.cfg, self.output_dir, self.rank == 0)
         progress = self.reporter.progress(self.steps, self.state.step)
-        if (cfg.eval_at_start and self.val_rows and self.state.step == 0) or self.state.eval_pending:
+        if (cfg.eval_at_start and self.val_units and self.state.step == 0) or self.state.eval_pending:
             self._evaluate()
         window_start, window_tokens = time.perf_counter(), 0
         while self.state.step < self.steps:
             self.step()
             step = self.state.step
-            eval_due = bool(self.val_rows) and (step % cfg.eval_steps == 0 or step == self.steps)
+            eval_due = bool(self.val_units) and (step % cfg.eval_steps == 0 or step == self.steps)
             save_due = step % cfg.save_steps == 0 or step == self.steps
             stop_due = stop is not None and step < self.steps and stop_requested(stop, self.device)
             # the previous step's numbers are read while this one runs: the GPU never waits for the host
@@ -286,21 +257,38 @@ class Fit:
             raise NonFiniteLoss(
                 f"no update was applied: all {self.state.step} steps had a non-finite loss or gradient norm, so "
                 "the adapter is untrained (none was written). Check the data (`kotune data audit`), or lower "
-                f"train.learning_rate (now {cfg.learning_rate:g})"
+                f"train.learning_rate (now {cfg.learning_rate:g}){self.objective.fault_hint}"
             )
         return self.state
 
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The held-out record: the loss as a step's (summed loss / normaliser, over every held-out unit of all
+        processes) and the objective's metrics; each process takes every ``world``-th unit."""
+        obj, size = self.objective, self.cfg.train.micro_batch_size
+        mine = self.val_units[self.rank :: self.world]
+        passes = [mine[i : i + size] for i in range(0, len(mine), size)] or [self.val_units[:1]]
+        batches = [obj.collate(units, False) for units in passes]
+        weighted = [(b, 1.0 if mine else 0.0) for b in batches]
+        if self.sharded:  # as in training: every process runs as many passes as the first, the extra ones idle
+            weighted += [(batches[-1], 0.0)] * (-(-len(self.val_units[:: self.world]) // size) - len(batches))
+        self.forward.eval()
+        sums = self._sums(weighted, False)
+        self.forward.train()
+        norm = sum(obj.normaliser(u, b) * w for u, (b, w) in zip(passes, weighted, strict=False))
+        totals = torch.cat([sums, torch.tensor([norm], dtype=torch.float64, device=self.device)])
+        dist.all_reduce_sum(totals)
+        _, *extras, units = totals.tolist()
+        loss = (totals[0] / totals[-1].clamp(min=1)).item()
+        return obj.eval_record(loss, dict(zip(obj.extra_keys, extras, strict=True)), units)
+
     def _evaluate(self) -> None:
         self.state.eval_pending = False
-        eval_loss = evaluate(
-            self.ddp_model, self.val_rows, self.cfg, self.tokenizer.pad_token_id, self.device, self.loss_fn
-        )
-        record = {"step": self.state.step, "eval_loss": eval_loss}
-        if self.cfg.train.eval_generate and self.rank == 0:  # greedy replies: did it learn to stop, does it loop
-            from kotune.evaluation.checks import training_checks
-
-            record.update(training_checks(self.model, self.tokenizer, self.val_rows, self.cfg.train.eval_generate))
+        record = {"step": self.state.step, **self.evaluate()}
+        if self.rank == 0:
+            record.update(self.objective.eval_extras(self.model, self.val_units))
         self.reporter.log(record)
+        eval_loss = record["eval_loss"]
         if self.state.best_eval_loss is None or eval_loss < self.state.best_eval_loss:
             self.state.best_eval_loss, self.state.best_step = eval_loss, self.state.step
             if self.rank == 0:
@@ -309,7 +297,7 @@ class Fit:
     def _interrupt(self, stop: StopOnSignal):
         """Save a checkpoint at this step (unless one was just written) and raise Interrupted."""
         folder = self.output_dir / f"{CHECKPOINT_PREFIX}{self.state.step}"
-        self.state.eval_pending = bool(self.val_rows) and self.state.step % self.cfg.train.eval_steps == 0
+        self.state.eval_pending = bool(self.val_units) and self.state.step % self.cfg.train.eval_steps == 0
         if self.saved_step != self.state.step:
             folder = save_checkpoint(self)
         raise Interrupted(stop.signum, self.state.step, folder if self.rank == 0 else None)
@@ -355,7 +343,7 @@ def stop_requested(stop: StopOnSignal, device) -> bool:
 def numerical_fault(fit: Fit, record: dict, start: int) -> NonFiniteLoss:
     """The error that stops a run after ``max_bad_steps`` bad steps (the last of them ``record``, starting at
     micro-batch ``start`` of the order): step, rows and what to try."""
-    rows = sorted(fit.order.rows[i].row for i in fit.order.step_rows(start))
+    rows = sorted(fit.train_units[i].row for i in fit.order.step_rows(start))
     good = latest_good(fit.output_dir, log=lambda _: None)
     kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
     t = fit.cfg.train
@@ -363,5 +351,6 @@ def numerical_fault(fit: Fit, record: dict, start: int) -> NonFiniteLoss:
         f"{fit.state.bad_steps} consecutive steps with a non-finite loss or gradient norm, the last at step "
         f"{record['step']} (loss {record['loss']}, grad_norm {record['grad_norm']}) on data rows {rows}; "
         f"{kept}. Check those rows (`kotune data audit`), or lower train.learning_rate "
-        f"(now {t.learning_rate:g}, try {t.learning_rate / 4:g}); with compute_dtype float16 try bfloat16"
+        f"(now {t.learning_rate:g}, try {t.learning_rate / 4:g}){fit.objective.fault_hint}; with compute_dtype "
+        "float16 try bfloat16"
     )

@@ -5,31 +5,39 @@ read data -> template -> tokenize + mask -> 4-bit base + LoRA -> train (eval / s
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from kotune import output
 from kotune.config import Config
-from kotune.data.audit import fatal_error, summary_lines
+from kotune.data.audit import AuditReport, fatal_error, summary_lines
+from kotune.data.examples import Example
+from kotune.data.order import describe, feeds_packed, total_steps, unit_config
+from kotune.data.preference import UnpairedResponse
 from kotune.data.prepare import Prepared, prepare
+from kotune.data.prepare_pairs import prepare_pairs
 from kotune.data.read import DataError
+from kotune.data.templates import Template
 from kotune.errors import KotuneError
 from kotune.evaluation.run_report import write_run_report
 from kotune.model.assets import check_model_folder, resolve_model
-from kotune.model.build import load_for_training
 from kotune.model.embeddings import add_model_checks, untrained_token_ids
 from kotune.model.load import load_tokenizer
-from kotune.model.lora import check_target_modules, trainable_token_ids
+from kotune.model.lora import check_target_modules, load_start_adapter, trainable_token_ids
 from kotune.plan.gate import check_before_loading
 from kotune.run_folder import ADAPTER, BEST, CONFIG, save_template
 from kotune.security import inside, redact, refuse_pickle
 from kotune.training import dist, fingerprint
+from kotune.training.build import TrainingModel, load_for_training
 from kotune.training.checkpoint import write_adapter
 from kotune.training.claim import claim
 from kotune.training.loop import Fit, NonFiniteLoss
-from kotune.training.order import describe, total_steps
+from kotune.training.objective import Objective, SupervisedObjective
+from kotune.training.objectives import StartWeights
+from kotune.training.preference import PreferenceObjective
 from kotune.training.resume import (
     already_finished,
     clear_leftovers,
@@ -85,6 +93,22 @@ def oom_advice(cfg: Config) -> str:
     )
 
 
+@dataclass
+class RunData:
+    """What a run trains on, whatever its objective: the units (rows, or preference pairs), as ``Example`` rows
+    too (for the fingerprint), the template, the audits and what the summary says of them."""
+
+    train: Sequence
+    validation: Sequence
+    examples: tuple[Sequence[Example], Sequence[Example]]
+    template: Template
+    chat_template: str | None
+    audits: tuple[AuditReport, ...]
+    summary: dict
+    prepared: Prepared | None = None
+    """SFT's prepared data (the saved config reads its format)."""
+
+
 def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_gpu: bool) -> Path:
     model_path = resolve_model(cfg.model.path)
     check_model_folder(model_path)
@@ -92,60 +116,92 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
         refuse_pickle(model_path, cfg.model.allow_pickle, "model folder", "model.allow_pickle: true")
     # Tokenizer, data and its audit first: a data problem stops the run before the model loads.
     tokenizer = load_tokenizer(model_path, cfg.model)
-    if cfg.train.objective != "sft":
-        from kotune.training.preference_recipe import train_preference
+    world = dist.rank_and_world()[1]
+    data = sft_data(cfg, model_path, tokenizer) if cfg.train.objective == "sft" else pair_data(cfg, tokenizer)
+    if data.chat_template is not None:
+        tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
+    token_ids: list[int] = []
+    if data.prepared is not None:
+        token_ids = trainable_token_ids(cfg.lora, tokenizer, untrained_token_ids(data.audits))
+        if cfg.lora.trainable_tokens == "auto":  # the saved config, fingerprint and fast-path choice see the result
+            cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
+        lengths = [len(e.input_ids) for e in data.train]
+        cfg = check_before_loading(cfg, model_path, lengths, world, force, fit_gpu, output.info)
+        output.info(describe(cfg, lengths, world))
+    fp = fingerprint.compute(cfg, tokenizer, data.template, *data.examples)
+    folder = find_resume(output_dir, resume, log=output.info)
+    if folder is not None:
+        fingerprint.check_resume(folder, fp, force)
+        lengths = [len(e.input_ids) for e in data.train] if data.prepared else [u.input_tokens for u in data.train]
+        steps = total_steps(unit_config(cfg), lengths, world)[0]
+        if already_finished(folder, output_dir, steps, log=output.info):
+            return output_dir
+    check_target_modules(cfg, model_path)
+    model = load_for_training(cfg, model_path, token_ids)
+    if cfg.model.adapter:
+        load_start_adapter(model.peft, cfg.model.adapter)
+        output.info(f"kotune: started from the adapter in {cfg.model.adapter}")
+    if dist.is_main():
+        inside(output_dir, CONFIG).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
+    fit = Fit(cfg, model, objective_for(cfg, model, tokenizer, data), data.train, data.validation, output_dir, fp)
+    ready_folder(fit, folder)  # after the objective: a resumed DPO run's reference is still its starting adapter
+    with StopOnSignal() as stop:
+        try:
+            state = fit.run(stop)
+        except NonFiniteLoss as exc:
+            raise NonFiniteLoss(f"{exc}{untrained_tokens_hint(data.audits)}") from None
+    if fit.rank == 0:
+        save_final(fit, data.template, tokenizer, output_dir)
+        audit = [line.removeprefix("kotune: ") for r in data.audits for line in summary_lines(r)]
+        write_summary(output_dir, state, {**data.summary, "audit": audit})
+        output.info(f"kotune: adapter written to {output_dir}")
+        output.info(f"kotune: run report written to {write_run_report(output_dir)}")
+    return output_dir
 
-        return train_preference(cfg, output_dir, model_path, tokenizer, resume, force)
-    with dist.main_first():  # the first process tokenizes into the cache, the others read it
+
+def sft_data(cfg: Config, model_path: str, tokenizer) -> RunData:
+    """The rows of an SFT run, tokenized (the first process fills the cache, the others read it) and audited."""
+    with dist.main_first():
         data = prepare(cfg.data, tokenizer, log=output.info)
-    audit_data(data, model_path, tokenizer)
+    audit_data(data.audits, model_path, tokenizer)
     output.info(f"kotune: data ({data.format}): train {data.train_stats.summary()}")
     if data.validation_stats.rows:
         output.info(f"kotune: data: validation {data.validation_stats.summary()}")
     if not data.train:
         raise DataError("no training rows left after tokenization; run `kotune data audit` on the config")
-    if data.chat_template is not None:
-        tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
-    token_ids = trainable_token_ids(cfg.lora, tokenizer, untrained_token_ids(data.audits))
-    if cfg.lora.trainable_tokens == "auto":  # the saved config, fingerprint and fast-path choice see the result
-        cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
-    lengths = [len(e.input_ids) for e in data.train]
-    cfg = check_before_loading(cfg, model_path, lengths, dist.rank_and_world()[1], force, fit_gpu, output.info)
-    output.info(describe(cfg, lengths, dist.rank_and_world()[1]))
-    fp = fingerprint.compute(cfg, tokenizer, data.template, data.train, data.validation)
-    folder = find_resume(output_dir, resume, log=output.info)
-    if folder is not None:
-        fingerprint.check_resume(folder, fp, force)
-        steps = total_steps(cfg, lengths, dist.rank_and_world()[1])[0]
-        if already_finished(folder, output_dir, steps, log=output.info):
-            return output_dir
-    check_target_modules(cfg, model_path)
-    model = load_for_training(cfg, model_path, token_ids)
-    if dist.is_main():
-        inside(output_dir, CONFIG).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
-    fit = Fit(cfg, model, tokenizer, data.train, data.validation, output_dir, fingerprint=fp)
-    ready_folder(fit, folder)
-    with StopOnSignal() as stop:
-        try:
-            state = fit.run(stop)
-        except NonFiniteLoss as exc:
-            raise NonFiniteLoss(f"{exc}{untrained_tokens_hint(data)}") from None
-    if fit.rank == 0:
-        save_final(fit, data.template, tokenizer, output_dir)
-        write_summary(
-            output_dir,
-            state,
-            {
-                "train_rows": len(data.train),
-                "validation_rows": len(data.validation),
-                "skipped_rows": dict(data.train_stats.skipped),
-                "truncated_rows": data.train_stats.truncated,
-                "audit": [line.removeprefix("kotune: ") for r in data.audits for line in summary_lines(r)],
-            },
-        )
-        output.info(f"kotune: adapter written to {output_dir}")
-        output.info(f"kotune: run report written to {write_run_report(output_dir)}")
-    return output_dir
+    summary = {
+        "train_rows": len(data.train),
+        "validation_rows": len(data.validation),
+        "skipped_rows": dict(data.train_stats.skipped),
+        "truncated_rows": data.train_stats.truncated,
+    }
+    examples = (data.train, data.validation)
+    return RunData(*examples, examples, data.template, data.chat_template, data.audits, summary, data)
+
+
+def pair_data(cfg: Config, tokenizer) -> RunData:
+    """The pairs (or unpaired responses) of a preference run, encoded and audited."""
+    data = prepare_pairs(cfg, tokenizer)
+    audit_data(data.audits)
+    if not data.train:
+        raise DataError(f"no training {data.unit} left; run `kotune data audit` on the config")
+    output.info(f"kotune: data (preference): {len(data.train)} train {data.unit}, {len(data.validation)} held out")
+    summary = {
+        "objective": cfg.train.objective,
+        "train_pairs": len(data.train),
+        "validation_pairs": len(data.validation),
+    }
+    examples = (data.examples("train"), data.examples("validation"))
+    return RunData(data.train, data.validation, examples, data.template, data.chat_template, data.audits, summary)
+
+
+def objective_for(cfg: Config, model: TrainingModel, tokenizer, data: RunData) -> Objective:
+    """The run's objective over ``model`` (read before the first step: DPO keeps its starting weights)."""
+    if cfg.train.objective == "sft":
+        return SupervisedObjective(model, tokenizer, cfg, feeds_packed(cfg.train, model.fast is not None))
+    start = StartWeights(model.peft) if cfg.model.adapter else None  # the reference is the start, not the base
+    unpaired = isinstance(data.train[0], UnpairedResponse)
+    return PreferenceObjective(cfg, model.peft, tokenizer.pad_token_id, unpaired, model.fast is not None, start)
 
 
 def ready_folder(fit: Fit, checkpoint: Path | None) -> None:
@@ -159,20 +215,22 @@ def ready_folder(fit: Fit, checkpoint: Path | None) -> None:
         start_metrics(fit.output_dir)
 
 
-def saved_config(cfg: Config, data: Prepared) -> Config:
+def saved_config(cfg: Config, data: RunData) -> Config:
     """The config written beside the adapter, readable without the training data or template files: the data
     format as detected, a chat template read from a file left to the tokenizer saved with the run (it holds
     that template), so merge / chat / generate / push work on another machine, and local data paths made
     absolute, so merge finds the data from any working directory."""
     from kotune.data.conversations import BUILTIN_CHAT_TEMPLATES
 
-    chat_template = cfg.data.chat_template
-    if data.chat_template is not None and chat_template not in BUILTIN_CHAT_TEMPLATES:
-        chat_template = None
     d = cfg.data
+    fmt, chat_template = "preference", d.chat_template
+    if data.prepared is not None:
+        fmt = data.prepared.format
+        if data.chat_template is not None and chat_template not in BUILTIN_CHAT_TEMPLATES:
+            chat_template = None
     # merge reads the data again: relative local paths would only work from the folder training ran in
     paths = {"path": absolute_if_local(d.path), "validation_path": absolute_if_local(d.validation_path)}
-    return replace(cfg, data=replace(d, format=data.format, chat_template=chat_template, **paths))
+    return replace(cfg, data=replace(d, format=fmt, chat_template=chat_template, **paths))
 
 
 def absolute_if_local(path: str | None) -> str | None:
@@ -180,20 +238,22 @@ def absolute_if_local(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
 
 
-def audit_data(data: Prepared, model_path: str, tokenizer) -> None:
-    """Print the data audit's summary; a fatal problem raises DataError (the run stops before the model loads)."""
-    add_model_checks(data.audits, model_path, tokenizer)
-    for report in data.audits:
+def audit_data(audits: tuple[AuditReport, ...], model_path: str | None = None, tokenizer=None) -> None:
+    """Print the data audit's summary (with the model's checks when ``model_path`` is given); a fatal problem
+    raises DataError (the run stops before the model loads)."""
+    if model_path is not None:
+        add_model_checks(audits, model_path, tokenizer)
+    for report in audits:
         for line in summary_lines(report):
             output.info(line)
-    message = fatal_error(data.audits)
+    message = fatal_error(audits)
     if message is not None:
         raise DataError(f"{message}\nSee `kotune data audit` for the full report.")
 
 
-def untrained_tokens_hint(data: Prepared) -> str:
+def untrained_tokens_hint(audits: tuple[AuditReport, ...]) -> str:
     """The audit's finding on untrained special-token embeddings, a likely cause of non-finite steps ('' if none)."""
-    found = [f.message for report in data.audits for f in report.findings if f.code == "untrained_special_tokens"]
+    found = [f.message for report in audits for f in report.findings if f.code == "untrained_special_tokens"]
     return f". Likely cause, from the data audit: {found[0]}" if found else ""
 
 

@@ -8,8 +8,9 @@ is written atomically is ``training.checkpoint``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from kotune import output, run_folder
 from kotune.run_folder import METRICS, read_summary
@@ -29,8 +30,41 @@ from kotune.training.checkpoint import (
     write_checkpoint,
 )
 
-if TYPE_CHECKING:
-    from kotune.training.loop import Fit, RunState
+
+@dataclass
+class RunState:
+    """The loop's counters: what a checkpoint carries besides weights, optimizer and RNG."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    micro_step: int = 0
+    """Micro-batches of the data order consumed (all processes together), which fixes the data position."""
+    tokens: int = 0
+    """Supervised tokens trained on, all ranks."""
+    bad_steps: int = 0
+    """Consecutive steps skipped for a non-finite loss or gradient norm."""
+    skipped_steps: int = 0
+    eval_pending: bool = False
+    """A stop signal skipped the evaluation due at this step; a resume runs it first."""
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    processes: int = 1
+    """Processes that trained the steps so far (the last of them); a resume on another number is allowed."""
+
+
+class Fit(Protocol):
+    """What the protocol reads and restores of the loop (``training.loop.Fit``)."""
+
+    cfg: Any
+    model: Any
+    optimizer: Any
+    state: RunState
+    output_dir: Path
+    fingerprint: dict | None
+    rank: int
+    world: int
+    steps: int
+    saved_step: int | None
 
 
 def clear_leftovers(output_dir: Path) -> None:
@@ -112,7 +146,7 @@ def save_checkpoint(fit: Fit) -> Path | None:
     if fit.rank != 0:
         dist.barrier()
         return None
-    state = {k: v for k, v in fit.state.__dict__.items() if k != "history"}
+    state = dict(fit.state.__dict__)
     folder = write_checkpoint(
         fit.output_dir,
         fit.state.step,

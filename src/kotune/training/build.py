@@ -85,8 +85,6 @@ def refuse_unsharded_recipe(cfg: Config, path: str) -> str:
         reason = "lora.trainable_tokens"
     if reason is None and cfg.train.eval_generate:
         reason = "train.eval_generate (generation runs on the first process alone)"
-    if reason is None and cfg.train.objective != "sft":
-        reason = f"train.objective {cfg.train.objective} (preference tuning runs with train.distributed: ddp)"
     if reason:
         raise CannotShard(f"train.distributed fsdp cannot train this run: {reason}")
     return "train.distributed fsdp"

@@ -11,14 +11,21 @@ position in the order (``micro_step``), so a resumed run sees exactly the rows i
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import lru_cache
 
-import torch
-
 from kotune.config import Config, ConfigError, TrainConfig
-from kotune.data.batching import collate, collate_packed, epoch_order, length_grouped_order
-from kotune.data.examples import Example
+from kotune.data.batching import epoch_order, length_grouped_order
 from kotune.data.packing import pack_best_fit, pack_groups
+
+
+def unit_config(cfg: Config) -> Config:
+    """The config the order reads for this run's units: ``train.packing`` packs SFT rows; a preference run's
+    units (pairs, unpaired responses) are ordered one by one (on the fast path a pass's sequences are laid end to
+    end by their collation, ``data.preference.collate_pairs``)."""
+    if cfg.train.objective == "sft" or cfg.train.packing == "off":
+        return cfg
+    return replace(cfg, train=replace(cfg.train, packing="off"))
 
 
 def feeds_packed(t: TrainConfig, fast: bool) -> bool:
@@ -160,33 +167,25 @@ def describe(cfg: Config, lengths: list[int], world: int) -> str:
 
 
 class DataOrder:
-    """The training rows in step order, for one process of ``world``."""
+    """The units of a run (rows, or preference pairs) in step order, for one process of ``world``: which units
+    each of its passes holds. What a pass feeds the model is the objective's (``training.objective``)."""
 
-    def __init__(self, rows: list[Example], cfg: Config, rank: int, world: int, pad_id: int, packed: bool):
-        self.rows, self.cfg, self.rank, self.world = rows, cfg, rank, world
-        self.pad_id = pad_id
+    def __init__(self, lengths: list[int], cfg: Config, rank: int, world: int, packed: bool):
+        self.cfg, self.rank, self.world = cfg, rank, world
         self.packed = packed
-        """Feed passes as packed sequences (``feeds_packed``) rather than padded micro-batches."""
-        self.epochs = Epochs([len(e.input_ids) for e in rows], cfg)
+        """Passes are packed sequences (``feeds_packed``) rather than padded micro-batches."""
+        self.epochs = Epochs(lengths, cfg)
         self.per_epoch = self.epochs.per_epoch
 
     def step_rows(self, micro_step: int) -> list[int]:
-        """Indices of the rows of the optimizer step that starts at ``micro_step`` (all processes)."""
+        """Indices of the units of the optimizer step that starts at ``micro_step`` (all processes)."""
         return [i for u in step_units(self.epochs, micro_step) for i in u]
 
     def passes(self, micro_step: int) -> list[list[int]]:
-        """This process's passes of the step that starts at ``micro_step`` (row indices per pass)."""
+        """This process's passes of the step that starts at ``micro_step`` (unit indices per pass)."""
         return step_passes(self.epochs, micro_step, self.rank, self.world, self.packed)
 
     def most_passes(self, micro_step: int) -> int:
         """The most passes any process has in the step that starts at ``micro_step`` (FSDP: every process must
         run as many, each pass gathering every layer's weights together)."""
         return max(len(step_passes(self.epochs, micro_step, r, self.world, self.packed)) for r in range(self.world))
-
-    def window(self, micro_step: int) -> list[dict[str, torch.Tensor]]:
-        """This process's batches of the optimizer step that starts at ``micro_step``, one per pass."""
-        t = self.cfg.train
-        batches = [[self.rows[i] for i in p] for p in self.passes(micro_step)]
-        if not self.packed:
-            return [collate(b, self.pad_id, t.pad_to_multiple_of) for b in batches]
-        return [collate_packed(b) for b in batches]
