@@ -239,3 +239,12 @@ def demo_run(tmp_path_factory, smollm2_dir):
     out = tmp_path_factory.mktemp("demo") / "run"
     assert main(["train", str(DEMO_CONFIG), f"train.output_dir={out}"]) == 0
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the offline unit tier (``tests/unit``) ``unit``: with the ``compat`` tests it is what CI runs on the
+    newest versions the ranges allow (``.ci/run``; ``make test-latest`` runs everything there)."""
+    unit = ROOT / "tests" / "unit"
+    for item in items:
+        if unit in Path(item.path).parents:
+            item.add_marker(pytest.mark.unit)

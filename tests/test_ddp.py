@@ -242,8 +242,8 @@ def test_a_step_with_fewer_rows_than_processes_is_a_config_error(tiny_train_conf
 
 
 def test_two_processes_train_the_same_dpo_steps_as_one(tiny_train_config, tmp_path):
-    """A DPO run (each process takes every second pair of a step and of the held-out pairs): the same losses,
-    preference metrics and adapter on one process and on two."""
+    """A DPO run (a step's pairs split over the processes by tokens, every second held-out pair each): the same
+    losses, preference metrics and adapter on one process and on two."""
     from test_pref_train import PAIRS, _preference_overrides
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
@@ -258,6 +258,7 @@ def test_two_processes_train_the_same_dpo_steps_as_one(tiny_train_config, tmp_pa
         runs.append([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()])
     one, two = runs
     assert all(r.pop("processes") == 2 for r in two if "loss" in r)
+    assert all(sum(r.pop("input_tokens_per_process")) == r["input_tokens"] for r in two if "loss" in r)
     assert [sorted(r) for r in one] == [sorted(r) for r in two]
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "reward_margin", "logps_chosen", "logps_rejected", "eval_loss", "eval_reward_margin"):

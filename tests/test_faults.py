@@ -160,9 +160,9 @@ def test_the_nan_stop_names_untrained_special_tokens_the_audit_found():
     from kotune.training.recipe import untrained_tokens_hint
 
     finding = Finding("untrained_special_tokens", WARNING, "special tokens ... look untrained: <|im_end|>")
-    data = SimpleNamespace(audits=(SimpleNamespace(findings=[finding]),))
-    assert untrained_tokens_hint(data) == f". Likely cause, from the data audit: {finding.message}"
-    assert untrained_tokens_hint(SimpleNamespace(audits=(SimpleNamespace(findings=[]),))) == ""
+    audits = (SimpleNamespace(findings=[finding]),)
+    assert untrained_tokens_hint(audits) == f". Likely cause, from the data audit: {finding.message}"
+    assert untrained_tokens_hint((SimpleNamespace(findings=[]),)) == ""
 
 
 POISON = "<|reserved_special_token_5|>"

@@ -267,15 +267,15 @@ class Fit:
         processes) and the objective's metrics; each process takes every ``world``-th unit."""
         obj, size = self.objective, self.cfg.train.micro_batch_size
         mine = self.val_units[self.rank :: self.world]
-        passes = [mine[i : i + size] for i in range(0, len(mine), size)] or [self.val_units[:1]]
-        batches = [obj.collate(units, False) for units in passes]
-        weighted = [(b, 1.0 if mine else 0.0) for b in batches]
+        passes = [(mine[i : i + size], 1.0) for i in range(0, len(mine), size)]
         if self.sharded:  # as in training: every process runs as many passes as the first, the extra ones idle
-            weighted += [(batches[-1], 0.0)] * (-(-len(self.val_units[:: self.world]) // size) - len(batches))
+            most = -(-len(self.val_units[:: self.world]) // size)
+            passes += [(passes[-1][0] if passes else self.val_units[:1], 0.0)] * (most - len(passes))
+        weighted = [(obj.collate(units, False), weight) for units, weight in passes]
         self.forward.eval()
         sums = self._sums(weighted, False)
         self.forward.train()
-        norm = sum(obj.normaliser(u, b) * w for u, (b, w) in zip(passes, weighted, strict=False))
+        norm = sum(obj.normaliser(u, b) * w for (u, w), (b, _) in zip(passes, weighted, strict=True))
         totals = torch.cat([sums, torch.tensor([norm], dtype=torch.float64, device=self.device)])
         dist.all_reduce_sum(totals)
         _, *extras, units = totals.tolist()
