@@ -1,10 +1,16 @@
-.PHONY: setup test lint format docs demo
+.PHONY: setup test test-latest lint format docs demo
 
 setup:
 	bash scripts/setup.sh
 
 test:
 	.venv/bin/python -m pytest -q
+
+# The whole suite on the newest versions pyproject.toml allows (CI runs only the unit tier and the compat tests
+# there): run it whenever constraints/lock.txt or a range in pyproject.toml changes.
+test-latest:
+	KOTUNE_DEPS=latest KOTUNE_VENV=.venv-latest bash scripts/setup.sh
+	.venv-latest/bin/python -m pytest -q
 
 lint:
 	.venv/bin/ruff check src tests bench

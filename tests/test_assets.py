@@ -70,6 +70,7 @@ def test_llama3_tokenizer_encodes_korean(llama3_dir):
     assert os.path.exists(os.path.join(llama3_dir, MARKER))
 
 
+@pytest.mark.compat("gguf", "transformers")
 def test_converted_smollm2_has_gguf_special_tokens(smollm2_dir):
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -87,6 +88,7 @@ def test_converted_smollm2_has_gguf_special_tokens(smollm2_dir):
     )
 
 
+@pytest.mark.compat("gguf", "transformers")
 def test_converted_smollm2_loads_as_a_plain_model(smollm2_dir):
     import torch
     from transformers import AutoModelForCausalLM

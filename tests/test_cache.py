@@ -47,6 +47,7 @@ def test_second_run_reuses_the_cache_and_says_so(data_config, llama3_train_token
     assert first.train_stats.skipped == {"null output": 1} or first.validation_stats.skipped == {"null output": 1}
 
 
+@pytest.mark.compat("pyarrow", "safetensors")
 def test_cached_run_equals_an_uncached_one(data_config, llama3_train_tokenizer):
     cfg = data_config(ROWS, "data.val_size=0.2", "data.max_rows=20")
     run(cfg, llama3_train_tokenizer)
@@ -137,6 +138,7 @@ def test_hub_datasets_are_not_cached_here(llama3_train_tokenizer):
     assert cache_key("someone/some-dataset", DataConfig(), llama3_train_tokenizer, {}) is None
 
 
+@pytest.mark.compat("pyarrow")
 def test_cached_arrays_are_memory_mapped_read_only(data_config, llama3_train_tokenizer):
     cfg = data_config(ROWS)
     run(cfg, llama3_train_tokenizer)

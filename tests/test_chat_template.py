@@ -40,6 +40,7 @@ def rendered_ids(tokenizer, messages, template: str, add_generation_prompt: bool
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
+@pytest.mark.compat("transformers", "tokenizers")
 @pytest.mark.parametrize("template", [KO_ALPACA, ALPACA, TRICKY], ids=lambda t: t.name)
 def test_the_chat_template_gives_the_training_prompt_ids(template, llama3_train_tokenizer):
     tokenizer = llama3_train_tokenizer

@@ -161,6 +161,7 @@ def load_gguf_model(path: Path):
     ).eval()
 
 
+@pytest.mark.compat("gguf")
 @pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0"])
 def test_round_trip_logits(quant, small_exported, source_logits):
     """transformers reads the GGUF back to a model whose logits match the source model's on tricky rows."""
@@ -198,6 +199,7 @@ def test_tensor_types(small_exported):
     assert types["blk.0.attn_norm.weight"] == T.F32 and types["output_norm.weight"] == T.F32
 
 
+@pytest.mark.compat("gguf")
 def test_metadata(gguf_fields, tokenizer):
     """Architecture, tokenizer model and pre-tokenizer, special ids and the BOS flag of the Llama-3 export."""
 

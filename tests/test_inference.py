@@ -56,6 +56,7 @@ def tiny(tiny_llama3_model):
 PROMPTS = [[128000, 9906, 1917, 11, 1268], [128000, 101193, 124409], [128000, 40, 1093, 4447, 12, 220, 17, 18, 19]]
 
 
+@pytest.mark.compat("transformers")
 def test_batched_left_padded_greedy_matches_transformers_generate(tiny):
     model, tokenizer = tiny
     ours = inference.generate(model, PROMPTS, tokenizer.eos_token_id, [], Sampling(max_new_tokens=8))

@@ -11,6 +11,8 @@ from kotune.data.examples import IGNORE
 from kotune.data.formats import render_alpaca
 from kotune.data.templates import KO_ALPACA
 
+pytestmark = pytest.mark.compat("tokenizers", "transformers")  # the real Llama-3 tokenizer, as transformers loads it
+
 CUTOFF = 4098
 
 

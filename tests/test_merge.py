@@ -119,6 +119,7 @@ def test_report_numbers_match_independent_logits_for_both_targets(tiny_qlora_run
     assert expected["mean_abs_logit_diff"] > 100 * report["targets"]["dequantized"]["mean_abs_logit_diff"]
 
 
+@pytest.mark.compat("peft", "bitsandbytes")
 def test_merged_weights_are_dequantized_nf4_plus_lora_delta(tiny_qlora_run, tiny_merged):
     import bitsandbytes as bnb
     from safetensors.torch import load_file

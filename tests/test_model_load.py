@@ -23,6 +23,7 @@ def load_nf4(path: str):
 IDS = torch.tensor([[1, 5, 9, 200, 3000, 17, 42, 7]])
 
 
+@pytest.mark.compat("bitsandbytes", "transformers", "accelerate")
 def test_bitsandbytes_still_repacks_4bit_weights_in_eval_mode(tiny_llama3_model):
     """The hazard ``keep_4bit_weights_exact`` guards against. When this test fails, bitsandbytes no longer
     repacks (or renamed its switch): check, then drop the workaround."""
@@ -39,6 +40,7 @@ def test_bitsandbytes_still_repacks_4bit_weights_in_eval_mode(tiny_llama3_model)
     assert state.dtype == torch.bfloat16 and state.absmax.dtype != absmax_dtype
 
 
+@pytest.mark.compat("bitsandbytes", "transformers", "accelerate")
 def test_evaluation_leaves_4bit_weights_and_training_outputs_unchanged(tiny_llama3_model):
     from kotune.config import ModelConfig
     from kotune.model.load import load_base_model

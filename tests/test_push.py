@@ -47,6 +47,7 @@ def front_matter(card: str) -> dict:
     return yaml.safe_load(head)
 
 
+@pytest.mark.compat("peft", "huggingface_hub")
 def test_adapter_dry_run_is_the_upload_and_loads_with_peft(tiny_qlora_run, tmp_path, monkeypatch):
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,6 +115,7 @@ def test_push_refuses_bad_repo_ids_and_used_dry_run_folders(tiny_qlora_run, tmp_
     assert (used / "x").read_text() == "keep me"
 
 
+@pytest.mark.compat("huggingface_hub")
 def test_push_without_a_token_says_how_to_log_in(tiny_qlora_run, tmp_path):
     run, _, _ = tiny_qlora_run
     env = {"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": "", "HF_HOME": str(tmp_path / "hf")}

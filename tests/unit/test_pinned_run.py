@@ -153,6 +153,7 @@ def assert_pinned(produced: bytes, pinned_file: Path = PINNED) -> None:
         )
 
 
+@pytest.mark.compat("torch", "peft", "safetensors", "pyyaml", "tqdm")
 def test_tiny_run_writes_the_pinned_metrics(pinned_run):
     _, produced = pinned_run
     if os.environ.get("KOTUNE_REPIN") == "1":
