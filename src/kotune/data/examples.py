@@ -25,6 +25,11 @@ class Example:
     def trained_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
 
+    @property
+    def input_tokens(self) -> int:
+        """Tokens the row feeds the model (a preference pair's counterpart: ``PreferencePair.input_tokens``)."""
+        return len(self.input_ids)
+
 
 @dataclass
 class EncodeStats:

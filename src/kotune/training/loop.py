@@ -106,9 +106,9 @@ class Fit:
         self.forward.train()
         self.optimizer = build_optimizer(model.peft, cfg.train, self.device)
         order_cfg = unit_config(cfg)
-        lengths = [objective.length(u) for u in train]
+        lengths = [u.input_tokens for u in train]  # balance a step's units over the processes by tokens
         self.steps, _ = total_steps(order_cfg, lengths, self.world)
-        packed = feeds_packed(order_cfg.train, model.fast is not None) and objective.name == "sft"
+        packed = feeds_packed(order_cfg.train, model.fast is not None)
         self.order = DataOrder(lengths, order_cfg, self.rank, self.world, packed)
         self.state = RunState(processes=self.world)
         self.saved_step: int | None = None

@@ -4,7 +4,8 @@ The loop owns everything objectives share: the order of the units a step consume
 (forward / backward over the accumulation window, clip, update, no host waits), evaluation, the non-finite stop
 that names the rows, checkpoints, resume, signals, DDP and FSDP. An objective owns what differs:
 
-- the unit a step consumes and its length (a row; a preference pair; an unpaired response),
+- the unit a step consumes (a row; a preference pair; an unpaired response; each knows its ``input_tokens``, which
+  balance a step's units over the processes),
 - how units become a batch, for training and for evaluation,
 - the number a step's summed loss is divided by (supervised tokens for SFT, pairs for DPO),
 - a pass's summed loss and its extra metric sums, and the keys those become in ``metrics.jsonl``.
@@ -36,7 +37,8 @@ def input_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 class Objective:
-    """The base of every objective; subclasses set the attributes and implement the methods marked so."""
+    """The base of every objective; subclasses set the attributes and implement ``collate``, ``normaliser`` and
+    ``pass_sums``."""
 
     name = "sft"
     unit = "rows"
@@ -47,10 +49,6 @@ class Objective:
     """Appended to the message of a run stopped by non-finite steps: what else to try for this objective."""
     packed = False
     """Training passes are fed as packed sequences (the fast path's form) rather than padded micro-batches."""
-
-    def length(self, unit) -> int:
-        """Tokens ``unit`` feeds the model, which balances a step's units over the processes."""
-        raise NotImplementedError
 
     def collate(self, units: list, train: bool) -> dict[str, torch.Tensor]:
         """A host batch of ``units``; ``train``: a training pass (else an evaluation pass)."""
@@ -89,9 +87,6 @@ class SupervisedObjective(Objective):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.packed = packed
         self.pad_id = tokenizer.pad_token_id
-
-    def length(self, unit: Example) -> int:
-        return len(unit.input_ids)
 
     def collate(self, units: list[Example], train: bool) -> dict[str, torch.Tensor]:
         from kotune.data.batching import collate_packed

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from kotune.config import Config
-from kotune.data.preference import PreferencePair, UnpairedResponse, collate_pairs
+from kotune.data.preference import collate_pairs
 from kotune.training.objective import Objective
 from kotune.training.objectives import METRICS, StartWeights, metric_means, preference_step
 
@@ -39,9 +39,6 @@ class PreferenceObjective(Objective):
         self.extra_keys = tuple(
             k for k in sorted({*METRICS, *(("desirable", "undesirable") if unpaired else ())}) if k != "loss"
         )
-
-    def length(self, unit: PreferencePair | UnpairedResponse) -> int:
-        return unit.input_tokens
 
     def collate(self, units: list, train: bool) -> dict[str, torch.Tensor]:
         return collate_pairs(units, self.pad_id, self.cfg.train.pad_to_multiple_of, packed=self.packed)

@@ -125,15 +125,14 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
         token_ids = trainable_token_ids(cfg.lora, tokenizer, untrained_token_ids(data.audits))
         if cfg.lora.trainable_tokens == "auto":  # the saved config, fingerprint and fast-path choice see the result
             cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
-        lengths = [len(e.input_ids) for e in data.train]
+        lengths = [e.input_tokens for e in data.train]
         cfg = check_before_loading(cfg, model_path, lengths, world, force, fit_gpu, output.info)
         output.info(describe(cfg, lengths, world))
     fp = fingerprint.compute(cfg, tokenizer, data.template, *data.examples)
     folder = find_resume(output_dir, resume, log=output.info)
     if folder is not None:
         fingerprint.check_resume(folder, fp, force)
-        lengths = [len(e.input_ids) for e in data.train] if data.prepared else [u.input_tokens for u in data.train]
-        steps = total_steps(unit_config(cfg), lengths, world)[0]
+        steps = total_steps(unit_config(cfg), [u.input_tokens for u in data.train], world)[0]
         if already_finished(folder, output_dir, steps, log=output.info):
             return output_dir
     check_target_modules(cfg, model_path)
