@@ -209,24 +209,27 @@ MIN_STOPPED_SHARE = 0.9
 @pytest.mark.slow
 def test_demo_fine_tune_ends_replies_with_eos(demo_run, tmp_path):
     """After the CPU demo fine-tune of SmolLM2-135M-Instruct (the shipped config), >= 90% of the 30 held-out
-    prompts get a greedy reply that ends with EOS, through the adapter on the 4-bit base and through the merged
-    model. (The GPU sweep in bench/RESULTS.md shows how this share moves with the training seed.)"""
+    prompts get a greedy reply that ends with EOS. (The GPU sweep in bench/RESULTS.md shows how this share moves
+    with the training seed.)
+
+    The replies come from the merged model: ``merge`` itself refuses a merge whose greedy tokens agree with the
+    adapter on the 4-bit base on fewer than 90% of the run's validation positions, and ``test_merge.py`` checks the
+    two generate the same replies token for token. Generating the 30 replies again through the 4-bit base took
+    ~7 minutes of this suite's CPU time (bitsandbytes dequantizes every weight at every step on a CPU) and
+    tested no other promise."""
     merged = tmp_path / "merged"
     result = run_kotune(["merge", str(demo_run), "--out", str(merged)], timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
-    shares = {}
-    for name, folder in (("adapter", demo_run), ("merged", merged)):
-        out = tmp_path / f"{name}.jsonl"
-        args = ["generate", str(folder), "--input", str(DEMO_HELDOUT), "--output", str(out)]
-        # ~7 min on an idle 2-core CPU through the 4-bit base (a looping reply runs all 256 steps)
-        result = run_kotune([*args, "--max-new-tokens", str(DEMO_MAX_NEW_TOKENS), "--batch-size", "30"], timeout=2400)
-        assert result.returncode == 0, result.stderr[-3000:]
-        rows = read_jsonl(out)
-        assert len(rows) == 30
-        shares[name] = sum(r["finish"] == "stop" for r in rows) / len(rows)
-    print(f"held-out replies that ended with EOS: {shares}")
-    assert min(shares.values()) >= MIN_STOPPED_SHARE, shares
-    plain_transformers_agrees_with_kotune(merged, read_jsonl(tmp_path / "merged.jsonl")[:4])
+    out = tmp_path / "merged.jsonl"
+    args = ["generate", str(merged), "--input", str(DEMO_HELDOUT), "--output", str(out)]
+    result = run_kotune([*args, "--max-new-tokens", str(DEMO_MAX_NEW_TOKENS), "--batch-size", "30"], timeout=2400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(out)
+    assert len(rows) == 30
+    share = sum(r["finish"] == "stop" for r in rows) / len(rows)
+    print(f"held-out replies that ended with EOS: {share}")
+    assert share >= MIN_STOPPED_SHARE, share
+    plain_transformers_agrees_with_kotune(merged, rows[:4])
 
 
 def plain_transformers_agrees_with_kotune(merged: Path, replies: list[dict]) -> None:
