@@ -24,7 +24,7 @@ from kotune import __version__
 from kotune.config import DataConfig
 from kotune.data.examples import Encoded, ExampleTable
 from kotune.data.read import is_local, local_files
-from kotune.model.assets import cache_root
+from kotune.paths import cache_root
 
 CACHE_VERSION = 1
 """Bump when rendering or encoding changes the tokens, so older entries stop matching."""

