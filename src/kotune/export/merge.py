@@ -20,7 +20,6 @@ nothing else, never the run or a folder holding it (``check_output``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from kotune import output
 from kotune.errors import KotuneError
+from kotune.hashing import file_sha256
 from kotune.run_folder import (
     ADAPTER,
     ADAPTER_CONFIG,
@@ -231,12 +231,9 @@ def verification_rows(folder: ModelFolder, tokenizer, limit: int) -> tuple[str, 
 def fingerprint(folder: ModelFolder, into: str, dtype: str) -> dict:
     """What a merge is made of; an existing output with the same fingerprint is already this merge."""
 
-    def sha(name: str) -> str:
-        return hashlib.sha256((folder.path / name).read_bytes()).hexdigest()
-
     return {
-        ADAPTER: sha(ADAPTER),
-        ADAPTER_CONFIG: sha(ADAPTER_CONFIG),
+        ADAPTER: file_sha256(folder.path / ADAPTER),
+        ADAPTER_CONFIG: file_sha256(folder.path / ADAPTER_CONFIG),
         "base_model": folder.config.model.path,
         "into": into,
         "dtype": dtype,
