@@ -54,6 +54,8 @@ MERGE_MARKER = "kotune_merge_output.json"
 RUN_REPORT = "report.md"
 RECORDS = (TEMPLATE, CONFIG, SUMMARY, METRICS)
 """The run's records a merged folder keeps a copy of."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+"""What a saved tokenizer leaves in a run or merged folder (``save_pretrained``; each file when present)."""
 
 
 class FolderError(KotuneError, ValueError):

