@@ -50,6 +50,13 @@ class ModelConfig:
     pad_token: str | None = None
     """Padding token. Unset: the tokenizer's own, else EOS (safe: padded labels are -100 and real EOS stays trained)."""
 
+    def torch_dtype(self):
+        """``compute_dtype`` as a torch dtype, for every loader and the fast path (torch is imported here, not
+        with the config, so ``kotune --help`` stays fast)."""
+        import torch
+
+        return getattr(torch, self.compute_dtype)
+
 
 @dataclass
 class DataConfig:

@@ -16,13 +16,11 @@ from conftest import write_jsonl
 
 from kotune.config import load_config
 from kotune.data.batching import collate
-from kotune.data.examples import Example
+from kotune.data.examples import IGNORE, Example
 from kotune.data.packing import pack_best_fit, pack_groups
 from kotune.model.build import loss_sum
 from kotune.training.order import DataOrder, Epochs, epoch_units, step_passes, step_units, total_steps, unit_count
 from tests.unit.test_pinned_run import kotune_train, write_config
-
-IGNORE = -100
 
 
 def config(**values):

@@ -14,8 +14,6 @@ import torch
 from kotune.config import Config
 from kotune.data.examples import IGNORE
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 @functools.cache
 def cuda_with(*modules: str) -> bool:
@@ -60,7 +58,7 @@ def build(peft_model, cfg: Config, **levers):
     options = {"offload": True, "fused": True, "host_embeddings": True, "triton_dequant": True, **levers}
     return FastCausalLM(
         peft_model,
-        compute_dtype=DTYPES[cfg.model.compute_dtype],
+        compute_dtype=cfg.model.torch_dtype(),
         checkpoint=cfg.model.gradient_checkpointing,
         **options,
     )

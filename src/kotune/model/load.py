@@ -13,8 +13,6 @@ import torch
 from kotune.config import ModelConfig
 from kotune.model.assets import AssetError
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def load_tokenizer(path: str, cfg: ModelConfig):
     """The base model's tokenizer with a pad token set (``model.pad_token``, its own, else EOS)."""
@@ -40,7 +38,7 @@ def quantization_config(cfg: ModelConfig):
 
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    dtype = DTYPES[cfg.compute_dtype]
+    dtype = cfg.torch_dtype()
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_use_double_quant=cfg.double_quant,
@@ -135,7 +133,7 @@ def load_base_model(path: str, cfg: ModelConfig, fast_path: bool = False):
     model, loading = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=quant,
-        dtype=DTYPES[cfg.compute_dtype],
+        dtype=cfg.torch_dtype(),
         device_map=device_map(),
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
@@ -189,7 +187,7 @@ def load_base(model_cfg, quantization: str):
     model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=quantization_config(model_cfg),
-        dtype=DTYPES[model_cfg.compute_dtype],
+        dtype=model_cfg.torch_dtype(),
         device_map=device_map(),
         trust_remote_code=model_cfg.trust_remote_code,
         attn_implementation=model_cfg.attn_implementation,

@@ -115,7 +115,7 @@ class WeightFiles:
             config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
             self.dtype = getattr(torch, config["quantization_config"]["bnb_4bit_compute_dtype"])
         else:
-            self.dtype = getattr(torch, model_cfg.compute_dtype)
+            self.dtype = model_cfg.torch_dtype()
 
     def fill(self, module: torch.nn.Module, name: str, device) -> None:
         """``module``'s own (frozen, unquantized) parameters read from the files (a tied output layer: none)."""
