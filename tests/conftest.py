@@ -66,20 +66,6 @@ def tiny_llama3_model(tmp_path_factory, llama3_dir) -> str:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama3"), llama3_dir)
 
 
-def nf4_config():
-    """The walkthrough's 4-bit config (NF4, double quantization) computing in float32, for exact CPU checks."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-        bnb_4bit_quant_storage=torch.float32,
-    )
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import nf4_config
 
 from kotune import run_folder
 from kotune.export import merge as merging
+from kotune.model.load import nf4_config
 
 
 @pytest.mark.parametrize("command", ["merge", "chat", "generate", "push"])
@@ -60,7 +60,9 @@ def reference(tiny_qlora_run):
     cfg = load_config(run / "kotune_config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run)
     rows = prepare(cfg.data, tokenizer).validation
-    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=nf4_config(), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        cfg.model.path, quantization_config=nf4_config(torch.float32), dtype=torch.float32
+    )
     # as kotune does (test_model_load.py): on AVX512-BF16 CPUs bitsandbytes would otherwise round the NF4
     # constants to bf16 at the first eval forward, and the reference would no longer be the trained model
     keep_4bit_weights_exact(base)
@@ -131,7 +133,9 @@ def test_merged_weights_are_dequantized_nf4_plus_lora_delta(tiny_qlora_run, tiny
     merged = load_file(out / "model.safetensors")
     base_path = json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
     original = load_file(f"{base_path}/model.safetensors")
-    quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=nf4_config(), dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        base_path, quantization_config=nf4_config(torch.float32), dtype=torch.float32
+    )
 
     def dequantized(name: str) -> torch.Tensor:
         weight = quantized.get_submodule(name).weight

@@ -31,20 +31,31 @@ def load_tokenizer(path: str, cfg: ModelConfig):
 
 
 def quantization_config(cfg: ModelConfig):
-    """The walkthrough's ``BitsAndBytesConfig`` for ``4bit``; None for ``none``."""
+    """The ``BitsAndBytesConfig`` of ``model.quantization``: ``nf4_config`` for ``4bit``, None for ``none``."""
     if cfg.quantization == "none":
         return None
+    if cfg.quantization == "8bit":
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return nf4_config(cfg.torch_dtype(), cfg.double_quant)
+
+
+def nf4_config(compute_dtype: torch.dtype, double_quant: bool = True, storage: torch.dtype | None = None):
+    """The walkthrough's 4-bit ``BitsAndBytesConfig``: NF4 weights, matrix products in ``compute_dtype``.
+
+    ``storage`` is the dtype the packed 4-bit bytes are held in; unset, ``compute_dtype`` (what training loads
+    with); ``prequantized`` writes ``uint8``, what transformers saves by default. Tests and benches build their
+    4-bit bases here too (float32 for exact CPU checks), so every 4-bit model is quantized the same way.
+    """
     from transformers import BitsAndBytesConfig
 
-    if cfg.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    dtype = cfg.torch_dtype()
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=dtype,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage or compute_dtype,
     )
 
 
