@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kotune import run_folder
+from kotune.export import drift as drifting
 from kotune.export import merge as merging
 from kotune.model.load import nf4_config
 
@@ -31,14 +32,14 @@ def test_drift_sums_hand_values():
     merged = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
     adapter = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
     labels = torch.tensor([-100, 1, 2])  # positions 0 and 1 predict tokens 1 and 2
-    sums = merging.drift_sums(merged, adapter, labels)
+    sums = drifting.drift_sums(merged, adapter, labels)
     assert sums["abs_diff"] == pytest.approx(3.0)  # 1 at [0,0], 1 at [1,0], 1 at [1,1]
     assert sums["max_abs_diff"] == pytest.approx(1.0)
     assert sums["agree"] == 2  # position 1 picks token 1 vs token 0
     assert sums["positions"] == 3 and sums["elements"] == 9 and sums["tokens"] == 2
     nll = torch.nn.functional.cross_entropy
     assert sums["nll_merged"] == pytest.approx(nll(merged[:2], torch.tensor([1, 2]), reduction="sum").item())
-    drift = merging.summarize([sums, sums])
+    drift = drifting.summarize([sums, sums])
     assert drift.mean_abs_logit_diff == pytest.approx(3 / 9)
     assert drift.top1_agreement == pytest.approx(2 / 3)
     assert drift.perplexity_adapter == pytest.approx(math.exp(sums["nll_adapter"] / 2))
@@ -202,7 +203,7 @@ def test_original_target_drift_is_refused_unless_allowed(tiny_qlora_run, tmp_pat
     report = json.loads((out / "merge_report.json").read_text())
     assert report["into"] == "original" and report["allow_drift"] is True
     assert report["targets"]["original"]["within_threshold"] is False
-    assert report["targets"]["original"]["top1_agreement"] < merging.MIN_TOP1_AGREEMENT
+    assert report["targets"]["original"]["top1_agreement"] < drifting.MIN_TOP1_AGREEMENT
     assert "merge check, original (chosen)" in capsys.readouterr().out
 
 
