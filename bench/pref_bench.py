@@ -183,7 +183,7 @@ class SequentialPairs:
 
 
 def run_kotune(args, pairs, counts) -> dict:
-    from kotune.config import load_config
+    from kotune.config_load import load_config
     from kotune.data.preference import PreferencePair
     from kotune.model.build import load_for_training
     from kotune.training.preference import PreferenceFit

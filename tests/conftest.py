@@ -89,7 +89,7 @@ def tiny_train_config(tmp_path_factory, tiny_llama3_model):
     Six optimizer steps of two micro-batches, eval every 3, a checkpoint every 2, LoRA dropout on (so RNG
     state matters). ``overrides`` maps ``section.key`` to a value, as on the command line.
     """
-    from kotune.config import load_config
+    from kotune.config_load import load_config
 
     data = write_jsonl(tmp_path_factory.mktemp("tiny-train-data") / "train.jsonl", TINY_TRAIN_ROWS)
 
@@ -131,7 +131,7 @@ def llama3_train_tokenizer(llama3_dir):
 def data_config(tmp_path, monkeypatch):
     """Factory: ``make(rows, "data.key=value", ...)`` writes rows to a jsonl file and returns a Config reading it
     (no validation split unless overridden); kotune's cache goes to ``tmp_path/cache`` for the test."""
-    from kotune.config import load_config
+    from kotune.config_load import load_config
 
     monkeypatch.setenv("KOTUNE_CACHE", str(tmp_path / "cache"))
 

@@ -53,7 +53,7 @@ def reference(tiny_qlora_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kotune.config import load_config
+    from kotune.config_load import load_config
     from kotune.data.prepare import prepare
     from kotune.model.load import keep_4bit_weights_exact
 

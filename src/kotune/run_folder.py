@@ -29,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from kotune.config import Config, load_config
+from kotune.config import Config
+from kotune.config_load import load_config
 from kotune.data.formats import CHAT_FORMATS
 from kotune.data.templates import Template, TemplateError, load_template
 from kotune.errors import KotuneError

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import write_jsonl
 
-from kotune.config import load_config
+from kotune.config_load import load_config
 from kotune.data.batching import collate
 from kotune.data.examples import IGNORE, Example
 from kotune.data.packing import pack_best_fit, pack_groups

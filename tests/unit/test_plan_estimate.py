@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kotune.config import load_config
+from kotune.config_load import load_config
 from kotune.data.examples import Example
 from kotune.plan import estimate as est
 from kotune.plan import gate

@@ -8,7 +8,7 @@ import json
 import sys
 
 from kotune.commands.train import add_config_arguments
-from kotune.config import load_config
+from kotune.config_load import load_config
 from kotune.data.examples import IGNORE, Example
 
 
