@@ -6,26 +6,10 @@ Chosen by ``train.kernels`` (``auto``: on when CUDA is there and the model is on
 
 from __future__ import annotations
 
-import functools
-import importlib
-
 import torch
 
 from kotune.config import Config
 from kotune.data.examples import IGNORE
-
-
-@functools.cache
-def cuda_with(*modules: str) -> bool:
-    """True when a CUDA device is there and every one of ``modules`` imports (checked once per set)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        for module in modules:
-            importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
 
 
 def wanted(cfg: Config, model_config, device_type: str | None = None) -> tuple[bool, str]:

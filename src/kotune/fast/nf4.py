@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from kotune.fast import cuda_with
+from kotune.fast.cuda import cuda_with
 
 
 def available() -> bool:

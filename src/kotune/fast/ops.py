@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kotune.fast import cuda_with
+from kotune.fast.cuda import cuda_with
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
