@@ -53,7 +53,7 @@ def replies(model, tokenizer, folder, rows, max_new_tokens: int, penalty: float)
 
 
 def run(name: str, overrides: list[str], model_path: str, work: Path) -> dict:
-    from kotune.config import load_config
+    from kotune.config_load import load_config
     from kotune.export.merge import merged_model
     from kotune.inference.load import load_model
     from kotune.run_folder import open_folder

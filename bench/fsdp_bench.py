@@ -40,7 +40,6 @@ SHAPES = {  # hidden, intermediate, layers, attention heads, key/value heads
 }
 TEMPLATE_TOKENS = 37
 """What the ko-alpaca template and EOS add to a fixed row's words under the Llama-3 tokenizer (measured)."""
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def llama3_config(shape: str):
@@ -70,6 +69,8 @@ def write(args) -> dict:
     folder = write_random_4bit(config, args.folder, seed=args.seed, device=device, quantized=args.bits == 4)
     write_s = time.perf_counter() - start
     if args.tokenizer:
+        from kotune.run_folder import TOKENIZER_FILES
+
         copied = [name for name in TOKENIZER_FILES if (Path(args.tokenizer) / name).is_file()]
         if "tokenizer.json" not in copied:
             raise SystemExit(f"--tokenizer {args.tokenizer}: no tokenizer.json there (a Llama-3 tokenizer folder)")

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CASES, MODEL_DIR, V_ROWS, V_SEED, Case, anchor, emit, fixed_rows, gpu_name  # noqa: E402
 
 from kotune import fast  # noqa: E402
-from kotune.config import Config, load_config  # noqa: E402
+from kotune.config import Config  # noqa: E402
+from kotune.config_load import load_config  # noqa: E402
 from kotune.data.batching import epoch_order  # noqa: E402
 from kotune.data.examples import Example  # noqa: E402
 from kotune.data.order import feeds_packed  # noqa: E402

@@ -189,7 +189,7 @@ class SequentialPairs:
 
 
 def run_kotune(args, pairs, counts) -> dict:
-    from kotune.config import load_config
+    from kotune.config_load import load_config
     from kotune.data.preference import PreferencePair
     from kotune.training.build import load_for_training
     from kotune.training.loop import Fit
@@ -242,8 +242,10 @@ def run_kotune(args, pairs, counts) -> dict:
 def run_trl(args, pairs, counts) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    from kotune.model.load import nf4_config
 
     marks: list[float] = []
 
@@ -254,12 +256,7 @@ def run_trl(args, pairs, counts) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     tokenizer.pad_token = tokenizer.eos_token
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+    quant = nf4_config(torch.bfloat16, storage=torch.uint8)  # TRL's default storage, as its users load
     gpu = torch.cuda.is_available()  # else the dry run's tiny model: no 4-bit, float32, torch's AdamW
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(),

@@ -27,20 +27,16 @@ from common import MODEL_DIR, QKVO, anchor, emit, gpu_name  # noqa: E402
 
 def build_model(model_dir: str, targets: list[str], dropout: float):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kotune.model.load import nf4_config
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token_id = tok.eos_token_id
     tok.padding_side = "right"
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
-    q = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=dtype,
-    )
+    q = nf4_config(dtype)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=q, dtype=dtype, device_map={"": 0 if cuda else "cpu"}
     )

@@ -95,7 +95,7 @@ def walkthrough(path: Path) -> tuple[int, None]:
 def kotune_prepare(path: Path, cache_dir: Path, touch: bool = False) -> tuple[int, int]:
     """``prepare`` as ``kotune train`` calls it; with ``touch``, also build every example once (as training
     will over an epoch). Returns (rows tokenized, tokens)."""
-    from kotune.config import load_config
+    from kotune.config_load import load_config
     from kotune.data.prepare import prepare
 
     os.environ["KOTUNE_CACHE"] = str(cache_dir)

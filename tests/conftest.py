@@ -66,20 +66,6 @@ def tiny_llama3_model(tmp_path_factory, llama3_dir) -> str:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama3"), llama3_dir)
 
 
-def nf4_config():
-    """The walkthrough's 4-bit config (NF4, double quantization) computing in float32, for exact CPU checks."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-        bnb_4bit_quant_storage=torch.float32,
-    )
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -103,7 +89,7 @@ def tiny_train_config(tmp_path_factory, tiny_llama3_model):
     Six optimizer steps of two micro-batches, eval every 3, a checkpoint every 2, LoRA dropout on (so RNG
     state matters). ``overrides`` maps ``section.key`` to a value, as on the command line.
     """
-    from kotune.config import load_config
+    from kotune.config_load import load_config
 
     data = write_jsonl(tmp_path_factory.mktemp("tiny-train-data") / "train.jsonl", TINY_TRAIN_ROWS)
 
@@ -145,7 +131,7 @@ def llama3_train_tokenizer(llama3_dir):
 def data_config(tmp_path, monkeypatch):
     """Factory: ``make(rows, "data.key=value", ...)`` writes rows to a jsonl file and returns a Config reading it
     (no validation split unless overridden); kotune's cache goes to ``tmp_path/cache`` for the test."""
-    from kotune.config import load_config
+    from kotune.config_load import load_config
 
     monkeypatch.setenv("KOTUNE_CACHE", str(tmp_path / "cache"))
 

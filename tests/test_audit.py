@@ -232,7 +232,7 @@ def test_trainable_tokens_auto_trains_exactly_the_untrained_rows(tmp_path, base_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from kotune.config import load_config
+    from kotune.config_load import load_config
 
     path, ids = base_like_model
     turns = [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "안녕하세요!"}]

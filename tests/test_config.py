@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kotune.config import SECTIONS, Config, ConfigError, field_docs, load_config
+from kotune.config import SECTIONS, Config, ConfigError, field_docs
+from kotune.config_load import load_config
 from kotune.docs import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from conftest import write_jsonl
 from reference_encoding import encode_rows
 
 from kotune.config import DataConfig
-from kotune.data.conversations import PLAIN_CHAT_TEMPLATE, render_conversation
+from kotune.data.conversations import PLAIN_CHAT_TEMPLATE, ChatRenderer
 from kotune.data.examples import IGNORE
 from kotune.data.prepare import prepare
 from kotune.data.read import DataError
@@ -41,6 +41,11 @@ CONVERSATIONS = {
         {"role": "user", "content": "아무도 답하지 않은 질문"},
     ],
 }
+
+
+def render_conversation(row: dict, fmt: str, tokenizer, data_cfg: DataConfig, where: str):
+    """One conversation row as segments, as ``prepare`` renders it (one ``ChatRenderer`` per row here)."""
+    return ChatRenderer(tokenizer, data_cfg).render(row, fmt, where)
 
 
 def row(messages, i=0, fmt="messages"):

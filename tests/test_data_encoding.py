@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from reference_encoding import encode_rows
 from tricky_rows import TRICKY_ROWS
@@ -12,7 +13,7 @@ from tricky_rows import TRICKY_ROWS
 from kotune.data.encoding import cuts_at_words, encode_flat, encode_segments, encode_table, word_pieces
 from kotune.data.examples import ExampleTable
 from kotune.data.formats import Rendered, detect_format, render_alpaca, render_prompt_completion
-from kotune.data.read import split_indices, split_rows
+from kotune.data.read import split_indices
 from kotune.data.templates import KO_ALPACA
 
 
@@ -163,14 +164,28 @@ def test_rows_skipped_before_encoding_are_counted(llama3_tokenizer):
     assert [e.row for e in encoded.select([5, 1, 0, 2])] == [1, 0]
 
 
+def table_from_lists(rows: list[int], ids: list[list[int]], labels: list[list[int]]) -> ExampleTable:
+    """An ``ExampleTable`` of rows written out as lists, laid end to end as ``from_arrays`` takes them."""
+    lengths = np.array([len(i) for i in ids], dtype=np.int64)
+    flat_ids = np.array([t for i in ids for t in i], dtype=np.int32)
+    flat_labels = np.array([t for label in labels for t in label], dtype=np.int32)
+    return ExampleTable.from_arrays(np.asarray(rows, dtype=np.int64), lengths, flat_ids, flat_labels)
+
+
+def split_rows(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation) rows as the package's ``split_rows`` returned them before only indices were kept."""
+    train, validation = split_indices(len(rows), val_size, seed)
+    return [rows[i] for i in train], [rows[i] for i in validation]
+
+
 def test_example_table_indexing():
-    table = ExampleTable.from_lists([7, 8, 9], [[1, 2], [3], [4, 5, 6]], [[-100, 2], [3], [-100, -100, 6]])
+    table = table_from_lists([7, 8, 9], [[1, 2], [3], [4, 5, 6]], [[-100, 2], [3], [-100, -100, 6]])
     assert len(table) == 3 and table[-1].row == 9 and table[1].input_ids == [3]
     assert [e.row for e in table[::2]] == [7, 9]
     assert [e.labels for e in table] == [[-100, 2], [3], [-100, -100, 6]]  # iteration stops at IndexError
     picked = table.take([2, 0])
     assert [(e.row, e.input_ids) for e in picked] == [(9, [4, 5, 6]), (7, [1, 2])]
-    assert picked.lengths().tolist() == [3, 2] and len(ExampleTable.from_lists([], [], [])) == 0
+    assert picked.lengths().tolist() == [3, 2] and len(table_from_lists([], [], [])) == 0
 
 
 @pytest.mark.parametrize(("n", "val_size", "seed"), [(1, 0.5, 0), (10, 0.0, 1), (10, 0.2, 42), (1001, 0.005, 3)])
@@ -178,7 +193,7 @@ def test_index_split_is_the_row_split(n, val_size, seed):
     rows = [{"_row": i} for i in range(n)]
     by_rows = split_rows(rows, val_size, seed)
     train, validation = split_indices(n, val_size, seed)
-    assert [r["_row"] for r in by_rows.train] == train and [r["_row"] for r in by_rows.validation] == validation
+    assert [r["_row"] for r in by_rows[0]] == train and [r["_row"] for r in by_rows[1]] == validation
 
 
 def test_format_detection_by_columns():

@@ -8,7 +8,7 @@ import pytest
 from conftest import write_jsonl
 
 from kotune.cli import main
-from kotune.config import load_config
+from kotune.config_load import load_config
 from kotune.data.prepare import prepare
 from kotune.data.read import DataError, read_rows
 

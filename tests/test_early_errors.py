@@ -12,7 +12,7 @@ from conftest import TINY_TRAIN_ROWS, write_jsonl
 from safetensors.torch import save_file
 
 from kotune.cli import main
-from kotune.model.assets import looks_local
+from kotune.paths import looks_local
 
 MODEL_LOADED = "trainable params:"
 """Printed by kotune.training.build.load_for_training: seeing it means the model was loaded."""

@@ -26,7 +26,7 @@ def tiny(tiny_llama3_model):
 @pytest.fixture(scope="module")
 def folder(tiny_llama3_model, tmp_path_factory):
     """What ``open_folder`` gives for a run of the tiny model: its config and the ko-alpaca template."""
-    from kotune.config import load_config
+    from kotune.config_load import load_config
     from kotune.data.templates import load_template
 
     cfg = load_config(None, [f"model.path={tiny_llama3_model}", "data.cutoff_len=256"])

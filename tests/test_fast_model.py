@@ -124,12 +124,15 @@ def test_eval_mode_and_no_grad_give_the_eval_loss():
 
 
 def test_four_bit_model_on_cpu_matches_plain_forward(tmp_path):
-    from conftest import nf4_config
     from transformers import AutoModelForCausalLM
+
+    from kotune.model.load import nf4_config
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(_config("llama")).save_pretrained(tmp_path)
-    base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=nf4_config(), device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=nf4_config(torch.float32), device_map={"": "cpu"}
+    )
     assert getattr(base.model.layers[0].mlp.up_proj.weight, "quant_state", None) is not None
     model = _peft_model(targets=["q_proj", "v_proj"], model=base)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -154,20 +157,16 @@ def test_unsupported_models_are_named():
 def _four_bit_models(tmp_path):
     """Two LoRA models on one bf16 4-bit base (GPU): the plain path's (prepared, fp32 copies) and the fast path's."""
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from kotune.model.load import nf4_config
 
     config = _config("llama")
     config.update({"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 2})
     config.vocab_size = 32_000
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_quant_storage=torch.bfloat16,
-    )
+    quant = nf4_config(torch.bfloat16)
     load = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
         tmp_path, quantization_config=quant, dtype=torch.bfloat16, device_map={"": 0}
     )

@@ -11,11 +11,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_tiny_model, nf4_config, write_jsonl
+from conftest import build_tiny_model, write_jsonl
 from test_ddp import assert_same_run, kotune, losses
 from test_pref_train import PAIRS
 
 from kotune.fast.nf4_tensor import NF4Tensor
+from kotune.model.load import nf4_config
 
 
 def _params4bit(rows: int, cols: int, nested: bool, seed: int = 0):
@@ -113,7 +114,9 @@ def fsdp_runs(tmp_path_factory, llama3_dir, tiny_train_config):
     root = tmp_path_factory.mktemp("fsdp")
     plain = build_tiny_model(root / "plain", llama3_dir, hidden=256, layers=2)
     quantized = root / "quantized"
-    model = AutoModelForCausalLM.from_pretrained(plain, quantization_config=nf4_config(), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        plain, quantization_config=nf4_config(torch.float32), dtype=torch.float32
+    )
     model.save_pretrained(quantized)
     AutoTokenizer.from_pretrained(plain).save_pretrained(quantized)
     overrides = {"model.quantization": "4bit", "lora.dropout": 0.0, "train.max_steps": 4}

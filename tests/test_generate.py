@@ -48,7 +48,7 @@ def test_a_run_folder_opens_without_its_training_data(tiny_qlora_run, tmp_path):
     to another machine, without its data file, still opens."""
     import shutil
 
-    from kotune.config import load_config
+    from kotune.config_load import load_config
     from kotune.run_folder import CONFIG, open_folder
 
     run = tiny_qlora_run[0]
@@ -64,7 +64,7 @@ def test_a_run_folder_opens_without_its_training_data(tiny_qlora_run, tmp_path):
 def test_a_chat_template_file_is_left_to_the_saved_tokenizer(tmp_path):
     from types import SimpleNamespace
 
-    from kotune.config import load_config
+    from kotune.config_load import load_config
     from kotune.training.recipe import saved_config
 
     jinja = tmp_path / "chat.jinja"
@@ -261,7 +261,7 @@ def test_the_saved_config_holds_absolute_local_data_paths(tmp_path, monkeypatch)
     """merge reads the run's data again, so it must find it from any working directory; hub names stay."""
     from types import SimpleNamespace
 
-    from kotune.config import load_config
+    from kotune.config_load import load_config
     from kotune.training.recipe import saved_config
 
     (tmp_path / "data").mkdir()

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import nf4_config
 
 from kotune import run_folder
+from kotune.export import drift as drifting
 from kotune.export import merge as merging
+from kotune.model.load import nf4_config
 
 
 @pytest.mark.parametrize("command", ["merge", "chat", "generate", "push"])
@@ -31,14 +32,14 @@ def test_drift_sums_hand_values():
     merged = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
     adapter = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
     labels = torch.tensor([-100, 1, 2])  # positions 0 and 1 predict tokens 1 and 2
-    sums = merging.drift_sums(merged, adapter, labels)
+    sums = drifting.drift_sums(merged, adapter, labels)
     assert sums["abs_diff"] == pytest.approx(3.0)  # 1 at [0,0], 1 at [1,0], 1 at [1,1]
     assert sums["max_abs_diff"] == pytest.approx(1.0)
     assert sums["agree"] == 2  # position 1 picks token 1 vs token 0
     assert sums["positions"] == 3 and sums["elements"] == 9 and sums["tokens"] == 2
     nll = torch.nn.functional.cross_entropy
     assert sums["nll_merged"] == pytest.approx(nll(merged[:2], torch.tensor([1, 2]), reduction="sum").item())
-    drift = merging.summarize([sums, sums])
+    drift = drifting.summarize([sums, sums])
     assert drift.mean_abs_logit_diff == pytest.approx(3 / 9)
     assert drift.top1_agreement == pytest.approx(2 / 3)
     assert drift.perplexity_adapter == pytest.approx(math.exp(sums["nll_adapter"] / 2))
@@ -52,7 +53,7 @@ def reference(tiny_qlora_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kotune.config import load_config
+    from kotune.config_load import load_config
     from kotune.data.prepare import prepare
     from kotune.model.load import keep_4bit_weights_exact
 
@@ -60,7 +61,9 @@ def reference(tiny_qlora_run):
     cfg = load_config(run / "kotune_config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run)
     rows = prepare(cfg.data, tokenizer).validation
-    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=nf4_config(), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        cfg.model.path, quantization_config=nf4_config(torch.float32), dtype=torch.float32
+    )
     # as kotune does (test_model_load.py): on AVX512-BF16 CPUs bitsandbytes would otherwise round the NF4
     # constants to bf16 at the first eval forward, and the reference would no longer be the trained model
     keep_4bit_weights_exact(base)
@@ -132,7 +135,9 @@ def test_merged_weights_are_dequantized_nf4_plus_lora_delta(tiny_qlora_run, tiny
     merged = load_file(out / "model.safetensors")
     base_path = json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
     original = load_file(f"{base_path}/model.safetensors")
-    quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=nf4_config(), dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        base_path, quantization_config=nf4_config(torch.float32), dtype=torch.float32
+    )
 
     def dequantized(name: str) -> torch.Tensor:
         weight = quantized.get_submodule(name).weight
@@ -199,7 +204,7 @@ def test_original_target_drift_is_refused_unless_allowed(tiny_qlora_run, tmp_pat
     report = json.loads((out / "merge_report.json").read_text())
     assert report["into"] == "original" and report["allow_drift"] is True
     assert report["targets"]["original"]["within_threshold"] is False
-    assert report["targets"]["original"]["top1_agreement"] < merging.MIN_TOP1_AGREEMENT
+    assert report["targets"]["original"]["top1_agreement"] < drifting.MIN_TOP1_AGREEMENT
     assert "merge check, original (chosen)" in capsys.readouterr().out
 
 

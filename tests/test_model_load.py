@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import nf4_config
+
+from kotune.model.load import nf4_config
 
 
 def first_4bit_layer(model):
@@ -17,7 +18,9 @@ def first_4bit_layer(model):
 def load_nf4(path: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=nf4_config(torch.float32), dtype=torch.float32
+    )
 
 
 IDS = torch.tensor([[1, 5, 9, 200, 3000, 17, 42, 7]])

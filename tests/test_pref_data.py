@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from tricky_rows import TRICKY_ROWS
 
-from kotune.config import load_config
+from kotune.config_load import load_config
 from kotune.data.examples import IGNORE
 from kotune.data.formats import detect_format
 from kotune.data.preference import (

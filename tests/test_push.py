@@ -197,7 +197,7 @@ def test_pushed_chat_template_renders_the_trained_prompt(tiny_qlora_run, tmp_pat
 
 
 def test_card_metadata_names_hub_base_and_dataset_and_the_license_it_finds(tmp_path):
-    from kotune.config import load_config
+    from kotune.config_load import load_config
     from kotune.data.templates import ALPACA, KO_ALPACA
     from kotune.export.publish import base_license, card_metadata, source_name
     from kotune.run_folder import ModelFolder

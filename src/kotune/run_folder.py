@@ -29,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from kotune.config import Config, load_config
+from kotune.config import Config
+from kotune.config_load import load_config
 from kotune.data.formats import CHAT_FORMATS
 from kotune.data.templates import Template, TemplateError, load_template
 from kotune.errors import KotuneError
@@ -54,6 +55,8 @@ MERGE_MARKER = "kotune_merge_output.json"
 RUN_REPORT = "report.md"
 RECORDS = (TEMPLATE, CONFIG, SUMMARY, METRICS)
 """The run's records a merged folder keeps a copy of."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+"""What a saved tokenizer leaves in a run or merged folder (``save_pretrained``; each file when present)."""
 
 
 class FolderError(KotuneError, ValueError):

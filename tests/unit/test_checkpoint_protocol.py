@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kotune.config import load_config
+from kotune.config_load import load_config
 from kotune.training.checkpoint import (
     CheckpointError,
     latest_good,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kotune.config import Config, ConfigError, load_config
+from kotune.config import Config, ConfigError
+from kotune.config_load import load_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "kotune"
 
 LAYERS = (
-    ("__init__", "errors", "output", "config", "preference_config", "security", "paths"),
+    ("__init__", "errors", "output", "config", "config_load", "preference_config", "security", "paths", "hashing"),
     ("data",),
     ("run_folder",),
     ("fast",),

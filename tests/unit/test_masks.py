@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from kotune.data.examples import IGNORE
 from kotune.data.prepare import prepare
 
 from .conftest import BOS, END, EOS, ids
-
-IGNORE = -100
 
 # The English alpaca template (Stanford alpaca's wording), written out here so the test checks the text too.
 NO_INPUT = (

@@ -15,16 +15,14 @@ import pytest
 import torch
 from conftest import write_jsonl
 
-from kotune.config import load_config
+from kotune.config_load import load_config
 from kotune.data.batching import collate
-from kotune.data.examples import Example
+from kotune.data.examples import IGNORE, Example
 from kotune.data.order import DataOrder, Epochs, epoch_units, step_passes, step_units, total_steps, unit_count
 from kotune.data.packing import pack_best_fit, pack_groups
 from kotune.training.build import loss_sum
 from kotune.training.objective import SupervisedObjective
 from tests.unit.test_pinned_run import kotune_train, write_config
-
-IGNORE = -100
 
 
 def config(**values):

@@ -9,11 +9,9 @@ import pytest
 import torch
 
 from kotune.data.batching import collate, collate_packed
-from kotune.data.examples import Example
+from kotune.data.examples import IGNORE, Example
 from kotune.data.packing import block_causal_mask, pack_groups
 from kotune.training.build import loss_sum
-
-IGNORE = -100
 
 ROWS = [
     Example(10, [257, 1, 2, 3, 4], [IGNORE, IGNORE, IGNORE, 3, 4]),

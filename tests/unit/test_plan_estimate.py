@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kotune.config import load_config
+from kotune.config_load import load_config
 from kotune.data.examples import Example
 from kotune.data.order import DataOrder
 from kotune.plan import estimate as est

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from kotune.commands.train import add_config_arguments
-from kotune.config import load_config
+from kotune.config_load import load_config
 from kotune.data.examples import IGNORE, Example
 
 

@@ -17,7 +17,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=tuple(merging.DTYPES),
+        choices=tuple(merging.DTYPE_NAMES),
         default=None,
         help="dtype of the saved weights (default: the run's model.compute_dtype)",
     )

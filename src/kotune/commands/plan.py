@@ -26,7 +26,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from kotune import output
     from kotune.commands.data import load_prepared
-    from kotune.config import ConfigError, load_config
+    from kotune.config import ConfigError
+    from kotune.config_load import load_config
     from kotune.plan.estimate import render
     from kotune.plan.gate import choose_distributed, fit_settings, plan_for
     from kotune.plan.gpus import gpu_named, present_gpu

@@ -6,7 +6,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from kotune.config import ConfigError, load_config
+from kotune.config import ConfigError
+from kotune.config_load import load_config
 from kotune.training.report import check_loggers
 
 

@@ -1,10 +1,10 @@
 """Tokenized data cached on disk, under a key made from everything that decides the tokens.
 
-The key hashes the data files' bytes, the tokenizer (its files, special tokens, added tokens), the prompt and
-chat templates, the tokenization options and this cache's format version; change any of them and the key
-changes. An entry is a folder ``<cache>/data/<key>/`` holding ``tokens.safetensors`` (the flat arrays of an
-``Encoded``) and ``meta.json`` (reasons, format, audit report). Nothing is pickled. Entries are written to a
-temporary folder and renamed into place, so a crashed or concurrent run never leaves a half entry.
+The key hashes the data files' bytes, the tokenizer (``hashing.tokenizer_hash``: vocabulary, merges, added and
+special tokens), the prompt and chat templates, the tokenization options and this cache's format version; change
+any of them and the key changes. An entry is a folder ``<cache>/data/<key>/`` holding ``tokens.safetensors`` (the
+flat arrays of an ``Encoded``) and ``meta.json`` (reasons, format, audit report). Nothing is pickled. Entries are
+written to a temporary folder and renamed into place, so a crashed or concurrent run never leaves a half entry.
 Loading memory-maps the arrays: a cached run reads only the tokens it trains on.
 """
 
@@ -24,13 +24,13 @@ from kotune import __version__
 from kotune.config import DataConfig
 from kotune.data.examples import Encoded, ExampleTable
 from kotune.data.read import is_local, local_files
-from kotune.model.assets import cache_root
+from kotune.hashing import file_sha256, tokenizer_hash
+from kotune.paths import cache_root
 
 CACHE_VERSION = 1
 """Bump when rendering or encoding changes the tokens, so older entries stop matching."""
 
 TOKENS_FILE, META_FILE = "tokens.safetensors", "meta.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 SAFETENSORS_DTYPES = {"I16": np.int16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
 
 
@@ -38,44 +38,16 @@ def data_cache_dir() -> Path:
     return cache_root() / "data"
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def tokenizer_digest(tokenizer) -> str:
-    """Hash of what decides a tokenizer's ids: its files (or its serialized model), special and added tokens."""
-    parts: dict[str, Any] = {
-        "class": type(tokenizer).__name__,
-        "special": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
-        "size": len(tokenizer),
-        "added": sorted(tokenizer.get_added_vocab().items()),
-        "split_special_tokens": getattr(tokenizer, "split_special_tokens", False),
-    }
-    folder = Path(str(tokenizer.name_or_path))
-    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()] if folder.is_dir() else []
-    if files:
-        parts["files"] = {f.name: file_digest(f) for f in files}
-    elif getattr(tokenizer, "backend_tokenizer", None) is not None:
-        parts["model"] = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-    else:
-        parts["vocab"] = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def cache_key(spec: str, data_cfg: DataConfig, tokenizer, templates: dict[str, str | None]) -> str | None:
     """The entry name for one data source under these settings; None for a hub dataset (not cached here)."""
     if not is_local(spec) or not Path(spec).exists():
         return None
     root = Path(spec)
-    files = {(f.relative_to(root).as_posix() if root.is_dir() else f.name): file_digest(f) for f in local_files(spec)}
+    files = {(f.relative_to(root).as_posix() if root.is_dir() else f.name): file_sha256(f) for f in local_files(spec)}
     inputs = {
         "version": [CACHE_VERSION, __version__],
         "files": files,
-        "tokenizer": tokenizer_digest(tokenizer),
+        "tokenizer": tokenizer_hash(tokenizer),
         "templates": templates,
         "options": {
             "format": data_cfg.format,

@@ -175,11 +175,6 @@ def _special_token_pattern(tokenizer) -> re.Pattern | None:
     return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
 
 
-def render_conversation(row: dict[str, Any], fmt: str, tokenizer, data_cfg: DataConfig, where: str) -> Rendered:
-    """One conversation row as segments (see ``ChatRenderer``; build one to render many rows)."""
-    return ChatRenderer(tokenizer, data_cfg).render(row, fmt, where)
-
-
 # -- where a reply ends ---------------------------------------------------------------------------
 def end_of_turn_id(tokenizer, chat_template: str | None = None) -> int | None:
     """The special token a chat template (default: the tokenizer's) closes an assistant turn with."""

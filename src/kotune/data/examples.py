@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 
 import numpy as np
 
@@ -63,14 +62,6 @@ class ExampleTable(Sequence):
     def __init__(self, ids: np.ndarray, labels: np.ndarray, starts: np.ndarray, ends: np.ndarray, rows: np.ndarray):
         self.ids, self.labels = ids, labels
         self.starts, self.ends, self.rows = starts, ends, rows
-
-    @classmethod
-    def from_lists(cls, rows: list[int], ids: list[list[int]], labels: list[list[int]]) -> ExampleTable:
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        total = int(lengths.sum())
-        flat_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=total)
-        flat_labels = np.fromiter(chain.from_iterable(labels), dtype=np.int32, count=total)
-        return cls.from_arrays(np.asarray(rows, dtype=np.int64), lengths, flat_ids, flat_labels)
 
     @classmethod
     def from_arrays(cls, rows: np.ndarray, lengths: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> ExampleTable:

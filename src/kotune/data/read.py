@@ -10,24 +10,17 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kotune.errors import KotuneError
+from kotune.paths import looks_local
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-ALPACA_COLUMNS = ("instruction", "input", "output")
 
 
 class DataError(KotuneError, ValueError):
     """A data problem a user can fix; the message names the file and the line, row or column."""
-
-
-@dataclass
-class Split:
-    train: list[dict[str, Any]]
-    validation: list[dict[str, Any]]
 
 
 def _decode(path: Path) -> str:
@@ -134,8 +127,6 @@ def local_files(path: str | Path) -> list[Path]:
 
 def is_local(spec: str) -> bool:
     """A local file or folder (existing or not: a misspelled local path must not be sent to the hub)."""
-    from kotune.model.assets import looks_local
-
     return Path(spec).exists() or Path(spec).suffix in LOCAL_SUFFIXES or looks_local(spec)
 
 
@@ -241,9 +232,3 @@ def split_indices(n_rows: int, val_size: float, seed: int) -> tuple[list[int], l
         n_val = max(1, n_val)
     val_ids = set(order[:n_val])
     return [i for i in order if i not in val_ids], order[:n_val]
-
-
-def split_rows(rows: list[dict[str, Any]], val_size: float, seed: int) -> Split:
-    """Seeded train / validation split: the same rows go to validation on every run with the same seed."""
-    train, validation = split_indices(len(rows), val_size, seed)
-    return Split(train=[rows[i] for i in train], validation=[rows[i] for i in validation])

@@ -28,6 +28,7 @@ from kotune.run_folder import (
     MERGE_REPORT,
     RECORDS,
     SUMMARY,
+    TOKENIZER_FILES,
     ModelFolder,
     open_folder,
     read_json,
@@ -37,7 +38,6 @@ from kotune.run_folder import (
 )
 
 MERGED_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 RUN_FILES = (*RECORDS, MERGE_REPORT)
 """kotune's own files; each is uploaded when the folder has it."""
 

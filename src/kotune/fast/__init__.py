@@ -11,8 +11,6 @@ import torch
 from kotune.config import Config
 from kotune.data.examples import IGNORE
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def wanted(cfg: Config, model_config, device_type: str | None = None) -> tuple[bool, str]:
     """(use the fast path?, why) for this config and the base model's transformers config."""
@@ -44,7 +42,7 @@ def build(peft_model, cfg: Config, **levers):
     options = {"offload": True, "fused": True, "host_embeddings": True, "triton_dequant": True, **levers}
     return FastCausalLM(
         peft_model,
-        compute_dtype=DTYPES[cfg.model.compute_dtype],
+        compute_dtype=cfg.model.torch_dtype(),
         checkpoint=cfg.model.gradient_checkpointing,
         **options,
     )

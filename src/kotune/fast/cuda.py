@@ -1,4 +1,8 @@
-"""Whether the GPU kernels' own packages can run here: a CUDA device, and the modules that hold them."""
+"""Whether this process can run a fast kernel: a CUDA device, and the libraries the kernel imports.
+
+Its own module (not the package's ``__init__``), so the kernel modules that ask need not import the package that
+imports them.
+"""
 
 from __future__ import annotations
 

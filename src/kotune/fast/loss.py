@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from kotune.data.examples import IGNORE
+
 LOGIT_ELEMENTS_PER_CHUNK = 1 << 24
 """fp32 logits held at once (64 MiB): 128 rows of a 128,256-word vocabulary."""
 

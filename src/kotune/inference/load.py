@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kotune.hashing import file_sha256
 from kotune.run_folder import ADAPTER_FILES, MERGE_REPORT, ModelFolder
 
 # torch and transformers are imported inside the functions that use them, so that `kotune --help` stays fast.
@@ -41,16 +42,14 @@ def model_fingerprint(folder: ModelFolder, base: str | None = None) -> str:
     import hashlib
     import json
 
-    from kotune.training.checkpoint import sha256
-
     if folder.merged:
         report = folder.path / MERGE_REPORT
         if report.is_file():
             parts = [json.dumps(json.loads(report.read_text(encoding="utf-8"))["source"], sort_keys=True)]
         else:
-            parts = [sha256(p) for p in sorted(folder.path.glob("model*.safetensors"))]
+            parts = [file_sha256(p) for p in sorted(folder.path.glob("model*.safetensors"))]
     else:
-        adapter = [sha256(folder.path / n) for n in ADAPTER_FILES]
+        adapter = [file_sha256(folder.path / n) for n in ADAPTER_FILES]
         parts = [*adapter, folder.config.model.path, base or folder.config.model.quantization]
     kind = "merged" if folder.merged else "adapter"
     return f"{kind}:{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}"

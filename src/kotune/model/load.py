@@ -12,8 +12,7 @@ import torch
 
 from kotune.config import ModelConfig
 from kotune.model.assets import AssetError
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from kotune.security import refuse_pickle
 
 
 def load_tokenizer(path: str, cfg: ModelConfig):
@@ -33,20 +32,31 @@ def load_tokenizer(path: str, cfg: ModelConfig):
 
 
 def quantization_config(cfg: ModelConfig):
-    """The walkthrough's ``BitsAndBytesConfig`` for ``4bit``; None for ``none``."""
+    """The ``BitsAndBytesConfig`` of ``model.quantization``: ``nf4_config`` for ``4bit``, None for ``none``."""
     if cfg.quantization == "none":
         return None
+    if cfg.quantization == "8bit":
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return nf4_config(cfg.torch_dtype(), cfg.double_quant)
+
+
+def nf4_config(compute_dtype: torch.dtype, double_quant: bool = True, storage: torch.dtype | None = None):
+    """The walkthrough's 4-bit ``BitsAndBytesConfig``: NF4 weights, matrix products in ``compute_dtype``.
+
+    ``storage`` is the dtype the packed 4-bit bytes are held in; unset, ``compute_dtype`` (what training loads
+    with); ``prequantized`` writes ``uint8``, what transformers saves by default. Tests and benches build their
+    4-bit bases here too (float32 for exact CPU checks), so every 4-bit model is quantized the same way.
+    """
     from transformers import BitsAndBytesConfig
 
-    if cfg.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    dtype = DTYPES[cfg.compute_dtype]
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=dtype,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage or compute_dtype,
     )
 
 
@@ -129,13 +139,43 @@ def load_base_model(path: str, cfg: ModelConfig, fast_path: bool = False):
     checkpoints layers itself and never needs the fp32 copies of embeddings, norms and output layer that
     peft's ``prepare_model_for_kbit_training`` makes (2 GiB more for an 8B model).
     """
+    model = base_from_pretrained(path, cfg)
+    model.config.use_cache = False
+    if fast_path:
+        return model
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # peft would enable checkpointing through the name transformers 5.24 deprecated; it is done below
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+        if cfg.quantization == "none":  # non-reentrant checkpointing needs no input gradients; as before
+            model.enable_input_require_grads()
+    return model
+
+
+def load_base(model_cfg: ModelConfig, quantization: str):
+    """The base model as ``model_cfg`` names it, quantized as asked (``4bit``, ``8bit`` or ``none``), for inference."""
+    from kotune.model.assets import resolve_model
+
+    model_cfg = dataclasses.replace(model_cfg, quantization=quantization)
+    return base_from_pretrained(resolve_model(model_cfg.path), model_cfg)
+
+
+# -- the one policy for a base's weights ------------------------------------------------------------------
+def base_from_pretrained(path: str, cfg: ModelConfig):
+    """The base at ``path`` through transformers, quantized as ``cfg`` says, under the policy every load of a base
+    follows (training, merge, chat, generate, eval; ``sharded_load`` makes the same two checks): pickle weights
+    only with ``model.allow_pickle`` (``refuse_pickle_weights``, and transformers told to read safetensors only),
+    and no weight missing from the files (``refuse_missing_weights``)."""
     from transformers import AutoModelForCausalLM
 
-    quant = quantization_config(cfg)
+    refuse_pickle_weights(path, cfg)
     model, loading = AutoModelForCausalLM.from_pretrained(
         path,
-        quantization_config=quant,
-        dtype=DTYPES[cfg.compute_dtype],
+        quantization_config=quantization_config(cfg),
+        dtype=cfg.torch_dtype(),
         device_map=device_map(),
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
@@ -143,58 +183,33 @@ def load_base_model(path: str, cfg: ModelConfig, fast_path: bool = False):
         output_loading_info=True,
     )
     refuse_missing_weights(path, loading["missing_keys"])
-    model.config.use_cache = False
     if cfg.quantization == "4bit":
-        keep_4bit_weights_exact(model)
-    if fast_path:
-        return model
-    if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        # peft would enable checkpointing through the name transformers 5.24 deprecated; it is done below
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if cfg.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-        if quant is None:  # non-reentrant checkpointing needs no input gradients; this keeps the earlier setup
-            model.enable_input_require_grads()
+        keep_4bit_weights_exact(model)  # an adapter must run on the weights it was trained against
     return model
 
 
+def refuse_pickle_weights(path: str, cfg: ModelConfig) -> None:
+    """A local model folder holding pickle weights and no safetensors is refused unless ``model.allow_pickle``
+    (a SecurityError naming the files); a hub name is kept to safetensors by the loader itself."""
+    if os.path.isdir(path):
+        refuse_pickle(path, cfg.allow_pickle, "model folder", "model.allow_pickle: true")
+
+
+class MissingWeights(AssetError):
+    """A base whose weight files lack some of its weights; the message names the folder and the weights."""
+
+
 def refuse_missing_weights(path: str, missing) -> None:
-    """transformers fills weights absent from the files with random values and only warns: that is an error here.
+    """transformers fills weights absent from the files with random values and only warns: that is an error here,
+    raised the same way by every loader.
 
     (A folder with the real weights in ``pytorch_model.bin`` and an unrelated ``model.safetensors`` loaded every
     weight at random and trained on it.)
     """
     if missing:
         names = sorted(missing)
-        raise AssetError(
+        raise MissingWeights(
             f"model {path}: {len(names)} weights are missing from its files ({', '.join(names[:4])}"
             f"{', ...' if len(names) > 4 else ''}), so they would be random. Check the folder's weight files: "
             "a .safetensors file that belongs to another model? (pickle weights load only with model.allow_pickle)"
         )
-
-
-def load_base(model_cfg, quantization: str):
-    """The base model as ``model_cfg`` names it, quantized as asked (``4bit``, ``8bit`` or ``none``), for inference."""
-    from transformers import AutoModelForCausalLM
-
-    from kotune.model.assets import resolve_model
-    from kotune.security import refuse_pickle
-
-    model_cfg = dataclasses.replace(model_cfg, quantization=quantization)
-    path = resolve_model(model_cfg.path)
-    if os.path.isdir(path):
-        refuse_pickle(path, model_cfg.allow_pickle, "model folder", "model.allow_pickle: true")
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        quantization_config=quantization_config(model_cfg),
-        dtype=DTYPES[model_cfg.compute_dtype],
-        device_map=device_map(),
-        trust_remote_code=model_cfg.trust_remote_code,
-        attn_implementation=model_cfg.attn_implementation,
-        use_safetensors=None if model_cfg.allow_pickle else True,  # as training loads it: hub names too
-    )
-    if quantization == "4bit":
-        keep_4bit_weights_exact(model)  # the adapter must run on the weights it was trained against
-    return model

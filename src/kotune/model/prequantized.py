@@ -3,11 +3,10 @@
 A 70B base is ~140 GB in bfloat16 but ~37 GB in NF4. Tests and benches that need a base of that shape (random
 weights; speed and memory do not depend on the values) write it here one tensor at a time, never holding more
 than one shard file on the host. The folder is what transformers' ``save_pretrained`` writes for a model loaded
-with ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-bnb_4bit_compute_dtype=bfloat16, bnb_4bit_quant_storage=uint8)``: per quantized linear weight the packed uint8
-``<name>.weight`` and bitsandbytes' packed quant state beside it (``.absmax``, ``.quant_map``,
-``.nested_absmax``, ``.nested_quant_map``, ``.quant_state.bitsandbytes__nf4``); embeddings, norms and
-``lm_head`` (transformers keeps it unquantized) in bfloat16.
+with ``bnb_config()`` (NF4, double quantization, bfloat16 compute, uint8 storage): per quantized linear weight
+the packed uint8 ``<name>.weight`` and bitsandbytes' packed quant state beside it (``.absmax``, ``.quant_map``,
+``.nested_absmax``, ``.nested_quant_map``, ``.quant_state.bitsandbytes__nf4``); embeddings, norms and ``lm_head``
+(transformers keeps it unquantized) in bfloat16.
 """
 
 from __future__ import annotations
@@ -28,15 +27,9 @@ DEFAULT_SHARD_BYTES = 2 * 2**30
 
 def bnb_config():
     """The 4-bit settings the folder is written in (and that ``config.json`` records)."""
-    from transformers import BitsAndBytesConfig
+    from kotune.model.load import nf4_config
 
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_quant_storage=torch.uint8,
-    )
+    return nf4_config(torch.bfloat16, storage=torch.uint8)
 
 
 def tensor_plan(config) -> list[tuple[str, tuple[int, ...], str]]:

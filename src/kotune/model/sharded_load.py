@@ -19,6 +19,8 @@ import torch
 
 from kotune.config import Config
 from kotune.fast.nf4_tensor import NF4Tensor
+from kotune.model.assets import AssetError
+from kotune.model.load import refuse_missing_weights, refuse_pickle_weights
 
 
 def is_prequantized(path: str) -> bool:
@@ -34,9 +36,11 @@ def load_sharded(path: str, cfg: Config, attach_lora, shard_layer):
     """The LoRA model of the folder ``path`` with every decoder layer sharded by ``shard_layer`` (called once per
     layer, its weights on this device); ``attach_lora(model)`` wraps it in peft as a normal load does. A 4-bit
     folder's weights are read as stored; a 16-bit one's are quantized here as bitsandbytes quantizes on a normal
-    load (``model.double_quant``), a weight at a time."""
+    load (``model.double_quant``), a weight at a time. The policy of every base load holds (``model.load``): pickle
+    weights refused, and a weight missing from the files refused before any is read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    refuse_pickle_weights(path, cfg.model)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     config.use_cache = False
     files = WeightFiles(path, cfg.model)
@@ -44,6 +48,7 @@ def load_sharded(path: str, cfg: Config, attach_lora, shard_layer):
         skeleton = AutoModelForCausalLM.from_config(
             config, dtype=files.dtype, trust_remote_code=cfg.model.trust_remote_code
         )
+    refuse_missing_weights(path, files.missing(skeleton))
     model = attach_lora(skeleton)  # peft draws its weights on the CPU, then moves them to the meta device
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)  # where a normal load's peft starts drawing
@@ -54,9 +59,6 @@ def load_sharded(path: str, cfg: Config, attach_lora, shard_layer):
             files.fill(module, name, device)
     if getattr(config, "tie_word_embeddings", False):
         base.tie_weights()
-    missing = [n for n, p in base.named_parameters() if p.is_meta and ".layers." not in n and "lora_" not in n]
-    if missing:
-        raise ValueError(f"{path}: its safetensors files lack {', '.join(missing[:4])}")
     inner = base.model
     # its inverse frequencies are a buffer computed at construction, not read from the files: computed on the
     # CPU, as from_pretrained does (on a GPU, pow rounds differently and the rotary tables drift by an ulp)
@@ -110,12 +112,28 @@ class WeightFiles:
             not (self.folder / "model.safetensors.index.json").is_file()
             and not (self.folder / "model.safetensors").is_file()
         ):
-            raise ValueError(f"{path}: no model.safetensors(.index.json); train.distributed fsdp reads safetensors")
+            raise AssetError(
+                f"model {path}: no model.safetensors (or model.safetensors.index.json); train.distributed fsdp "
+                "reads safetensors only: convert the weights, or train with train.distributed ddp"
+            )
         if self.prequantized:
             config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
             self.dtype = getattr(torch, config["quantization_config"]["bnb_4bit_compute_dtype"])
         else:
-            self.dtype = getattr(torch, model_cfg.compute_dtype)
+            self.dtype = model_cfg.torch_dtype()
+
+    def missing(self, model: torch.nn.Module) -> list[str]:
+        """Parameters of ``model`` (before LoRA: named as the files name them) that no file holds; a tied output
+        layer shares the embeddings' parameter and is not asked for."""
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            stored = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        else:
+            from safetensors import safe_open
+
+            with safe_open(self.folder / "model.safetensors", "pt") as f:
+                stored = set(f.keys())
+        return [name for name, _ in model.named_parameters() if name not in stored]
 
     def fill(self, module: torch.nn.Module, name: str, device) -> None:
         """``module``'s own (frozen, unquantized) parameters read from the files (a tied output layer: none)."""
@@ -153,9 +171,7 @@ class WeightFiles:
         """A 16-bit weight quantized as a normal load quantizes it (bitsandbytes NF4, blocks of 64)."""
         import bitsandbytes.functional as F
 
-        weight = self.dense(f"{name}.weight", device)
-        if weight is None:
-            raise ValueError(f"{self.folder}: no tensor {name}.weight")
+        weight = self.dense(f"{name}.weight", device)  # there: ``missing`` found every weight before any was read
         packed, state = F.quantize_4bit(
             weight, blocksize=64, compress_statistics=self.model_cfg.double_quant, quant_type="nf4"
         )

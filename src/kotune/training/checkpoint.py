@@ -12,7 +12,6 @@ best eval, Python RNG, the optimizer's non-tensor state), ``fingerprint.json`` (
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from kotune import __version__, output
 from kotune.errors import KotuneError
+from kotune.hashing import file_sha256
 from kotune.run_folder import (
     ADAPTER,
     ADAPTER_CONFIG,
@@ -100,14 +100,6 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def estimate_size(model, optimizer, with_best: bool) -> int:
     """Bytes a checkpoint will take: the adapter (twice with the best one), the optimizer state, ~1 MiB of JSON."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -174,7 +166,7 @@ def _write_files(tmp: Path, model, optimizer, state, fingerprint, best: Path) ->
         (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1, ensure_ascii=False), encoding="utf-8")
     if best.is_file():  # the best-eval adapter so far, so a resume can restore best/ as it was at this step
         shutil.copyfile(best, tmp / BEST_ADAPTER)
-    checksums = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    checksums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     marker = {"step": state.get("step"), "kotune": __version__, "sha256": checksums}
     (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")  # last: the folder is complete
 
@@ -283,7 +275,7 @@ def verify(folder: Path) -> None:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{folder}: {name} is missing")
-        if sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise CheckpointError(f"{folder}: {name} does not match its checksum (corrupt or changed)")
 
 

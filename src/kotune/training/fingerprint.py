@@ -15,9 +15,10 @@ from typing import Any
 
 from kotune import output
 from kotune.config import Config
+from kotune.hashing import file_sha256, tokenizer_hash
 from kotune.run_folder import FINGERPRINT
 from kotune.security import redact
-from kotune.training.checkpoint import CheckpointError, sha256
+from kotune.training.checkpoint import CheckpointError
 
 NOT_FINGERPRINTED = frozenset(
     {
@@ -76,7 +77,7 @@ def data_files(cfg: Config) -> dict[str, str]:
         root = Path(spec)
         for file in local_files(spec):
             name = file.relative_to(root).as_posix() if root.is_dir() else file.name
-            out[f"{split}:{name}"] = sha256(file)
+            out[f"{split}:{name}"] = file_sha256(file)
     return out
 
 
@@ -90,19 +91,6 @@ def examples_hash(*splits) -> str:
             digest.update(array("q", e.input_ids).tobytes())
             digest.update(array("q", e.labels).tobytes())
     return digest.hexdigest()
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """Hash of the vocabulary, merges, normalizer, special and pad tokens, padding side and chat template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = {
-        "special": tokenizer.special_tokens_map,
-        "pad": tokenizer.pad_token,
-        "padding_side": tokenizer.padding_side,
-        "chat_template": getattr(tokenizer, "chat_template", None),
-    }
-    return hashlib.sha256((model + json.dumps(extra, sort_keys=True, default=str)).encode()).hexdigest()
 
 
 def template_hash(template, cfg: Config) -> str:

@@ -69,8 +69,9 @@ class Pending:
 
 
 def autocast(cfg: Config, device):
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.compute_dtype)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
+    """The compute dtype's autocast on CUDA (bfloat16 or float16); float32 and the CPU compute as they are."""
+    half = cfg.model.compute_dtype != "float32" and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=cfg.model.torch_dtype() if half else None, enabled=half)
 
 
 class Fit:
