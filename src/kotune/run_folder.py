@@ -162,7 +162,9 @@ def read_metrics(folder: Path) -> list[dict]:
     path = Path(folder) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from kotune.data.read import jsonl_lines
+
+    return [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
 
 
 def read_summary(folder: Path) -> dict | None:

@@ -8,6 +8,7 @@ user can fix raise ``DataError`` naming the file and the line, row or column.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from pathlib import Path
@@ -37,9 +38,16 @@ def _decode(path: Path) -> str:
         ) from None
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text, split on ``\n`` only (a ``\r`` before it dropped). ``str.splitlines`` also
+    splits on U+2028, U+2029, U+0085 and other separators that a JSON string may hold unescaped (scraped web text
+    does), cutting such a row in two."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(_decode(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -76,7 +84,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    reader = csv.reader(_decode(path).splitlines(keepends=True))
+    reader = csv.reader(io.StringIO(_decode(path), newline=""))  # csv's own line ends: not U+2028 in a field
     rows: list[dict[str, Any]] = []
     try:
         header = next(reader, None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kotune.data.read import DataError
+from kotune.data.read import DataError, jsonl_lines
 
 DEFAULT_SET = Path(__file__).resolve().parents[3] / "data" / "ko-choice-smoke.jsonl"
 """kotune's bundled Korean smoke set (CC0): short questions in several subjects, four choices each."""
@@ -27,7 +27,7 @@ def read_items(path: str | Path) -> list[dict]:
     """Items of a JSONL file: ``question``, ``choices`` (2 or more strings), ``answer`` (index or the right choice's
     text), optional ``subject``. A bad line stops with its number and what is wrong."""
     items = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(Path(path).read_text(encoding="utf-8")), start=1):
         if not line.strip():
             continue
         where = f"{path}: line {number}"

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kotune import __version__, output
+from kotune.data.read import jsonl_lines
 from kotune.errors import KotuneError
 from kotune.hashing import file_sha256
 from kotune.run_folder import (
@@ -334,7 +335,9 @@ def trim_metrics(path: Path, last_step: int) -> int:
     if not path.is_file():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in jsonl_lines(path.read_text(encoding="utf-8")):
+        if not line:
+            continue
         try:
             keep = json.loads(line)["step"] <= last_step
         except (ValueError, KeyError, TypeError):
