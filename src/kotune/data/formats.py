@@ -47,12 +47,25 @@ def used_columns(fmt: str) -> tuple[str, ...]:
     return FORMAT_COLUMNS[fmt] + OPTIONAL_COLUMNS.get(fmt, ())
 
 
+LABELS = {"true": True, "false": False, "1": True, "0": False}
+"""KTO label spellings besides JSON's booleans (case and surrounding spaces ignored; the integers 1 and 0 too)."""
+
+
+def desirable(label: Any) -> bool | None:
+    """A KTO label as a bool (``LABELS``), or None when it is none of the spellings read."""
+    if isinstance(label, bool):
+        return label
+    if isinstance(label, int) and label in (0, 1):
+        return bool(label)
+    return LABELS.get(label.strip().lower()) if isinstance(label, str) else None
+
+
 def detect_format(rows: list[dict[str, Any]], where: str) -> str:
     """The format whose required columns the first row has."""
     if not rows:
         raise DataError(f"{where}: no rows")
     columns = set(rows[0])
-    if {"prompt", "completion", "label"} <= columns and isinstance(rows[0]["label"], bool):
+    if {"prompt", "completion", "label"} <= columns and desirable(rows[0]["label"]) is not None:
         raise DataError(
             f"{where}: rows with prompt, completion and a true / false label are unpaired preference data; "
             "train them with train.objective=kto (SFT would also learn the completions labelled false), or drop "

@@ -2,12 +2,14 @@
 
 Three shapes of pairs are read, detected from the columns:
 - ``prompt`` text + ``chosen`` / ``rejected`` text: the prompt is used as it is and EOS closes each response;
-- ``prompt`` as a message list (or any row with a ``system`` column) + ``chosen`` / ``rejected`` as text or as
-  a one-message assistant list: rendered through the chat template, each response ending at its end-of-turn token;
+- ``prompt`` as a message list (or any row of a file with a ``system`` column; an empty system is no system turn)
+  + ``chosen`` / ``rejected`` as text or as a one-message assistant list: rendered through the chat template, each
+  response ending at its end-of-turn token;
 - ``instruction`` (+ ``input``) + ``chosen`` / ``rejected``: the prompt comes from ``data.template``.
 
-KTO also reads unpaired rows (TRL's unpaired preference format): ``prompt`` + ``completion`` + a boolean ``label``
-(true: a desirable response), the prompt and completion in either of the first two shapes.
+KTO also reads unpaired rows (TRL's unpaired preference format): ``prompt`` + ``completion`` + a ``label`` (true:
+a desirable response; ``LABELS`` lists the spellings read), the prompt and completion in either of the first two
+shapes.
 
 The prompt and each response are encoded separately and concatenated (as ``data.encoding`` does for SFT), so the
 response's labels are exactly its own tokens. Truncation keeps the prompt's end (``preference.max_prompt_len``,
@@ -22,7 +24,7 @@ from typing import Any
 
 from kotune.config import Config
 from kotune.data.encoding import bos_id_to_add, encode_segments
-from kotune.data.formats import SkipRow, _text
+from kotune.data.formats import SkipRow, _text, desirable
 from kotune.data.read import DataError
 from kotune.data.templates import Template
 
@@ -40,14 +42,14 @@ def is_preference(rows: list[dict[str, Any]]) -> bool:
 
 def is_unpaired(rows: list[dict[str, Any]]) -> bool:
     """Whether the first row is an unpaired preference row: prompt, completion and a true / false label."""
-    return bool(rows) and set(UNPAIRED_COLUMNS) <= set(rows[0]) and isinstance(rows[0]["label"], bool)
+    return bool(rows) and set(UNPAIRED_COLUMNS) <= set(rows[0]) and desirable(rows[0]["label"]) is not None
 
 
 def prompt_format(row: dict[str, Any]) -> str:
     """The SFT format whose prompts a preference row's prompt is built like (what chat / generate use)."""
     if "instruction" in row and "prompt" not in row:
         return "alpaca"
-    return "prompt_completion" if isinstance(row.get("prompt"), str) and not row.get("system") else "messages"
+    return "prompt_completion" if isinstance(row.get("prompt"), str) and "system" not in row else "messages"
 
 
 def chosen_as_sft(data, prompt_fmt: str):
@@ -159,8 +161,11 @@ def _response(value: Any, key: str, row: dict[str, Any], where: str) -> str:
 class PreferenceRenderer:
     """Renders rows to ``PreferenceText`` with one template and, for conversations, one chat template."""
 
-    def __init__(self, cfg: Config, template: Template, tokenizer):
+    def __init__(self, cfg: Config, template: Template, tokenizer, system_column: bool = False):
         self.cfg, self.template, self.tokenizer = cfg, template, tokenizer
+        self.system_column = system_column
+        """The file has a ``system`` column: every row is a conversation (an empty system is no system turn),
+        so one file never trains in two formats."""
         self._chat = None
 
     def chat(self):
@@ -179,9 +184,13 @@ class PreferenceRenderer:
         return PreferenceText(row["_row"], prompt, chosen, rejected, append_eos)
 
     def render_unpaired(self, row: dict[str, Any], where: str) -> UnpairedText:
-        label = row.get("label")
-        if not isinstance(label, bool):
-            raise DataError(f"{where} (row {row['_row']}): 'label' must be true or false, got {label!r}")
+        label = desirable(row.get("label"))
+        if label is None:
+            source = row.get("_source", where)
+            raise DataError(
+                f"{source} (row {row['_row']}): 'label' is {row.get('label')!r}; a KTO label is true or false "
+                '(also "true" / "false" or 1 / 0): fix that row, or map another column with data.columns'
+            )
         completion = _response(row.get("completion"), "completion", row, where)
         if not completion.strip():
             raise SkipRow("empty response")
@@ -194,7 +203,7 @@ class PreferenceRenderer:
             prompt = self.template.format(_text(row, "instruction", where), _text(row, "input", where, True))
             return prompt, replies, True
         prompt = row.get("prompt")
-        if isinstance(prompt, str) and not row.get("system"):
+        if isinstance(prompt, str) and not self.system_column:
             return prompt, replies, True
         return self._conversation(row, prompt, replies, where)
 
@@ -234,12 +243,14 @@ def encode_pairs(
     segments = [_segments(x) for x in texts]
     ids = iter(encode_segments(tokenizer, [t for row in segments for t in row]))
     data = PreferenceData(texts=texts)
-    head = [bos] if bos is not None else []
     for text, row in zip(texts, segments, strict=True):
         prompt, *responses = (next(ids) for _ in row)
+        head = [bos] if bos is not None else []
+        if not head and prompt[:1] == [tokenizer.bos_token_id]:  # a chat template that writes BOS as text
+            head, prompt = prompt[:1], prompt[1:]
         keep = max_prompt_len - len(head)
         if len(prompt) > keep:
-            prompt = prompt[len(prompt) - keep :]  # the prompt's end is what the response answers
+            prompt = prompt[len(prompt) - keep :]  # the prompt's end is what the response answers; BOS stays
             data.prompt_cut.append(text.row)
         prompt = head + prompt
         closing = [eos] if text.append_eos else []
@@ -258,7 +269,7 @@ def encode_pairs(
 def render_pairs(rows: list[dict[str, Any]], cfg: Config, template: Template, tokenizer, where: str) -> PreferenceData:
     """Render and encode preference rows (pairs, or unpaired rows: ``is_unpaired``); rows that cannot train are
     counted in ``skipped`` with the reason."""
-    renderer = PreferenceRenderer(cfg, template, tokenizer)
+    renderer = PreferenceRenderer(cfg, template, tokenizer, any("system" in row for row in rows))
     render = renderer.render_unpaired if is_unpaired(rows) else renderer.render
     texts, skipped = [], {}
     for row in rows:
