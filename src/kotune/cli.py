@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except KotuneError as exc:
         output.error(str(exc))
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves a checkpoint first): one line, no traceback
+        output.error(f"{args.command} interrupted (Ctrl-C)")
+        return 130
 
 
 if __name__ == "__main__":

@@ -133,8 +133,8 @@ def take_over(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
 
 
 def aside_name(output_dir: Path) -> Path:
-    """``NAME.replaced-N`` beside the folder, the first N not taken."""
-    n = 1
+    """``NAME.replaced-N`` beside the folder, the first N not taken (``.`` and ``..`` named by where they are)."""
+    output_dir, n = output_dir.resolve(), 1
     while (candidate := output_dir.with_name(f"{output_dir.name}.replaced-{n}")).exists():
         n += 1
     return candidate
