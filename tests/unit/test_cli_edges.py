@@ -32,3 +32,15 @@ def test_the_current_folder_as_output_dir_over_a_run_is_refused_by_name(tmp_path
         take_over(Path("."), resume=False, overwrite=False)
     aside = take_over(Path("."), resume=False, overwrite=True)
     assert aside == tmp_path / "my-run.replaced-1" and (aside / "checkpoint-2").is_dir()
+
+
+def test_pairs_read_as_sft_rows_name_train_objective_and_eval_is_not_told_of_data_columns():
+    from kotune.data.formats import detect_format
+    from kotune.data.read import DataError
+
+    pairs = [{"prompt": "q", "chosen": "a", "rejected": "b"}]
+    with pytest.raises(DataError, match="preference pairs .*train.objective=dpo, orpo, simpo or kto, not sft"):
+        detect_format(pairs, "pairs.jsonl")
+    with pytest.raises(DataError) as unknown:
+        detect_format([{"question": "q"}], "rows.jsonl", "give `kotune eval` rows of one of those formats with --data")
+    assert "data.columns" not in str(unknown.value) and "--data" in str(unknown.value)

@@ -60,8 +60,9 @@ def desirable(label: Any) -> bool | None:
     return LABELS.get(label.strip().lower()) if isinstance(label, str) else None
 
 
-def detect_format(rows: list[dict[str, Any]], where: str) -> str:
-    """The format whose required columns the first row has."""
+def detect_format(rows: list[dict[str, Any]], where: str, remedy: str | None = None) -> str:
+    """The format whose required columns the first row has; ``remedy``: what the error says to do when none fits
+    (training's default: map the columns with ``data.columns``)."""
     if not rows:
         raise DataError(f"{where}: no rows")
     columns = set(rows[0])
@@ -75,10 +76,16 @@ def detect_format(rows: list[dict[str, Any]], where: str) -> str:
         if set(required) <= columns:
             return name
     present = ", ".join(sorted(c for c in columns if not c.startswith("_")))
+    if {"chosen", "rejected"} <= columns:
+        raise DataError(
+            f"{where}: rows with chosen and rejected responses are preference pairs (columns present: {present}): "
+            "`kotune train` trains them with train.objective=dpo, orpo, simpo or kto, not sft"
+            + (f"; {remedy}" if remedy else "")
+        )
+    remedy = remedy or "Map yours with data.columns, e.g. data.columns={instruction: question, output: answer}"
     raise DataError(
         f"{where}: cannot tell the row format; expected columns instruction/input/output (alpaca), "
-        f"prompt/completion, messages or conversations; columns present: {present}. "
-        "Map yours with data.columns, e.g. data.columns={instruction: question, output: answer}"
+        f"prompt/completion, messages or conversations; columns present: {present}. {remedy}"
     )
 
 

@@ -42,7 +42,7 @@ def load_heldout(folder, tokenizer, path: str | None) -> HeldOut:
         source = f"{cfg.data.path} (validation split)"
         if not rows:
             raise DataError(f"{folder.path}: the run held out no validation rows; give held-out rows with --data")
-    fmt = detect_format(rows, source)
+    fmt = detect_format(rows, source, "give `kotune eval` rows of one of those formats with --data")
     check_columns(rows, fmt, source)
     check_types(rows, used_columns(fmt))
     data_cfg = replace(cfg.data, path=source)
