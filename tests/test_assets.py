@@ -1,4 +1,5 @@
-"""Model references: local folders and Hub names pass through, pypi specs parse, fetched assets load."""
+"""Model references: local folders pass through, pypi specs parse, fetched assets load (hub names:
+``unit/test_hub_names.py``)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,6 @@ from kotune.model.assets import MARKER, SMOLLM2_SPEC, AssetError, PypiSpec, pars
 def test_local_folder_is_returned_as_is(tmp_path):
     assert resolve_model(str(tmp_path), cache_dir=str(tmp_path / "cache")) == str(tmp_path)
     assert not (tmp_path / "cache").exists()
-
-
-def test_hub_name_is_returned_unchanged(tmp_path):
-    name = "beomi/Llama-3-Open-Ko-8B"
-    assert resolve_model(name, cache_dir=str(tmp_path)) == name
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_gguf_file_names_the_file(tmp_path):

@@ -15,6 +15,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kotune", description="QLoRA fine-tuning of LLMs on instruction data.")
     parser.add_argument("--version", action="version", version=f"kotune {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only warnings, errors and results")
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="read hub models and datasets from the local cache only, never the network",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"kotune.commands.{name}").register(sub)
@@ -24,11 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from kotune import output
     from kotune.errors import KotuneError
+    from kotune.model.hub import go_offline
     from kotune.model.load import quiet_bitsandbytes
 
-    quiet_bitsandbytes()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.offline:
+        go_offline()  # before bitsandbytes or any hub library is imported: they read it once, at import
+    quiet_bitsandbytes()
     # argparse stops filling a positional list at the first option: `train C.yaml --dry-run a=1` leaves
     # `a=1` over. Overrides may stand anywhere on the line, so collect them here.
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

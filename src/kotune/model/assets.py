@@ -88,6 +88,9 @@ def resolve_model(path: str, cache_dir: str | None = None) -> str:
             f"model.path {path}: no such folder. Check the path; a hub model is named NAME or ORG/NAME, "
             "a GGUF file ends in .gguf"
         )
+    from kotune.model.hub import check_hub_model  # a hub name: in the cache, or the hub reachable
+
+    check_hub_model(path)
     return path
 
 
