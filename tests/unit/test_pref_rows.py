@@ -76,3 +76,20 @@ def test_kto_labels_in_their_common_spellings_and_the_rest_named(mock_dir, mock_
     assert [r.desirable for r in data.pairs] == [True, True, False, True, False, True, False, True]
     with pytest.raises(DataError, match=r"rows.jsonl line 3 \(row 2\): 'label' is 'yes'"):
         render([*rows[:2], {"prompt": "q", "completion": "r", "label": "yes"}], mock_tokenizer, config(mock_dir))
+
+
+def test_left_out_rows_and_blank_prompts_are_named_and_a_mostly_unusable_file_is_refused(mock_dir, mock_tokenizer):
+    from kotune.data.preference_audit import audit_pairs
+
+    pair = {"prompt": "q", "chosen": "yes", "rejected": "no"}
+    rows = [pair, {"prompt": "q", "chosen": "yes"}, {"prompt": "  ", "chosen": "yes", "rejected": "no"}, pair]
+    rows += [{"instruction": "an SFT row", "output": "in a pair file"}]
+    cfg = config(mock_dir)
+    audit = audit_pairs("rows.jsonl", render(rows, mock_tokenizer, cfg), len(rows), 64, 16)
+    skipped = {f.message: f.rows for f in audit.findings if f.code == "skipped"}
+    assert skipped == {"1 rows left out: null chosen (row 4)": [4], "1 rows left out: null rejected (row 1)": [1]}
+    assert [f.rows for f in audit.findings if f.code == "blank_prompt"] == [[2]] and not audit.fatal()
+    mostly_sft = [pair] + [{"instruction": f"q{i}", "output": "a"} for i in range(3)]
+    audit = audit_pairs("rows.jsonl", render(mostly_sft, mock_tokenizer, cfg), len(mostly_sft), 64, 16)
+    (fatal,) = audit.fatal()
+    assert fatal.code == "most_rows_left_out" and fatal.rows == [1, 2, 3] and "3 of 4 rows" in fatal.message

@@ -145,6 +145,8 @@ class PreferenceData:
     """Rows whose prompt lost its start to ``preference.max_prompt_len``."""
     eos_lost: list[int] = field(default_factory=list)
     """Rows where the chosen or the rejected response lost its closing token to ``data.cutoff_len``."""
+    blank_prompts: list[int] = field(default_factory=list)
+    """Rows that train although their prompt (or instruction, or every user turn) is empty or blank."""
     chat_template: str | None = None
     """The chat template conversational rows were rendered with (None when none was)."""
 
@@ -279,8 +281,19 @@ def render_pairs(rows: list[dict[str, Any]], cfg: Config, template: Template, to
             skipped[row["_row"]] = str(reason)
     data = encode_pairs(texts, tokenizer, cfg.data.cutoff_len, cfg.preference.max_prompt_len)
     data.skipped = skipped
+    data.blank_prompts = [row["_row"] for row in rows if row["_row"] not in skipped and blank_prompt(row)]
     data.chat_template = renderer._chat.template if renderer._chat is not None else None
     return data
+
+
+def blank_prompt(row: dict[str, Any]) -> bool:
+    """Whether a row's prompt holds no text: its ``prompt`` or ``instruction``, or the content of every user turn
+    of a message-list prompt, empty or blank."""
+    prompt = row.get("prompt", row.get("instruction"))
+    if isinstance(prompt, list):
+        turns = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return not any(isinstance(t, str) and t.strip() for t in turns)
+    return isinstance(prompt, str) and not prompt.strip() and not str(row.get("input") or "").strip()
 
 
 def collate_pairs(

@@ -10,6 +10,9 @@ import numpy as np
 from kotune.data.audit import FATAL, INFO, WARNING, AuditReport, Finding, length_stats, row_list
 from kotune.data.preference import PreferenceData, UnpairedResponse, UnpairedText
 
+MAX_LEFT_OUT = 0.5
+"""Share of a file's rows left out (missing or empty responses, SFT rows in a pair file) above which the audit
+stops the run: so many unusable rows mean the wrong file or unmapped columns, not a few bad rows."""
 LENGTH_BIAS = 0.7
 """Share of pairs whose chosen response is the longer one above which the audit warns (or below 1 - it)."""
 
@@ -36,6 +39,16 @@ def _pair_findings(data: PreferenceData, cutoff_len: int, max_prompt_len: int) -
                 f"{len(empty)} rows have an empty chosen or rejected "
                 f"response and are left out (rows {row_list(empty)})",
                 empty,
+            )
+        )
+    for reason in sorted({why for why in data.skipped.values() if why != "empty response"}):
+        rows = sorted(r for r, why in data.skipped.items() if why == reason)
+        found.append(Finding("skipped", WARNING, f"{len(rows)} rows left out: {reason} ({row_list(rows)})", rows))
+    if data.blank_prompts:
+        rows = data.blank_prompts
+        found.append(
+            Finding(
+                "blank_prompt", WARNING, f"{len(rows)} rows train on an empty or blank prompt ({row_list(rows)})", rows
             )
         )
     if data.prompt_cut:
@@ -124,6 +137,17 @@ def audit_pairs(source: str, data: PreferenceData, n_rows: int, cutoff_len: int,
         findings.append(extra)
     if not data.pairs:
         findings.append(Finding("no_pairs", FATAL, "no row holds a trainable preference pair"))
+    elif len(data.skipped) > MAX_LEFT_OUT * n_rows:
+        rows = sorted(data.skipped)
+        findings.append(
+            Finding(
+                "most_rows_left_out",
+                FATAL,
+                f"{len(rows)} of {n_rows} rows are left out ({row_list(rows)}; the reasons are above): is this "
+                "the file you meant, or do its columns need data.columns?",
+                rows,
+            )
+        )
     return AuditReport(
         source, "preference", n_rows, len(data.pairs), cutoff_len, stats, histogram, tokens, trained, [], findings
     )
