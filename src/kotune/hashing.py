@@ -37,3 +37,21 @@ def tokenizer_hash(tokenizer) -> str:
     if getattr(tokenizer, "split_special_tokens", False):
         extra["split_special_tokens"] = True
     return hashlib.sha256((model + json.dumps(extra, sort_keys=True, default=str)).encode()).hexdigest()
+
+
+def model_identity(path: str) -> str:
+    """What tells one base model from another without reading all of it: its ``config.json`` and, per weight file,
+    its name, size and first and last MiB (weights drawn differently in the same shapes differ there). A hub name
+    is its own identity."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"hub:{path}"
+    digest = hashlib.sha256((folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b"")
+    for weights in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with weights.open("rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+    return digest.hexdigest()

@@ -169,6 +169,15 @@ def test_tiny_run_writes_the_pinned_metrics(pinned_run):
     assert_pinned(produced)
 
 
+def test_a_finished_run_records_its_base(pinned_run, tiny_model_dir):
+    """What ``model.adapter`` checks a later run's base against (``model.lora.check_adapter_base``)."""
+    from kotune.hashing import model_identity
+
+    config, _ = pinned_run
+    summary = json.loads((config.parent / "run" / "run_summary.json").read_text(encoding="utf-8"))
+    assert summary["base"] == model_identity(tiny_model_dir)
+
+
 def test_packed_run_writes_its_pinned_metrics_and_trains_the_same_steps(tmp_path, tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir, **{"train.packing": "on"})
     kotune_train(config)

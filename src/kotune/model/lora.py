@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from kotune.config import Config, ConfigError, LoraConfig
@@ -82,6 +84,27 @@ def trainable_token_ids(cfg: LoraConfig, tokenizer, untrained: list[int]) -> lis
     if missing:
         raise ConfigError(f"'lora.trainable_tokens': {missing} not in the tokenizer's vocabulary")
     return [vocab[t] for t in cfg.trainable_tokens]
+
+
+def check_adapter_base(run_dir: str, model_path: str) -> None:
+    """``model.adapter`` must come from a run on this very base: an adapter of another base in the same shapes loads
+    without complaint and trains (and, for DPO, becomes the reference) on the wrong weights. The run's summary (or,
+    for a checkpoint, its run's) records the base's ``hashing.model_identity``; a run without one is let through
+    with a warning."""
+    from kotune import output
+    from kotune.hashing import model_identity
+    from kotune.run_folder import read_summary
+
+    folder = Path(run_dir)
+    summary = read_summary(folder) or read_summary(folder.parent) or {}
+    if "base" not in summary:
+        output.warn(f"'model.adapter': {run_dir} records no base identity (an older or unfinished run); not checked")
+        return
+    if summary["base"] != model_identity(model_path):
+        raise ConfigError(
+            f"'model.adapter': {run_dir} was trained on another base than model.path {model_path} (config.json or "
+            "weights differ); start from an adapter of this base, or set model.path to the base that run used"
+        )
 
 
 def load_start_adapter(model, run_dir: str) -> None:

@@ -23,10 +23,11 @@ from kotune.data.read import DataError
 from kotune.data.templates import Template
 from kotune.errors import KotuneError
 from kotune.evaluation.run_report import write_run_report
+from kotune.hashing import model_identity
 from kotune.model.assets import check_model_folder, resolve_model
 from kotune.model.embeddings import add_model_checks, untrained_token_ids
 from kotune.model.load import load_tokenizer
-from kotune.model.lora import check_target_modules, load_start_adapter, trainable_token_ids
+from kotune.model.lora import check_adapter_base, check_target_modules, load_start_adapter, trainable_token_ids
 from kotune.plan.gate import check_before_loading
 from kotune.run_folder import ADAPTER, BEST, CONFIG, save_template
 from kotune.security import inside, redact, refuse_pickle
@@ -136,6 +137,8 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
         if already_finished(folder, output_dir, steps, log=output.info):
             return output_dir
     check_target_modules(cfg, model_path)
+    if cfg.model.adapter:
+        check_adapter_base(cfg.model.adapter, model_path)
     model = load_for_training(cfg, model_path, token_ids)
     if cfg.model.adapter:
         load_start_adapter(model.peft, cfg.model.adapter)
@@ -152,7 +155,7 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
     if fit.rank == 0:
         save_final(fit, data.template, tokenizer, output_dir)
         audit = [line.removeprefix("kotune: ") for r in data.audits for line in summary_lines(r)]
-        write_summary(output_dir, state, {**data.summary, "audit": audit})
+        write_summary(output_dir, state, {**data.summary, "audit": audit, "base": model_identity(model_path)})
         output.info(f"kotune: adapter written to {output_dir}")
         output.info(f"kotune: run report written to {write_run_report(output_dir)}")
     return output_dir
