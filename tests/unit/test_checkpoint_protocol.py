@@ -178,3 +178,24 @@ def test_a_finished_run_is_recognised_and_cannot_be_shortened(trained, tmp_path)
     assert not already_finished(folder, tmp_path, 6, silent)  # extended with a larger max_steps
     with pytest.raises(CheckpointError, match="past this config's end"):
         already_finished(folder, tmp_path, 3, silent)
+
+
+def test_after_bad_steps_the_checkpoint_named_to_resume_from_is_the_last_whose_weights_gave_a_finite_loss(
+    trained, tmp_path
+):
+    """Step s's checkpoint holds the weights step s + 1 computed its loss with: after non-finite steps 5 and 6
+    (lr 1e3), checkpoint-4's weights gave step 5's non-finite loss, so the one to resume from is checkpoint-2,
+    with the --force a changed learning rate needs."""
+    from kotune.training.loop import checkpoints_to_resume
+
+    assert checkpoints_to_resume(tmp_path, 5, 1e-4) == "no checkpoint was written yet"
+    for step in (2, 4):
+        save(tmp_path, step, trained)
+    message = checkpoints_to_resume(tmp_path, 5, 250.0)
+    assert message.startswith(f"the last checkpoint, {tmp_path / 'checkpoint-4'}, holds weights that gave a non-finite")
+    assert f"the last one before that is {tmp_path / 'checkpoint-2'}" in message
+    assert f"--resume {tmp_path / 'checkpoint-2'} train.learning_rate=250 --force" in message
+    assert checkpoints_to_resume(tmp_path, 6, 1.0).startswith(
+        f"the last good checkpoint is {tmp_path / 'checkpoint-4'}"
+    )
+    assert checkpoints_to_resume(tmp_path, 3, 1.0).endswith("and none was kept before it")

@@ -293,9 +293,12 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def latest_good(output_dir: Path, log=output.info) -> Path | None:
-    """The newest checkpoint that verifies; broken newer ones are reported and skipped."""
+def latest_good(output_dir: Path, log=output.info, before: int | None = None) -> Path | None:
+    """The newest checkpoint that verifies (``before``: of a step below it); broken newer ones are reported and
+    skipped."""
     for folder in reversed(list_checkpoints(output_dir)):
+        if before is not None and checkpoint_step(folder) >= before:
+            continue
         try:
             verify(folder)
             return folder

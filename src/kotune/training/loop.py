@@ -343,15 +343,32 @@ def stop_requested(stop: StopOnSignal, device) -> bool:
 
 def numerical_fault(fit: Fit, record: dict, start: int) -> NonFiniteLoss:
     """The error that stops a run after ``max_bad_steps`` bad steps (the last of them ``record``, starting at
-    micro-batch ``start`` of the order): step, rows and what to try."""
+    micro-batch ``start`` of the order): step, rows, the checkpoint to go on from and what to try."""
     rows = sorted(fit.train_units[i].row for i in fit.order.step_rows(start))
-    good = latest_good(fit.output_dir, log=lambda _: None)
-    kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
     t = fit.cfg.train
+    first_bad = record["step"] - fit.state.bad_steps + 1
     return NonFiniteLoss(
         f"{fit.state.bad_steps} consecutive steps with a non-finite loss or gradient norm, the last at step "
         f"{record['step']} (loss {record['loss']}, grad_norm {record['grad_norm']}) on data rows {rows}; "
-        f"{kept}. Check those rows (`kotune data audit`), or lower train.learning_rate "
-        f"(now {t.learning_rate:g}, try {t.learning_rate / 4:g}){fit.objective.fault_hint}; with compute_dtype "
-        "float16 try bfloat16"
+        f"{checkpoints_to_resume(fit.output_dir, first_bad, t.learning_rate / 4)}. Check those rows (`kotune data "
+        f"audit`), or lower train.learning_rate (now {t.learning_rate:g}, try {t.learning_rate / 4:g})"
+        f"{fit.objective.fault_hint}; with compute_dtype float16 try bfloat16"
     )
+
+
+def checkpoints_to_resume(output_dir: Path, first_bad: int, lower_lr: float) -> str:
+    """Which checkpoint to go on from after bad steps from ``first_bad`` on. Step ``s``'s checkpoint holds the
+    weights step ``s + 1`` computed its loss with, so one at step ``first_bad - 1`` or later holds weights that gave
+    a non-finite loss (diverged, or about to): the one to resume from is the newest before that."""
+    newest = latest_good(output_dir, log=lambda _: None)
+    sane = latest_good(output_dir, log=lambda _: None, before=first_bad - 1)
+    if newest is None:
+        return "no checkpoint was written yet"
+    how = (
+        f"resume from it with `--resume {sane} train.learning_rate={lower_lr:g} --force` (--force: a changed "
+        "learning rate changes the run's fingerprint)"
+    )
+    if sane == newest:
+        return f"the last good checkpoint is {newest}: {how}"
+    said = f"the last checkpoint, {newest}, holds weights that gave a non-finite loss at step {first_bad}"
+    return f"{said}; the last one before that is {sane}: {how}" if sane else f"{said}, and none was kept before it"
