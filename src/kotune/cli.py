@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except KotuneError as exc:
-        output.error(str(exc))
+        output.error(str(exc), every_process=not exc.refusal)
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside training (which saves a checkpoint first): one line, no traceback
         output.error(f"{args.command} interrupted (Ctrl-C)")

@@ -26,6 +26,8 @@ from kotune.preference_config import PreferenceConfig, validate_preference
 class ConfigError(KotuneError, ValueError):
     """A configuration problem a user can fix; the message names the file and key."""
 
+    refusal = True
+
 
 @dataclass
 class ModelConfig:

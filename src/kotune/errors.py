@@ -11,3 +11,7 @@ class KotuneError(Exception):
 
     exit_code = 2
     """The process's exit status when the CLI stops on this error."""
+    refusal = False
+    """Raised from what every process reads alike (the config, the data, the model folder, the run folder), before
+    training: under torchrun each process stops on it, and only the first says so (one line, not one per GPU).
+    Errors that may differ by process (out of memory, a checkpoint) print on each."""

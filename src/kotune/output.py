@@ -45,6 +45,8 @@ def warn(text: str) -> None:
         tqdm.write(f"kotune: warning: {text}", file=sys.stderr)
 
 
-def error(text: str) -> None:
-    """The one line a failed command ends with, on stderr; every process prints its own."""
-    print(f"kotune: error: {text}", file=sys.stderr)
+def error(text: str, every_process: bool = True) -> None:
+    """The one line a failed command ends with, on stderr; every process prints its own, unless the error is one
+    each process meets alike (``every_process=False``: ``KotuneError.refusal``), which the first one says."""
+    if every_process or _first_process():
+        print(f"kotune: error: {text}", file=sys.stderr)

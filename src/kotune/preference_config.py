@@ -36,6 +36,8 @@ class PreferenceConfig:
 class PreferenceConfigError(KotuneError, ValueError):
     """A preference setting out of range; the message names the key."""
 
+    refusal = True
+
 
 def validate_preference(p: PreferenceConfig, cutoff_len: int, objective: str) -> None:
     """Ranges of the preference settings; errors name the key. The prompt length is checked for preference runs

@@ -44,3 +44,39 @@ def test_pairs_read_as_sft_rows_name_train_objective_and_eval_is_not_told_of_dat
     with pytest.raises(DataError) as unknown:
         detect_format([{"question": "q"}], "rows.jsonl", "give `kotune eval` rows of one of those formats with --data")
     assert "data.columns" not in str(unknown.value) and "--data" in str(unknown.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "launcher"),
+    [
+        ({}, "kotune train run.yaml lora.r=8 --resume"),
+        ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, "torchrun --nproc_per_node=2 -m kotune.cli train run.yaml"),
+        ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, "torchrun --nproc_per_node=2 --nnodes=2 -m kotune.cli train"),
+    ],
+)
+def test_the_resume_command_of_a_stopped_run_keeps_its_launcher(monkeypatch, env, launcher):
+    from types import SimpleNamespace
+
+    from kotune.commands.train import resume_command
+
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    command = resume_command(SimpleNamespace(config="run.yaml", overrides=["lora.r=8"]))
+    assert command.startswith(launcher) and "lora.r=8 --resume" in command
+    assert command.endswith("rendezvous options)") == (env.get("WORLD_SIZE") == "4")
+
+
+def test_under_torchrun_a_refusal_is_said_once_and_a_process_own_error_by_each(monkeypatch, capsys):
+    import kotune.commands.report as report
+    from kotune.config import ConfigError
+    from kotune.training.checkpoint import CheckpointError
+
+    for error, said_by_second in ((ConfigError("'lora.r' must be positive"), False), (CheckpointError("x"), True)):
+        monkeypatch.setattr(report, "run", lambda args, e=error: (_ for _ in ()).throw(e))
+        for rank in ("0", "1"):
+            monkeypatch.setenv("RANK", rank)
+            assert main(["report", "somewhere"]) == 2
+            said = capsys.readouterr().err.startswith("kotune: error:")
+            assert said == (rank == "0" or said_by_second), (type(error).__name__, rank)

@@ -99,7 +99,18 @@ def run(args) -> int:
 
 
 def resume_command(args) -> str:
-    """The command line that continues this run (tokens, if any were typed, redacted)."""
+    """The command line that continues this run (tokens, if any were typed, redacted): under torchrun the launcher
+    again with as many processes, or a resume on one process would take the run over alone."""
+    import os
+
     from kotune.security import redact
 
-    return redact(shlex.join(["kotune", "train", args.config, *args.overrides, "--resume"]))
+    words = ["train", args.config, *args.overrides, "--resume"]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return redact(shlex.join(["kotune", *words]))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = [f"--nnodes={world // local}"] if world > local else []
+    launcher = ["torchrun", f"--nproc_per_node={local}", *nodes, "-m", "kotune.cli"]
+    hint = " (on every node, with its rendezvous options)" if nodes else ""
+    return redact(shlex.join([*launcher, *words])) + hint

@@ -23,6 +23,8 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 class DataError(KotuneError, ValueError):
     """A data problem a user can fix; the message names the file and the line, row or column."""
 
+    refusal = True
+
 
 def _decode(path: Path) -> str:
     raw = path.read_bytes()

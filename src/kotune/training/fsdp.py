@@ -25,6 +25,8 @@ from kotune.training import dist
 class CannotShard(KotuneError):
     """The model cannot be trained with ``train.distributed: fsdp`` (the message says why and what to do)."""
 
+    refusal = True
+
 
 def refuse_unshardable(layer: torch.nn.Module, where: str, world: int) -> None:
     """Every frozen weight of the decoder ``layer`` must be 4-bit (others would be all-gathered in 16 bits, and
