@@ -30,9 +30,9 @@ def run_folder(tmp_path):
     return run
 
 
+@pytest.mark.compat("matplotlib")
 def test_report_plots_are_real_images(run_folder):
-    pytest.importorskip("matplotlib")
-    from matplotlib.image import imread
+    from matplotlib.image import imread  # a base dependency: no skip when it is missing
 
     from kotune.evaluation.run_report import write_run_report
 
@@ -61,14 +61,14 @@ def test_report_numbers_match_metrics(run_folder):
     assert float(figures["mean trained tokens / s"]) == pytest.approx(55.5, abs=1e-4)
 
 
-def test_report_without_matplotlib_says_so(run_folder, monkeypatch):
+def test_report_where_matplotlib_cannot_be_imported_says_so(run_folder, monkeypatch):
     import sys
 
     from kotune.evaluation.run_report import write_run_report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     text = write_run_report(run_folder).read_text(encoding="utf-8")
-    assert "Plots need matplotlib" in text and "kotune[eval]" in text
+    assert "matplotlib (a kotune dependency) could not be imported" in text and "kotune[eval]" not in text
     assert "first training loss" in text
 
 

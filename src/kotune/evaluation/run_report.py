@@ -1,7 +1,8 @@
 """``report.md`` of a run folder: curves as PNG files, figures from ``metrics.jsonl``, the data audit, the resolved
 config, and the eval and merge reports when present. Plain Markdown and PNG, readable without kotune.
 
-Plots need matplotlib (``pip install 'kotune[eval]'``); without it the report is written without them and says so.
+Plots are drawn with matplotlib, part of kotune's base install; an environment where it cannot be imported (a broken
+or partial install) still gets the report, which says why its curves are missing.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def figures(records: list[dict]) -> dict:
 
 
 def plot(records: list[dict], folder: Path) -> list[tuple[str, Path]] | None:
-    """One PNG per curve with data; None when matplotlib is missing."""
+    """One PNG per curve with data; None when matplotlib cannot be imported."""
     try:
         import matplotlib
 
@@ -112,7 +113,10 @@ def write_run_report(run: str | Path) -> Path:
     lines += section("Figures", figure_lines(figures(records)))
     plots = plot(records, run / PLOTS_DIR)
     if plots is None:
-        body = ["Plots need matplotlib, which is not installed: `pip install 'kotune[eval]'`, then `kotune report`."]
+        body = [
+            "No plots: matplotlib (a kotune dependency) could not be imported in this environment; "
+            "reinstall kotune (`pip install kotune`), then `kotune report`."
+        ]
     else:
         body = [f"![{title}]({path.relative_to(run).as_posix()})" for title, path in plots] or ["Nothing logged yet."]
     lines += section("Curves", body)
