@@ -157,6 +157,19 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def merge_targets_note(report: dict) -> str | None:
+    """What to say beside a merge report that checked the original weights but saved another target (run report,
+    model card): that target's low top-1 agreement reads as a failure without it."""
+    if "original" not in report.get("targets", {}) or report.get("into") == "original":
+        return None
+    return (
+        f"The merge is checked against each target it could be made into; only `{report.get('into')}` is saved. The "
+        "adapter was trained on the quantized base, so merging it into the original (unquantized) weights moves the "
+        "model away from what was trained: a low top-1 agreement on `original` is expected and is no fault of the "
+        "saved model."
+    )
+
+
 def read_metrics(folder: Path) -> list[dict]:
     """The records of ``metrics.jsonl`` (none when the run logged nothing yet)."""
     path = Path(folder) / METRICS

@@ -30,12 +30,14 @@ from kotune.run_folder import (
     SUMMARY,
     TOKENIZER_FILES,
     ModelFolder,
+    merge_targets_note,
     open_folder,
     read_json,
     read_metrics,
     read_summary,
     trained_chat_template,
 )
+from kotune.security import portable
 
 MERGED_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 RUN_FILES = (*RECORDS, MERGE_REPORT)
@@ -82,23 +84,6 @@ def source_name(spec: str) -> str:
     """How uploaded files name the base model or the data: a hub name or ``pypi:`` spec as configured, a local path
     by its last part (a cache or temporary folder means nothing elsewhere)."""
     return spec if spec.startswith("pypi:") or hub_model_id(spec) else Path(spec).name
-
-
-LOCAL_PATH = re.compile(r"(?<![\w/~])~?/[^\s/]+(?:/[^\s/]+)+")
-"""An absolute (or home-relative) path of at least two parts inside a text, e.g. the data file an audit line names."""
-
-
-def portable(value):
-    """``value`` (parsed JSON / YAML) with each absolute local path replaced by its last part, also inside text."""
-    if isinstance(value, dict):
-        return {k: portable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [portable(v) for v in value]
-    if isinstance(value, str) and (value.startswith("~") or Path(value).is_absolute()):
-        return Path(value).name
-    if isinstance(value, str):
-        return LOCAL_PATH.sub(lambda m: Path(m.group()).name, value)
-    return value
 
 
 def portable_copies(folder: ModelFolder) -> dict[str, bytes]:
@@ -385,9 +370,10 @@ def merge_section(report: dict) -> str:
         f"{100 * d['top1_agreement']:.2f}% | {d['perplexity_merged']:.4g} | {d['perplexity_adapter']:.4g} |"
         for name, d in report.get("targets", {}).items()
     )
+    note = merge_targets_note(report)
     return (
         f"## Merge check\n\nMerged into {report.get('into')} weights, saved as {report.get('dtype')}, compared with "
         f"the adapter on the 4-bit base over {len(report.get('verification', {}).get('rows', []))} validation rows:\n\n"
         "| target | mean abs logit diff | top-1 agreement | perplexity merged | perplexity adapter |\n"
-        f"|---|---|---|---|---|\n{rows}\n"
+        f"|---|---|---|---|---|\n{rows}\n" + (f"\n{note}\n" if note else "")
     )
