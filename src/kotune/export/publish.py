@@ -188,7 +188,31 @@ def model_card(folder: ModelFolder, repo: str) -> str:
     report = read_json(folder.path / MERGE_REPORT)
     if report:
         parts.append(merge_section(report))
-    return redact("\n".join(parts))
+    parts += [eval_section(folder.path), license_section(folder)]
+    return redact("\n".join(p for p in parts if p))
+
+
+def eval_section(path: Path) -> str:
+    """``kotune eval``'s table when its report is in the folder (``eval/``), so the card shows what was measured."""
+    from kotune.evaluation.tables import REPORT_FILE, markdown
+
+    report = read_json(path / "eval" / REPORT_FILE)
+    if report is None:
+        return ""
+    return f"## Evaluation\n\n`kotune eval` on this model (`eval/{REPORT_FILE}`):\n\n{markdown(report)}"
+
+
+def license_section(folder: ModelFolder) -> str:
+    """When the base's licence is not known here, say so and where to check: the front matter alone says ``other``."""
+    spec = folder.config.model.path
+    if base_license(spec) is not None:
+        return ""
+    base = hub_model_id(spec)
+    where = f"its model card, https://huggingface.co/{base}" if base else f"where `{source_name(spec)}` came from"
+    return (
+        "## License\n\nThe base model's licence was not found on this machine when this card was written, so it is "
+        f"given as unknown. This model is bound by the base's licence: check {where}.\n"
+    )
 
 
 def card_metadata(folder: ModelFolder) -> dict:
@@ -200,7 +224,12 @@ def card_metadata(folder: ModelFolder) -> dict:
         meta["base_model"] = base
     if is_korean(folder):
         meta["language"] = ["ko"]
-    meta["license"] = base_license(cfg.model.path) or "other"
+    found = base_license(cfg.model.path)
+    meta["license"] = found or "other"
+    if found is None:  # the hub's fields for a licence it has no id for; here: not known on this machine
+        meta["license_name"] = "unknown"
+        if base:
+            meta["license_link"] = f"https://huggingface.co/{base}"
     datasets = [d for d in (cfg.data.path, cfg.data.validation_path) if d and hub_dataset_id(d)]
     if datasets:
         meta["datasets"] = datasets
