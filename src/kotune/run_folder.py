@@ -151,6 +151,22 @@ def load_saved_template(directory: str | Path) -> Template:
     return load_template(str(path))
 
 
+# -- the model card ---------------------------------------------------------------------------------
+MODEL_CARD = "README.md"
+PEFT_BLANK_CARD = "# Model Card for Model ID"
+"""The heading of the template card peft's ``save_pretrained`` writes: every field [More Information Needed]."""
+
+
+def drop_blank_card(folder: str | Path) -> bool:
+    """Remove the blank card peft wrote into ``folder`` (its template, naming the local base path); returns whether
+    one was removed. A card someone wrote is kept. ``kotune push`` writes the true card for a repository."""
+    card = Path(folder) / MODEL_CARD
+    if not card.is_file() or PEFT_BLANK_CARD not in card.read_text(encoding="utf-8", errors="replace"):
+        return False
+    card.unlink()
+    return True
+
+
 # -- records --------------------------------------------------------------------------------------
 def read_json(path: Path) -> Any:
     """A JSON file's content, None when it is not there."""
