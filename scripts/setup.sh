@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up kotune for development and tests on a fresh machine, in a virtual environment of its own (.venv, or
 # $KOTUNE_VENV), so nothing already installed on the machine is used by accident:
-#   torch (2.13.0; the CPU build where the machine offers one), kotune with its test and eval extras (lm-eval, matplotlib), the real test assets.
+#   torch (2.13.0; the CPU build where the machine offers one), kotune with its test and eval extras (lm-eval), the real test assets.
 # KOTUNE_DEPS=lock (default): every package at the version in constraints/lock.txt, the set CI tested.
 # KOTUNE_DEPS=latest: the newest versions the ranges in pyproject.toml allow (CI tests this set too).
 set -euo pipefail

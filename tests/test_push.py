@@ -214,3 +214,24 @@ def test_card_metadata_names_hub_base_and_dataset_and_the_license_it_finds(tmp_p
     base.mkdir()
     (base / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: [en]\n---\n# a model\n")
     assert base_license(str(base)) == "apache-2.0"
+
+
+def test_card_says_an_unknown_license_is_unknown_and_shows_eval_results(tmp_path):
+    from kotune.config_load import load_config
+    from kotune.data.templates import KO_ALPACA
+    from kotune.evaluation.tables import write_report
+    from kotune.export.publish import card_metadata, model_card
+    from kotune.run_folder import ModelFolder
+
+    hub = load_config(None, ["model.path=someone/not-cached-here-8B", "data.path=DopeorNope/Ko-Optimize_Dataset"])
+    folder = ModelFolder(tmp_path, False, hub, KO_ALPACA, "alpaca")
+    meta = card_metadata(folder)
+    assert meta["license"] == "other" and meta["license_name"] == "unknown"
+    assert meta["license_link"] == "https://huggingface.co/someone/not-cached-here-8B"
+    card = model_card(folder, "me/model")
+    assert "licence was not found" in card and "https://huggingface.co/someone/not-cached-here-8B" in card
+    assert "## Evaluation" not in card
+    report = {"model": {"name": "adapter run"}, "loss": {"loss": 1.25, "perplexity": 3.49}}
+    write_report(tmp_path / "eval", report)
+    card = model_card(folder, "me/model")
+    assert "## Evaluation" in card and "| loss (held-out rows) | 1.25 |" in card

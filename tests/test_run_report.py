@@ -30,9 +30,9 @@ def run_folder(tmp_path):
     return run
 
 
+@pytest.mark.compat("matplotlib")
 def test_report_plots_are_real_images(run_folder):
-    pytest.importorskip("matplotlib")
-    from matplotlib.image import imread
+    from matplotlib.image import imread  # a base dependency: no skip when it is missing
 
     from kotune.evaluation.run_report import write_run_report
 
@@ -61,14 +61,46 @@ def test_report_numbers_match_metrics(run_folder):
     assert float(figures["mean trained tokens / s"]) == pytest.approx(55.5, abs=1e-4)
 
 
-def test_report_without_matplotlib_says_so(run_folder, monkeypatch):
+def test_report_of_a_run_still_training_says_it_has_not_finished(run_folder):
+    from kotune.evaluation.run_report import write_run_report
+
+    (run_folder / "run_summary.json").unlink()  # written last: a run in progress has none
+    text = write_run_report(run_folder).read_text(encoding="utf-8")
+    head = text.split("## Figures")[0]
+    assert "This run has not finished" in head and "as of step 10" in head
+    assert "No audit summary" not in text and "recorded in `run_summary.json` when the run finishes" in text
+    assert str(run_folder) not in text  # the report names the folder, not where it sits on this machine
+
+
+def test_report_of_a_finished_run_has_no_in_progress_note(run_folder):
+    from kotune.evaluation.run_report import write_run_report
+
+    assert "has not finished" not in write_run_report(run_folder).read_text(encoding="utf-8")
+
+
+def test_report_names_no_local_folder_and_notes_the_unsaved_merge_target(run_folder):
+    from kotune.evaluation.run_report import write_run_report
+
+    data = run_folder.parent / "data" / "train.jsonl"
+    (run_folder / "kotune_config.yaml").write_text(f"data:\n  path: {data}\n", encoding="utf-8")
+    (run_folder / "merged").mkdir()
+    targets = {"dequantized": {"top1_agreement": 0.99}, "original": {"top1_agreement": 0.646}}
+    report = {"into": "dequantized", "run": str(run_folder), "targets": targets}
+    (run_folder / "merged" / "merge_report.json").write_text(json.dumps(report), encoding="utf-8")
+    text = write_run_report(run_folder).read_text(encoding="utf-8")
+    assert str(run_folder.parent) not in text
+    assert "path: train.jsonl" in text and '"run": "run"' in text
+    assert "a low top-1 agreement on `original` is expected" in text
+
+
+def test_report_where_matplotlib_cannot_be_imported_says_so(run_folder, monkeypatch):
     import sys
 
     from kotune.evaluation.run_report import write_run_report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     text = write_run_report(run_folder).read_text(encoding="utf-8")
-    assert "Plots need matplotlib" in text and "kotune[eval]" in text
+    assert "matplotlib (a kotune dependency) could not be imported" in text and "kotune[eval]" not in text
     assert "first training loss" in text
 
 

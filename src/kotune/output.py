@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -50,3 +51,34 @@ def error(text: str, every_process: bool = True) -> None:
     each process meets alike (``every_process=False``: ``KotuneError.refusal``), which the first one says."""
     if every_process or _first_process():
         print(f"kotune: error: {text}", file=sys.stderr)
+
+
+class LineProgress:
+    """The training progress for a log, not a terminal: one plain ``status`` line every ``every`` steps (and at the
+    last), where a tqdm bar would write a carriage-return redraw per step into a scheduler log or nohup.out.
+
+    Takes what the loop gives a tqdm bar (``set_postfix``, ``update``, ``close``).
+    """
+
+    def __init__(self, total: int, done: int, every: int, desc: str = "train"):
+        self.total, self.n, self.every, self.desc = total, done, max(1, every), desc
+        self.start_n, self.start_time, self.postfix = done, time.monotonic(), {}
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every == 0 or self.n == self.total:
+            status(self.line())
+
+    def line(self) -> str:
+        """``train: step 40/200 (20%), loss=1.2345, tok_s=812, 1.50 s/step, 4m00s left``."""
+        parts = [f"{self.desc}: step {self.n}/{self.total} ({100 * self.n // max(1, self.total)}%)"]
+        parts += [f"{key}={value}" for key, value in self.postfix.items()]
+        seconds = (time.monotonic() - self.start_time) / max(1, self.n - self.start_n)
+        parts += [f"{seconds:.2f} s/step", f"{tqdm.format_interval(seconds * (self.total - self.n))} left"]
+        return ", ".join(parts)
+
+    def close(self) -> None:
+        """Nothing to clear: every line is already whole."""

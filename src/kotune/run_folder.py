@@ -151,10 +151,39 @@ def load_saved_template(directory: str | Path) -> Template:
     return load_template(str(path))
 
 
+# -- the model card ---------------------------------------------------------------------------------
+MODEL_CARD = "README.md"
+PEFT_BLANK_CARD = "# Model Card for Model ID"
+"""The heading of the template card peft's ``save_pretrained`` writes: every field [More Information Needed]."""
+
+
+def drop_blank_card(folder: str | Path) -> bool:
+    """Remove the blank card peft wrote into ``folder`` (its template, naming the local base path); returns whether
+    one was removed. A card someone wrote is kept. ``kotune push`` writes the true card for a repository."""
+    card = Path(folder) / MODEL_CARD
+    if not card.is_file() or PEFT_BLANK_CARD not in card.read_text(encoding="utf-8", errors="replace"):
+        return False
+    card.unlink()
+    return True
+
+
 # -- records --------------------------------------------------------------------------------------
 def read_json(path: Path) -> Any:
     """A JSON file's content, None when it is not there."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def merge_targets_note(report: dict) -> str | None:
+    """What to say beside a merge report that checked the original weights but saved another target (run report,
+    model card): that target's low top-1 agreement reads as a failure without it."""
+    if "original" not in report.get("targets", {}) or report.get("into") == "original":
+        return None
+    return (
+        f"The merge is checked against each target it could be made into; only `{report.get('into')}` is saved. The "
+        "adapter was trained on the quantized base, so merging it into the original (unquantized) weights moves the "
+        "model away from what was trained: a low top-1 agreement on `original` is expected and is no fault of the "
+        "saved model."
+    )
 
 
 def read_metrics(folder: Path) -> list[dict]:

@@ -97,3 +97,21 @@ def redact(text: str) -> str:
     for token in known_tokens():
         text = text.replace(token, REDACTED)
     return TOKEN_PATTERN.sub(REDACTED, text)
+
+
+LOCAL_PATH = re.compile(r"(?<![\w/~])~?/[^\s/]+(?:/[^\s/]+)+")
+"""An absolute (or home-relative) path of at least two parts inside a text, e.g. the data file an audit line names."""
+
+
+def portable(value):
+    """``value`` (parsed JSON / YAML) with each absolute local path replaced by its last part, also inside text:
+    what goes into a file a user may share (a pushed repository, ``report.md``) names no folder of this machine."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and (value.startswith("~") or Path(value).is_absolute()):
+        return Path(value).name
+    if isinstance(value, str):
+        return LOCAL_PATH.sub(lambda m: Path(m.group()).name, value)
+    return value

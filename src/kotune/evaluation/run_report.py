@@ -1,7 +1,8 @@
 """``report.md`` of a run folder: curves as PNG files, figures from ``metrics.jsonl``, the data audit, the resolved
 config, and the eval and merge reports when present. Plain Markdown and PNG, readable without kotune.
 
-Plots need matplotlib (``pip install 'kotune[eval]'``); without it the report is written without them and says so.
+Plots are drawn with matplotlib, part of kotune's base install; an environment where it cannot be imported (a broken
+or partial install) still gets the report, which says why its curves are missing.
 """
 
 from __future__ import annotations
@@ -9,8 +10,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from kotune.evaluation.tables import TABLE_FILE
-from kotune.run_folder import CONFIG, MERGE_REPORT, RUN_REPORT, read_json, read_metrics, read_summary
+from kotune.run_folder import (
+    CONFIG,
+    MERGE_REPORT,
+    RUN_REPORT,
+    SUMMARY,
+    merge_targets_note,
+    read_json,
+    read_metrics,
+    read_summary,
+)
+from kotune.security import portable
 
 PLOTS_DIR = "report"
 CURVES = (
@@ -46,7 +59,7 @@ def figures(records: list[dict]) -> dict:
 
 
 def plot(records: list[dict], folder: Path) -> list[tuple[str, Path]] | None:
-    """One PNG per curve with data; None when matplotlib is missing."""
+    """One PNG per curve with data; None when matplotlib cannot be imported."""
     try:
         import matplotlib
 
@@ -96,8 +109,24 @@ def section(title: str, body: list[str]) -> list[str]:
     return ["", f"## {title}", "", *body]
 
 
+def head_lines(run: Path, records: list[dict]) -> list[str]:
+    """The title and what the figures are: a run without ``run_summary.json`` (written last) has not finished, so
+    the report says it is a snapshot, not the run's result."""
+    lines = [f"# Run report: {run.name}", "", f"Run folder `{run.name}`; figures from `metrics.jsonl`."]
+    if read_summary(run) is None:
+        step = max((r["step"] for r in records), default=0)
+        lines += [
+            "",
+            f"**This run has not finished** (no `{SUMMARY}` yet): it is still training, or was stopped before its "
+            f"end. Figures are as of step {step}; run `kotune report` again when it ends.",
+        ]
+    return lines
+
+
 def audit_lines(run: Path) -> list[str]:
-    summary = read_summary(run) or {}
+    summary = read_summary(run)
+    if summary is None:
+        return [f"The data audit is recorded in `{SUMMARY}` when the run finishes."]
     audit = summary.get("audit")
     if not audit:
         return ["No audit summary was recorded with this run (runs before kotune wrote it); `kotune data audit` it."]
@@ -108,11 +137,14 @@ def write_run_report(run: str | Path) -> Path:
     """Write ``RUN/report.md`` (and its PNGs under ``RUN/report/``); returns its path."""
     run = Path(run)
     records = read_metrics(run)
-    lines = [f"# Run report: {run.name}", "", f"Run folder `{run}`; figures from `metrics.jsonl`."]
+    lines = head_lines(run, records)
     lines += section("Figures", figure_lines(figures(records)))
     plots = plot(records, run / PLOTS_DIR)
     if plots is None:
-        body = ["Plots need matplotlib, which is not installed: `pip install 'kotune[eval]'`, then `kotune report`."]
+        body = [
+            "No plots: matplotlib (a kotune dependency) could not be imported in this environment; "
+            "reinstall kotune (`pip install kotune`), then `kotune report`."
+        ]
     else:
         body = [f"![{title}]({path.relative_to(run).as_posix()})" for title, path in plots] or ["Nothing logged yet."]
     lines += section("Curves", body)
@@ -123,10 +155,19 @@ def write_run_report(run: str | Path) -> Path:
             lines += section(f"Evaluation (`{folder}/`)", [table.read_text(encoding="utf-8").rstrip()])
     merge = read_json(run / "merged" / MERGE_REPORT)
     if merge is not None:
-        lines += section(f"Merge report (`merged/{MERGE_REPORT}`)", ["```json", json.dumps(merge, indent=1), "```"])
+        note = merge_targets_note(merge)
+        body = [
+            "```json",
+            json.dumps(portable(merge), indent=1, ensure_ascii=False),
+            "```",
+            *(["", note] if note else []),
+        ]
+        lines += section(f"Merge report (`merged/{MERGE_REPORT}`)", body)
     config = run / CONFIG
     if config.is_file():
-        lines += section("Resolved config", ["```yaml", config.read_text(encoding="utf-8").rstrip(), "```"])
+        values = portable(yaml.safe_load(config.read_text(encoding="utf-8")))
+        body = ["```yaml", yaml.safe_dump(values, sort_keys=False, allow_unicode=True).rstrip(), "```"]
+        lines += section("Resolved config (local paths shortened to their last part)", body)
     path = run / RUN_REPORT
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -30,12 +30,14 @@ from kotune.run_folder import (
     SUMMARY,
     TOKENIZER_FILES,
     ModelFolder,
+    merge_targets_note,
     open_folder,
     read_json,
     read_metrics,
     read_summary,
     trained_chat_template,
 )
+from kotune.security import portable
 
 MERGED_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 RUN_FILES = (*RECORDS, MERGE_REPORT)
@@ -82,23 +84,6 @@ def source_name(spec: str) -> str:
     """How uploaded files name the base model or the data: a hub name or ``pypi:`` spec as configured, a local path
     by its last part (a cache or temporary folder means nothing elsewhere)."""
     return spec if spec.startswith("pypi:") or hub_model_id(spec) else Path(spec).name
-
-
-LOCAL_PATH = re.compile(r"(?<![\w/~])~?/[^\s/]+(?:/[^\s/]+)+")
-"""An absolute (or home-relative) path of at least two parts inside a text, e.g. the data file an audit line names."""
-
-
-def portable(value):
-    """``value`` (parsed JSON / YAML) with each absolute local path replaced by its last part, also inside text."""
-    if isinstance(value, dict):
-        return {k: portable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [portable(v) for v in value]
-    if isinstance(value, str) and (value.startswith("~") or Path(value).is_absolute()):
-        return Path(value).name
-    if isinstance(value, str):
-        return LOCAL_PATH.sub(lambda m: Path(m.group()).name, value)
-    return value
 
 
 def portable_copies(folder: ModelFolder) -> dict[str, bytes]:
@@ -203,7 +188,31 @@ def model_card(folder: ModelFolder, repo: str) -> str:
     report = read_json(folder.path / MERGE_REPORT)
     if report:
         parts.append(merge_section(report))
-    return redact("\n".join(parts))
+    parts += [eval_section(folder.path), license_section(folder)]
+    return redact("\n".join(p for p in parts if p))
+
+
+def eval_section(path: Path) -> str:
+    """``kotune eval``'s table when its report is in the folder (``eval/``), so the card shows what was measured."""
+    from kotune.evaluation.tables import REPORT_FILE, markdown
+
+    report = read_json(path / "eval" / REPORT_FILE)
+    if report is None:
+        return ""
+    return f"## Evaluation\n\n`kotune eval` on this model (`eval/{REPORT_FILE}`):\n\n{markdown(report)}"
+
+
+def license_section(folder: ModelFolder) -> str:
+    """When the base's licence is not known here, say so and where to check: the front matter alone says ``other``."""
+    spec = folder.config.model.path
+    if base_license(spec) is not None:
+        return ""
+    base = hub_model_id(spec)
+    where = f"its model card, https://huggingface.co/{base}" if base else f"where `{source_name(spec)}` came from"
+    return (
+        "## License\n\nThe base model's licence was not found on this machine when this card was written, so it is "
+        f"given as unknown. This model is bound by the base's licence: check {where}.\n"
+    )
 
 
 def card_metadata(folder: ModelFolder) -> dict:
@@ -215,7 +224,12 @@ def card_metadata(folder: ModelFolder) -> dict:
         meta["base_model"] = base
     if is_korean(folder):
         meta["language"] = ["ko"]
-    meta["license"] = base_license(cfg.model.path) or "other"
+    found = base_license(cfg.model.path)
+    meta["license"] = found or "other"
+    if found is None:  # the hub's fields for a licence it has no id for; here: not known on this machine
+        meta["license_name"] = "unknown"
+        if base:
+            meta["license_link"] = f"https://huggingface.co/{base}"
     datasets = [d for d in (cfg.data.path, cfg.data.validation_path) if d and hub_dataset_id(d)]
     if datasets:
         meta["datasets"] = datasets
@@ -385,9 +399,10 @@ def merge_section(report: dict) -> str:
         f"{100 * d['top1_agreement']:.2f}% | {d['perplexity_merged']:.4g} | {d['perplexity_adapter']:.4g} |"
         for name, d in report.get("targets", {}).items()
     )
+    note = merge_targets_note(report)
     return (
         f"## Merge check\n\nMerged into {report.get('into')} weights, saved as {report.get('dtype')}, compared with "
         f"the adapter on the 4-bit base over {len(report.get('verification', {}).get('rows', []))} validation rows:\n\n"
         "| target | mean abs logit diff | top-1 agreement | perplexity merged | perplexity adapter |\n"
-        f"|---|---|---|---|---|\n{rows}\n"
+        f"|---|---|---|---|---|\n{rows}\n" + (f"\n{note}\n" if note else "")
     )

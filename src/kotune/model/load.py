@@ -6,10 +6,12 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import warnings
 
 import torch
 
+from kotune import output
 from kotune.config import ModelConfig
 from kotune.model.assets import AssetError
 from kotune.security import refuse_pickle
@@ -19,6 +21,7 @@ def load_tokenizer(path: str, cfg: ModelConfig):
     """The base model's tokenizer with a pad token set (``model.pad_token``, its own, else EOS)."""
     from transformers import AutoTokenizer
 
+    quiet_transformers()  # the first load of most commands: before any config.json is read
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if cfg.pad_token is not None:
         if cfg.pad_token not in tokenizer.get_vocab():
@@ -99,6 +102,38 @@ def quiet_bitsandbytes() -> None:
     )
 
 
+TORCH_DTYPE_NOTICE = "`torch_dtype` is deprecated! Use `dtype` instead!"
+"""What transformers 5 logs when a model's ``config.json`` has the old ``torch_dtype`` key (most hub checkpoints)."""
+
+
+def quiet_transformers() -> None:
+    """Make transformers' loading quiet and log-friendly; safe to call more than once.
+
+    Drops transformers' ``torch_dtype`` deprecation notice: kotune passes ``dtype``, and the old key sits in the
+    model's ``config.json``, which a user should not have to edit. It is filtered on transformers' own handlers, so
+    it is dropped whichever module logs it (5.17 and 5.24 log it from different places), and nothing else is. When
+    stderr is not a terminal (scheduler logs, nohup), turns transformers' and the hub's progress bars off through
+    ``transformers.utils.logging.disable_progress_bar``: each redraw would be a line in the log. Loading then
+    prints one line per phase (``loading_line``) instead.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")  # transformers adds its handler on first use; it must exist to filter
+    for handler in logging.getLogger("transformers").handlers:
+        if not any(isinstance(f, _DropExactMessage) for f in handler.filters):
+            handler.addFilter(_DropExactMessage(TORCH_DTYPE_NOTICE))
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+
+
+def loading_line(what: str) -> None:
+    """One status line for a loading phase when transformers' progress bars are off (stderr is not a terminal)."""
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled():
+        output.status(f"kotune: loading {what}")
+
+
 def enable_activation_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing through the transformers API of the installed version.
 
@@ -172,6 +207,8 @@ def base_from_pretrained(path: str, cfg: ModelConfig):
     from transformers import AutoModelForCausalLM
 
     refuse_pickle_weights(path, cfg)
+    quiet_transformers()
+    loading_line(f"weights of {path} ({cfg.quantization})")
     model, loading = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=quantization_config(cfg),

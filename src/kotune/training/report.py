@@ -39,6 +39,9 @@ class Reporter:
                 self.backends.append(_open_backend(name, cfg, output_dir))
 
     def progress(self, total: int, done: int):
+        """A tqdm bar on a terminal; in a log (stderr not a terminal) a plain line every 5% of the run instead."""
+        if self.main and not sys.stderr.isatty():
+            return output.LineProgress(total, done, every=total // 20)
         return tqdm(
             total=total,
             initial=done,
