@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from kotune.model.assets import AssetError, resolve_model
+from kotune.model.assets import resolve_model
+from kotune.model.hub import HubModelError
 
 NAME = "beomi/Llama-3-Open-Ko-8B"
 
@@ -24,13 +25,13 @@ def test_a_cached_hub_model_passes_unchanged(tmp_path, monkeypatch):
 
 
 def test_offline_and_not_cached_is_named_at_once():
-    with pytest.raises(AssetError, match=r"not in the Hugging Face cache, offline; download it once .*--offline"):
+    with pytest.raises(HubModelError, match=r"not in the Hugging Face cache, offline; download it once .*--offline"):
         resolve_model(NAME)
 
 
 def test_an_unreachable_hub_is_named_at_once(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    with pytest.raises(AssetError, match=r"huggingface.co cannot be reached .*local model folder"):
+    with pytest.raises(HubModelError, match=r"huggingface.co cannot be reached .*local model folder"):
         resolve_model(NAME)
 
 

@@ -11,7 +11,14 @@ import os
 import socket
 from urllib.parse import urlparse
 
-from kotune.model.assets import AssetError
+from kotune.errors import KotuneError
+
+
+class HubModelError(KotuneError, RuntimeError):
+    """A hub model that is neither in the cache nor reachable; the message says what to do."""
+
+    refusal = True
+
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 """What ``kotune --offline`` sets: the hub libraries then read their caches only."""
@@ -29,7 +36,7 @@ def is_offline() -> bool:
 
 def check_hub_model(name: str, timeout: float = 5.0) -> None:
     """Return when ``name``'s config.json is in the cache or the hub answers a connection within ``timeout``
-    seconds; raise AssetError otherwise."""
+    seconds; raise HubModelError otherwise."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
@@ -39,12 +46,12 @@ def check_hub_model(name: str, timeout: float = 5.0) -> None:
         "or set model.path to a local model folder"
     )
     if is_offline():
-        raise AssetError(f"model.path {name}: a hub model that is not in the Hugging Face cache, offline; {remedy}")
+        raise HubModelError(f"model.path {name}: a hub model that is not in the Hugging Face cache, offline; {remedy}")
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError as exc:
-        raise AssetError(
+        raise HubModelError(
             f"model.path {name}: a hub model that is not in the Hugging Face cache, and {host} cannot be reached "
             f"({exc}); {remedy}"
         ) from None
