@@ -17,6 +17,7 @@ from kotune.export.gguf import ExportError
 from kotune.export.merge import MergeError
 from kotune.export.publish import PublishError
 from kotune.model.assets import AssetError
+from kotune.model.hub import HubModelError
 from kotune.model.load import MissingWeights
 from kotune.run_folder import FolderError
 from kotune.security import SecurityError
@@ -35,6 +36,7 @@ USER_ERRORS = (
     FingerprintMismatch,
     FolderError,
     HarnessError,
+    HubModelError,
     MergeError,
     MissingWeights,
     NonFiniteLoss,
