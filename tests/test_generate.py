@@ -177,6 +177,26 @@ def test_resume_checks_each_rows_prompt_and_the_model(tmp_path):
         check_resumable(tmp_path / "out.jsonl", {5: {**done[0], "row": 5}}, prompts, "adapter:1")
 
 
+def test_resume_refuses_other_sampling_settings(tmp_path):
+    """Greedy rows and rows sampled at temperature 0.7, or cut at other lengths, must not mix in one file."""
+    from kotune.commands.generate import recorded_sampling
+    from kotune.inference.generate import Sampling
+
+    greedy = recorded_sampling(Sampling(), seed=3)
+    assert "seed" not in greedy  # greedy replies do not depend on it
+    prompts = [({"_row": 0}, "prompt a"), ({"_row": 1}, "prompt b")]
+    done = {0: {"row": 0, "prompt_sha256": prompt_hash("prompt a"), "model": "m", "sampling": greedy}}
+    check_resumable(tmp_path / "out.jsonl", done, prompts, "m", recorded_sampling(Sampling(), seed=4))
+    for other in (Sampling(temperature=0.7), Sampling(max_new_tokens=64)):
+        with pytest.raises(DataError, match="row 0 was generated with other settings .*--temperature 0.0"):
+            check_resumable(tmp_path / "out.jsonl", done, prompts, "m", recorded_sampling(other, seed=4))
+    sampled = {0: {**done[0], "sampling": recorded_sampling(Sampling(temperature=0.7), seed=1)}}
+    with pytest.raises(DataError, match="--seed 1"):
+        check_resumable(tmp_path / "out.jsonl", sampled, prompts, "m", recorded_sampling(Sampling(temperature=0.7), 2))
+    legacy = {0: {k: v for k, v in done[0].items() if k != "sampling"}}  # written before rows recorded them
+    check_resumable(tmp_path / "out.jsonl", legacy, prompts, "m", greedy)
+
+
 @pytest.mark.parametrize("change", ["other prompts", "reordered prompts", "another base quantization"])
 def test_generate_refuses_to_complete_an_output_of_other_prompts_or_model(
     change, tiny_qlora_run, reference_output, tmp_path
