@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from kotune.model import assets
 from kotune.model.assets import MARKER, SMOLLM2_SPEC, AssetError, PypiSpec, parse_pypi_spec, resolve_model
 
 
@@ -99,3 +100,24 @@ def test_converted_smollm2_loads_as_a_plain_model(smollm2_dir):
 def test_resolving_again_uses_the_cache(smollm2_dir, capsys):
     assert resolve_model(SMOLLM2_SPEC) == smollm2_dir
     assert "kotune:" not in capsys.readouterr().err
+
+
+def test_the_conversion_cache_is_keyed_by_the_converting_libraries_and_code(tmp_path, monkeypatch):
+    """Another transformers, tokenizers or gguf, or a new CONVERSION_VERSION, converts the GGUF again; the same
+    file copied elsewhere keeps its key."""
+    import importlib.metadata
+
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF" + bytes(100))
+    key = assets.conversion_key(gguf_file)
+    copy = tmp_path / "elsewhere" / "model.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(gguf_file.read_bytes())
+    assert assets.conversion_key(copy) == key
+    real = importlib.metadata.version
+    for package in assets.CONVERTER_PACKAGES:
+        with monkeypatch.context() as patch:
+            patch.setattr(importlib.metadata, "version", lambda p, package=package: "0.0" if p == package else real(p))
+            assert assets.conversion_key(gguf_file) != key, package
+    monkeypatch.setattr(assets, "CONVERSION_VERSION", assets.CONVERSION_VERSION + 1)
+    assert assets.conversion_key(gguf_file) != key

@@ -21,17 +21,10 @@ from conftest import build_tiny_model
 from tricky_rows import TRICKY_ROWS
 
 from kotune.cli import main
+from kotune.data.encoding import LLAMA3_SPLIT
 from kotune.data.templates import ALPACA, KO_ALPACA
-from kotune.export.gguf import (
-    LLAMA3_SPLIT,
-    QWEN2_SPLIT,
-    ExportError,
-    architecture_of,
-    default_gguf_path,
-    permute_rotary,
-    pre_tokenizer_name,
-    write_gguf,
-)
+from kotune.export.gguf import ExportError, architecture_of, default_gguf_path, permute_rotary, write_gguf
+from kotune.export.gguf_tokenizer import QWEN2_SPLIT, pre_tokenizer_name
 from kotune.export.ollama import go_literal, go_template
 from kotune.run_folder import CONFIG, save_template
 
@@ -282,7 +275,7 @@ def test_go_template_of_ko_alpaca():
     )
     # a cue ending in whitespace keeps it (no {{- trimming after it)
     assert '### Response:\n{{ else if eq .Role "assistant" }}' in go_template(ALPACA.prompt_no_input, "</s>")
-    assert go_literal("a {{b}} c") == 'a {{ "{{" }}b}} c'
+    assert go_literal("a {{b}} c") == 'a {{ "{" }}{{ "{" }}b}} c'
 
 
 def test_default_gguf_path():
@@ -359,3 +352,36 @@ def test_qwen2_round_trip(tmp_path):
     with torch.no_grad():
         a, b = model(**ids).logits, back(**ids).logits
     assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def smollm2_small(tmp_path_factory, smollm2_dir) -> Path:
+    """The tiny random Llama over the demo model's tokenizer: SmolLM2's, as this transformers converts its GGUF."""
+    return Path(build_tiny_model(tmp_path_factory.mktemp("smollm2") / "model", smollm2_dir))
+
+
+@pytest.mark.compat("gguf", "transformers")
+def test_the_demo_models_tokenizer_exports(smollm2_small):
+    """SmolLM2's tokenizer exports however transformers converted it (5.17: a Sequence decoder, 5.24: ByteLevel):
+    GPT-2's pre-tokenizer, its vocabulary, the GGUF header's EOS ``<|im_end|>`` as EOS and as the end of a reply,
+    and read back from the file it encodes the tricky rows to the ids training used."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_small)
+    assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|im_end|>", 2)
+    out = write_gguf(smollm2_small, smollm2_small.parent / "smollm2.gguf", "f16", tokenizer.chat_template, [2])
+    fields = GGUFReader(out).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == 2 and tokens[2] == "<|im_end|>"
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == 1 and tokens[1] == "<|im_start|>"
+    assert "tokenizer.ggml.eot_token_id" not in fields
+    assert tokens == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    back = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    for name, row in TRICKY_ROWS.items():
+        text = KO_ALPACA.format(row["instruction"], row.get("input")) + row["output"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert back(text, add_special_tokens=False)["input_ids"] == ids, name
+    if reads_pre_tokenizer_name():  # 5.17 reads every GGUF's EOS as its BOS
+        assert back.eos_token == "<|im_end|>"

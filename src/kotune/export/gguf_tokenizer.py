@@ -1,0 +1,171 @@
+"""A byte-level BPE tokenizer as GGUF's ``tokenizer.ggml.*`` keys, checked before any file is written.
+
+llama.cpp's ``gpt2`` tokenizer model is byte-level BPE: a vocabulary over GPT-2's 256 byte characters, merges, and a
+pre-tokenizer regex it knows by name. ``gguf_tokenizer`` reads a transformers tokenizer into what the file will
+hold, or refuses it naming the part llama.cpp would read differently; ``write_tokenizer`` adds it to a writer.
+
+One tokenizer can be saved in several equivalent shapes. transformers 5.17 converts SmolLM2's GGUF tokenizer with
+a ``Sequence`` decoder (ByteFallback, Fuse, Replace ``▁``, ByteLevel) and ``byte_fallback`` on; 5.24 writes a plain
+``ByteLevel`` decoder. On a byte-level vocabulary the extra steps change nothing (no ``<0xNN>`` token for
+ByteFallback to read, no ``▁`` in any token to replace, Fuse only joins what ByteLevel joins), so both are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from kotune.data.encoding import LLAMA3_SPLIT
+from kotune.errors import KotuneError
+
+
+class ExportError(KotuneError, ValueError):
+    """A model or folder kotune cannot export; the message names the architecture, tokenizer part or file."""
+
+
+# Pre-tokenizer regexes of tokenizer.json → the name llama.cpp knows them by (``tokenizer.ggml.pre``); it picks
+# its own copy of the same regex from that name. ``gpt-2`` is a ByteLevel pre-tokenizer with its built-in regex.
+# Qwen2's regex is Llama-3's with digits split one by one.
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
+
+# llama.cpp's token types (``gguf.TokenType``)
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+"""A SentencePiece byte token, which a ByteFallback decoder turns into its byte."""
+
+
+@dataclass(frozen=True)
+class GgufTokenizer:
+    """Everything ``write_tokenizer`` puts into the file, read and checked before the file is opened."""
+
+    pre: str
+    """llama.cpp's name of the pre-tokenizer regex (``tokenizer.ggml.pre``)."""
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    eos_id: int
+    eot_id: int | None
+    bos_id: int | None
+    pad_id: int | None
+    unk_id: int | None
+    add_bos: bool
+    chat_template: str | None
+
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer; an error for one it has no exact match for."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+        regex = parts[0].get("pattern", {}).get("Regex")
+        if regex in PRE_TOKENIZERS:
+            return PRE_TOKENIZERS[regex]
+    raise ExportError(
+        f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) is not one kotune can name for llama.cpp "
+        f"(GPT-2 byte-level, Llama-3 or Qwen2 split); llama.cpp would split text differently from training"
+    )
+
+
+def decoder_no_op(step: dict, vocab: dict) -> bool:
+    """Whether a decoder step before ByteLevel leaves every token of a byte-level ``vocab`` as it is."""
+    kind = step.get("type")
+    if kind == "Fuse":  # joins the token strings; ByteLevel joins them anyway
+        return True
+    if kind == "ByteFallback":
+        return not any(BYTE_TOKEN.fullmatch(token) for token in vocab)
+    if kind == "Replace":
+        pattern = (step.get("pattern") or {}).get("String")
+        return pattern is not None and not any(pattern in token for token in vocab)
+    return False
+
+
+def check_byte_level(tokenizer_json: dict) -> None:
+    """Refuse a tokenizer that is not byte-level BPE as llama.cpp's ``gpt2`` model reads it, naming what differs."""
+    model, decoder = tokenizer_json.get("model") or {}, tokenizer_json.get("decoder") or {}
+    steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+    found = f"{model.get('type')} with a {decoder.get('type')} decoder"
+    if model.get("type") == "BPE" and steps and steps[-1].get("type") == "ByteLevel":
+        vocab = model.get("vocab") or {}
+        extra = [s.get("type") for s in steps[:-1] if not decoder_no_op(s, vocab)]
+        if not extra:
+            return
+        found += f" whose {', '.join(map(str, extra))} step changes tokens before ByteLevel"
+    raise ExportError(
+        f"kotune exports byte-level BPE tokenizers (Llama-3, SmolLM2, Qwen2); this one is {found} "
+        "(SentencePiece-style tokenizers are not exported yet)"
+    )
+
+
+def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token strings and llama.cpp token types for ids 0..vocab_size-1 (ids with no token: ``[PADn]``, unused)."""
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise ExportError(f"the tokenizer has token id {max(by_id)}, beyond the model's vocab_size {vocab_size}")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        elif i in added:
+            tokens.append(added[i].content)
+            types.append(CONTROL if added[i].special else USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(NORMAL)
+    return tokens, types
+
+
+def gguf_tokenizer(tokenizer, vocab_size: int, stop_ids: list[int], chat_template: str | None) -> GgufTokenizer:
+    """The GGUF form of a byte-level BPE tokenizer: EOS is the tokenizer's, end-of-turn the first other stop id."""
+    from kotune.data.encoding import bos_id_to_add
+
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    check_byte_level(data)
+    pre = pre_tokenizer_name(data)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ExportError("the tokenizer has no EOS token: llama.cpp would not know where a reply ends")
+    tokens, types = tokenizer_vocab(tokenizer, vocab_size)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+    return GgufTokenizer(
+        pre=pre,
+        tokens=tokens,
+        types=types,
+        merges=merges,
+        eos_id=eos,
+        eot_id=next((i for i in stop_ids if i != eos), None),
+        bos_id=tokenizer.bos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        unk_id=tokenizer.unk_token_id,
+        add_bos=bos_id_to_add(tokenizer) is not None,
+        chat_template=chat_template,
+    )
+
+
+def write_tokenizer(writer, spec: GgufTokenizer) -> None:
+    """Vocabulary, merges, special ids and chat template under llama.cpp's ``tokenizer.ggml.*`` keys."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(spec.pre)
+    writer.add_token_list(spec.tokens)
+    writer.add_token_types(spec.types)
+    writer.add_token_merges(spec.merges)
+    writer.add_eos_token_id(spec.eos_id)
+    if spec.eot_id is not None:
+        writer.add_eot_token_id(spec.eot_id)
+    if spec.bos_id is not None:
+        writer.add_bos_token_id(spec.bos_id)
+    if spec.pad_id is not None:
+        writer.add_pad_token_id(spec.pad_id)
+    if spec.unk_id is not None:
+        writer.add_unk_token_id(spec.unk_id)
+    writer.add_add_bos_token(spec.add_bos)
+    writer.add_add_eos_token(False)  # kotune never appends EOS to a prompt
+    if spec.chat_template:
+        writer.add_chat_template(spec.chat_template)
