@@ -78,7 +78,7 @@ def test_non_finite_preference_steps_stop_the_run(tmp_path, tiny_train_config, p
 
 
 def test_dpo_from_an_sft_adapter(tmp_path, tiny_train_config, pairs_file):
-    from kotune.export.publish import model_card
+    from kotune.export.card import model_card
 
     sft = tmp_path / "sft"
     train(tiny_train_config(sft, {"lora.dropout": 0.0, "train.max_steps": 2, "data.cache": False}))
