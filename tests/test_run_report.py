@@ -124,6 +124,7 @@ def test_eval_and_report_cli_on_the_tiny_run(tiny_qlora_run, tmp_path):
     assert 0 <= report["generation"]["stop_rate"] <= 1
     table = (run / "eval" / "eval_report.md").read_text(encoding="utf-8")
     assert "| metric | base | adapter run | change |" in table and "ends with EOS" in table
+    assert "not comparable" not in table  # the same held-out rows and tokenizer: every change is a change
     done = run_kotune(["report", str(run)], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| metric | base | adapter run | change |" in (run / "report.md").read_text(encoding="utf-8")

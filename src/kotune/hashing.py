@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from pathlib import Path
 
 
@@ -54,4 +55,16 @@ def model_identity(path: str) -> str:
             digest.update(f.read(1 << 20))
             f.seek(max(0, size - (1 << 20)))
             digest.update(f.read(1 << 20))
+    return digest.hexdigest()
+
+
+def examples_hash(*splits) -> str:
+    """Hash of the tokenized rows (row id, ids, labels) in order: what the model is actually shown."""
+    digest = hashlib.sha256()
+    for examples in splits:
+        digest.update(b"|split|")
+        for e in examples:
+            digest.update(array("q", [e.row, len(e.input_ids)]).tobytes())
+            digest.update(array("q", e.input_ids).tobytes())
+            digest.update(array("q", e.labels).tobytes())
     return digest.hexdigest()

@@ -99,7 +99,16 @@ def heldout_part(args, folder, model, tokenizer) -> dict:
     items = check_items(heldout, folder, tokenizer, args.limit)
     output.status(f"kotune: eval: generating replies to {len(items)} prompts")
     summary, replies = generation_checks(model, tokenizer, items, folder_stop_ids(folder, tokenizer, model), sampling)
-    return {"data": heldout.source, "loss": overall_loss(rows), "rows": rows, "generation": summary, "replies": replies}
+    from kotune.hashing import examples_hash
+
+    return {
+        "data": heldout.source,
+        "examples_sha256": examples_hash(examples),  # what --compare checks: same rows, same tokens
+        "loss": overall_loss(rows),
+        "rows": rows,
+        "generation": summary,
+        "replies": replies,
+    }
 
 
 def choice_part(path, model, tokenizer, limit: int | None) -> tuple[dict, list[dict]]:

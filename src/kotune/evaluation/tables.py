@@ -55,18 +55,41 @@ def delta(before: float | None, after: float | None, unit: str) -> str:
     return f"{100 * change:+.1f} pt" if unit == "%" else f"{change:+.4g}"
 
 
+def not_comparable(report: dict, other: dict) -> dict[str, str]:
+    """Why parts of two reports measure different things: ``{"heldout": why, "choice": why}`` for the parts whose
+    changes would mislead (other held-out rows, other tokens for them, other multiple-choice items)."""
+    why = {}
+    if report.get("examples_sha256") != other.get("examples_sha256"):
+        rows = (len(other.get("rows", [])), len(report.get("rows", [])))
+        detail = (
+            [f"data {other.get('data')} vs {report.get('data')}"] if other.get("data") != report.get("data") else []
+        )
+        detail += [f"{rows[0]} vs {rows[1]} rows"] if rows[0] != rows[1] else []
+        why["heldout"] = (
+            "other held-out rows or tokens (" + (", ".join(detail) or "another tokenizer or template") + ")"
+        )
+    mine, theirs = report.get("choice", {}), other.get("choice", {})
+    if (mine.get("file"), mine.get("items")) != (theirs.get("file"), theirs.get("items")):
+        counts = f"{theirs.get('items')} items of {theirs.get('file')} vs {mine.get('items')} of {mine.get('file')}"
+        why["choice"] = f"other multiple-choice items ({counts})"
+    return why
+
+
 def markdown(report: dict, other: dict | None = None) -> str:
-    """One column per model; with ``other`` (the earlier / baseline report) first, and a column of changes."""
+    """One column per model; with ``other`` (the earlier / baseline report) first, and a column of changes where
+    both measured the same thing (``not_comparable``: the others read "not comparable", with the reason below)."""
     if other is None:
         lines = [f"| metric | {report['model']['name']} |", "|---|---|"]
         lines += [f"| {label} | {fmt(value, unit)} |" for _, label, value, unit in metric_rows(report)]
         return "\n".join(lines) + "\n"
     before = {key: value for key, _, value, _ in metric_rows(other)}
+    why = not_comparable(report, other)
     lines = [f"| metric | {other['model']['name']} | {report['model']['name']} | change |", "|---|---|---|---|"]
     for key, label, value, unit in metric_rows(report):
-        lines.append(
-            f"| {label} | {fmt(before.get(key), unit)} | {fmt(value, unit)} | {delta(before.get(key), value, unit)} |"
-        )
+        part = "choice" if key.startswith("choice.") else None if key.startswith("harness.") else "heldout"
+        change = "not comparable" if part in why else delta(before.get(key), value, unit)
+        lines.append(f"| {label} | {fmt(before.get(key), unit)} | {fmt(value, unit)} | {change} |")
+    lines += [f"\nNot comparable: {reason}." for reason in why.values()]
     return "\n".join(lines) + "\n"
 
 

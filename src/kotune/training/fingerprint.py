@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from array import array
 from pathlib import Path
 from typing import Any
 
 from kotune import output
 from kotune.config import Config
-from kotune.hashing import file_sha256, tokenizer_hash
+from kotune.hashing import examples_hash, file_sha256, tokenizer_hash
 from kotune.run_folder import FINGERPRINT
 from kotune.security import redact
 from kotune.training.checkpoint import CheckpointError
@@ -79,18 +78,6 @@ def data_files(cfg: Config) -> dict[str, str]:
             name = file.relative_to(root).as_posix() if root.is_dir() else file.name
             out[f"{split}:{name}"] = file_sha256(file)
     return out
-
-
-def examples_hash(*splits) -> str:
-    """Hash of the tokenized rows (row id, ids, labels) in order: what the model is actually shown."""
-    digest = hashlib.sha256()
-    for examples in splits:
-        digest.update(b"|split|")
-        for e in examples:
-            digest.update(array("q", [e.row, len(e.input_ids)]).tobytes())
-            digest.update(array("q", e.input_ids).tobytes())
-            digest.update(array("q", e.labels).tobytes())
-    return digest.hexdigest()
 
 
 def template_hash(template, cfg: Config) -> str:
