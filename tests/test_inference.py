@@ -106,7 +106,9 @@ def test_repetition_penalty_counts_the_reply_as_it_grows():
     assert penalized[0].ids == [5, 6, 5, 5]
 
 
+@pytest.mark.compat("transformers")  # a stopped row leaves the batch: the KV cache's reorder_cache
 def test_generation_stops_at_a_stop_token_and_leaves_other_rows_alone(tiny):
+    """Row 0 stops at its third token and leaves the batch (and the cache); row 1 goes on as if alone."""
     model, tokenizer = tiny
     free = inference.generate(model, PROMPTS, tokenizer.eos_token_id, [], Sampling(max_new_tokens=6))
     stop = free[0].ids[2]  # the third token row 0 produces

@@ -186,7 +186,9 @@ def decode(
     ids, mask = left_pad(prompts, pad_id, device)
     with torch.inference_mode():
         logits, cache = prefill(model, ids, mask)
-    running = torch.ones(len(prompts), dtype=torch.bool, device=device)
+    # the original row of each row still in the batch: a row that stopped leaves the batch and the cache, so a few
+    # long replies do not keep every row computing to max_new_tokens
+    rows = list(range(len(prompts)))
     stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
     seen = SeenTokens(ids, mask, logits.shape[-1]) if sampling.repetition_penalty != 1.0 else None
     for step in range(sampling.max_new_tokens):
@@ -195,11 +197,20 @@ def decode(
         token = sample(logits, sampling, generator)
         if seen is not None:
             seen.add(token)
-        yield [t if alive else None for t, alive in zip(token.tolist(), running.tolist(), strict=True)]
-        running &= ~torch.isin(token, stop_tensor)
-        if not running.any() or step + 1 == sampling.max_new_tokens:
+        produced: list[int | None] = [None] * len(prompts)
+        for row, t in zip(rows, token.tolist(), strict=True):
+            produced[row] = t
+        yield produced
+        going = ~torch.isin(token, stop_tensor)
+        if not going.any() or step + 1 == sampling.max_new_tokens:
             return
-        token = torch.where(running, token, torch.full_like(token, pad_id))
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            rows = [rows[i] for i in keep.tolist()]
+            token, mask = token[keep], mask[keep]
+            cache.reorder_cache(keep)
+            if seen is not None:
+                seen.seen = seen.seen[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         with torch.inference_mode():
             logits, cache = decode_step(model, token, mask, cache)
