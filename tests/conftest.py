@@ -227,25 +227,10 @@ def demo_run(tmp_path_factory, smollm2_dir):
     return out
 
 
-SHARED_RUNS = (("demo", {"demo_run"}), ("qlora", {"tiny_qlora_run", "tiny_merged"}))
-"""Session fixtures that train or merge, longest first: the files using one run on one pytest-xdist worker, so it
-trains once (a file using both goes with the demo, and the tiny run is trained again there: seconds)."""
-
-
 def pytest_collection_modifyitems(items):
     """Mark the offline unit tier (``tests/unit``) ``unit``: with the ``compat`` tests it is what CI runs on the
-    newest versions the ranges allow (``.ci/run``; ``make test-latest`` runs everything there).
-
-    Group the tests for ``pytest -n 2 --dist loadgroup`` (``.ci/run``): a file stays on one worker (its
-    module fixtures are built once), and the files that share a trained session run (``SHARED_RUNS``) share a
-    worker too."""
+    newest versions the ranges allow (``.ci/run``; ``make test-latest`` runs everything there)."""
     unit = ROOT / "tests" / "unit"
-    fixtures: dict[Path, set[str]] = {}
     for item in items:
-        fixtures.setdefault(Path(item.path), set()).update(item.fixturenames)
-    groups = {path: next((g for g, runs in SHARED_RUNS if runs & used), path.stem) for path, used in fixtures.items()}
-    for item in items:
-        path = Path(item.path)
-        if unit in path.parents:
+        if unit in Path(item.path).parents:
             item.add_marker(pytest.mark.unit)
-        item.add_marker(pytest.mark.xdist_group(groups[path]))

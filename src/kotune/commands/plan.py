@@ -38,8 +38,8 @@ def run(args) -> int:
     gpu = gpu_named(args.gpu) if args.gpu else present_gpu()
     if gpu is None:
         raise ConfigError("no CUDA GPU on this machine: name the one to plan for, e.g. --gpu L4 (see --help)")
-    model_path, _, data = load_prepared(cfg)
-    lengths = [len(e.input_ids) for e in data.train]
+    model_path, _, train, _, _ = load_prepared(cfg)
+    lengths = [e.input_tokens for e in train]
     cfg = choose_distributed(cfg, model_path, lengths, gpu, args.gpus)  # train.distributed auto: as train picks
     plan, shape = plan_for(cfg, model_path, lengths, gpu, args.gpus)
     for line in render(plan):

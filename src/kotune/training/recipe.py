@@ -106,8 +106,10 @@ class RunData:
     chat_template: str | None
     audits: tuple[AuditReport, ...]
     summary: dict
+    format: str
+    """The row format as detected (``preference`` for pairs), written into the saved config."""
     prepared: Prepared | None = None
-    """SFT's prepared data (the saved config reads its format)."""
+    """SFT's prepared data."""
 
 
 def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_gpu: bool) -> Path:
@@ -144,7 +146,8 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
         load_start_adapter(model.peft, cfg.model.adapter)
         output.info(f"kotune: started from the adapter in {cfg.model.adapter}")
     if dist.is_main():
-        inside(output_dir, CONFIG).write_text(redact(saved_config(cfg, data).to_yaml()), encoding="utf-8")
+        saved = saved_config(cfg, data.format, data.chat_template)
+        inside(output_dir, CONFIG).write_text(redact(saved.to_yaml()), encoding="utf-8")
     fit = Fit(cfg, model, objective_for(cfg, model, tokenizer, data), data.train, data.validation, output_dir, fp)
     ready_folder(fit, folder)  # after the objective: a resumed DPO run's reference is still its starting adapter
     with StopOnSignal() as stop:
@@ -178,7 +181,7 @@ def sft_data(cfg: Config, model_path: str, tokenizer) -> RunData:
         "truncated_rows": data.train_stats.truncated,
     }
     examples = (data.train, data.validation)
-    return RunData(*examples, examples, data.template, data.chat_template, data.audits, summary, data)
+    return RunData(*examples, examples, data.template, data.chat_template, data.audits, summary, data.format, data)
 
 
 def pair_data(cfg: Config, tokenizer) -> RunData:
@@ -194,7 +197,9 @@ def pair_data(cfg: Config, tokenizer) -> RunData:
         "validation_pairs": len(data.validation),
     }
     examples = (data.examples("train"), data.examples("validation"))
-    return RunData(data.train, data.validation, examples, data.template, data.chat_template, data.audits, summary)
+    return RunData(
+        data.train, data.validation, examples, data.template, data.chat_template, data.audits, summary, "preference"
+    )
 
 
 def objective_for(cfg: Config, model: TrainingModel, tokenizer, data: RunData) -> Objective:
@@ -217,22 +222,18 @@ def ready_folder(fit: Fit, checkpoint: Path | None) -> None:
         start_metrics(fit.output_dir)
 
 
-def saved_config(cfg: Config, data: RunData) -> Config:
+def saved_config(cfg: Config, fmt: str, chat_template: str | None) -> Config:
     """The config written beside the adapter, readable without the training data or template files: the data
-    format as detected, a chat template read from a file left to the tokenizer saved with the run (it holds
-    that template), so merge / chat / generate / push work on another machine, and local data paths made
-    absolute, so merge finds the data from any working directory."""
+    format as detected (``fmt``), a chat template read from a file left to the tokenizer saved with the run (it
+    holds ``chat_template``, the one rows were rendered with), so merge / chat / generate / push work on another
+    machine, and local data paths made absolute, so merge finds the data from any working directory."""
     from kotune.data.conversations import BUILTIN_CHAT_TEMPLATES
 
     d = cfg.data
-    fmt, chat_template = "preference", d.chat_template
-    if data.prepared is not None:
-        fmt = data.prepared.format
-        if data.chat_template is not None and chat_template not in BUILTIN_CHAT_TEMPLATES:
-            chat_template = None
+    kept = d.chat_template if chat_template is None or d.chat_template in BUILTIN_CHAT_TEMPLATES else None
     # merge reads the data again: relative local paths would only work from the folder training ran in
     paths = {"path": absolute_if_local(d.path), "validation_path": absolute_if_local(d.validation_path)}
-    return replace(cfg, data=replace(d, format=fmt, chat_template=chat_template, **paths))
+    return replace(cfg, data=replace(d, format=fmt, chat_template=kept, **paths))
 
 
 def absolute_if_local(path: str | None) -> str | None:
