@@ -199,3 +199,32 @@ def test_after_bad_steps_the_checkpoint_named_to_resume_from_is_the_last_whose_w
         f"the last good checkpoint is {tmp_path / 'checkpoint-4'}"
     )
     assert checkpoints_to_resume(tmp_path, 3, 1.0).endswith("and none was kept before it")
+
+
+def test_a_disk_full_while_writing_the_final_files_says_resume_writes_them_again(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """The last checkpoint is whole; the final files are not (a truncated tokenizer.json once ended in a
+    traceback): one error names the checkpoint and --resume, which then finishes the run."""
+    import errno
+
+    from kotune.cli import main
+    from kotune.training import recipe
+    from tests.unit.test_pinned_run import write_config
+
+    config = write_config(tmp_path, tiny_model_dir, **{"train.max_steps": 2, "train.eval_steps": 2})
+    monkeypatch.setenv("KOTUNE_CACHE", str(tmp_path / "cache"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(recipe, "save_template", full)
+        assert main(["train", str(config)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("kotune: error: no space left on the disk while writing the run's final files")
+    assert "the checkpoint at step 2 is complete" in error and "--resume" in error
+    run = tmp_path / "run"
+    assert not (run / "run_summary.json").exists() and (run / "checkpoint-2").is_dir()
+    assert main(["train", str(config), "--resume"]) == 0
+    assert (run / "run_summary.json").is_file()

@@ -28,3 +28,15 @@ def test_other_rows_tokens_or_items_are_not_compared_and_say_why():
     changes = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[-1].rstrip(" |") for line in table.splitlines()}
     assert changes["loss (held-out rows)"] == changes["multiple choice acc"] == "not comparable"
     assert "Not comparable: other multiple-choice items (10 items of ko.jsonl vs 20 of ko.jsonl)." in table
+
+
+def test_a_written_report_names_no_folder_of_this_machine(tmp_path):
+    import json
+
+    from kotune.evaluation.tables import write_report
+
+    mine = report("adapter", data="/home/me/data/heldout.jsonl (validation split)")
+    mine["model"]["path"], mine["choice"]["file"] = "/home/me/runs/ko-demo", "/home/me/eval/ko.jsonl"
+    written = json.loads((write_report(tmp_path, mine).parent / "eval_report.json").read_text(encoding="utf-8"))
+    assert (written["model"]["path"], written["data"]) == ("ko-demo", "heldout.jsonl (validation split)")
+    assert written["choice"]["file"] == "ko.jsonl" and "/home/me" not in json.dumps(written)

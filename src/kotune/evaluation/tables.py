@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from kotune.security import portable
+
 REPORT_FILE = "eval_report.json"
 TABLE_FILE = "eval_report.md"
 
@@ -105,9 +107,21 @@ def read_report(path: str | Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def shareable(report: dict) -> dict:
+    """``report`` naming no folder of this machine: the model's path, the held-out data and the multiple-choice file
+    by their last part (a report is something users share). Replies and rows stay as generated."""
+    report = {**report, "model": {**report["model"], "path": portable(report["model"].get("path"))}}
+    if "data" in report:
+        report["data"] = portable(report["data"])
+    if "choice" in report:
+        report["choice"] = {**report["choice"], "file": portable(report["choice"].get("file"))}
+    return report
+
+
 def write_report(out: Path, report: dict, other: dict | None = None) -> Path:
     """``eval_report.json`` (with the side-by-side when compared) and ``eval_report.md``; returns the table's path."""
     out.mkdir(parents=True, exist_ok=True)
+    report = shareable(report)
     table = markdown(report, other)
     if other is not None:
         report = {**report, "compared_with": other["model"]}

@@ -5,6 +5,7 @@ read data -> template -> tokenize + mask -> 4-bit base + LoRA -> train (eval / s
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from kotune.run_folder import ADAPTER, BEST, CONFIG, drop_blank_card, save_templ
 from kotune.security import inside, redact, refuse_pickle
 from kotune.training import dist, fingerprint
 from kotune.training.build import TrainingModel, load_for_training
-from kotune.training.checkpoint import write_adapter
+from kotune.training.checkpoint import CheckpointError, write_adapter
 from kotune.training.claim import claim
 from kotune.training.loop import Fit, NonFiniteLoss
 from kotune.training.objective import Objective, SupervisedObjective
@@ -156,7 +157,7 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
         except NonFiniteLoss as exc:
             raise NonFiniteLoss(f"{exc}{untrained_tokens_hint(data.audits)}") from None
     if fit.rank == 0:
-        save_final(fit, data.template, tokenizer, output_dir)
+        save_final_or_say_how(fit, data.template, tokenizer, output_dir)
         audit = [line.removeprefix("kotune: ") for r in data.audits for line in summary_lines(r)]
         write_summary(output_dir, state, {**data.summary, "audit": audit, "base": model_identity(model_path)})
         output.info(f"kotune: adapter written to {output_dir}")
@@ -258,6 +259,21 @@ def untrained_tokens_hint(audits: tuple[AuditReport, ...]) -> str:
     """The audit's finding on untrained special-token embeddings, a likely cause of non-finite steps ('' if none)."""
     found = [f.message for report in audits for f in report.findings if f.code == "untrained_special_tokens"]
     return f". Likely cause, from the data audit: {found[0]}" if found else ""
+
+
+def save_final_or_say_how(fit: Fit, template, tokenizer, output_dir: Path) -> None:
+    """``save_final``; a disk that fills up meanwhile is one error saying that the last checkpoint is whole and that
+    ``--resume`` writes the final files again (the run is not finished until ``run_summary.json`` is written)."""
+    try:
+        save_final(fit, template, tokenizer, output_dir)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise CheckpointError(
+            f"no space left on the disk while writing the run's final files in {output_dir} ({exc.strerror}); "
+            f"the checkpoint at step {fit.state.step} is complete: free some space and run the same command with "
+            "--resume, which writes them again"
+        ) from None
 
 
 def save_final(fit: Fit, template, tokenizer, output_dir: Path) -> None:
