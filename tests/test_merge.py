@@ -177,19 +177,27 @@ def test_merged_and_adapter_greedy_generations_agree_token_for_token(tiny_qlora_
     assert all(len(g.ids) > 0 for g in from_adapter)
 
 
-def test_generation_config_stops_at_eos_and_end_of_turn(tiny_merged, llama3_tokenizer):
+@pytest.mark.parametrize("which", ["run", "merged"])
+def test_generation_config_stops_at_eos_and_end_of_turn(which, tiny_qlora_run, tiny_merged, llama3_tokenizer):
+    """Both folders stop at the EOS training appended and at the base template's end of turn, although the run's
+    tokenizer now carries the trained prompt's template."""
     from transformers import GenerationConfig
 
-    out, _ = tiny_merged
+    out = tiny_qlora_run[0] if which == "run" else tiny_merged[0]
     config = GenerationConfig.from_pretrained(out)
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     assert llama3_tokenizer.convert_tokens_to_ids("<|end_of_text|>") in eos  # the EOS training appended
     assert llama3_tokenizer.convert_tokens_to_ids("<|eot_id|>") in eos  # the chat template's end of turn
+    if which == "run":
+        return
     assert config.pad_token_id is not None
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= names
     assert {"kotune_template.yaml", "kotune_config.yaml", "merge_report.json"} <= names
     assert not any(n.endswith((".bin", ".pt")) for n in names)
+    for record in ("merge_report.json", "run_summary.json"):  # records a user may share name no local folder
+        text = (out / record).read_text(encoding="utf-8")
+        assert str(tiny_qlora_run[0].parent) not in text and str(out.parent) not in text, record
 
 
 @pytest.mark.slow
@@ -325,15 +333,16 @@ def test_force_replaces_a_different_merge_atomically(tiny_qlora_run, tiny_merged
     assert [p.name for p in tmp_path.iterdir()] == ["merged"], "no partial or replaced folder is left beside it"
 
 
-def test_merged_tokenizer_prompts_in_the_trained_format(tiny_merged):
-    """The merged folder's chat template is the run's ko-alpaca prompt, not the base's: apply_chat_template gives
-    the ids kotune's training encoding gives the prompt, with and without input."""
+@pytest.mark.parametrize("which", ["run", "merged"])
+def test_folder_tokenizers_prompt_in_the_trained_format(which, tiny_qlora_run, tiny_merged):
+    """The run's and the merged folder's chat template is the run's ko-alpaca prompt, not the base's:
+    apply_chat_template gives the ids kotune's training encoding gives the prompt, with and without input."""
     from transformers import AutoTokenizer
 
     from kotune.inference.generate import encode_prompt
     from kotune.run_folder import open_folder
 
-    out, _ = tiny_merged
+    out = tiny_qlora_run[0] if which == "run" else tiny_merged[0]
     folder, tokenizer = open_folder(out), AutoTokenizer.from_pretrained(out)
     for instruction, given in (("하늘은 왜 파란가요?", None), ("요약하세요", '"따옴표"로 시작')):
         message = {"role": "user", "content": instruction, **({"input": given} if given else {})}

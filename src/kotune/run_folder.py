@@ -125,14 +125,39 @@ def trained_chat_template(folder: ModelFolder, tokenizer) -> str | None:
     return chat_template(template, tokenizer.bos_token if bos_id_to_add(tokenizer) is not None else None)
 
 
+GENERATION_CONFIG = "generation_config.json"
+"""A run folder's stop ids, written when it finishes (a merged folder's is the model's own)."""
+
+
 def folder_stop_ids(folder: ModelFolder, tokenizer, model) -> list[int]:
-    """``stop_ids`` for a run or merged folder: its chat template as training resolved it, its model's EOS ids."""
+    """``stop_ids`` for a run or merged folder: its chat template as training resolved it, and the EOS ids of its
+    ``generation_config.json`` (a run folder's holds the base template's end of turn, recorded before its tokenizer
+    took the trained prompt's template), else its model's."""
     from kotune.data.conversations import stop_ids
     from kotune.data.prepare import chat_template_for
 
-    return stop_ids(
-        tokenizer, getattr(model, "generation_config", None), chat_template_for(folder.config.data, tokenizer)
-    )
+    config = getattr(model, "generation_config", None)
+    if not folder.merged and (folder.path / GENERATION_CONFIG).is_file():
+        from transformers import GenerationConfig
+
+        config = GenerationConfig.from_pretrained(folder.path)
+    return stop_ids(tokenizer, config, chat_template_for(folder.config.data, tokenizer))
+
+
+def save_run_tokenizer(folder: ModelFolder, tokenizer, model) -> None:
+    """The run's tokenizer with a chat template rendering the prompts it trained on, so a tool that prompts through
+    ``apply_chat_template`` uses the trained format; first the stop ids the base's template gives, into the folder's
+    ``generation_config.json``."""
+    from transformers import GenerationConfig
+
+    stops = folder_stop_ids(folder, tokenizer, model)
+    GenerationConfig(
+        eos_token_id=stops if len(stops) > 1 else stops[0],
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(folder.path)
+    tokenizer.chat_template = trained_chat_template(folder, tokenizer) or tokenizer.chat_template
+    tokenizer.save_pretrained(folder.path)
 
 
 # -- the template ---------------------------------------------------------------------------------

@@ -37,11 +37,13 @@ from kotune.run_folder import (
     MERGE_MARKER,
     MERGE_REPORT,
     RECORDS,
+    SUMMARY,
     ModelFolder,
     folder_stop_ids,
     open_folder,
     trained_chat_template,
 )
+from kotune.security import portable, redact
 
 if TYPE_CHECKING:
     from kotune.data.examples import Example
@@ -152,7 +154,7 @@ def check_output(out: Path, run: Path, source: dict, force: bool) -> bool:
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
     report = out / MERGE_REPORT
-    if report.is_file() and json.loads(report.read_text(encoding="utf-8")).get("source") == source:
+    if report.is_file() and json.loads(report.read_text(encoding="utf-8")).get("source") == portable(source):
         return True  # nothing will be written
     keep = "kotune will not replace it: choose a new folder for --out, or move it away yourself"
     written = merge_files(out)
@@ -323,12 +325,13 @@ def save_merged(model, tokenizer, folder: ModelFolder, out: Path, shard_size: st
     model.save_pretrained(out, max_shard_size=shard_size)
     tokenizer.save_pretrained(out)
     for name in RECORDS:  # so chat, generate and push read the merged folder like the run
-        if (folder.path / name).is_file():
+        if name == SUMMARY and (folder.path / name).is_file():  # a record: its audit lines name the data files
+            summary = portable(json.loads((folder.path / name).read_text(encoding="utf-8")))
+            (out / name).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        elif (folder.path / name).is_file():  # the config keeps its paths: eval and push read the run's data, base
             shutil.copy2(folder.path / name, out / name)
 
 
 def write_report(out: Path, report: dict) -> None:
-    from kotune.security import redact
-
-    text = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
+    text = json.dumps(portable(report), indent=1, ensure_ascii=False) + "\n"
     (out / MERGE_REPORT).write_text(redact(text), encoding="utf-8")

@@ -30,7 +30,7 @@ from kotune.model.embeddings import add_model_checks, untrained_token_ids
 from kotune.model.load import load_tokenizer
 from kotune.model.lora import check_adapter_base, check_target_modules, load_start_adapter, trainable_token_ids
 from kotune.plan.gate import check_before_loading
-from kotune.run_folder import ADAPTER, BEST, CONFIG, drop_blank_card, save_template
+from kotune.run_folder import ADAPTER, BEST, CONFIG, drop_blank_card, open_folder, save_run_tokenizer, save_template
 from kotune.security import inside, redact, refuse_pickle
 from kotune.training import dist, fingerprint
 from kotune.training.build import TrainingModel, load_for_training
@@ -286,6 +286,6 @@ def save_final(fit: Fit, template, tokenizer, output_dir: Path) -> None:
         output.info(
             f"kotune: kept the best adapter (step {fit.state.best_step}, eval_loss {fit.state.best_eval_loss:.4f})"
         )
-    tokenizer.save_pretrained(output_dir)
     save_template(template, output_dir)
+    save_run_tokenizer(open_folder(output_dir), tokenizer, fit.model)
     drop_blank_card(output_dir)  # peft's empty template card would be the folder's only README
