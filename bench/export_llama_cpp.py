@@ -12,7 +12,7 @@ Exports the folder (a run is merged first) with ``kotune export``, then for each
   token llama.cpp itself counts as end of generation.
 
 It reports, per row and overall, whether the prompt ids, the reply ids and the way the reply ended (EOS or the
-token limit) are the same. ``compare`` is what ``tests/test_export_llama_cpp.py`` runs.
+token limit) are the same. ``compare`` is what ``tests/test_e2e_train.py::test_llama_cpp_replies_equal_kotunes`` runs.
 """
 
 from __future__ import annotations

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # Set up kotune for development and tests on a fresh machine, in a virtual environment of its own (.venv, or
 # $KOTUNE_VENV), so nothing already installed on the machine is used by accident:
-#   torch (2.13.0; the CPU build where the machine offers one), kotune with its test and eval extras (lm-eval), the real test assets.
+#   torch (2.13.0; the CPU build where the machine offers one), kotune with its test and eval extras (lm-eval) and,
+#   on the lock, the quantize extra (llama-cpp-python, compiled once), the real test assets.
 # KOTUNE_DEPS=lock (default): every package at the version in constraints/lock.txt, the set CI tested.
 # KOTUNE_DEPS=latest: the newest versions the ranges in pyproject.toml allow (CI tests this set too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${KOTUNE_VENV:-.venv}
 case "${KOTUNE_DEPS:-lock}" in
-  lock) pins=(-c constraints/lock.txt) ;;
-  latest) pins=(--upgrade --upgrade-strategy eager) ;;
+  lock) pins=(-c constraints/lock.txt) extras=dev,eval,quantize ;;
+  latest) pins=(--upgrade --upgrade-strategy eager) extras=dev,eval ;;
   *) echo "setup.sh: KOTUNE_DEPS must be 'lock' or 'latest', not '${KOTUNE_DEPS}'" >&2; exit 2 ;;
 esac
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip
 "$py" -m pip install -q "torch==2.13.0"   # on a GPU machine, install your CUDA build of torch into the venv first
-"$py" -m pip install -q "${pins[@]}" -e ".[dev,eval]"
+# quantize: llama-cpp-python, compiled here once (a few minutes), for the k-quant exports and llama.cpp's own check
+CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" "$py" -m pip install -q "${pins[@]}" -e ".[$extras]"
 "$py" -m kotune.model.assets fetch-test-assets
 echo "kotune: set up in $venv (${KOTUNE_DEPS:-lock} versions); run tests with: $venv/bin/python -m pytest -q"

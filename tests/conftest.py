@@ -35,8 +35,11 @@ def llama3_tokenizer(llama3_dir):
     return AutoTokenizer.from_pretrained(llama3_dir)
 
 
-def build_tiny_model(folder: Path, tokenizer_dir: str, hidden: int = 64, layers: int = 2, seed: int = 0) -> str:
-    """A randomly initialised Llama-architecture model with the given tokenizer, saved as a plain folder."""
+def build_tiny_model(
+    folder: Path, tokenizer_dir: str, hidden: int = 64, layers: int = 2, seed: int = 0, init_range: float = 0.02
+) -> str:
+    """A randomly initialised Llama-architecture model with the given tokenizer, saved as a plain folder
+    (``init_range``: the weights' standard deviation; larger spreads the logits apart)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -52,6 +55,7 @@ def build_tiny_model(folder: Path, tokenizer_dir: str, hidden: int = 64, layers:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        initializer_range=init_range,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -4,8 +4,10 @@ test workers (``pytest -n 2 --dist loadfile``) train it once."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,35 @@ def plain_transformers_agrees_with_kotune(merged: Path, replies: list[dict]) -> 
         assert (stopped, reply["finish"]) in ((True, "stop"), (False, "length"))
         # kotune holds back the bytes of a character cut by --max-new-tokens; plain decode shows them as U+FFFD
         assert tokenizer.decode(out, skip_special_tokens=True).rstrip("\ufffd") == reply["generated"]
+
+
+def bench_module(name: str):
+    """``bench/NAME.py`` imported as a module (the bench scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.llama_cpp
+def test_llama_cpp_replies_equal_kotunes(demo_run, tmp_path):
+    """The exported demo in llama.cpp itself: greedy replies to held-out prompts, prompted through the GGUF's own
+    chat template, are kotune's greedy replies token for token and end at the same EOS (f32 export, merged first
+    by ``kotune export``). Needs llama-cpp-python (the ``quantize`` extra, which ``scripts/setup.sh`` installs on
+    the lock). The run recorded in ``bench/RESULTS.md`` ("Export") is ``bench/export_llama_cpp.py``, called here."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'kotune[quantize]'")
+    out = tmp_path / "demo-f32.gguf"
+    result = run_kotune(["export", str(demo_run), "--format", "gguf", "--quant", "f32", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    bench = bench_module("export_llama_cpp")
+    held_out = bench.HELDOUT.read_text(encoding="utf-8").splitlines()[:LLAMA_CPP_ROWS]
+    results = bench.compare(demo_run / "merged", out, [json.loads(line) for line in held_out], 96)
+    assert all(r.prompt_same for r in results), "llama.cpp tokenized the GGUF template's prompt differently"
+    assert any(r.kotune_stopped for r in results), "the demo model should end some replies with EOS"
+    assert [r.index for r in results if not r.same] == []
+
+
+LLAMA_CPP_ROWS = 8
+"""Held-out rows llama.cpp is compared on (of 30; the recorded bench run compares all of them)."""

@@ -38,6 +38,10 @@ ROWS = ["newline_start", "with_input", "emoji_zwj", "crlf_instruction", "digits_
 LEAD = 0.01
 MAX_MEAN_DELTA = {"f32": 0.0, "f16": 1e-4, "bf16": 1e-3, "q8_0": 3e-3}
 MIN_RAW_TOP1 = {"f32": 1.0, "f16": 0.99, "bf16": 0.97, "q8_0": 0.97}
+# k-quants of random weights (the worst case for them): every 2-D weight read back within a relative RMS error
+# bound, and greedy top-1 agreement far above chance; bounds from the measured figures (bench/RESULTS.md, "Export").
+K_MAX_WEIGHT_ERROR = {"q4_k_m": 0.09, "q5_k_m": 0.045, "q6_k": 0.023}
+K_MIN_TOP1 = {"q4_k_m": 0.4, "q5_k_m": 0.55, "q6_k": 0.72}
 
 
 def prompt_text(tokenizer, row: dict) -> str:
@@ -128,14 +132,13 @@ def gguf_tokenizer(exported):
     return AutoTokenizer.from_pretrained(exported.parent, gguf_file=exported.name)
 
 
-@pytest.fixture(scope="module")
-def source_logits(small):
+def reference_logits(model_dir: Path) -> list:
     """(input ids, the source model's float32 logits) for each of ROWS' prompt + answer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(small)
-    model = AutoModelForCausalLM.from_pretrained(small, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     found = []
     with torch.no_grad():
         for name in ROWS:
@@ -143,6 +146,11 @@ def source_logits(small):
             ids = tokenizer(prompt_text(tokenizer, row) + row["output"], add_special_tokens=False, return_tensors="pt")
             found.append((ids, model(**ids).logits[0]))
     return found
+
+
+@pytest.fixture(scope="module")
+def source_logits(small):
+    return reference_logits(small)
 
 
 def load_gguf_model(path: Path):
@@ -158,9 +166,18 @@ def load_gguf_model(path: Path):
 @pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0"])
 def test_round_trip_logits(quant, small_exported, source_logits):
     """transformers reads the GGUF back to a model whose logits match the source model's on tricky rows."""
+
+    mean_delta, top1, clear_agree, clear, total = compare(load_gguf_model(small_exported(quant)), source_logits, LEAD)
+    assert clear > total / 2 and clear_agree == clear
+    assert top1 >= MIN_RAW_TOP1[quant]
+    assert mean_delta <= MAX_MEAN_DELTA[quant]
+
+
+def compare(back, source_logits, lead: float) -> tuple[float, float, int, int, int]:
+    """(mean |Δ logit|, top-1 agreement, agreements and positions where the source's top token leads by more than
+    ``lead``, positions) of the model read back from a GGUF against the source's logits; printed."""
     import torch
 
-    back = load_gguf_model(small_exported(quant))
     deltas, agree, total, clear_agree, clear = [], 0, 0, 0, 0
     with torch.no_grad():
         for ids, a in source_logits:
@@ -168,17 +185,74 @@ def test_round_trip_logits(quant, small_exported, source_logits):
             deltas.append((a - b).abs().mean().item())
             same = a.argmax(-1) == b.argmax(-1)
             top2 = a.topk(2, dim=-1).values
-            leads = (top2[:, 0] - top2[:, 1]) > LEAD
+            leads = (top2[:, 0] - top2[:, 1]) > lead
             agree, total = agree + same.sum().item(), total + len(same)
             clear_agree, clear = clear_agree + same[leads].sum().item(), clear + leads.sum().item()
     mean_delta, top1 = float(np.mean(deltas)), agree / total
     print(
-        f"{quant}: mean |Δ logit| {mean_delta:.2e}, top-1 agreement {top1:.4f} over {total} positions, "
-        f"{clear_agree}/{clear} where the top token leads by > {LEAD}"
+        f"mean |Δ logit| {mean_delta:.2e}, top-1 agreement {top1:.4f} over {total} positions, "
+        f"{clear_agree}/{clear} where the top token leads by > {lead}"
     )
-    assert clear > total / 2 and clear_agree == clear
-    assert top1 >= MIN_RAW_TOP1[quant]
-    assert mean_delta <= MAX_MEAN_DELTA[quant]
+    return mean_delta, top1, clear_agree, clear, total
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """``small`` with 256-wide rows, the k-quants' block: their own blocks, not llama.cpp's fallback types."""
+    folder = tmp_path_factory.mktemp("wide")
+    return Path(
+        build_tiny_model(
+            folder / "model", mock_tokenizer(folder / "tokenizer", LLAMA3_SPLIT), hidden=256, init_range=0.1
+        )
+    )
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "q5_k_m", "q6_k"])
+def test_k_quant_round_trip(quant, wide, tmp_path):
+    """llama.cpp's quantizer writes the k-quant (its block types in the file, the tokenizer and template kept) and
+    transformers reads it back to logits near the source model's."""
+    pytest.importorskip("llama_cpp", reason="k-quants need the quantize extra (llama-cpp-python)")
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(wide).eos_token_id
+    out = write_gguf(wide, tmp_path / f"wide-{quant}.gguf", quant, "{{ 'kept' }}", [eos])
+    reader = GGUFReader(out)
+    types = {t.tensor_type for t in reader.tensors}
+    assert {"q4_k_m": T.Q4_K, "q5_k_m": T.Q5_K, "q6_k": T.Q6_K}[quant] in types
+    assert bytes(reader.fields["tokenizer.chat_template"].parts[-1]) == b"{{ 'kept' }}"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name], "the 16-bit intermediate file is gone"
+    back = load_gguf_model(out)
+    errors = weight_errors(wide, back)
+    print(f"{quant}: relative RMS error of the 2-D weights, largest {max(errors.values()):.4f}")
+    assert max(errors.values()) <= K_MAX_WEIGHT_ERROR[quant]  # a layout mistake reads ~1.4
+    top1 = compare(back, reference_logits(wide), 0.0)[1]
+    assert top1 >= K_MIN_TOP1[quant]  # chance: 1/260
+
+
+def weight_errors(model_dir: Path, back) -> dict[str, float]:
+    """Relative RMS error of each 2-D weight read back from a GGUF against the source model's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    found = {}
+    for name, w in back.state_dict().items():
+        if w.dim() == 2:
+            ref = source[name]
+            found[name] = ((w - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
+    return found
+
+
+def test_k_quant_without_llama_cpp_names_the_extra(wide, tmp_path, monkeypatch):
+    """No quantizer installed: one error naming the extra, before any file is written."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(ExportError, match=r"kotune\[quantize\]"):
+        write_gguf(wide, tmp_path / "x.gguf", "q4_k_m", None, [0])
+    assert not any(tmp_path.iterdir())
 
 
 def test_tensor_types(small_exported):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -193,8 +194,11 @@ def test_the_fast_path_trains_the_same_dpo_steps_as_the_plain_path(tmp_path, tin
     data = prepare_pairs(cfg, tokenizer)
     records = []
     for use_fast in (False, True):
-        peft = load_for_training(cfg, cfg.model.path).peft
-        model = TrainingModel(peft, fast.build(peft, cfg) if use_fast else None)
+        # on CUDA, loading with kernels on builds the fast model (and moves the embedding table to the host)
+        kernels = replace(cfg.train, kernels="auto" if use_fast else "off")
+        loaded = load_for_training(replace(cfg, train=kernels), cfg.model.path)
+        peft = loaded.peft
+        model = loaded if loaded.fast is not None or not use_fast else TrainingModel(peft, fast.build(peft, cfg))
         objective = PreferenceObjective(cfg, peft, tokenizer.pad_token_id, False, use_fast, None)
         fit = Fit(cfg, model, objective, data.train, data.validation, tmp_path)
         for _ in range(3):

@@ -1,4 +1,4 @@
-"""``kotune export RUN_DIR|MERGED_DIR --format gguf|ollama [--quant f32|f16|bf16|q8_0] [--out PATH]``"""
+"""``kotune export RUN_DIR|MERGED_DIR --format gguf|ollama [--quant QUANT] [--out PATH]``"""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def register(sub) -> None:
         "--quant",
         choices=QUANTS,
         default="f16",
-        help="weight type: f32, f16 (default), bf16, or q8_0 (llama.cpp's 8-bit blocks); norms stay f32",
+        help="weight type: f32, f16 (default), bf16, q8_0 (llama.cpp's 8-bit blocks), or the k-quants q4_k_m, q5_k_m, "
+        "q6_k (llama.cpp's quantizer: pip install 'kotune[quantize]'); norms stay f32",
     )
     p.add_argument(
         "--out",

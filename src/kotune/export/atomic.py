@@ -73,3 +73,18 @@ def partial_file(out: Path, needed: int) -> Iterator[Path]:
     finally:
         partial.unlink(missing_ok=True)
         os.close(fd)
+
+
+@contextmanager
+def sibling(partial: Path, tag: str) -> Iterator[Path]:
+    """A second locked file beside ``partial`` under its hidden prefix (an intermediate file, such as the 16-bit
+    GGUF a k-quant is made from): a later export removes it like the partial if this one is killed; removed when the
+    block ends."""
+    path = partial.with_name(f"{partial.name}-{tag}")
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)

@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from kotune import output
-from kotune.export.atomic import partial_file
+from kotune.export.atomic import partial_file, sibling
 from kotune.export.gguf_tokenizer import ExportError, GgufTokenizer, gguf_tokenizer, write_tokenizer
+from kotune.export.kquant import K_QUANTS, SIZE_FRACTION, quantizer
 
-QUANTS = ("f32", "f16", "bf16", "q8_0")
-"""``--quant`` choices: float32, float16, bfloat16, and llama.cpp's 8-bit blocks (32 values, one f16 scale)."""
+QUANTS = ("f32", "f16", "bf16", "q8_0", *K_QUANTS)
+"""``--quant`` choices: float32, float16, bfloat16, llama.cpp's 8-bit blocks (32 values, one f16 scale), and its
+4-, 5- and 6-bit k-quants (written by llama.cpp's quantizer: :mod:`kotune.export.kquant`)."""
 
 
 @dataclass(frozen=True)
@@ -208,34 +210,57 @@ def write_gguf(
     first is not required; the tokenizer's EOS is written as EOS and the first other id as end-of-turn). Everything
     is checked before any file or folder is made; the file is written beside ``out`` (``export.atomic``).
     """
-    import gguf
     from transformers import AutoConfig, AutoTokenizer
 
     if quant not in QUANTS:
         raise ExportError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+    quantize = quantizer(quant) if quant in K_QUANTS else None
     model_dir, out = Path(model_dir), Path(out)
     config = AutoConfig.from_pretrained(model_dir)
     arch = architecture_of(config)
     tokenizer = gguf_tokenizer(AutoTokenizer.from_pretrained(model_dir), config.vocab_size, stop_ids, chat_template)
     plan = plan_tensors(model_dir, config, arch)
-    types = {t.gguf_name: tensor_type(quant, t.shape) for t in plan}
-    with partial_file(out, estimate_size(plan, types, tokenizer)) as partial:
-        writer = gguf.GGUFWriter(partial, arch.gguf_name)
-        writer.add_name(name or model_dir.name)
-        writer.add_file_type(file_type(quant))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_hyperparameters(writer, config)
-        write_tokenizer(writer, tokenizer)
-        for t in plan:
-            shape, dtype, nbytes = encoded_size(t.shape, types[t.gguf_name])
-            writer.add_tensor_info(t.gguf_name, shape, dtype, nbytes, raw_dtype=types[t.gguf_name])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in plan:
-            writer.write_tensor_data(encode_tensor(load_tensor(t, config, arch), types[t.gguf_name]))
-        writer.close()
+    written = quant if quantize is None else sixteen_bit(config)  # a k-quant is made from a 16-bit file
+    types = {t.gguf_name: tensor_type(written, t.shape) for t in plan}
+    size = estimate_size(plan, types, tokenizer)
+    with partial_file(out, size if quantize is None else int(size * (1 + SIZE_FRACTION[quant]))) as partial:
+        if quantize is None:
+            write_file(partial, model_dir, config, arch, tokenizer, plan, types, written, name)
+        else:
+            with sibling(partial, written) as source:
+                write_file(source, model_dir, config, arch, tokenizer, plan, types, written, name)
+                quantize(source, partial)
     return out
+
+
+def sixteen_bit(config) -> str:
+    """The 16-bit type a k-quant starts from: bf16 for a bf16 model (no overflow), f16 otherwise."""
+    return (
+        "bf16"
+        if str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "")).endswith("bfloat16")
+        else "f16"
+    )
+
+
+def write_file(path: Path, model_dir: Path, config, arch, tokenizer, plan, types, quant: str, name) -> None:
+    """The GGUF itself, one tensor in memory at a time."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch.gguf_name)
+    writer.add_name(name or model_dir.name)
+    writer.add_file_type(file_type(quant))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    write_hyperparameters(writer, config)
+    write_tokenizer(writer, tokenizer)
+    for t in plan:
+        shape, dtype, nbytes = encoded_size(t.shape, types[t.gguf_name])
+        writer.add_tensor_info(t.gguf_name, shape, dtype, nbytes, raw_dtype=types[t.gguf_name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in plan:
+        writer.write_tensor_data(encode_tensor(load_tensor(t, config, arch), types[t.gguf_name]))
+    writer.close()
 
 
 # -- from a kotune folder -------------------------------------------------------------------------------
