@@ -91,6 +91,10 @@ def test_the_32b_recipe_fits_only_the_80_gib_card(capsys):
     out = capsys.readouterr().out
     assert out.count("predicted peak") == 2 and "DOES NOT FIT" in out and "48 of 64 layers attend within" in out
     assert main(["plan", "--preset", "exaone-4.0-32b", "--gpu", "RTX4090"]) == 1
+    capsys.readouterr()
+    # overrides apply to the recipe: a quarter of the pass fits the 24 GiB card
+    assert main(["plan", "--preset", "exaone-4.0-32b", "data.cutoff_len=1024", "--gpu", "RTX4090"]) == 0
+    assert "longest pass: step 1, 1 row(s), 1,024 tokens" in capsys.readouterr().out
 
 
 def test_family_shapes_count_what_differs():

@@ -62,6 +62,8 @@ def config_text(preset) -> str:
         f"fits (kotune plan --preset {preset.name}): "
         + ", ".join(f"{gpu} {'yes' if ok else 'no'}" for gpu, ok in preset.fits.items()),
         *(f"checked, {fact}: {where}" for fact, where in preset.checked.items()),
+        "data: messages / sharegpt rows are rendered with the tokenizer's chat template (or data.chat_template), "
+        "alpaca rows with data.template.",
         "Everything not written below is kotune's default (README, 'Configuration reference').",
     ]
     return "".join(f"# {line}\n" for line in facts) + preset.recipe_text
