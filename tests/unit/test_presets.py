@@ -95,6 +95,8 @@ def test_the_32b_recipe_fits_only_the_80_gib_card(capsys):
     # overrides apply to the recipe: a quarter of the pass fits the 24 GiB card
     assert main(["plan", "--preset", "exaone-4.0-32b", "data.cutoff_len=1024", "--gpu", "RTX4090"]) == 0
     assert "longest pass: step 1, 1 row(s), 1,024 tokens" in capsys.readouterr().out
+    assert main(["plan", "--preset", "exaone-4.0-32b", "--fit"]) == 2  # refused by name, not ignored
+    assert "drop --fit" in capsys.readouterr().err
 
 
 def test_family_shapes_count_what_differs():

@@ -66,11 +66,15 @@ def run(args) -> int:
 
 def run_preset(args) -> int:
     """``--preset``: the recipe's plan on ``--gpu``, or on each card the preset names; 1 when it fits none."""
+    from kotune.config import ConfigError
     from kotune.plan.estimate import render
     from kotune.plan.gate import plan_preset
     from kotune.plan.gpus import gpu_named
     from kotune.presets import preset_named
 
+    if args.fit or args.gpus != 1:
+        raise ConfigError("--preset plans one process with the recipe as written: drop --fit / --gpus, or write the "
+                          "config with `kotune init --preset` and plan that")  # fmt: skip
     preset = preset_named(args.preset)
     overrides = [args.config, *args.overrides] if args.config else args.overrides  # no CONFIG: all are overrides
     cfg = preset.config(overrides)
