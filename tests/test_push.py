@@ -199,7 +199,8 @@ def test_pushed_chat_template_renders_the_trained_prompt(tiny_qlora_run, tmp_pat
 def test_card_metadata_names_hub_base_and_dataset_and_the_license_it_finds(tmp_path):
     from kotune.config_load import load_config
     from kotune.data.templates import ALPACA, KO_ALPACA
-    from kotune.export.card import base_license, card_metadata, source_name
+    from kotune.export.card import card_metadata, source_name
+    from kotune.model.licence import base_license
     from kotune.run_folder import ModelFolder
 
     hub = load_config(None, ["model.path=beomi/Llama-3-Open-Ko-8B", "data.path=DopeorNope/Ko-Optimize_Dataset"])

@@ -123,28 +123,34 @@ def _parse_cli_value(text: str) -> Any:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (sections ``model``, ``data``, ``lora``, ``train``) and apply ``key=value`` overrides."""
+    if path is None:
+        return config_from_text("", "command line", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    return config_from_text(path.read_text(encoding="utf-8"), str(path), overrides)
+
+
+def config_from_text(text: str, where: str, overrides: list[str] | None = None) -> Config:
+    """A config's YAML ``text`` (``where`` names it in errors) with ``key=value`` overrides applied, checked."""
     cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        for section, values in raw.items():
-            if section not in SECTIONS:
-                raise _unknown_key(str(section), str(path))
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section '{section}' must be a mapping")
-            for name, value in values.items():
-                _apply(cfg, f"{section}.{name}", value, str(path))
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections")
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise _unknown_key(str(section), where)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping")
+        for name, value in values.items():
+            _apply(cfg, f"{section}.{name}", value, where)
     for item in overrides or []:
-        key, sep, text = item.partition("=")
+        key, sep, text_value = item.partition("=")
         if not sep:
             raise ConfigError(f"command line: override '{item}' must look like section.key=value")
-        _apply(cfg, key.strip(), _parse_cli_value(text), "command line")
+        _apply(cfg, key.strip(), _parse_cli_value(text_value), "command line")
     validate(cfg)
     return cfg

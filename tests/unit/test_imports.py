@@ -13,7 +13,18 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "kotune"
 
 LAYERS = (
-    ("__init__", "errors", "output", "config", "config_load", "preference_config", "security", "paths", "hashing"),
+    (
+        "__init__",
+        "errors",
+        "output",
+        "config",
+        "config_load",
+        "preference_config",
+        "security",
+        "paths",
+        "hashing",
+        "presets",
+    ),
     ("data",),
     ("run_folder",),
     ("fast",),

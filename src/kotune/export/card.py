@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from kotune.data.formats import CHAT_FORMATS
+from kotune.model.licence import REPO_ID, Licence, base_licence, hub_model_id
 from kotune.run_folder import (
     CONFIG,
     MERGE_REPORT,
@@ -20,20 +21,11 @@ from kotune.run_folder import (
     read_summary,
 )
 
-REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-
 
 def source_name(spec: str) -> str:
     """How uploaded files name the base model or the data: a hub name or ``pypi:`` spec as configured, a local path
     by its last part (a cache or temporary folder means nothing elsewhere)."""
     return spec if spec.startswith("pypi:") or hub_model_id(spec) else Path(spec).name
-
-
-def hub_model_id(spec: str) -> str | None:
-    """``spec`` when it names a hub model (``owner/name``), not a local folder, GGUF file or pypi: spec."""
-    if spec.startswith("pypi:") or spec.endswith(".gguf") or Path(spec).exists():
-        return None
-    return spec if REPO_ID.fullmatch(spec) else None
 
 
 def last_train_loss(folder: Path) -> float | None:
@@ -77,16 +69,29 @@ def eval_section(path: Path) -> str:
 
 
 def license_section(folder: ModelFolder) -> str:
-    """When the base's licence is not known here, say so and where to check: the front matter alone says ``other``."""
+    """What the front matter cannot say: a licence not known here (and where to check it), one that forbids
+    commercial use, or one whose commercial terms kotune has not established."""
     spec = folder.config.model.path
-    if base_license(spec) is not None:
-        return ""
+    lic = base_licence(spec)
     base = hub_model_id(spec)
     where = f"its model card, https://huggingface.co/{base}" if base else f"where `{source_name(spec)}` came from"
-    return (
-        "## License\n\nThe base model's licence was not found on this machine when this card was written, so it is "
-        f"given as unknown. This model is bound by the base's licence: check {where}.\n"
-    )
+    if lic is None:
+        return (
+            "## License\n\nThe base model's licence was not found on this machine when this card was written, so "
+            f"it is given as unknown. This model is bound by the base's licence: check {where}.\n"
+        )
+    if lic.commercial_use is False:
+        return (
+            f"## License\n\n**Non-commercial.** The base model `{source_name(spec)}` is under the {lic.name} "
+            f"({lic.source}), which does not allow commercial use; this model, trained from it, is bound by the same "
+            f"terms. Read them at {where}.\n"
+        )
+    if lic.commercial_use is None and lic.id == "other":
+        return (
+            f"## License\n\nThe base model `{source_name(spec)}` is under the {lic.name} ({lic.source}); this model "
+            f"is bound by its terms, including whatever they say of commercial use. Read them at {where}.\n"
+        )
+    return ""
 
 
 def card_metadata(folder: ModelFolder) -> dict:
@@ -98,17 +103,22 @@ def card_metadata(folder: ModelFolder) -> dict:
         meta["base_model"] = base
     if is_korean(folder):
         meta["language"] = ["ko"]
-    found = base_license(cfg.model.path)
-    meta["license"] = found or "other"
-    if found is None:  # the hub's fields for a licence it has no id for; here: not known on this machine
-        meta["license_name"] = "unknown"
-        if base:
-            meta["license_link"] = f"https://huggingface.co/{base}"
+    meta.update(license_metadata(base_licence(cfg.model.path), base))
     datasets = [d for d in (cfg.data.path, cfg.data.validation_path) if d and hub_dataset_id(d)]
     if datasets:
         meta["datasets"] = datasets
     meta["tags"] = ["kotune", "lora", *(["qlora"] if cfg.model.quantization == "4bit" else [])]
     return meta
+
+
+def license_metadata(lic: Licence | None, base: str | None) -> dict:
+    """``license`` (and, for a licence the hub has no id for or one not known here, ``license_name`` and
+    ``license_link``) for the front matter."""
+    if lic is not None and lic.id != "other":
+        return {"license": lic.id}
+    name = re.sub(r"[^a-z0-9.]+", "-", lic.name.lower()).strip("-") if lic is not None else "unknown"
+    link = {"license_link": f"https://huggingface.co/{base}"} if base else {}
+    return {"license": "other", "license_name": name} | link
 
 
 def hub_dataset_id(spec: str) -> bool:
@@ -138,27 +148,6 @@ def is_korean(folder: ModelFolder) -> bool:
         text = folder.template.prompt_no_input
     letters = [c for c in text if c.isalpha()]
     return bool(letters) and sum(bool(HANGUL.match(c)) for c in letters) / len(letters) > KOREAN_SHARE
-
-
-def base_license(spec: str) -> str | None:
-    """The ``license`` in the base model's own card, when that card is on this machine (a local folder, or the
-    hub cache); nothing is downloaded for it."""
-    card = Path(spec) / "README.md"
-    if not card.is_file() and hub_model_id(spec):
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(spec, "README.md")
-        card = Path(cached) if isinstance(cached, str) else card
-    if not card.is_file():
-        return None
-    text = card.read_text(encoding="utf-8", errors="replace")
-    if not text.startswith("---\n"):
-        return None
-    try:
-        meta = yaml.safe_load(text.split("---\n", 2)[1])
-    except (yaml.YAMLError, IndexError):
-        return None
-    return meta.get("license") if isinstance(meta, dict) and isinstance(meta.get("license"), str) else None
 
 
 def usage_section(folder: ModelFolder, repo: str, base: str | None) -> str:

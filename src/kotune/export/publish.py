@@ -20,6 +20,7 @@ import yaml
 from kotune import output
 from kotune.errors import KotuneError
 from kotune.export.card import REPO_ID, model_card, source_name
+from kotune.model.licence import non_commercial_notice
 from kotune.run_folder import (
     ADAPTER_CONFIG,
     ADAPTER_FILES,
@@ -112,11 +113,23 @@ def push(path: str | Path, repo: str, private: bool = False, dry_run: str | Path
         raise PublishError(f"--repo '{repo}' is not a repository id; write it as USER/NAME")
     folder = open_folder(path)
     plan = upload_plan(folder, repo)
+    if not private:
+        warn_public_non_commercial(folder, repo)
     if dry_run is not None:
         write_plan(plan, Path(dry_run))
         output.info(f"kotune: dry run: {len(plan)} files that would go to {repo} written to {dry_run}")
         return
     upload(plan, repo, private, "merged model" if folder.merged else "LoRA adapter")
+
+
+def warn_public_non_commercial(folder: ModelFolder, repo: str) -> None:
+    """A push without ``--private`` of a model whose base forbids commercial use: say so before it goes. Without
+    ``--private`` the hub creates a new repository public (an existing one keeps its visibility)."""
+    notice = non_commercial_notice(folder.config.model.path)
+    if notice:
+        output.warn(
+            f"pushing to {repo} without --private (a new repository is public): {notice}; the model card says so"
+        )
 
 
 def upload(plan: dict[str, Path | bytes], repo: str, private: bool, what: str) -> None:

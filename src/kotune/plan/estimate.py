@@ -15,6 +15,11 @@ peak grows with the pass, not with the depth. Step time is a sum over the step's
 were fitted by ``bench/fit_plan.py`` to kotune's own runs (``bench/RESULTS.md``, "kotune plan"): one H200, the
 Llama-3-8B shape, fast path. Other shapes and GPUs are extrapolations of that fit, and the plain path (no fast
 kernels: CPU, 8-bit weights, unsupported models) is arithmetic only; ``Plan.basis`` says which applies.
+
+Families differ in what ``plan.shape`` reads: the projections' width (heads x head_dim), q/k norm weights and extra
+norms, tied embeddings (one table on the GPU, shared with the output layer), and the vocabulary, whose logits the
+plain path holds whole (Gemma 3's 262k tokens make them the largest part of a long pass). Sliding-window layers are
+costed as full attention, in memory and time alike (``window_note`` says why).
 """
 
 from __future__ import annotations
@@ -118,7 +123,7 @@ def memory_parts(shape: ModelShape, cfg: Config, tokens: int, fast: bool, shards
     dtype = DTYPE_BYTES[m.compute_dtype]
     quantized = {"4bit": NF4_BYTES, "8bit": 1.0 + 4 / 4096, "none": dtype}[m.quantization]
     embedding = shape.vocab * shape.hidden * dtype
-    sixteen = (0 if shape.tied_embeddings else embedding) + (2 * shape.layers + 1) * shape.hidden * dtype
+    sixteen = (0 if shape.tied_embeddings else embedding) + shape.norm_params() * dtype
     if not fast or shape.tied_embeddings:
         sixteen += embedding  # the fast path keeps an untied input embedding table in host memory
     lora = shape.lora_params(cfg.lora.target_modules, cfg.lora.r)
@@ -138,7 +143,9 @@ def memory_parts(shape: ModelShape, cfg: Config, tokens: int, fast: bool, shards
         "workspace (dequantized weights, loss chunks)": int(OMEGA * largest),
         f"activations (longest pass, {tokens:,} tokens)": int(KAPPA * per_token * tokens),
     }
-    if not fast:  # transformers' checkpointing keeps every layer's input and the whole pass's logits on the GPU
+    # transformers' checkpointing keeps every layer's input and the whole pass's logits on the GPU: tokens x vocab
+    # of them, which for Gemma 3's 262k vocabulary outweighs the activations of a long pass
+    if not fast:
         parts[f"activations (longest pass, {tokens:,} tokens)"] += shape.layers * tokens * shape.hidden * dtype
         parts["logits (bf16, fp32 copy, gradient)"] = tokens * shape.vocab * (dtype + 4 + 4)
     return parts
@@ -148,7 +155,8 @@ def pass_seconds(shape: ModelShape, cfg: Config, p: Pass, gpu: Gpu) -> float:
     lora = shape.lora_params(cfg.lora.target_modules, cfg.lora.r)
     # forward, recomputed forward and the input-gradient backward of every frozen product; LoRA's are small
     linear_flops = 6 * (shape.linear_params() + lora) * p.tokens + 4 * shape.vocab * shape.hidden * p.tokens
-    attention_flops = 8 * shape.hidden * shape.layers * p.square  # causal QK^T and PV, fwd + recompute + bwd
+    # causal QK^T and PV, forward + recompute + backward, over the heads' full width
+    attention_flops = 8 * shape.heads * shape.head_width * shape.layers * p.square
     compute = (A * linear_flops + B * attention_flops) / (gpu.bf16_tflops * 1e12) + C
     return max(LAUNCH * shape.layers, compute)
 
@@ -165,11 +173,22 @@ def estimate(shape: ModelShape, cfg: Config, lengths: list[int], gpu: Gpu, fast:
     parts = memory_parts(shape, cfg, longest.tokens, fast, shards)
     plan = Plan(parts, longest, steps, seconds / steps, seconds, gpu, fast)
     plan.passes, plan.world = passes, world
+    if shape.sliding_layers:
+        plan.notes.append(window_note(shape))
     if shards > 1:
         plan.notes.append(f"per process of {world} (FSDP: each holds 1/{world} of the base; the step's rows are split)")
     elif world > 1:
         plan.notes.append(f"per process of {world} (DDP: each holds the whole base model; the step's rows are split)")
     return plan
+
+
+def window_note(shape: ModelShape) -> str:
+    """What the plan assumes of sliding-window layers: no saving. The attention kernels kotune runs keep memory
+    linear in the tokens whatever the window, and the masked ones (SDPA with a mask) compute the masked blocks."""
+    return (
+        f"{shape.sliding_layers} of {shape.layers} layers attend within {shape.window} tokens: costed as full "
+        "causal attention (no memory to save: attention memory is linear in tokens in the kernels used)"
+    )
 
 
 def gib(n: float) -> str:

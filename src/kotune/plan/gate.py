@@ -13,6 +13,7 @@ from kotune.errors import KotuneError
 from kotune.plan.estimate import Plan, estimate, gib, render
 from kotune.plan.gpus import Gpu
 from kotune.plan.shape import ModelShape, shape_of
+from kotune.presets import Preset
 
 
 class WouldNotFit(KotuneError, RuntimeError):
@@ -31,6 +32,19 @@ def plan_for(cfg: Config, model_path: str, lengths: list[int], gpu: Gpu, world: 
     use_fast, _ = fast.wanted(cfg, model_config, "cuda")
     shape = shape_of(model_config)
     return estimate(shape, cfg, lengths, gpu, use_fast, world), shape
+
+
+def plan_preset(preset: Preset, cfg: Config, gpu: Gpu) -> Plan:
+    """The plan of a preset's recipe on ``gpu`` with no hub and no data: the base's shape from the preset, and one
+    step whose rows are all ``data.cutoff_len`` tokens long (the largest passes the recipe can make)."""
+    from kotune import fast
+
+    model_config = preset.model_config()
+    use_fast, _ = fast.wanted(cfg, model_config, "cuda")
+    rows = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
+    plan = estimate(shape_of(model_config), cfg, [cfg.data.cutoff_len] * rows, gpu, use_fast)
+    plan.notes.append(f"preset {preset.name}: every row {cfg.data.cutoff_len} tokens (no data read); time is one step")
+    return plan
 
 
 def fit_settings(cfg: Config, shape: ModelShape, lengths: list[int], gpu: Gpu, fast: bool, world: int = 1) -> Config:

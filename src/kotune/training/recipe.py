@@ -27,6 +27,7 @@ from kotune.evaluation.run_report import write_run_report
 from kotune.hashing import model_identity
 from kotune.model.assets import check_model_folder, resolve_model
 from kotune.model.embeddings import add_model_checks, untrained_token_ids
+from kotune.model.licence import warn_if_non_commercial
 from kotune.model.load import load_tokenizer
 from kotune.model.lora import check_adapter_base, check_target_modules, load_start_adapter, trainable_token_ids
 from kotune.plan.gate import check_before_loading
@@ -116,6 +117,7 @@ class RunData:
 def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_gpu: bool) -> Path:
     model_path = resolve_model(cfg.model.path)
     check_model_folder(model_path)
+    warn_if_non_commercial(cfg.model.path)
     if Path(model_path).is_dir():
         refuse_pickle(model_path, cfg.model.allow_pickle, "model folder", "model.allow_pickle: true")
     # Tokenizer, data and its audit first: a data problem stops the run before the model loads.
