@@ -79,6 +79,14 @@ class DataConfig:
     """For conversation formats: unset uses the tokenizer's chat template; or a Jinja file path."""
     train_on_all_turns: bool = False
     """For conversations: train on every turn, not only the assistant's."""
+    last_turn_only: bool = False
+    """For conversations: train only the last assistant turn of each row (earlier ones are context)."""
+    mask_history_reasoning: bool = False
+    """For conversations: mask the reasoning of every assistant turn but the last, as templates that drop it at
+    inference see it (Qwen3 renders history turns without their think block: those are never trained anyway)."""
+    drop_empty_think: bool = False
+    """For conversations: mask the empty think blocks a template inserts into turns without reasoning
+    (Qwen3's ``<think>\\n\\n</think>``), so the model does not learn to skip thinking; the audit counts them."""
     cutoff_len: int = 4098
     """Maximum tokens per row (prompt + response + EOS). The walkthrough's value."""
     val_size: float = 0.005
