@@ -70,7 +70,8 @@ class DataConfig:
     """Separate validation file or dataset. Unset: ``val_size`` of ``path`` is held out."""
     format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "preference"] = "auto"
     """Row format; ``auto`` detects it from the columns (``preference``: prompt or instruction, chosen, rejected;
-    for kto also prompt, completion, label)."""
+    for kto also prompt, completion, label). Conversations (``messages``, ``sharegpt``) may have a ``tools`` column
+    and turns with ``reasoning_content``, ``tool_calls`` and the ``tool`` role."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column mapping from kotune's names to yours, e.g. ``{instruction: question, output: answer}``."""
     template: str = "ko-alpaca"
