@@ -80,7 +80,12 @@ def read_conversation(row: dict[str, Any], fmt: str, where: str) -> Conversation
         raise DataError(f"{source}: column '{key}' holds {type(turns).__name__}, expected a list of turns")
     read = _read_message if fmt == "messages" else _read_sharegpt_turn
     messages = [read(turn, f"{key}[{i}]", source) for i, turn in enumerate(turns)]
-    return Conversation(messages, _read_tools(row.get("tools"), source), source)
+    return Conversation(messages, row_tools(row, where), source)
+
+
+def row_tools(row: dict[str, Any], where: str) -> list[dict[str, Any]] | None:
+    """A row's ``tools`` column read and checked (None when it has none)."""
+    return _read_tools(row.get("tools"), f"{row.get('_source', where)} (row {row['_row']})")
 
 
 def _read_message(turn: Any, where: str, source: str) -> dict[str, Any]:
