@@ -84,6 +84,7 @@ QWEN3_ROWS = {
 QWEN3 = TurnMarkers("<|im_start|>assistant\n", "<|im_end|>")
 LLAMA3 = TurnMarkers("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>")
 GEMMA3 = TurnMarkers("<start_of_turn>model\n", "<end_of_turn>")
+DEEPSEEK_V3 = TurnMarkers("<｜Assistant｜>", "<｜end▁of▁sentence｜>")
 
 OPTIONS = {
     "default": {},
@@ -189,7 +190,7 @@ def test_llama3_1_reports_content_it_leaves_out_of_a_tool_call_turn(real_tokeniz
     assert rendered.notes == ("assistant turn 0: content left out",)
 
 
-OWN_TEMPLATES = {"qwen3": QWEN3, "gemma3": GEMMA3, "llama3_1": LLAMA3}
+OWN_TEMPLATES = {"qwen3": QWEN3, "gemma3": GEMMA3, "llama3_1": LLAMA3, "deepseek_v3": DEEPSEEK_V3}
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
@@ -199,7 +200,8 @@ def test_own_templates_train_exactly_assistant_content_and_end_of_turn(real_toke
     end = OWN_TEMPLATES[base].closer
     # Qwen3 inserts an empty think block into the last turn; masked here, so only content and end-of-turn train
     _, example = check_exact(tok, messages, OWN_TEMPLATES[base], drop_empty_think=True)
-    # Gemma 3 and Llama 3.1 trim content; Qwen3 strips only the newlines in front of the last turn's content
-    trim = (lambda text: text.lstrip("\n")) if base == "qwen3" else str.strip
+    # Gemma 3 and Llama 3.1 trim content; Qwen3 strips only the newlines in front of the last turn's content;
+    # DeepSeek V3 renders content as it is
+    trim = {"qwen3": lambda text: text.lstrip("\n"), "deepseek_v3": lambda text: text}.get(base, str.strip)
     expected = [trim(m["content"]) + end for m in messages if m["role"] == "assistant"]
     assert tok.decode([t for t in example.labels if t != IGNORE]) == "".join(expected)

