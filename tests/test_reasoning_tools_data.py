@@ -193,3 +193,25 @@ def test_preview_marks_reasoning_tool_calls_and_masked_text(qwen3, tmp_path, cap
     assert "reasoning ⟪…⟫, tool calls ⟦…⟧" in shown
     assert "⟪<think>\n" in shown and '⟦<tool_call>\n{"name": "' in shown
     assert "[\n<|im_start|>user\n<tool_response>" in shown  # the tool's result is masked
+
+
+@pytest.mark.parametrize("base", ["qwen3", "llama3_1"])
+def test_prepared_demo_rows_are_the_templates_own_ids(real_tokenizers, data_config, base):
+    """Through ``prepare`` (batched encoding, word by word for Llama 3.1's tokenizer): every demo row's ids are the
+    chat template's up to its last assistant turn."""
+    from pathlib import Path
+
+    from test_reasoning_tools import LLAMA3_1_TOOLS
+
+    tok = real_tokenizers(base)
+    template = LLAMA3_1_TOOLS if base == "llama3_1" else None
+    # Llama 3.1's template takes one tool call a turn
+    rows = [r for r in DEMO_ROWS if base != "llama3_1" or all(len(m.get("tool_calls", [])) < 2 for m in r["messages"])]
+    overrides = ["data.cutoff_len=2048"] + ([f"data.chat_template={template}"] if template else [])
+    data = prepare(data_config(rows, *overrides).data, tok)
+    assert len(data.train) == len(rows)
+    text = Path(template).read_text(encoding="utf-8") if template else None
+    for example in data.train:
+        row = rows[example.row]
+        own = tok.apply_chat_template(row["messages"], tools=row.get("tools"), chat_template=text)["input_ids"]
+        assert example.input_ids == own[: len(example.input_ids)], example.row

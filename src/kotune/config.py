@@ -73,7 +73,8 @@ class DataConfig:
     for kto also prompt, completion, label). Conversations (``messages``, ``sharegpt``) may have a ``tools`` column
     and turns with ``reasoning_content``, ``tool_calls`` and the ``tool`` role."""
     columns: dict[str, str] = field(default_factory=dict)
-    """Column mapping from kotune's names to yours, e.g. ``{instruction: question, output: answer}``."""
+    """Column mapping from kotune's names to yours, e.g. ``{instruction: question, output: answer}`` (for
+    conversations also ``messages``, ``conversations`` and ``tools``, e.g. ``{tools: functions}``)."""
     template: str = "ko-alpaca"
     """Prompt template: ``ko-alpaca`` (the walkthrough's), ``alpaca``, or a YAML file path."""
     chat_template: str | None = None
