@@ -129,7 +129,7 @@ def test_qwen3_thinking_template_masks_are_exact(real_tokenizers, name, option):
 def test_qwen3_reports_history_reasoning_it_drops_and_trains_what_it_renders(real_tokenizers):
     tok = real_tokenizers("qwen3")
     rendered, example = check_exact(tok, QWEN3_ROWS["history_reasoning"], QWEN3)
-    assert rendered.notes == ("assistant turn 0: reasoning dropped",)
+    assert rendered.notes == ("messages[2]: reasoning dropped",)
     trained = tok.decode([t for t in example.labels if t != IGNORE])
     assert trained == "4<|im_end|><think>\n4×3 = 12.\n</think>\n\n12입니다.<|im_end|>"
 
@@ -187,7 +187,7 @@ def test_llama3_1_reports_content_it_leaves_out_of_a_tool_call_turn(real_tokeniz
     messages = [*LLAMA3_1_ROWS["tool_call_last"]]
     messages[1] = {**messages[1], "content": "확인해 볼게요."}
     rendered = render(real_tokenizers("llama3_1"), messages, [WEATHER], chat_template=LLAMA3_1_TOOLS)
-    assert rendered.notes == ("assistant turn 0: content left out",)
+    assert rendered.notes == ("messages[1]: content left out",)
 
 
 OWN_TEMPLATES = {"qwen3": QWEN3, "gemma3": GEMMA3, "llama3_1": LLAMA3, "deepseek_v3": DEEPSEEK_V3}
@@ -205,3 +205,20 @@ def test_own_templates_train_exactly_assistant_content_and_end_of_turn(real_toke
     trim = {"qwen3": lambda text: text.lstrip("\n"), "deepseek_v3": lambda text: text}.get(base, str.strip)
     expected = [trim(m["content"]) + end for m in messages if m["role"] == "assistant"]
     assert tok.decode([t for t in example.labels if t != IGNORE]) == "".join(expected)
+
+
+@pytest.mark.parametrize("answer", ["레일리 산란 때문입니다.", "  들여 쓴 답", '"인용"으로 시작'])
+def test_inline_think_on_a_template_without_think_tokens(real_tokenizers, answer):
+    """Llama 3.1's own template renders the content as it is: the think block is plain text, cut from the answer
+    where re-encoding keeps the template's ids (after the newlines that follow ``</think>``)."""
+    tok = real_tokenizers("llama3_1")
+    content = f"<think>\n빛의 산란을 말하면 된다.\n</think>\n\n{answer}"
+    messages = [{"role": "user", "content": "하늘은 왜 파래?"}, {"role": "assistant", "content": content}]
+    rendered = render(tok, messages)
+    (example,), _ = encode_rows(tok, [rendered], 4096)
+    own = tok.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert example.input_ids == own
+    parts = {kind: text for (text, _), kind in zip(rendered.segments, rendered.kinds, strict=True)}
+    assert parts["reasoning"] == "<think>\n빛의 산란을 말하면 된다.\n</think>\n\n"
+    assert parts["content"] == answer and rendered.notes == ()  # spaces before the answer go with it
+    assert tok.decode([t for t in example.labels if t != IGNORE]) == content.strip() + "<|eot_id|>"

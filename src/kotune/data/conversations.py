@@ -183,7 +183,11 @@ class ChatRenderer:
             bos = [] if self.drop_bos_text else [(self.bos_text, False, PROMPT)]
             pieces[:1] = [*bos, (first[len(self.bos_text) :], trained, kind)]
         pieces = [p for p in pieces if p[0]]
-        notes = tuple(f"assistant turn {n}: {d}" for n, (_, parts) in enumerate(turns) for d in parts.differences)
+        key = "messages" if fmt == "messages" else "conversations"
+        indices = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+        notes = tuple(
+            f"{key}[{k}]: {d}" for k, (_, parts) in zip(indices, turns, strict=True) for d in parts.differences
+        )
         return Rendered(
             row["_row"], [(t, trained) for t, trained, _ in pieces], False, tuple(k for *_, k in pieces), notes
         )

@@ -27,7 +27,7 @@ class Rendered:
     kinds: tuple[str, ...] = ()
     """Conversations: each segment's kind (``kotune.data.turn_parts``: prompt, reasoning, content, ...)."""
     notes: tuple[str, ...] = ()
-    """Conversations: where the template renders a turn differently from the data (``assistant turn 0: ...``)."""
+    """Conversations: where the template renders a turn differently from the data (``messages[2]: ...``)."""
 
 
 class SkipRow(Exception):
