@@ -16,16 +16,37 @@ def _need_assets() -> bool:
     return os.environ.get("CI") == "true"
 
 
-@pytest.fixture(scope="session")
-def llama3_dir() -> str:
-    from kotune.model.assets import llama3_tokenizer_dir
+def npm_tokenizer(name: str) -> str:
+    """The folder of ``kotune.model.assets.NPM_TOKENIZERS[name]`` (fetched once); skips when npm or the registry
+    is unavailable on a developer machine, fails in CI."""
+    from kotune.model.assets import npm_tokenizer_dir
 
     try:
-        return llama3_tokenizer_dir()
+        return npm_tokenizer_dir(name)
     except Exception as exc:  # no npm / no registry on a developer machine
         if _need_assets():
             raise
-        pytest.skip(f"real Llama-3 tokenizer unavailable: {exc}")
+        pytest.skip(f"real {name} tokenizer unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def llama3_dir() -> str:
+    return npm_tokenizer("llama3")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers():
+    """``get(name)``: the real tokenizer ``NPM_TOKENIZERS[name]`` (qwen3, llama3_1, gemma3, ...), loaded once."""
+    from transformers import AutoTokenizer
+
+    loaded: dict = {}
+
+    def get(name: str):
+        if name not in loaded:
+            loaded[name] = AutoTokenizer.from_pretrained(npm_tokenizer(name))
+        return loaded[name]
+
+    return get
 
 
 @pytest.fixture(scope="session")

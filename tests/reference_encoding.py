@@ -89,3 +89,76 @@ def encode_rows(
             if example is not None:
                 examples.append(example)
     return examples, stats
+
+
+# -- conversations: assistant turns read off the template's own ids ------------------------------------------------
+@dataclass(frozen=True)
+class TurnMarkers:
+    """Token texts that frame an assistant turn in one chat template's ids."""
+
+    opener: str
+    """What the generation prompt ends with, e.g. ``<|im_start|>assistant\\n``."""
+    closer: str
+    """The end-of-turn token."""
+    think: tuple[str, str] = ("<think>", "</think>")
+    tool_call: str = "<tool_call>"
+    """Where tool calls start when the template marks them (Qwen3); a turn whose text starts with
+    ``{"name": `` (Llama 3.1's custom tool call) is tool calls throughout."""
+
+
+def reference_kinds(tokenizer, ids: list[int], markers: TurnMarkers) -> list[tuple[int, str] | None]:
+    """Per token: ``(assistant turn, kind)`` inside an assistant turn (kinds: reasoning, empty_think, content,
+    tool_calls, end), None elsewhere. Reads token ids only: the opener's ids, the closer, the think and tool-call
+    tokens (tokens of newlines only after ``</think>`` go with the think block; a block with only whitespace in it
+    is an empty one)."""
+    opener = tokenizer.encode(markers.opener, add_special_tokens=False)
+    closer, think_open, think_close, tool_open = tokenizer.convert_tokens_to_ids(
+        [markers.closer, *markers.think, markers.tool_call]
+    )
+    out: list[tuple[int, str] | None] = []
+    turn, inside, kind, think_from = -1, False, None, None
+    for i, token in enumerate(ids):
+        if not inside:
+            out.append(None)
+            if ids[max(0, i - len(opener) + 1) : i + 1] == opener:
+                turn, inside, kind = turn + 1, True, "content"
+                json_call = tokenizer.decode(ids[i + 1 : i + 4]).startswith('{"name"')
+                kind = "tool_calls" if json_call else "content"
+            continue
+        if token == closer:
+            out.append((turn, "end"))
+            inside = False
+            continue
+        if token == think_open and kind == "content":
+            kind, think_from = "reasoning", len(out)
+        elif token == tool_open:
+            kind = "tool_calls"
+        elif kind == "after_think" and tokenizer.decode([token]).strip("\n"):
+            kind = "content"
+        out.append((turn, "reasoning" if kind == "after_think" else kind))
+        if token == think_close and kind == "reasoning":
+            kind = "after_think"
+            if not tokenizer.decode(ids[think_from + 1 : i]).strip():
+                out[think_from:] = [(turn, "empty_think")] * (len(out) - think_from)
+        if kind == "after_think" and out[-1] and out[think_from][1] == "empty_think":
+            out[-1] = (turn, "empty_think")
+    return out
+
+
+def reference_trained(
+    kinds: list[tuple[int, str] | None], last_turn_only=False, mask_history_reasoning=False, drop_empty_think=False
+) -> list[bool]:
+    """Which tokens the data options train, from ``reference_kinds``."""
+    last = max((k[0] for k in kinds if k), default=-1)
+    trained = []
+    for k in kinds:
+        if k is None:
+            trained.append(False)
+            continue
+        turn, kind = k
+        trained.append(
+            not (last_turn_only and turn != last)
+            and not (mask_history_reasoning and turn != last and kind == "reasoning")
+            and not (drop_empty_think and kind == "empty_think")
+        )
+    return trained

@@ -66,6 +66,31 @@ def test_llama3_tokenizer_encodes_korean(llama3_dir):
     assert os.path.exists(os.path.join(llama3_dir, MARKER))
 
 
+@pytest.mark.parametrize(
+    ("name", "end_of_turn"),
+    [
+        ("qwen3", "<|im_end|>"),
+        ("llama3_1", "<|eot_id|>"),
+        ("gemma3", "<end_of_turn>"),
+        ("deepseek_v3", "<｜end▁of▁sentence｜>"),
+    ],
+)
+def test_npm_tokenizers_ship_their_chat_templates(real_tokenizers, name, end_of_turn):
+    from kotune.data.conversations import end_of_turn_id
+
+    tokenizer = real_tokenizers(name)
+    assert tokenizer.chat_template and tokenizer.decode(tokenizer("안녕하세요", add_special_tokens=False).input_ids)
+    found = end_of_turn_id(tokenizer)
+    assert (tokenizer.convert_ids_to_tokens(found) if found is not None else None) == end_of_turn
+
+
+def test_an_unknown_npm_tokenizer_is_named():
+    from kotune.model.assets import npm_tokenizer_dir
+
+    with pytest.raises(AssetError, match=r"no npm tokenizer named 'llama2'; known: llama3, llama3_1, qwen3"):
+        npm_tokenizer_dir("llama2")
+
+
 @pytest.mark.compat("gguf", "transformers")
 def test_converted_smollm2_has_gguf_special_tokens(smollm2_dir):
     from transformers import AutoTokenizer, GenerationConfig

@@ -70,15 +70,25 @@ class DataConfig:
     """Separate validation file or dataset. Unset: ``val_size`` of ``path`` is held out."""
     format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "preference"] = "auto"
     """Row format; ``auto`` detects it from the columns (``preference``: prompt or instruction, chosen, rejected;
-    for kto also prompt, completion, label)."""
+    for kto also prompt, completion, label). Conversations (``messages``, ``sharegpt``) may have a ``tools`` column
+    and turns with ``reasoning_content``, ``tool_calls`` and the ``tool`` role."""
     columns: dict[str, str] = field(default_factory=dict)
-    """Column mapping from kotune's names to yours, e.g. ``{instruction: question, output: answer}``."""
+    """Column mapping from kotune's names to yours, e.g. ``{instruction: question, output: answer}`` (for
+    conversations also ``messages``, ``conversations`` and ``tools``, e.g. ``{tools: functions}``)."""
     template: str = "ko-alpaca"
     """Prompt template: ``ko-alpaca`` (the walkthrough's), ``alpaca``, or a YAML file path."""
     chat_template: str | None = None
     """For conversation formats: unset uses the tokenizer's chat template; or a Jinja file path."""
     train_on_all_turns: bool = False
     """For conversations: train on every turn, not only the assistant's."""
+    last_turn_only: bool = False
+    """For conversations: train only the last assistant turn of each row (earlier ones are context)."""
+    mask_history_reasoning: bool = False
+    """For conversations: mask the reasoning of every assistant turn but the last, as templates that drop it at
+    inference see it (Qwen3 renders history turns without their think block: those are never trained anyway)."""
+    drop_empty_think: bool = False
+    """For conversations: mask the empty think blocks a template inserts into turns without reasoning
+    (Qwen3's ``<think>\\n\\n</think>``), so the model does not learn to skip thinking; the audit counts them."""
     cutoff_len: int = 4098
     """Maximum tokens per row (prompt + response + EOS). The walkthrough's value."""
     val_size: float = 0.005

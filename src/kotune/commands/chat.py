@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import fields
 
 from kotune.config import field_docs
 from kotune.data.formats import CHAT_FORMATS
 from kotune.inference.generate import Sampling, TextStream, chat_prompt, encode_prompt, pad_id, stream
+from kotune.inference.reply import ReasoningView, assistant_message
 from kotune.run_folder import ModelFolder, folder_stop_ids
 
 CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=512)
@@ -49,6 +51,11 @@ def register(sub) -> None:
     p = sub.add_parser("chat", help="chat with a fine-tuned model in the terminal")
     add_model_arguments(p)
     add_sampling_arguments(p, CHAT_SAMPLING)
+    p.add_argument(
+        "--hide-reasoning",
+        action="store_true",
+        help="do not show the reasoning of a reply (its <think> block; shown dim by default)",
+    )
     p.set_defaults(run=run)
 
 
@@ -61,7 +68,7 @@ def run(args) -> int:
     session = ChatSession(model, tokenizer, folder, sampling_from(args), args.seed)
     mode = "conversation, history kept" if session.keeps_history else f"{folder.template.name} template, one turn"
     print(f"kotune chat: {folder.path} ({'merged' if folder.merged else 'adapter'}; {mode}). {HELP}", flush=True)
-    converse(session)
+    converse(session, args.hide_reasoning)
     return 0
 
 
@@ -103,14 +110,14 @@ class ChatSession:
             if piece:
                 yield piece
         if self.keeps_history:
-            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": decoded.text()}]
+            self.history += [{"role": "user", "content": text}, assistant_message(decoded.text())]
 
     def reset(self) -> None:
         self.history.clear()
 
 
-def converse(session: ChatSession) -> None:
-    """Read lines until /exit or end of input; stream each reply."""
+def converse(session: ChatSession, hide_reasoning: bool = False) -> None:
+    """Read lines until /exit or end of input; stream each reply, its reasoning apart (``show_reply``)."""
     while True:
         print("you> ", end="", flush=True)  # on stdout: input() writes its prompt to stderr on a terminal
         try:
@@ -132,8 +139,27 @@ def converse(session: ChatSession) -> None:
             continue
         print("bot> ", end="", flush=True)
         try:
-            for piece in session.reply(line):
-                print(piece, end="", flush=True)
+            show_reply(session.reply(line), hide_reasoning, sys.stdout.isatty())
         except KeyboardInterrupt:
             print(" [stopped]", end="")
         print(flush=True)
+
+
+def show_reply(pieces: Iterator[str], hide_reasoning: bool, color: bool) -> None:
+    """Print a streamed reply: reasoning dim (without colour: between ``(생각)`` and a blank line) or hidden, then
+    the answer."""
+    view, opened = ReasoningView(), False
+    for piece in pieces:
+        for kind, text in view.push(piece):
+            if kind == "reasoning":
+                if hide_reasoning:
+                    continue
+                if not opened:
+                    print("" if color else "(생각) ", end="")
+                    opened = True
+                print(f"\x1b[2m{text}\x1b[0m" if color else text, end="", flush=True)
+                continue
+            if opened:
+                print("\n\n" if color else "\n(답) ", end="")
+                opened = False
+            print(text, end="", flush=True)

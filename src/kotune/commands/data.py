@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from kotune.commands.train import add_config_arguments
 from kotune.config_load import load_config
+from kotune.data.audit import parts_line
 from kotune.data.examples import IGNORE, Example
 
 
@@ -52,33 +53,63 @@ def load_examples(cfg, split: str) -> tuple[list[Example], object]:
     return (train if split == "train" else validation), tokenizer
 
 
-def token_pieces(tokenizer, example: Example) -> list[tuple[str, bool]]:
+def token_pieces(tokenizer, example: Example, kinds: list[str] | None = None) -> list[tuple[str, bool]]:
     """(text, trained) per token, except that consecutive tokens of the same kind are joined until they decode to
-    whole characters: byte-level tokenizers split a Hangul syllable over tokens that alone decode to U+FFFD."""
-    pieces: list[tuple[str, bool]] = []
+    whole characters: byte-level tokenizers split a Hangul syllable over tokens that alone decode to U+FFFD.
+    With ``kinds`` (a conversation's part per token), pieces are ``(text, (trained, kind))``."""
+    pieces: list[tuple[str, object]] = []
     pending: list[int] = []
-    kinds = [label != IGNORE for label in example.labels]
+    styles: list = [label != IGNORE for label in example.labels]
+    if kinds is not None:
+        styles = list(zip(styles, kinds, strict=False))
     for i, token in enumerate(example.input_ids):
         pending.append(token)
         text = tokenizer.decode(pending)
-        if text.endswith("\ufffd") and i + 1 < len(kinds) and kinds[i + 1] == kinds[i]:
+        if text.endswith("\ufffd") and i + 1 < len(styles) and styles[i + 1] == styles[i]:
             continue
-        pieces.append((text, kinds[i]))
+        pieces.append((text, styles[i]))
         pending = []
     return pieces
 
 
-def render_example(example: Example, tokenizer, color: bool) -> str:
-    """Masked tokens dim (or in [brackets] without colour), trained tokens plain; a legend says which."""
+PART_STYLES = {
+    "reasoning": ("\x1b[36m", "⟪", "⟫"),
+    "empty_think": ("\x1b[35m", "⟪", "⟫"),
+    "tool_calls": ("\x1b[33m", "⟦", "⟧"),
+}
+"""Trained conversation parts other than content: colour, and the marks that stand for it without colour."""
+
+PREVIEW_LEGEND = {
+    True: "masked = dim, trained = green; reasoning cyan, tool calls yellow, an inserted empty think block magenta",
+    False: "masked = [bracketed], trained = plain; reasoning ⟪…⟫, tool calls ⟦…⟧",
+}
+
+
+def render_example(example: Example, tokenizer, color: bool, kinds: list[str] | None = None) -> str:
+    """Masked tokens dim (or in [brackets] without colour), trained tokens plain; with ``kinds``, trained
+    reasoning and tool calls marked apart (``PART_STYLES``); a legend (``PREVIEW_LEGEND``) says which."""
     parts = []
-    for text, trained in token_pieces(tokenizer, example):
+    for text, style in _joined(token_pieces(tokenizer, example, kinds)):
+        trained, kind = style if isinstance(style, tuple) else (style, None)
         if not trained:
             parts.append(f"\x1b[2m{text}\x1b[0m" if color else f"[{text}]")
-        else:
-            parts.append(f"\x1b[1;32m{text}\x1b[0m" if color else text)
+            continue
+        code, opening, closing = PART_STYLES.get(kind, ("\x1b[1;32m", "", ""))
+        parts.append(f"{code}{text}\x1b[0m" if color else f"{opening}{text}{closing}")
     trained = example.trained_tokens
     head = f"── row {example.row}: {len(example.input_ids)} tokens, {trained} trained"
     return f"{head}\n{''.join(parts)}\n"
+
+
+def _joined(pieces: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """Neighbouring pieces of one style as one (a mark per run, not per token)."""
+    out: list[tuple[str, object]] = []
+    for text, style in pieces:
+        if out and out[-1][1] == style:
+            out[-1] = (out[-1][0] + text, style)
+        else:
+            out.append((text, style))
+    return out
 
 
 def run_preview(args) -> int:
@@ -90,11 +121,22 @@ def run_preview(args) -> int:
             print(json.dumps({"row": e.row, "input_ids": e.input_ids, "labels": e.labels}))
         return 0
     color = sys.stdout.isatty()
-    legend = "masked = dim, trained = green" if color else "masked = [bracketed], trained = plain"
-    print(f"kotune data preview: {len(examples)} rows ({args.split}); {legend}\n")
+    kinds = _conversation_kinds(cfg, tokenizer, shown, args.split)
+    print(f"kotune data preview: {len(examples)} rows ({args.split}); {PREVIEW_LEGEND[color]}\n")
     for e in shown:
-        print(render_example(e, tokenizer, color))
+        print(render_example(e, tokenizer, color, kinds.get(e.row)))
     return 0
+
+
+def _conversation_kinds(cfg, tokenizer, examples: Sequence[Example], split: str) -> dict[int, list[str]]:
+    """Per shown conversation row, the part of each of its tokens (empty for other formats and preference runs)."""
+    if cfg.train.objective != "sft":
+        return {}
+    from kotune.data.prepare import token_kinds_of_rows
+
+    kinds = token_kinds_of_rows(cfg.data, tokenizer, [e.row for e in examples], split)
+    # A row's kinds hold every token; the example stops at the cutoff.
+    return {e.row: kinds[e.row][: len(e.input_ids)] for e in examples if e.row in kinds}
 
 
 def histogram_lines(report, width: int = 40) -> list[str]:
@@ -118,6 +160,8 @@ def format_report(report) -> str:
         *histogram_lines(report),
         f"  trained tokens: {report.trained_tokens:,} of {report.tokens:,} ({100 * report.trained_share:.1f}%)",
     ]
+    if report.trained_parts:
+        lines.append(f"  trained tokens by part: {parts_line(report)}")
     order = {"fatal": 0, "warning": 1, "info": 2}
     for finding in sorted(report.findings, key=lambda f: order[f.level]):
         lines.append(f"  {finding.level.upper() if finding.level == 'fatal' else finding.level}: {finding.message}")

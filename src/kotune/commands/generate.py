@@ -1,10 +1,11 @@
 """``kotune generate PATH --input prompts.jsonl --output out.jsonl``: batched generation over a file, resumable.
 
 Each output line is the input row with ``row`` (its position in the input), ``generated`` (the reply text),
-``finish`` (``stop``: it ended with EOS / end-of-turn; ``length``: max-new-tokens ran out), ``prompt_sha256`` (of
-the prompt text) and ``model`` (``inference.model_fingerprint``). Rows already in the output are skipped, so an
-interrupted run continues where it stopped without writing a row twice; an output written for other prompts or by
-another model is refused instead of completed.
+``reasoning`` (its think block's text, or null) and ``tool_calls`` (the calls it makes, OpenAI shape; both read off
+the text by ``kotune.inference.reply``), ``finish`` (``stop``: it ended with EOS / end-of-turn; ``length``:
+max-new-tokens ran out), ``prompt_sha256`` (of the prompt text) and ``model`` (``inference.model_fingerprint``).
+Rows already in the output are skipped, so an interrupted run continues where it stopped without writing a row
+twice; an output written for other prompts or by another model is refused instead of completed.
 """
 
 from __future__ import annotations
@@ -114,8 +115,12 @@ def read_prompts(path: str, folder, tokenizer) -> list[tuple[dict, str]]:
 
 
 def output_line(row: dict, prompt: str, model: str, text: str, stopped: bool, sampling: dict) -> str:
+    from kotune.inference.reply import parse_reply
+
     record = {k: v for k, v in row.items() if not k.startswith("_")}
-    record.update(row=row["_row"], generated=text, finish="stop" if stopped else "length")
+    reply = parse_reply(text)
+    record.update(row=row["_row"], generated=text, reasoning=reply.reasoning, tool_calls=reply.tool_calls)
+    record.update(finish="stop" if stopped else "length")
     record.update(prompt_sha256=prompt_hash(prompt), model=model, sampling=sampling)
     return json.dumps(record, ensure_ascii=False) + "\n"
 

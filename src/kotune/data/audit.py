@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from kotune.data.batching import collate
-from kotune.data.encoding import encode_segments
+from kotune.data.chat_audit import empty_think_rows, rendering_differences, tool_call_problems, trained_parts
+from kotune.data.encoding import bos_id_to_add, encode_segments
 from kotune.data.examples import IGNORE, Encoded
-from kotune.data.formats import OPTIONAL_COLUMNS, used_columns
+from kotune.data.formats import CHAT_FORMATS, OPTIONAL_COLUMNS, Rendered, used_columns
 from kotune.data.templates import Template, placeholders
 
 FATAL, WARNING, INFO = "fatal", "warning", "info"
@@ -60,6 +61,8 @@ class AuditReport:
     special_ids: list[int]
     """Special tokens the encoded data uses."""
     findings: list[Finding] = field(default_factory=list)
+    trained_parts: dict[str, int] = field(default_factory=dict)
+    """Conversations: trained tokens by part (reasoning, content, tool_calls, end, empty_think) within the cutoff."""
 
     @property
     def trained_share(self) -> float:
@@ -102,9 +105,17 @@ def length_stats(lengths: np.ndarray, bins: int = 10) -> tuple[dict[str, int], l
 
 
 def audit_source(
-    source: str, rows: list[dict[str, Any]], fmt: str, template: Template, encoded: Encoded, tokenizer, cutoff_len: int
+    source: str,
+    rows: list[dict[str, Any]],
+    fmt: str,
+    template: Template,
+    encoded: Encoded,
+    tokenizer,
+    cutoff_len: int,
+    rendered: list[Rendered] | None = None,
 ) -> AuditReport:
-    """Every check that needs only the data and the tokenizer."""
+    """Every check that needs only the data and the tokenizer (``rendered``: the rows' segments, for the
+    conversation checks)."""
     encoded_rows = encoded.length > 0
     stats, histogram = length_stats(encoded.length[encoded_rows])
     labels = encoded.examples.labels
@@ -124,6 +135,10 @@ def audit_source(
     report.findings += _empty_fields(rows, fmt) + _duplicates(rows, fmt)
     report.findings += _columns(rows, fmt, template)
     report.findings.append(_eos_reaches_labels(encoded, tokenizer))
+    if fmt in CHAT_FORMATS and rendered is not None and encoded.segment_tokens is not None:
+        bos = bos_id_to_add(tokenizer) is not None
+        report.trained_parts, cut = trained_parts(rendered, encoded.segment_tokens, bos, cutoff_len)
+        report.findings += _conversation_findings(rows, fmt, source, rendered, cut, cutoff_len)
     hangul = _hangul_coverage(rows, fmt, tokenizer, cutoff_len)
     if hangul is not None:
         report.findings.append(hangul)
@@ -195,11 +210,13 @@ def _skip_findings(encoded: Encoded) -> list[Finding]:
 
 
 def _row_texts(row: dict[str, Any], fmt: str) -> dict[str, str]:
-    """The text fields of a row by column (conversation turns as ``messages[i]``)."""
+    """The text fields of a row by column (conversation turns as ``messages[i]``; a turn of tool calls has none)."""
     if fmt in ("messages", "sharegpt"):
         key, text = ("messages", "content") if fmt == "messages" else ("conversations", "value")
         turns = row.get(key) if isinstance(row.get(key), list) else []
-        return {f"{key}[{i}]": t.get(text) for i, t in enumerate(turns) if isinstance(t, dict)}
+        return {
+            f"{key}[{i}]": t.get(text) for i, t in enumerate(turns) if isinstance(t, dict) and not t.get("tool_calls")
+        }
     return {c: row.get(c) for c in used_columns(fmt)}
 
 
@@ -268,6 +285,61 @@ def _columns(rows: list[dict[str, Any]], fmt: str, template: Template) -> list[F
     return out
 
 
+REASONING_DROPPED_HINT = (
+    "; templates such as Qwen3's drop the reasoning of turns before the last user message, so it is not trained "
+    "(split such conversations into one row per turn to train it)"
+)
+
+
+def _conversation_findings(
+    rows: list[dict[str, Any]], fmt: str, source: str, rendered: list[Rendered], cut: list[int], cutoff_len: int
+) -> list[Finding]:
+    """Reasoning cut by the cutoff, turns rendered differently from the data, empty think blocks the template
+    inserted, and tool calls that do not fit their tool's schema."""
+    out = []
+    if cut:
+        out.append(
+            Finding(
+                "reasoning_cut",
+                WARNING,
+                f"{len(cut)} rows have reasoning that cutoff_len={cutoff_len} cuts ({row_list(cut)}): the model "
+                "learns to think without concluding; raise data.cutoff_len",
+                cut,
+            )
+        )
+    for what, where in rendering_differences(rendered).items():
+        hint = REASONING_DROPPED_HINT if what == "reasoning dropped" else ""
+        text = f"the chat template renders an assistant turn differently from the data: {what} in {len(where)} rows"
+        out.append(
+            Finding(
+                "rendered_differently",
+                WARNING,
+                f"{text} ({row_list(where)}); what is trained is what the template renders{hint}",
+                where,
+            )
+        )
+    empty, trained = empty_think_rows(rendered)
+    if empty:
+        text = f"{len(empty)} rows have an empty think block the chat template inserted ({row_list(empty)}); "
+        if trained:
+            text += "trained, so the model learns to answer without thinking (data.drop_empty_think masks them)"
+        out.append(Finding("empty_think", WARNING if trained else INFO, text + ("" if trained else "masked"), empty))
+    problems = tool_call_problems(rows, fmt, source)
+    if problems:
+        bad = sorted(problems)
+        first = problems[bad[0]][0]
+        out.append(
+            Finding(
+                "tool_call_invalid",
+                WARNING,
+                f"{len(bad)} rows have tool calls that do not fit their tool's schema ({row_list(bad)}); "
+                f"row {bad[0]}: {first}",
+                bad,
+            )
+        )
+    return out
+
+
 def _eos_reaches_labels(encoded: Encoded, tokenizer) -> Finding:
     """Collate rows the way training does and check their closing token is still a label."""
     table = encoded.examples
@@ -317,10 +389,18 @@ def summary_lines(report: AuditReport) -> list[str]:
     )
     hangul = next((f.message.split(" (")[0] for f in report.findings if f.code == "hangul"), None)
     lines = [head + (f"; {hangul}" if hangul else "")]
+    if report.trained_parts:
+        lines.append(f"kotune: audit: trained tokens by part: {parts_line(report)}")
     for finding in report.findings:
         if finding.level != INFO:
             lines.append(f"kotune: audit: {finding.level}: {finding.message}")
     return lines
+
+
+def parts_line(report: AuditReport) -> str:
+    """``reasoning 41.0% · content 52.3% · ...``: each part's share of the trained tokens."""
+    total = sum(report.trained_parts.values()) or 1
+    return " · ".join(f"{kind} {100 * n / total:.1f}%" for kind, n in report.trained_parts.items())
 
 
 def fatal_error(reports: tuple[AuditReport, ...]) -> str | None:

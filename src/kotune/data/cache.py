@@ -27,7 +27,7 @@ from kotune.data.read import is_local, local_files
 from kotune.hashing import file_sha256, tokenizer_hash
 from kotune.paths import cache_root
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when rendering or encoding changes the tokens, so older entries stop matching."""
 
 TOKENS_FILE, META_FILE = "tokens.safetensors", "meta.json"
@@ -55,6 +55,9 @@ def cache_key(spec: str, data_cfg: DataConfig, tokenizer, templates: dict[str, s
             "cutoff_len": data_cfg.cutoff_len,
             "train_on_inputs": data_cfg.train_on_inputs,
             "train_on_all_turns": data_cfg.train_on_all_turns,
+            "last_turn_only": data_cfg.last_turn_only,
+            "mask_history_reasoning": data_cfg.mask_history_reasoning,
+            "drop_empty_think": data_cfg.drop_empty_think,
         },
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]

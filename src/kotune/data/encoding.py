@@ -220,6 +220,7 @@ def encode_table(
         skip[row] = code[reason]
     empty = np.zeros(0, np.int64)
     parts = [(empty, empty, empty.astype(np.int32), empty.astype(np.int32))]  # rows, lengths, ids, labels
+    segment_tokens = [empty]
     chunks = [rendered[start : start + batch_size] for start in range(0, len(rendered), batch_size)]
 
     def encode(chunk: list[Rendered]) -> tuple[np.ndarray, np.ndarray]:
@@ -229,6 +230,7 @@ def encode_table(
         pending = [worker.submit(encode, chunk) for chunk in chunks[:2]]
         for k, chunk in enumerate(chunks):
             flat, seg_len = pending[k].result()
+            segment_tokens.append(seg_len)
             if k + 2 < len(chunks):
                 pending.append(worker.submit(encode, chunks[k + 2]))
             pending[k] = None  # free the batch's ids once assembled
@@ -241,4 +243,4 @@ def encode_table(
             eos_lost[rows] = kept & cut & batch.ends_trained
             parts.append((rows[kept], np.minimum(batch.length, cutoff_len)[kept], batch.ids, batch.labels))
     examples = ExampleTable.from_arrays(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
-    return Encoded(examples, length, truncated, eos_lost, skip, reasons)
+    return Encoded(examples, length, truncated, eos_lost, skip, reasons, np.concatenate(segment_tokens))

@@ -100,6 +100,8 @@ class Encoded:
     skip: np.ndarray
     """Per row: -1 when kept, else the index of its reason in ``reasons``."""
     reasons: list[str]
+    segment_tokens: np.ndarray | None = None
+    """Tokens of each rendered segment, rows in order (fresh encodings only; the cache keeps the audit instead)."""
 
     def example_index(self) -> np.ndarray:
         """Per row: the index of its example in ``examples``, -1 when skipped."""

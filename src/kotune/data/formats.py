@@ -24,6 +24,10 @@ class Rendered:
     """Texts in order with whether their tokens are trained."""
     append_eos: bool = True
     """Add the tokenizer's EOS (trained) after the last segment."""
+    kinds: tuple[str, ...] = ()
+    """Conversations: each segment's kind (``kotune.data.turn_parts``: prompt, reasoning, content, ...)."""
+    notes: tuple[str, ...] = ()
+    """Conversations: where the template renders a turn differently from the data (``messages[2]: ...``)."""
 
 
 class SkipRow(Exception):
@@ -38,8 +42,9 @@ FORMAT_COLUMNS = {
 }
 """Columns each format requires."""
 
-OPTIONAL_COLUMNS = {"alpaca": ("input",)}
-"""Columns a format reads when present (alpaca's ``input``: absent or empty uses the no-input prompt)."""
+OPTIONAL_COLUMNS = {"alpaca": ("input",), "messages": ("tools",), "sharegpt": ("tools",)}
+"""Columns a format reads when present (alpaca's ``input``: absent or empty uses the no-input prompt;
+conversations' ``tools``: the JSON-schema list of functions the chat template shows the model)."""
 
 
 def used_columns(fmt: str) -> tuple[str, ...]:

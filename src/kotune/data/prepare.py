@@ -79,6 +79,22 @@ def render_rows(
     return rendered, skipped
 
 
+def token_kinds_of_rows(data: DataConfig, tokenizer, row_ids: list[int], split: str) -> dict[int, list[str]]:
+    """For conversation data: the part (``kotune.data.turn_parts`` kinds) of each token of the rows ``row_ids`` of
+    the training source (``split="validation"``: of ``data.validation_path`` when set); other formats: empty."""
+    spec = data.validation_path if split == "validation" and data.validation_path else data.path
+    rows = apply_columns(read_rows(spec, split if spec == data.validation_path else data.split), data.columns, spec)
+    fmt = data.format if data.format != "auto" else detect_format(rows, spec)
+    if fmt not in CHAT_FORMATS:
+        return {}
+    from kotune.data.conversations import ChatRenderer, token_kinds
+
+    renderer, wanted = ChatRenderer(tokenizer, data), set(row_ids)
+    return {
+        row["_row"]: token_kinds(renderer.render(row, fmt, spec), tokenizer) for row in rows if row["_row"] in wanted
+    }
+
+
 def chat_template_for(data: DataConfig, tokenizer) -> str | None:
     """The chat template conversations would use, None when neither the config nor the tokenizer has one."""
     from kotune.data.conversations import resolve_chat_template
@@ -109,7 +125,7 @@ def encode_source(spec: str, split: str, data: DataConfig, tokenizer, template: 
     check_types(rows, used_columns(fmt))
     rendered, skipped = render_rows(rows, fmt, data, template, tokenizer)
     encoded = encode_table(tokenizer, rendered, len(rows), skipped, data.cutoff_len)
-    audit = audit_source(spec, rows, fmt, template, encoded, tokenizer, data.cutoff_len)
+    audit = audit_source(spec, rows, fmt, template, encoded, tokenizer, data.cutoff_len, rendered)
     took = f"kotune: data: {spec}: tokenized {len(rows)} rows in {time.perf_counter() - start:.1f}s"
     if key:
         folder = cache.save(key, encoded, {"format": fmt, "audit": audit.to_dict(), "source": spec})

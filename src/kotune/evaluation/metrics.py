@@ -104,13 +104,23 @@ class ReplyScore:
 
 
 def score_reply(text: str, stopped: bool, tokens: int, prompt: str, reference: str | None) -> ReplyScore:
-    """Every check of one reply; the reference ones only when a reference exists."""
+    """Every check of one reply; the reference ones only when a reference exists, and on the answers alone: a
+    reply's (or reference's) reasoning, its ``<think>`` block, is not what it answers (``kotune.inference.reply``)."""
     score = ReplyScore(stopped, tokens, loops(text), repeated_share(text), is_korean(prompt), is_korean(text))
     if reference:
+        text, reference = answer_text(text), answer_text(reference)
         score.exact = normalize(text) == normalize(reference)
         score.contains = normalize(reference) in normalize(text)
         score.chrf = chrf(text, reference)
     return score
+
+
+def answer_text(text: str) -> str:
+    """``text`` without its reasoning (unchanged when it has none)."""
+    from kotune.inference.reply import parse_reply
+
+    reply = parse_reply(text)
+    return text if reply.reasoning is None else reply.answer
 
 
 def _mean(values: list[float]) -> float | None:

