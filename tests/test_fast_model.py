@@ -43,6 +43,10 @@ FAMILIES = {  # test id -> (model_type, what differs from the shared tiny shape)
     "llama-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10_000.0}}),
     "llama-llama3": ("llama", {"rope_parameters": LLAMA3}),
     "llama-yarn": ("llama", {"rope_parameters": YARN}),  # its attention factor scales cos and sin
+    "llama-proportional": (
+        "llama",
+        {"rope_parameters": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 10_000.0}},
+    ),
     "mistral": ("mistral", {"sliding_window": None}),
     "mistral-window": ("mistral", {"sliding_window": WINDOW}),
     "ministral": (
@@ -152,10 +156,10 @@ def _assert_same(a, b, rtol=1e-5, atol=1e-5):
 
 
 ATTENTION_ONLY = ["q_proj", "k_proj", "v_proj", "o_proj"]
-PADDED_CASES = [(kind, "all-linear", checkpoint) for kind in FAMILIES for checkpoint in (True, False)]
-PADDED_CASES += [
-    (kind, ATTENTION_ONLY, checkpoint) for kind in ("llama", "mistral", "qwen2") for checkpoint in (True, False)
-]
+# every family checkpointed; without checkpointing and with attention-only targets, a few (the layer is the same)
+PADDED_CASES = [(kind, "all-linear", True) for kind in FAMILIES]
+PADDED_CASES += [(kind, "all-linear", False) for kind in ("llama", "mistral", "qwen2", "gemma3_text")]
+PADDED_CASES += [(kind, ATTENTION_ONLY, c) for kind in ("llama", "mistral", "qwen2") for c in (True, False)]
 
 
 @pytest.mark.parametrize(("kind", "targets", "checkpoint"), PADDED_CASES)
@@ -197,6 +201,16 @@ def test_the_test_rows_are_longer_than_the_windows(kind):
         whole = _fast_loss(_fast(model), batch), loss_sum(model, batch)
     for a, b in zip(windowed, whole, strict=True):
         assert (a - b).abs() > 1e-3  # a hundred times what the parity tests allow
+
+
+def test_the_rope_test_configs_scale_their_tables():
+    """What the parity tests of the rope types would see dropped: yarn's attention factor, each type's frequencies."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    assert LlamaRotaryEmbedding(_config("llama-yarn")).attention_scaling > 1.1
+    default = LlamaRotaryEmbedding(_config("llama")).inv_freq
+    for name in ("llama-linear", "llama-llama3", "llama-yarn", "llama-proportional"):
+        assert not torch.allclose(LlamaRotaryEmbedding(_config(name)).inv_freq, default), name
 
 
 def test_family_layer_patterns():
@@ -254,25 +268,44 @@ def test_four_bit_model_on_cpu_matches_plain_forward(tmp_path):
 def test_unsupported_models_are_named():
     from transformers import AutoConfig
 
-    assert unsupported_reason(_config("llama"), "all-linear") is None
+    for name in FAMILIES:
+        assert unsupported_reason(_config(name), "all-linear") is None, name
     assert "gpt2" in unsupported_reason(AutoConfig.for_model("gpt2"), "all-linear")
-    assert "sliding" in unsupported_reason(AutoConfig.for_model("mistral", sliding_window=4096), ["q_proj"])
+    assert "gemma2" in unsupported_reason(AutoConfig.for_model("gemma2"), "all-linear")
     assert "lm_head" in unsupported_reason(_config("llama"), ["q_proj", "lm_head"])
     gelu = _config("llama")
     gelu.hidden_act = "gelu"
     assert "gelu" in unsupported_reason(gelu, ["q_proj"])
+    dropout = _config("qwen3")
+    dropout.attention_dropout = 0.1
+    assert "dropout" in unsupported_reason(dropout, ["q_proj"])
+    # tables that depend on the longest position in the batch: a packed row would not get its own
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10_000.0}
+    assert "'dynamic'" in unsupported_reason(AutoConfig.for_model("llama", rope_parameters=dynamic), ["q_proj"])
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 64, "long_factor": [2.0] * 64}
+    longrope.update(original_max_position_embeddings=1024, rope_theta=10_000.0)
+    assert "'longrope'" in unsupported_reason(AutoConfig.for_model("llama", rope_parameters=longrope), ["q_proj"])
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        capped = _config("gemma3_text")
+        setattr(capped, key, 30.0)
+        assert key in unsupported_reason(capped, ["q_proj"])
+        multimodal = _config("gemma3")
+        setattr(multimodal.text_config, key, 30.0)
+        assert key in unsupported_reason(multimodal, ["q_proj"])
 
 
-def _four_bit_models(tmp_path):
+def _four_bit_models(tmp_path, kind="llama"):
     """Two LoRA models on one bf16 4-bit base (GPU): the plain path's (prepared, fp32 copies) and the fast path's."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     from kotune.model.load import nf4_config
 
-    config = _config("llama")
+    config = _config(kind)
     config.update({"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 2})
     config.vocab_size = 32_000
+    if kind.startswith("gemma3"):  # untied, so the host-memory embedding (and its sqrt(hidden) scale) is used
+        config.tie_word_embeddings = False
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path)
     quant = nf4_config(torch.bfloat16)
@@ -283,17 +316,23 @@ def _four_bit_models(tmp_path):
     return plain_model, _peft_model(model=load())
 
 
+GPU_FAMILIES = ["llama", "llama-yarn", "mistral-window", "ministral", "qwen3-window", "gemma3_text", "exaone4"]
+
+
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("offload", [True, False])
-def test_bf16_four_bit_on_gpu_matches_plain_forward(tmp_path, offload):
+@pytest.mark.parametrize("kind", GPU_FAMILIES)
+@pytest.mark.parametrize(("offload", "packed"), [(True, False), (False, False), (True, True)])
+def test_bf16_four_bit_on_gpu_matches_plain_forward(tmp_path, kind, offload, packed):
     """The plain path as the walkthrough runs it (fp32 copies, autocast) against the fast path in bf16.
 
     ``offload`` switches every memory lever together: layer inputs and the embedding table in host memory.
+    ``packed``: the rows in one sequence (flash varlen attention, windowed where the family has windows).
     """
-    plain_model, fast_model = _four_bit_models(tmp_path)
+    plain_model, fast_model = _four_bit_models(tmp_path, kind)
     rows = _rows([300, 77, 512], seed=9)
-    batch = {k: v.cuda() for k, v in collate(rows, pad_id=0, pad_to_multiple_of=8).items()}
+    batch = collate_packed(rows) if packed else collate(rows, pad_id=0, pad_to_multiple_of=8)
+    batch = {k: v.cuda() for k, v in batch.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         plain_params = [p for p in plain_model.parameters() if p.requires_grad]
         want = _loss_and_grads(plain_model, plain_params, loss_sum, batch)

@@ -43,9 +43,9 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
 """transformers' activation names -> the fast path's (``torch.nn.functional.silu`` / ``gelu(approximate="tanh")``)."""
 
 POSITIONAL_ROPE = ("default", "linear", "llama3", "yarn", "proportional")
-"""Rope types whose tables are a function of each position alone. ``dynamic`` and ``longrope`` recompute theirs
-from the largest position in the batch (and ``dynamic`` keeps state between batches), so a packed row would not
-get the tables it gets alone: refused."""
+"""Rope types whose tables are a function of each position alone (each checked by ``tests/test_fast_model.py``).
+``dynamic`` and ``longrope`` recompute theirs from the largest position in the batch (and ``dynamic`` keeps state
+between batches), so a packed row would not get the tables it gets alone: refused, as is any type not listed."""
 
 SLIDING = "sliding_attention"
 
@@ -136,7 +136,8 @@ def _config_reason(config) -> str | None:
         return "attention dropout"
     rope = sorted(_rope_types(config) - set(POSITIONAL_ROPE))
     if rope:
-        return f"rope type {rope[0]!r} (its tables depend on the longest position in the batch)"
+        known = rope[0] in ("dynamic", "longrope")
+        return f"rope type {rope[0]!r} ({'its tables depend on the batch' if known else 'not checked'})"
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(config, key, None) is not None:
             return f"{key} (not implemented)"

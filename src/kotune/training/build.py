@@ -71,6 +71,11 @@ def fast_or_plain(cfg: Config, path: str) -> tuple[bool, str]:
     return fast.wanted(cfg, model_config, device_type)
 
 
+UNSHARDED_FAMILIES = ("gemma3", "gemma3_text")
+"""Fast-path families ``model.sharded_load`` cannot build: Gemma 3's embedding scale is a buffer no file holds
+(left on the meta device), and the multimodal model keeps its decoder under ``model.language_model``."""
+
+
 def refuse_unsharded_recipe(cfg: Config, path: str) -> str:
     """Why FSDP can train this run (it always runs the fast path's forward, on any device), or CannotShard."""
     from transformers import AutoConfig
@@ -79,6 +84,8 @@ def refuse_unsharded_recipe(cfg: Config, path: str) -> str:
 
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     reason = unsupported_reason(model_config, cfg.lora.target_modules)
+    if reason is None and model_config.model_type in UNSHARDED_FAMILIES:
+        reason = f"model type {model_config.model_type!r} (the layer-at-a-time loader does not read it yet)"
     if reason is None and cfg.model.quantization != "4bit":
         reason = f"model.quantization {cfg.model.quantization} (FSDP shards 4-bit weights: set 4bit)"
     if reason is None and not cfg.model.gradient_checkpointing:
