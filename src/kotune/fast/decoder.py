@@ -30,8 +30,6 @@ from kotune.fast.lora import Projection, UnsupportedModule, project, read_projec
 from kotune.fast.loss import linear_cross_entropy_sum, linear_sequence_logps
 from kotune.fast.ops import Ops
 
-__all__ = ["DecoderLayer", "FastCausalLM", "HostEmbedding", "unsupported_reason"]
-
 
 @dataclass
 class Rows:
