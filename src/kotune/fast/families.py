@@ -116,10 +116,7 @@ def family(config) -> Family:
     if kind == "exaone4":
         # transformers: RoPE in every layer without a window, else in the sliding layers only
         nope = getattr(config, "sliding_window", None) is not None
-        specs = (
-            LayerSpec(POST_NORMS, qk_norm=True, window=w, rope=None if nope and w is None else "default")
-            for w in windows
-        )
+        specs = (LayerSpec(POST_NORMS, False, True, w, None if nope and w is None else "default", act) for w in windows)
         return Family(tuple(specs))
     return Family(tuple(LayerSpec(qk_norm=kind == "qwen3", window=w, activation=act) for w in windows))
 
