@@ -1,4 +1,5 @@
-"""Attention over packed rows: rows never see each other; the CUDA varlen kernel matches the per-row reference."""
+"""Attention over packed rows: rows never see each other; sliding windows as transformers defines them; the CUDA
+varlen kernel matches the per-row reference."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kotune.fast.attention import (
     packed_attention_reference,
     repeat_kv,
     varlen_available,
+    window_mask,
 )
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -75,11 +77,59 @@ def test_cpu_uses_the_reference():
     )
 
 
+def test_window_mask_by_hand():
+    """A window of 2: each query sees itself and the key before it (transformers: kv_idx > q_idx - window)."""
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0],
+            [1, 1, 0, 0],
+            [0, 1, 1, 0],
+            [0, 0, 1, 1],
+        ]
+    )
+    assert torch.equal(window_mask(4, 2, torch.device("cpu")).int(), expected)
+
+
+def test_window_mask_is_transformers_sliding_window():
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    rule = sliding_window_causal_mask_function(3)
+    i, j = torch.arange(7)[:, None], torch.arange(7)[None, :]
+    want = rule(0, 0, i, j)
+    assert torch.equal(window_mask(7, 3, torch.device("cpu")), want)
+
+
+@pytest.mark.parametrize("lengths", [[9], [3, 1, 8], [6, 6]])
+def test_windowed_packed_reference_equals_masked_attention(lengths):
+    """Windowed, scaled attention of packed rows = one masked SDPA call: block-diagonal, causal, last 3 keys."""
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    total = bounds[-1]
+    q, k, v = _qkv(total, seed=7)
+    mask = block_causal_mask(torch.tensor(bounds), total) & window_mask(total, 3, q.device)
+    want = F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(packed_attention_reference(q, k, v, 2, bounds, scale=0.3, window=3), want)
+
+
+def test_a_window_as_long_as_the_rows_changes_nothing():
+    q, k, v = _qkv(6)
+    torch.testing.assert_close(causal_attention(q, k, v, 2, window=6), causal_attention(q, k, v, 2))
+    assert not torch.allclose(causal_attention(q, k, v, 2, window=5), causal_attention(q, k, v, 2))
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    torch.testing.assert_close(
+        packed_attention(q, k, v, 2, cu, [0, 2, 6], window=4), packed_attention(q, k, v, 2, cu, [0, 2, 6])
+    )
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("lengths", [[2048], [700, 1, 300, 1047], [1, 1, 1], [4096, 13]])
-def test_varlen_on_gpu_matches_reference(lengths):
-    assert varlen_available(torch.device("cuda")), "torch.nn.attention.varlen is missing on this CUDA build"
+@pytest.mark.parametrize(("scale", "window"), [(None, None), (None, 256), (0.0625, 1024)])
+def test_varlen_on_gpu_matches_reference(lengths, scale, window):
+    """The flash kernel's window_size=(W - 1, 0) is transformers' window of W keys, the current one included."""
+    device = torch.device("cuda")
+    assert varlen_available(device, scale, window), "torch.nn.attention.varlen is missing or lacks scale/window"
     bounds = [0]
     for n in lengths:
         bounds.append(bounds[-1] + n)
@@ -87,8 +137,8 @@ def test_varlen_on_gpu_matches_reference(lengths):
     cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
     outs, grads = [], []
     for fn in (
-        lambda a, b, c: packed_attention(a, b, c, 4, cu, bounds),
-        lambda a, b, c: packed_attention_reference(a.float(), b.float(), c.float(), 4, bounds),
+        lambda a, b, c: packed_attention(a, b, c, 4, cu, bounds, scale, window),
+        lambda a, b, c: packed_attention_reference(a.float(), b.float(), c.float(), 4, bounds, scale, window),
     ):
         leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
         out = fn(*leaves)

@@ -1,11 +1,20 @@
-"""RMSNorm, RoPE and SiLU-gating: the plain forms against transformers, the fused (liger) forms against those."""
+"""RMSNorm (Llama's, Gemma's), RoPE, SiLU- and GELU-gating: the plain forms against transformers, the fused
+(liger) forms against those."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kotune.fast.ops import Ops, liger_available, rms_norm_reference, rope_reference, silu_mul_reference
+from kotune.fast.ops import (
+    Ops,
+    gelu_tanh_mul_reference,
+    gemma_rms_norm_reference,
+    liger_available,
+    rms_norm_reference,
+    rope_reference,
+    silu_mul_reference,
+)
 
 needs_liger = pytest.mark.skipif(not liger_available(), reason="needs CUDA and liger-kernel")
 
@@ -29,6 +38,26 @@ def test_rms_norm_matches_transformers(dtype):
     norm = norm.to(dtype)
     x = torch.randn(2, 7, 48, dtype=dtype) * 3
     torch.testing.assert_close(rms_norm_reference(x, norm.weight, 1e-5), norm(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_rms_norm_matches_transformers(dtype):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    norm = Gemma3RMSNorm(48, eps=1e-6)
+    torch.nn.init.normal_(norm.weight, std=0.3)  # Gemma's weights are offsets from 1
+    norm = norm.to(dtype)
+    x = torch.randn(2, 7, 48, dtype=dtype) * 3
+    torch.testing.assert_close(gemma_rms_norm_reference(x, norm.weight, 1e-6), norm(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_tanh_mul_matches_gemma_mlp(dtype):
+    from transformers.activations import ACT2FN
+
+    gate, up = torch.randn(3, 40, dtype=dtype) * 3, torch.randn(3, 40, dtype=dtype)
+    want = ACT2FN["gelu_pytorch_tanh"](gate) * up
+    torch.testing.assert_close(gelu_tanh_mul_reference(gate, up), want, rtol=0, atol=0)
 
 
 def test_rope_matches_transformers_with_packed_positions():
@@ -77,6 +106,17 @@ def test_fused_rms_norm_on_gpu(rows):
 
 @pytest.mark.gpu
 @needs_liger
+@pytest.mark.parametrize("shape", [(1, 1, 1152), (1, 2048, 1152), (1, 4099, 8, 256)])  # last: q/k norm per head
+def test_fused_gemma_rms_norm_on_gpu(shape):
+    ops = Ops(fused=True)
+    x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 2
+    w = (0.3 * torch.randn(shape[-1], device="cuda")).bfloat16()
+    fused = lambda a, b: ops.gemma_rms_norm(a, b, 1e-6)  # noqa: E731
+    _compare(fused, lambda a, b: gemma_rms_norm_reference(a, b, 1e-6), [x, w], 1e-2)
+
+
+@pytest.mark.gpu
+@needs_liger
 @pytest.mark.parametrize(("batch", "seq"), [(1, 2048), (2, 33), (1, 1)])
 def test_fused_rope_on_gpu(batch, seq):
     ops = Ops(fused=True)
@@ -97,3 +137,13 @@ def test_fused_silu_mul_on_gpu(rows):
     gate = torch.randn(1, rows, 14336, device="cuda", dtype=torch.bfloat16) * 3
     up = torch.randn(1, rows, 14336, device="cuda", dtype=torch.bfloat16)
     _compare(ops.silu_mul, silu_mul_reference, [gate, up], 1e-2)
+
+
+@pytest.mark.gpu
+@needs_liger
+@pytest.mark.parametrize("rows", [1, 2048])
+def test_fused_gelu_tanh_mul_on_gpu(rows):
+    ops = Ops(fused=True)
+    gate = torch.randn(1, rows, 6912, device="cuda", dtype=torch.bfloat16) * 3
+    up = torch.randn(1, rows, 6912, device="cuda", dtype=torch.bfloat16)
+    _compare(ops.gelu_tanh_mul, gelu_tanh_mul_reference, [gate, up], 1e-2)

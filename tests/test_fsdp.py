@@ -184,7 +184,7 @@ def test_auto_picks_ddp_when_the_base_fits_each_gpu_and_fsdp_when_not(tmp_path):
 
 
 def test_a_model_family_without_the_fast_path_is_refused_before_loading(tiny_train_config, tmp_path):
-    from transformers import GPT2Config
+    from transformers import Gemma3TextConfig, GPT2Config
 
     from kotune.training.build import refuse_unsharded_recipe
     from kotune.training.fsdp import CannotShard
@@ -193,3 +193,7 @@ def test_a_model_family_without_the_fast_path_is_refused_before_loading(tiny_tra
     cfg = tiny_train_config(tmp_path / "run", {"model.quantization": "4bit", "model.path": str(tmp_path / "gpt2")})
     with pytest.raises(CannotShard, match="model type 'gpt2'"):
         refuse_unsharded_recipe(cfg, str(tmp_path / "gpt2"))
+    Gemma3TextConfig(hidden_size=64, num_hidden_layers=1).save_pretrained(tmp_path / "gemma")  # fast, not sharded
+    cfg = tiny_train_config(tmp_path / "run2", {"model.quantization": "4bit", "model.path": str(tmp_path / "gemma")})
+    with pytest.raises(CannotShard, match="model type 'gemma3_text'.*loader"):
+        refuse_unsharded_recipe(cfg, str(tmp_path / "gemma"))

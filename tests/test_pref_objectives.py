@@ -232,7 +232,7 @@ def test_fast_path_packed_pass_matches_the_plain_path(setup, objective, settings
     """Chosen and rejected packed into one row, log-probabilities by the chunked kernel (no full logits), the
     reference with LoRA B zeroed (or the start weights swapped in): the plain path's loss, metrics and LoRA
     gradients; the weights are the same after."""
-    from kotune.fast.llama import FastCausalLM
+    from kotune.fast.decoder import FastCausalLM
 
     policy, _, pairs, batch = setup
     _randomize_lora(policy, seed=3)
@@ -252,7 +252,7 @@ def test_fast_path_packed_pass_matches_the_plain_path(setup, objective, settings
 
 
 def test_fast_path_unpaired_kto_matches_the_plain_path(setup):
-    from kotune.fast.llama import FastCausalLM
+    from kotune.fast.decoder import FastCausalLM
 
     policy, _, pairs, _ = setup
     _randomize_lora(policy, seed=5)

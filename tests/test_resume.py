@@ -37,7 +37,7 @@ class AtForward:
     def __enter__(self):
         from peft import PeftModel
 
-        from kotune.fast.llama import FastCausalLM
+        from kotune.fast.decoder import FastCausalLM
 
         def hook(module, args):
             # the module the loop calls: the LoRA model, or its fast-path wrapper on CUDA; never evaluation

@@ -185,7 +185,8 @@ class TrainConfig:
     GPU: 70B in NF4 is ~37 GB); ``auto``, ddp when the plan says the base and the step fit each GPU, else fsdp.
     fsdp needs the fast path's model families, model.quantization 4bit and gradient checkpointing."""
     kernels: Literal["auto", "off"] = "auto"
-    """``auto``: the fast path (docs/fast-path.md) on CUDA for Llama, Mistral, Qwen2 models; ``off``: plain forward."""
+    """``auto``: the fast path (docs/fast-path.md) on CUDA for the models it computes exactly (Llama, Mistral,
+    Ministral, Qwen2, Qwen3, Gemma 3, EXAONE 4; the log says why when not); ``off``: plain forward."""
     packing: Literal["auto", "on", "off", "full"] = "auto"
     """``on``: feed each step's rows end to end in sequences of up to micro_batch_size x cutoff_len tokens (no
     padding, per-row positions, no cross-row attention). A step has the rows, tokens and loss normalisation of the

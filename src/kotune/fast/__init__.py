@@ -14,7 +14,7 @@ from kotune.data.examples import IGNORE
 
 def wanted(cfg: Config, model_config, device_type: str | None = None) -> tuple[bool, str]:
     """(use the fast path?, why) for this config and the base model's transformers config."""
-    from kotune.fast.llama import unsupported_reason
+    from kotune.fast.families import unsupported_reason
 
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.train.kernels == "off":
@@ -32,12 +32,12 @@ def wanted(cfg: Config, model_config, device_type: str | None = None) -> tuple[b
 
 
 def build(peft_model, cfg: Config, **levers):
-    """The :class:`~kotune.fast.llama.FastCausalLM` computing ``peft_model``'s training loss.
+    """The :class:`~kotune.fast.decoder.FastCausalLM` computing ``peft_model``'s training loss.
 
     Every lever is on by default; ``levers`` (``offload``, ``fused``, ``host_embeddings``, ``triton_dequant``)
     turn one off, for the benchmark's ablations.
     """
-    from kotune.fast.llama import FastCausalLM
+    from kotune.fast.decoder import FastCausalLM
 
     options = {"offload": True, "fused": True, "host_embeddings": True, "triton_dequant": True, **levers}
     return FastCausalLM(

@@ -1,9 +1,9 @@
-"""The decoder's elementwise pieces: RMSNorm, rotary embedding, SiLU-gated product.
+"""The decoder's elementwise pieces: RMSNorm (Llama's, Gemma's), rotary embedding, SiLU- or GELU-gated product.
 
-Each has a plain PyTorch form (the reference, and what runs on CPU) that follows transformers' Llama code
-operation by operation. On CUDA, when ``liger-kernel`` is importable, fused Triton kernels from it take their
-place (one kernel each instead of five to ten); ``tests/test_fast_ops.py`` compares both forms, outputs and
-gradients, on the GPU.
+Each has a plain PyTorch form (the reference, and what runs on CPU) that follows transformers' modeling code
+(Llama's, Gemma 3's) operation by operation. On CUDA, when ``liger-kernel`` is importable, fused Triton kernels
+from it take their place (one kernel each instead of five to ten); ``tests/test_fast_ops.py`` compares both
+forms, outputs and gradients, on the GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +18,13 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def gemma_rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Gemma3RMSNorm: normalised and times (1 + weight), all in fp32, cast back once."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).type_as(x)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -35,13 +42,20 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def gelu_tanh_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """transformers' ``gelu_pytorch_tanh`` of the gate times the up projection (Gemma's MLP)."""
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
 def liger_available() -> bool:
     """True when liger-kernel and a CUDA device are there (checked once)."""
-    return cuda_with("liger_kernel.ops.rms_norm", "liger_kernel.ops.rope", "liger_kernel.ops.swiglu")
+    return cuda_with(
+        "liger_kernel.ops.rms_norm", "liger_kernel.ops.rope", "liger_kernel.ops.swiglu", "liger_kernel.ops.geglu"
+    )
 
 
 class Ops:
-    """The three functions the fast decoder calls, fused on CUDA when asked and available."""
+    """The functions the fast decoder calls, fused on CUDA when asked and available."""
 
     def __init__(self, fused: bool):
         self.fused = fused and liger_available()
@@ -52,6 +66,14 @@ class Ops:
 
             return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", True)
         return rms_norm_reference(x, weight, eps)
+
+    def gemma_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if self.fused and x.is_cuda:
+            from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+            # offset 1: times (1 + weight); "gemma" casting: everything in fp32, one cast back
+            return LigerRMSNormFunction.apply(x, weight, eps, 1.0, "gemma", True)
+        return gemma_rms_norm_reference(x, weight, eps)
 
     def rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         if self.fused and q.is_cuda:
@@ -66,3 +88,10 @@ class Ops:
 
             return LigerSiLUMulFunction.apply(gate, up)
         return silu_mul_reference(gate, up)
+
+    def gelu_tanh_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.fused and gate.is_cuda:
+            from liger_kernel.ops.geglu import LigerGELUMulFunction
+
+            return LigerGELUMulFunction.apply(gate, up)
+        return gelu_tanh_mul_reference(gate, up)

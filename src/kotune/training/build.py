@@ -14,7 +14,6 @@ import torch
 from kotune import fast, output
 from kotune.config import Config
 from kotune.data.examples import IGNORE
-from kotune.data.packing import block_causal_mask
 from kotune.model.load import load_base_model
 from kotune.model.lora import attach_lora, parameter_counts
 from kotune.model.sharded_load import load_sharded
@@ -24,9 +23,12 @@ from kotune.training.fsdp import CannotShard, LayerSharding, held_bytes
 
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropy over supervised positions, in float32 (the plain path)."""
-    if "cu_seqlens" in batch:  # packed rows (collate_packed): a block-diagonal causal mask keeps them apart
-        mask = block_causal_mask(batch["cu_seqlens"], batch["input_ids"].shape[1])[None, None]
-        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
+    if "cu_seqlens" in batch:
+        # packed rows (collate_packed): with no attention mask and no cache, transformers finds the rows where
+        # their positions restart and makes each layer type's mask block-diagonal (a mask given here would replace
+        # every layer's, sliding windows included)
+        ids, positions = batch["input_ids"], batch["position_ids"]
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
@@ -69,14 +71,21 @@ def fast_or_plain(cfg: Config, path: str) -> tuple[bool, str]:
     return fast.wanted(cfg, model_config, device_type)
 
 
+UNSHARDED_FAMILIES = ("gemma3", "gemma3_text")
+"""Fast-path families ``model.sharded_load`` cannot build: Gemma 3's embedding scale is a buffer no file holds
+(left on the meta device), and the multimodal model keeps its decoder under ``model.language_model``."""
+
+
 def refuse_unsharded_recipe(cfg: Config, path: str) -> str:
     """Why FSDP can train this run (it always runs the fast path's forward, on any device), or CannotShard."""
     from transformers import AutoConfig
 
-    from kotune.fast.llama import unsupported_reason
+    from kotune.fast.families import unsupported_reason
 
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     reason = unsupported_reason(model_config, cfg.lora.target_modules)
+    if reason is None and model_config.model_type in UNSHARDED_FAMILIES:
+        reason = f"model type {model_config.model_type!r} (the layer-at-a-time loader does not read it yet)"
     if reason is None and cfg.model.quantization != "4bit":
         reason = f"model.quantization {cfg.model.quantization} (FSDP shards 4-bit weights: set 4bit)"
     if reason is None and not cfg.model.gradient_checkpointing:

@@ -3,7 +3,7 @@
 ``train.distributed: fsdp`` (or ``auto`` when the base does not fit one GPU). Each decoder layer is one
 ``fully_shard`` unit over its frozen weights: the 4-bit ones as :class:`~kotune.fast.nf4_tensor.NF4Tensor`, so
 they are sharded and all-gathered in 4 bits with their quantization state, and the norms. kotune's own forward
-(:mod:`kotune.fast.llama`) gathers a layer's weights right before computing it and frees them right after, in
+(:mod:`kotune.fast.decoder`) gathers a layer's weights right before computing it and frees them right after, in
 the forward and again around the backward's recomputation (``DecoderLayer.gathered``): a process holds its
 shard of the base plus one layer at a time.
 

@@ -37,7 +37,7 @@ METRICS = (
 
 def is_fast(model) -> bool:
     """Whether ``model`` (or the module DDP wraps) is the fast path's ``FastCausalLM``."""
-    from kotune.fast.llama import FastCausalLM
+    from kotune.fast.decoder import FastCausalLM
 
     return isinstance(getattr(model, "module", None) or model, FastCausalLM)
 

@@ -1,15 +1,18 @@
-"""The fast training forward for Llama-shaped decoders (Llama, Mistral, Qwen2): same function, leaner path.
+"""The fast training forward of the decoders :mod:`kotune.fast.families` lists: same function, leaner path.
 
 It reads the modules of a peft-wrapped transformers model (never replaces them) and computes the summed
 next-token loss of a batch:
 
-    embed -> [RMSNorm -> q,k,v (+LoRA) -> RoPE -> causal attention -> o (+LoRA) -> residual
-              -> RMSNorm -> gate, up (+LoRA) -> SiLU(gate) * up -> down (+LoRA) -> residual] x layers
+    embed (x sqrt(hidden) for Gemma) -> [norm? -> q,k,v (+LoRA) -> q/k norm? -> RoPE? -> causal attention
+              (windowed?) -> o (+LoRA) -> norm? -> residual -> norm? -> gate, up (+LoRA) -> act(gate) * up
+              -> down (+LoRA) -> norm? -> residual] x layers
           -> RMSNorm -> chunked linear cross-entropy
 
-in the compute dtype, with no fp32 copies of embeddings or the output layer, 4-bit weights dequantized per
-use (:mod:`kotune.fast.lora`), layers checkpointed with optional host offload (:mod:`kotune.fast.checkpoint`)
-and packed rows kept apart by variable-length attention (:mod:`kotune.fast.attention`).
+each "?" being an option of the layer's :class:`~kotune.fast.families.LayerSpec` (Llama: norms before attention
+and MLP, RoPE, SiLU), in the compute dtype, with no fp32 copies of embeddings or the output layer, 4-bit weights
+dequantized per use (:mod:`kotune.fast.lora`), layers checkpointed with optional host offload
+(:mod:`kotune.fast.checkpoint`) and packed rows kept apart by variable-length attention
+(:mod:`kotune.fast.attention`).
 """
 
 from __future__ import annotations
@@ -22,36 +25,42 @@ import torch
 from kotune.data.batching import to_device
 from kotune.fast.attention import causal_attention, packed_attention
 from kotune.fast.checkpoint import ActivationStore, checkpointed
+from kotune.fast.families import ATTENTION, MLP, LayerSpec, family, unsupported_reason
 from kotune.fast.lora import Projection, UnsupportedModule, project, read_projection
 from kotune.fast.loss import linear_cross_entropy_sum, linear_sequence_logps
 from kotune.fast.ops import Ops
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-
 
 @dataclass
 class Rows:
-    """Per-forward inputs every layer needs: rotary tables and, for packed rows, where each row starts."""
+    """Per-forward inputs every layer needs: rotary tables by name and, for packed rows, where each row starts."""
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
     cu_seqlens: torch.Tensor | None
     bounds: list[int] | None
     training: bool
 
 
-class DecoderLayer:
-    """One decoder layer's computation over the module's own weights."""
+def _eps(norm: torch.nn.Module) -> float:
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps  # Llama's / Gemma's name
 
-    def __init__(self, layer: torch.nn.Module, ops: Ops):
+
+class DecoderLayer:
+    """One decoder layer's computation over the module's own weights, as its :class:`LayerSpec` says."""
+
+    def __init__(self, layer: torch.nn.Module, ops: Ops, spec: LayerSpec):
         attn, mlp = layer.self_attn, layer.mlp
-        self.module = layer
+        self.module, self.spec = layer, spec
         self.proj: dict[str, Projection] = {n: read_projection(getattr(attn, n)) for n in ATTENTION}
         self.proj.update({n: read_projection(getattr(mlp, n)) for n in MLP})
-        self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        self.norms = tuple(None if name is None else getattr(layer, name) for name in spec.norms)
+        self.qk_norms = (attn.q_norm, attn.k_norm) if spec.qk_norm else None
         self.head_dim = attn.head_dim
         self.groups = attn.num_key_value_groups
+        # the module's own scale, passed on only where it is not SDPA's default (Gemma's query_pre_attn_scalar)
+        self.scale = None if attn.scaling == self.head_dim**-0.5 else attn.scaling
+        self._rms = ops.gemma_rms_norm if spec.gemma_norm else ops.rms_norm
+        self._act = ops.gelu_tanh_mul if spec.activation == "gelu_tanh" else ops.silu_mul
         self.ops = ops
         self._params = [p for proj in self.proj.values() for p in proj.trainable()]
 
@@ -66,24 +75,32 @@ class DecoderLayer:
             return _Gathered(self.module)
         return contextlib.nullcontext()
 
-    def _norm(self, x: torch.Tensor, which: int) -> torch.Tensor:
-        norm = self.norms[which]
-        return self.ops.rms_norm(x, norm.weight, norm.variance_epsilon)
+    def _norm(self, x: torch.Tensor, norm: torch.nn.Module | None) -> torch.Tensor:
+        return x if norm is None else self._rms(x, norm.weight, _eps(norm))
+
+    def _attention(self, h: torch.Tensor, rows: Rows) -> torch.Tensor:
+        b, t, _ = h.shape
+        p, train = self.proj, rows.training
+        q, k, v = (project(h, p[n], train).view(b, t, -1, self.head_dim) for n in ATTENTION[:3])
+        if self.qk_norms is not None:
+            q, k = self._norm(q, self.qk_norms[0]), self._norm(k, self.qk_norms[1])
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.spec.rope is not None:
+            q, k = self.ops.rope(q, k, *rows.rope[self.spec.rope])
+        window = self.spec.window
+        if rows.cu_seqlens is None:
+            a = causal_attention(q, k, v, self.groups, self.scale, window)
+        else:
+            a = packed_attention(q, k, v, self.groups, rows.cu_seqlens, rows.bounds, self.scale, window)
+        return project(a.transpose(1, 2).reshape(b, t, -1), p["o_proj"], train)
 
     def __call__(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
-        b, t, _ = x.shape
         p, train = self.proj, rows.training
-        h = self._norm(x, 0)
-        q, k, v = (project(h, p[n], train).view(b, t, -1, self.head_dim).transpose(1, 2) for n in ATTENTION[:3])
-        q, k = self.ops.rope(q, k, rows.cos, rows.sin)
-        if rows.cu_seqlens is None:
-            a = causal_attention(q, k, v, self.groups)
-        else:
-            a = packed_attention(q, k, v, self.groups, rows.cu_seqlens, rows.bounds)
-        x = x + project(a.transpose(1, 2).reshape(b, t, -1), p["o_proj"], train)
-        h = self._norm(x, 1)
-        m = self.ops.silu_mul(project(h, p["gate_proj"], train), project(h, p["up_proj"], train))
-        return x + project(m, p["down_proj"], train)
+        attn_in, attn_out, mlp_in, mlp_out = self.norms
+        x = x + self._norm(self._attention(self._norm(x, attn_in), rows), attn_out)
+        h = self._norm(x, mlp_in)
+        m = self._act(project(h, p["gate_proj"], train), project(h, p["up_proj"], train))
+        return x + self._norm(project(m, p["down_proj"], train), mlp_out)
 
 
 class _Gathered:
@@ -108,6 +125,9 @@ class HostEmbedding:
     def __init__(self, module: torch.nn.Embedding):
         module.to("cpu")
         self.weight = module.weight.detach()
+        # Gemma's embedding multiplies its rows by sqrt(hidden) in its forward, which this bypasses
+        scale = getattr(module, "embed_scale", None)
+        self.scale = None if scale is None else scale.to(self.weight.dtype).item()
         self._buffers = [torch.empty(0, dtype=self.weight.dtype)] * 2
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
@@ -126,29 +146,9 @@ class HostEmbedding:
         on_device = rows.to(input_ids.device, non_blocking=True)
         self._copied[turn] = torch.cuda.Event()
         self._copied[turn].record()
+        if self.scale is not None:
+            on_device = on_device * self.scale  # as the module's forward: rows times the scale in their dtype
         return on_device.view(*input_ids.shape, dim)
-
-
-SUPPORTED = ("llama", "mistral", "qwen2")
-
-
-def unsupported_reason(config, lora_targets) -> str | None:
-    """Why the fast path cannot compute this model exactly (None when it can), from configs alone."""
-    kind = getattr(config, "model_type", None)
-    if kind not in SUPPORTED:
-        return f"model type {kind!r} (the fast path knows {', '.join(SUPPORTED)})"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"activation {config.hidden_act!r}"
-    if getattr(config, "attention_dropout", 0.0):
-        return "attention dropout"
-    window = getattr(config, "sliding_window", None)
-    if window is not None and (kind != "qwen2" or getattr(config, "use_sliding_window", False)):
-        return "sliding-window attention"
-    targets = [lora_targets] if isinstance(lora_targets, str) else list(lora_targets)
-    extra = [t for t in targets if t != "all-linear" and t not in ATTENTION + MLP]
-    if extra:
-        return f"LoRA targets outside the decoder's linear layers: {extra}"
-    return None
 
 
 class FastCausalLM(torch.nn.Module):
@@ -173,13 +173,19 @@ class FastCausalLM(torch.nn.Module):
         reason = unsupported_reason(base.config, [])
         if reason:
             raise UnsupportedModule(reason)
-        inner = base.model
+        inner = base.model.language_model if hasattr(base.model, "language_model") else base.model  # Gemma 3's
+        spec = family(base.config)
         self.dtype_, self.checkpoint = compute_dtype, checkpoint
         self._parts = (inner.embed_tokens, inner.norm, inner.rotary_emb, base.get_output_embeddings())
         if getattr(self._parts[3].weight, "quant_state", None) is not None:
             raise UnsupportedModule("a quantized output layer")
+        if len(inner.layers) != len(spec.layers) or spec.embed_scale != hasattr(inner.embed_tokens, "embed_scale"):
+            raise UnsupportedModule(f"{type(inner).__name__} does not have the layers its config describes")
         self.ops = Ops(fused)
-        self.layers = [DecoderLayer(layer, self.ops) for layer in inner.layers]
+        self._final_norm = self.ops.gemma_rms_norm if spec.gemma_norm else self.ops.rms_norm
+        # the rotary tables the layers read: the model's one, or one per layer type (Gemma 3)
+        self._tables = sorted({s.rope for s in spec.layers if s.rope is not None})
+        self.layers = [DecoderLayer(layer, self.ops, s) for layer, s in zip(inner.layers, spec.layers, strict=True)]
         for proj in (p for layer in self.layers for p in layer.proj.values()):
             proj.triton_dequant = triton_dequant
         device = self._parts[3].weight.device  # the output layer's: the embedding may already be in host memory
@@ -206,12 +212,14 @@ class FastCausalLM(torch.nn.Module):
             x = x.to(self.dtype_)
             if position_ids is None:
                 position_ids = torch.arange(input_ids.shape[1], device=device)[None].expand(input_ids.shape[0], -1)
-            cos, sin = rotary(x, position_ids)
+            tables = {
+                n: rotary(x, position_ids) if n == "default" else rotary(x, position_ids, n) for n in self._tables
+            }
             if host is not None:
                 bounds = host.bounds
             else:
                 bounds = None if cu_seqlens is None else cu_seqlens.tolist()
-            rows = Rows(cos, sin, cu_seqlens, bounds, self.training and torch.is_grad_enabled())
+            rows = Rows(tables, cu_seqlens, bounds, self.training and torch.is_grad_enabled())
             keep = self.checkpoint and torch.is_grad_enabled()
             rng = rows.training and any(p.dropout > 0 for layer in self.layers for p in layer.proj.values())
             for i, layer in enumerate(self.layers):
@@ -220,7 +228,7 @@ class FastCausalLM(torch.nn.Module):
                 else:
                     with layer.gathered():
                         x = layer(x, rows)
-            x = self.ops.rms_norm(x, norm.weight, norm.variance_epsilon)
+            x = self._final_norm(x, norm.weight, _eps(norm))
             if per_sequence:
                 return linear_sequence_logps(x, head.weight.to(self.dtype_), labels, cu_seqlens)
             keep = None if host is None else to_device(host.keep, device)
