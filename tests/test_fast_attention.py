@@ -151,3 +151,14 @@ def test_varlen_on_gpu_matches_reference(lengths, scale, window):
         # one-token rows have exactly zero dq and dk: there the bound is absolute (bf16 rounding noise)
         error, bound = (got - want).norm(), 2e-2 * want.norm() + 1e-3 * got.numel() ** 0.5
         assert error <= bound, (name, error.item(), bound.item())
+
+
+@pytest.mark.gpu
+@cuda
+def test_float32_packed_rows_on_gpu_take_the_reference():
+    """The flash kernel computes in 16-bit only: a float32 model's packed rows (a float32 run on the fast path)
+    go through the per-row reference instead of failing."""
+    bounds = [0, 5, 12]
+    q, k, v = _qkv(12, heads=4, kv_heads=2, dim=16, dtype=torch.float32, device="cuda", seed=0)
+    cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    torch.testing.assert_close(packed_attention(q, k, v, 2, cu, bounds), packed_attention_reference(q, k, v, 2, bounds))

@@ -92,6 +92,10 @@ def _varlen_kwargs(scale: float | None, window: int | None) -> dict | None:
     return None
 
 
+VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+"""What the flash kernel behind ``varlen_attn`` computes in; a float32 model's packed rows go one by one (SDPA)."""
+
+
 def varlen_available(device: torch.device, scale: float | None = None, window: int | None = None) -> bool:
     return device.type == "cuda" and _varlen_kwargs(scale, window) is not None
 
@@ -113,7 +117,7 @@ def packed_attention(
     longest = max(e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True))
     if window is not None and window >= longest:
         window = None
-    if not varlen_available(q.device, scale, window):
+    if not varlen_available(q.device, scale, window) or q.dtype not in VARLEN_DTYPES:
         return packed_attention_reference(q, k, v, groups, bounds, scale, window)
     from torch.nn.attention.varlen import varlen_attn
 
