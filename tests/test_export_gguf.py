@@ -23,7 +23,8 @@ from tricky_rows import TRICKY_ROWS
 from kotune.cli import main
 from kotune.data.encoding import LLAMA3_SPLIT
 from kotune.data.templates import ALPACA, KO_ALPACA
-from kotune.export.gguf import ExportError, architecture_of, default_gguf_path, permute_rotary, write_gguf
+from kotune.export.gguf import ExportError, default_gguf_path, write_gguf
+from kotune.export.gguf_arch import architecture_of, permute_rotary
 from kotune.export.gguf_tokenizer import QWEN2_SPLIT, pre_tokenizer_name
 from kotune.export.ollama import go_literal, go_template
 from kotune.run_folder import CONFIG, save_template
@@ -46,7 +47,7 @@ K_MIN_TOP1 = {"q4_k_m": 0.4, "q5_k_m": 0.55, "q6_k": 0.72}
 
 def prompt_text(tokenizer, row: dict) -> str:
     """kotune's prompt for an alpaca row: BOS when the tokenizer adds one, then the ko-alpaca prompt."""
-    return tokenizer.bos_token + KO_ALPACA.format(row["instruction"], row.get("input"))
+    return (tokenizer.bos_token or "") + KO_ALPACA.format(row["instruction"], row.get("input"))
 
 
 @pytest.fixture(scope="module")
@@ -459,3 +460,95 @@ def test_the_demo_models_tokenizer_exports(smollm2_small):
         assert back(text, add_special_tokens=False)["input_ids"] == ids, name
     if reads_pre_tokenizer_name():  # 5.17 reads every GGUF's EOS as its BOS
         assert back.eos_token == "<|im_end|>"
+
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's own logits for ``ids`` from the GGUF at ``path`` (every position)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (the quantize extra)")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def tiny_model(folder: Path, family: str, tokenizer_dir: str, **config):
+    """A tiny random ``family`` model (``llama`` or ``qwen3``) over a real tokenizer, saved with it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[
+        family
+    ]
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    shape.update(num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
+    torch.manual_seed(0)
+    model = model_class(config_class(vocab_size=len(tokenizer), **shape, **config)).eval()
+    with torch.no_grad():  # norms away from 1, so a norm lost or misplaced shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
+# Llama 3.1's scaling with a short original context, so that it moves most rotary frequencies of the test rows.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "rope_theta": 10_000.0,
+}
+
+
+@pytest.mark.parametrize(
+    ("family", "rope"),
+    [
+        ("llama", LLAMA3_ROPE),
+        ("llama", {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0}),
+        ("qwen3", {"rope_type": "default", "rope_theta": 1_000_000.0}),
+    ],
+    ids=["llama3-scaling", "linear-scaling", "qwen3"],
+)
+def test_new_families_give_the_same_logits_in_llama_cpp(family, rope, tmp_path):
+    """Rope-scaled Llama (3.1+) and Qwen3 (q/k norms) exported in f32, over their real tokenizers: llama.cpp itself
+    computes the source model's logits; the same model with plain rotary embeddings does not (the scaling is in the
+    file)."""
+    import torch
+    from conftest import npm_tokenizer
+
+    tokenizer_dir = npm_tokenizer("llama3_1" if family == "llama" else "qwen3")
+    model, tokenizer = tiny_model(tmp_path / "model", family, tokenizer_dir, rope_parameters=rope)
+    out = write_gguf(tmp_path / "model", tmp_path / "model.gguf", "f32", None, [tokenizer.eos_token_id])
+    text = prompt_text(tokenizer, TRICKY_ROWS["with_input"]) + TRICKY_ROWS["with_input"]["output"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:120]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = llama_cpp_logits(out, ids)
+    error = np.abs(got - want).max() / np.abs(want).mean()  # llama.cpp keeps its KV cache in f16
+    print(f"{family} {rope['rope_type']}: largest |Δ logit| / mean |logit| {error:.2e}")
+    assert error <= 2e-2
+    if rope["rope_type"] != "default":
+        plain_config = model.config.to_dict() | {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}}
+        plain = type(model)(type(model.config).from_dict(plain_config)).eval()
+        plain.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            unscaled = plain(torch.tensor([ids])).logits[0].numpy()
+        unscaled_error = np.abs(got - unscaled).max() / np.abs(want).mean()
+        print(f"  against the same model without the scaling: {unscaled_error:.2e}")
+        assert unscaled_error > 10 * error, "the scaling did not matter here"
+
+
+@pytest.mark.parametrize("architecture", ["Gemma3ForCausalLM", "Exaone4ForCausalLM"])
+def test_families_not_exported_yet_are_refused_by_name(architecture):
+    config = SimpleNamespace(architectures=[architecture], model_type=architecture.lower())
+    with pytest.raises(ExportError, match=f"{architecture}.*yet: "):
+        architecture_of(config)
+
+
+def test_an_unexported_rope_scaling_is_refused_by_name():
+    config = SimpleNamespace(architectures=["LlamaForCausalLM"], rope_parameters={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ExportError, match="rope type 'yarn'"):
+        architecture_of(config)

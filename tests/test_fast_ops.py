@@ -132,18 +132,11 @@ def test_fused_rope_on_gpu(batch, seq):
 @pytest.mark.gpu
 @needs_liger
 @pytest.mark.parametrize("rows", [1, 2048])
-def test_fused_silu_mul_on_gpu(rows):
-    ops = Ops(fused=True)
-    gate = torch.randn(1, rows, 14336, device="cuda", dtype=torch.bfloat16) * 3
-    up = torch.randn(1, rows, 14336, device="cuda", dtype=torch.bfloat16)
-    _compare(ops.silu_mul, silu_mul_reference, [gate, up], 1e-2)
-
-
-@pytest.mark.gpu
-@needs_liger
-@pytest.mark.parametrize("rows", [1, 2048])
-def test_fused_gelu_tanh_mul_on_gpu(rows):
-    ops = Ops(fused=True)
-    gate = torch.randn(1, rows, 6912, device="cuda", dtype=torch.bfloat16) * 3
-    up = torch.randn(1, rows, 6912, device="cuda", dtype=torch.bfloat16)
-    _compare(ops.gelu_tanh_mul, gelu_tanh_mul_reference, [gate, up], 1e-2)
+@pytest.mark.parametrize(
+    ("gate_op", "reference", "width"),
+    [("silu_mul", silu_mul_reference, 14336), ("gelu_tanh_mul", gelu_tanh_mul_reference, 6912)],
+)
+def test_fused_gated_mlp_on_gpu(rows, gate_op, reference, width):
+    gate = torch.randn(1, rows, width, device="cuda", dtype=torch.bfloat16) * 3
+    up = torch.randn(1, rows, width, device="cuda", dtype=torch.bfloat16)
+    _compare(getattr(Ops(fused=True), gate_op), reference, [gate, up], 1e-2)

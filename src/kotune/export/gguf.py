@@ -3,9 +3,8 @@
 What goes in (names as llama.cpp's ``convert_hf_to_gguf.py`` writes them, through the ``gguf`` library's keys and
 tensor-name maps):
 
-* hyperparameters under ``{arch}.*``; weights renamed to GGUF's ``token_embd`` / ``blk.N.attn_q`` / ... names.
-  Llama-family q and k projections are permuted from Hugging Face's rotary layout (the two halves of each head
-  apart) to llama.cpp's (the pairs interleaved); Qwen2's rotary already matches and is written as is.
+* hyperparameters under ``{arch}.*`` and weights under GGUF's ``token_embd`` / ``blk.N.attn_q`` / ... names
+  (:mod:`kotune.export.gguf_arch`: Llama with its rope scalings, Qwen2, Qwen3).
 * the tokenizer: byte-level BPE vocabulary, merges, token types (special added tokens are control tokens), the
   pre-tokenizer's name (which regex llama.cpp splits text with), BOS / EOS / end-of-turn / padding ids, and
   whether BOS is put in front.
@@ -26,80 +25,13 @@ import numpy as np
 
 from kotune import output
 from kotune.export.atomic import partial_file, sibling
+from kotune.export.gguf_arch import Tensor, architecture_of, load_tensor, plan_tensors, write_hyperparameters
 from kotune.export.gguf_tokenizer import ExportError, GgufTokenizer, gguf_tokenizer, write_tokenizer
 from kotune.export.kquant import K_QUANTS, SIZE_FRACTION, quantizer
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", *K_QUANTS)
 """``--quant`` choices: float32, float16, bfloat16, llama.cpp's 8-bit blocks (32 values, one f16 scale), and its
 4-, 5- and 6-bit k-quants (written by llama.cpp's quantizer: :mod:`kotune.export.kquant`)."""
-
-
-@dataclass(frozen=True)
-class Architecture:
-    gguf_name: str
-    """``general.architecture`` and the prefix of its hyperparameter keys."""
-    permute_qk: bool
-    """True when llama.cpp expects q / k rows interleaved per rotary pair (its ``llama`` architecture)."""
-
-
-ARCHITECTURES = {
-    "LlamaForCausalLM": Architecture("llama", permute_qk=True),
-    "Qwen2ForCausalLM": Architecture("qwen2", permute_qk=False),
-}
-"""Hugging Face architectures kotune exports, by the name in ``config.json``'s ``architectures``."""
-
-
-# -- hyperparameters ----------------------------------------------------------------------------------
-def architecture_of(config) -> Architecture:
-    """The GGUF architecture of a transformers config; an error naming it and the supported ones otherwise."""
-    names = list(getattr(config, "architectures", None) or [])
-    for name in names:
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
-    found = f"{', '.join(names) or 'a model'} (model_type {getattr(config, 'model_type', None)!r})"
-    raise ExportError(
-        f"kotune cannot export {found} to GGUF; it exports {', '.join(ARCHITECTURES)}. "
-        "llama.cpp's own convert_hf_to_gguf.py may know this architecture: run it on the merged folder"
-    )
-
-
-def rope_theta(config) -> float:
-    """The rotary base; only plain rotary embeddings (no scaling) are exported."""
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ExportError(
-            f"rope type {rope_type!r} (rope scaling) is not exported by kotune yet; only plain rotary embeddings"
-        )
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    if theta is None:
-        raise ExportError("config.json names no rope_theta")
-    return float(theta)
-
-
-def write_hyperparameters(writer, config) -> None:
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(rope_theta(config))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-
-
-# -- tensors ----------------------------------------------------------------------------------------
-def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Rows of each head from (first half, second half) order to interleaved pairs, llama.cpp's rotary layout."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def tensor_type(quant: str, shape: tuple[int, ...]):
@@ -136,50 +68,6 @@ def encoded_size(shape: tuple[int, ...], qtype) -> tuple[tuple[int, ...], np.dty
         return shape, dtype, int(np.prod(shape)) * dtype.itemsize
     byte_shape = quant_shape_to_byte_shape(shape, qtype)
     return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
-
-
-@dataclass(frozen=True)
-class Tensor:
-    gguf_name: str
-    hf_name: str
-    shape: tuple[int, ...]
-    file: Path
-
-
-def plan_tensors(model_dir: Path, config, arch: Architecture) -> list[Tensor]:
-    """Every weight of the safetensors files with its GGUF name; an error for a weight GGUF has no name for."""
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-    from safetensors import safe_open
-
-    model_arch = {name: arch_id for arch_id, name in MODEL_ARCH_NAMES.items()}[arch.gguf_name]
-    names = get_tensor_name_map(model_arch, config.num_hidden_layers)
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ExportError(f"{model_dir}: no .safetensors weights")
-    plan = []
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for hf_name in f.keys():
-                if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-                    continue  # llama.cpp reuses token_embd as the output projection when there is none
-                gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if gguf_name is None:
-                    raise ExportError(f"{file.name}: weight {hf_name} has no GGUF name for {arch.gguf_name}")
-                plan.append(Tensor(gguf_name, hf_name, tuple(f.get_slice(hf_name).get_shape()), file))
-    return sorted(plan, key=lambda t: t.hf_name)
-
-
-def load_tensor(tensor: Tensor, config, arch: Architecture) -> np.ndarray:
-    """The weight as float32 numpy, q / k rows permuted for llama.cpp's rotary when the architecture needs it."""
-    import torch
-    from safetensors import safe_open
-
-    with safe_open(tensor.file, framework="pt") as f:
-        array = f.get_tensor(tensor.hf_name).to(torch.float32).numpy()
-    if arch.permute_qk and tensor.hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-        heads = config.num_attention_heads if "q_proj" in tensor.hf_name else config.num_key_value_heads
-        array = permute_rotary(array, heads)
-    return array
 
 
 # -- the file ---------------------------------------------------------------------------------------
