@@ -150,7 +150,7 @@ def test_a_packed_pass_gives_each_row_its_loss_alone(tiny_model):
     rows = rows_of(1)
     batch, ids = a_full_pass(rows)
     bounds = batch["cu_seqlens"].tolist()
-    leaky = {**batch, "cu_seqlens": torch.tensor([0, bounds[-1]], dtype=torch.int32)}  # one causal span
+    leaky = {**batch, "position_ids": torch.arange(bounds[-1])[None]}  # read as one row: attention crosses rows
     moved = 0.0
     for k, i in enumerate(ids):
         only = batch["labels"].clone()  # the pass's loss on row i's targets alone

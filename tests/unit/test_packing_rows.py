@@ -85,10 +85,10 @@ def test_a_packed_batch_has_the_loss_of_its_rows_apart(tiny_model):
     apart = sum(loss_sum(tiny_model, collate([e], pad_id=256)).item() for e in rows)
     packed = loss_sum(tiny_model, collate_packed(rows)).item()
     assert packed == pytest.approx(apart, rel=1e-5)
-    # the test can see a leak: attending across rows (a plain causal mask over the pack) moves the loss by 4.7e-4
-    # relative with these rows and this model's small random weights, far outside that tolerance
+    # the test can see a leak: the pack read as one row (positions running on, so attention crosses the rows)
+    # moves the loss far outside that tolerance with these rows and this model's small random weights
     leaky = collate_packed(rows)
-    leaky["cu_seqlens"] = torch.tensor([0, leaky["input_ids"].shape[1]], dtype=torch.int32)
+    leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1])[None]
     assert abs(loss_sum(tiny_model, leaky).item() - apart) > 2e-4 * apart
 
 

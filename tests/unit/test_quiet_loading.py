@@ -45,7 +45,8 @@ def test_the_torch_dtype_notice_alone_is_dropped(bars_restored):
 
     quiet_transformers()
     quiet_transformers()  # a second call adds no second filter
-    handlers = logging.getLogger("transformers").handlers
+    # transformers' own stream handlers (pytest may have added a handler of its own that writes nowhere)
+    handlers = [h for h in logging.getLogger("transformers").handlers if isinstance(h, logging.StreamHandler)]
     streams = [handler.setStream(io.StringIO()) for handler in handlers]  # read what transformers prints
     try:
         for name in ("transformers.configuration_utils", "transformers.modeling_utils", "transformers.other"):
