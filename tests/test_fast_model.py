@@ -400,3 +400,18 @@ def test_bf16_four_bit_dpo_on_gpu_matches_the_plain_path(tmp_path):
     for a, b in zip(got[2], want[2], strict=True):
         rel = (a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)
         assert rel < 5e-2, rel
+
+
+def test_on_cuda_the_fast_path_runs_only_the_families_whose_gpu_tests_ran():
+    """Exact on the CPU is not enough on CUDA: a family (or a window) whose GPU kernels have not been checked on a
+    GPU runs the plain path there, and the log says why."""
+    from kotune.config_load import load_config
+    from kotune.fast import wanted
+    from kotune.fast.families import GPU_CHECKED
+
+    cfg = load_config(None, [])
+    checked = [name for name in FAMILIES if wanted(cfg, _config(name), "cuda")[0]]
+    assert checked == [n for n, (kind, _) in FAMILIES.items() if kind in GPU_CHECKED and n not in WINDOWED]
+    assert "qwen2" in checked and "llama-llama3" in checked
+    assert "not yet checked on a GPU" in wanted(cfg, _config("qwen3"), "cuda")[1]
+    assert "window" in wanted(cfg, _config("mistral-window"), "cuda")[1]

@@ -14,7 +14,7 @@ from kotune.data.examples import IGNORE
 
 def wanted(cfg: Config, model_config, device_type: str | None = None) -> tuple[bool, str]:
     """(use the fast path?, why) for this config and the base model's transformers config."""
-    from kotune.fast.families import unsupported_reason
+    from kotune.fast.families import gpu_unchecked_reason, unsupported_reason
 
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.train.kernels == "off":
@@ -25,7 +25,7 @@ def wanted(cfg: Config, model_config, device_type: str | None = None) -> tuple[b
         return False, "8-bit weights"
     if cfg.lora.trainable_tokens:
         return False, "lora.trainable_tokens (embedding rows trained)"
-    reason = unsupported_reason(model_config, cfg.lora.target_modules)
+    reason = unsupported_reason(model_config, cfg.lora.target_modules) or gpu_unchecked_reason(model_config)
     if reason:
         return False, reason
     return True, "CUDA and a supported model"

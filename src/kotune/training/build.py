@@ -80,10 +80,12 @@ def refuse_unsharded_recipe(cfg: Config, path: str) -> str:
     """Why FSDP can train this run (it always runs the fast path's forward, on any device), or CannotShard."""
     from transformers import AutoConfig
 
-    from kotune.fast.families import unsupported_reason
+    from kotune.fast.families import gpu_unchecked_reason, unsupported_reason
 
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     reason = unsupported_reason(model_config, cfg.lora.target_modules)
+    if reason is None and torch.cuda.is_available():
+        reason = gpu_unchecked_reason(model_config)
     if reason is None and model_config.model_type in UNSHARDED_FAMILIES:
         reason = f"model type {model_config.model_type!r} (the layer-at-a-time loader does not read it yet)"
     if reason is None and cfg.model.quantization != "4bit":
