@@ -21,6 +21,7 @@ import yaml
 
 from kotune.errors import KotuneError
 from kotune.preference_config import PreferenceConfig, validate_preference
+from kotune.source_config import SourceConfig, validate_sources
 
 
 class ConfigError(KotuneError, ValueError):
@@ -101,6 +102,15 @@ class DataConfig:
     """Use only the first N rows (after the split). For smoke tests."""
     cache: bool = True
     """Cache tokenized data keyed by data content, tokenizer, template and options."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A mixture: several sources, each ``{path, split, format, template, columns, weight or epochs, max_rows,
+    val_size, name}`` (the ``data.sources[]`` table below); unset fields take ``data``'s. Empty: ``path`` is the
+    one source. The mixed rows are a seeded function of the config, the same in every process and on resume."""
+    dedup: Literal["exact", "near", "off"] = "exact"
+    """Duplicate rows (within and across sources) the audit reports and training drops, the first kept:
+    ``exact``, the same text after normalising (NFKC, case, spaces); ``near``, also rows whose word 5-grams
+    overlap by Jaccard >= 0.8 (MinHash, ``datasketch``); ``off``, keep all. ``exact`` by default: repeated rows
+    only re-weight training and leak between train and held-out rows, and finding them costs a hash per row."""
 
 
 @dataclass
@@ -282,6 +292,12 @@ def validate(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive, got {value}")
     check_eval_generate(cfg.train.eval_generate)
+    try:
+        validate_sources(cfg.data.sources)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.data.sources and cfg.train.objective != "sft":
+        raise ConfigError("'data.sources' mixes SFT data only for now; preference runs read one 'data.path'")
     if not 0 <= cfg.data.val_size < 1:
         raise ConfigError(f"'data.val_size' must be in [0, 1), got {cfg.data.val_size}")
     if not 0 <= cfg.lora.dropout < 1:
