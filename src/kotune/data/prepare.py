@@ -206,7 +206,7 @@ def find_and_report_duplicates(
         index = src.encoded.example_index()
         rows = sorted(r for r in (*train_rows, *val_rows) if index[r] >= 0)
         ids = [src.encoded.examples[int(index[r])].input_ids for r in rows]
-        texts.append(list(zip(rows, tokenizer.batch_decode(ids) if ids else [], strict=True)))
+        texts.append(list(zip(rows, tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else [], strict=True)))
     dups = find_duplicates(texts, "exact" if data.dedup == "off" else data.dedup)
     drop = data.dedup != "off"
     audits, dropped = [], []
