@@ -147,3 +147,19 @@ def test_a_bad_weight_is_one_error_line_before_anything_loads(tmp_path, capsys):
     assert main(["train", str(config)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kotune: error: data.sources[1] (again): 'weight' must be positive, got -1.0"]
+
+
+def test_preview_names_each_rows_source(tmp_path, mock_dir, monkeypatch, capsys):
+    monkeypatch.setenv("KOTUNE_CACHE", str(tmp_path / "cache"))
+    sources = [
+        {"path": str(write_jsonl(tmp_path / "a.jsonl", rows("a", 3))), "name": "ko"},
+        {"path": str(write_jsonl(tmp_path / "b.jsonl", rows("b", 3))), "name": "en"},
+    ]
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"model": {"path": mock_dir}, "data": {"sources": sources, "val_size": 0}}))
+    assert main(["data", "preview", str(config), "--json", "--limit", "6"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted((r["source"], r["row"]) for r in shown) == [(s, r) for s in ("en", "ko") for r in range(3)]
+    assert main(["data", "preview", str(config), "--limit", "6"]) == 0
+    text = capsys.readouterr().out
+    assert all(f"── row {r} of {s}:" in text for s in ("en", "ko") for r in range(3))

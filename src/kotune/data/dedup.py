@@ -1,11 +1,11 @@
 """Duplicate rows within and across data sources: exact (the same normalised text) and near (MinHash).
 
-A row's text is what training reads: its encoded tokens decoded, special tokens left out. Normalising (NFKC, case folded, runs of spaces as
-one) makes rows that differ only in width forms, case or spacing equal. Near duplicates are found by MinHash over
-character 5-grams of the normalised text (character shingles need no word splitter, which suits Korean, whose
-particles attach to words) with ``datasketch``'s LSH, each candidate confirmed by its estimated Jaccard similarity.
-The first occurrence in source order, then row order, is the one kept; everything is seeded, so the same rows are
-found in every process.
+A row's text is what training reads: its encoded tokens decoded, special tokens left out. Normalising (NFKC, case
+folded, runs of spaces as one) makes rows that differ only in width forms, case or spacing equal. Near duplicates
+are found by MinHash over character 5-grams of the normalised text (character shingles need no word splitter,
+which suits Korean, whose particles attach to words) with ``datasketch``'s LSH, each candidate confirmed by its
+estimated Jaccard similarity. The first occurrence in source order, then row order, is the one kept; everything
+is seeded, so the same rows are found in every process.
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ def source_list(data: DataConfig) -> list[SourceConfig]:
     return list(data.sources) or [SourceConfig(path=data.path, split=data.split)]
 
 
+def source_names(data: DataConfig) -> list[str]:
+    """What an example's ``source`` index names: the training sources' labels, then ``data.validation_path``."""
+    return [s.label() for s in source_list(data)] + ([data.validation_path] if data.validation_path else [])
+
+
 def source_data(data: DataConfig, source: SourceConfig) -> DataConfig:
     """``data`` as this source reads it: its path, split, and its own format, template and columns where set."""
     return dataclasses.replace(

@@ -30,7 +30,15 @@ from kotune.data.formats import (
     render_prompt_completion,
     used_columns,
 )
-from kotune.data.mixture import gather, held_out_share, merged_stats, mix, source_data, source_list
+from kotune.data.mixture import (
+    gather,
+    held_out_share,
+    merged_stats,
+    mix,
+    source_data,
+    source_list,
+    source_names,
+)
 from kotune.data.read import DataError, apply_columns, check_types, read_rows, split_indices
 from kotune.data.templates import Template, load_template
 
@@ -84,11 +92,17 @@ def render_rows(
     return rendered, skipped
 
 
-def token_kinds_of_rows(data: DataConfig, tokenizer, row_ids: list[int], split: str) -> dict[int, list[str]]:
+def token_kinds_of_rows(data: DataConfig, tokenizer, row_ids: list[int], source: int = 0) -> dict[int, list[str]]:
     """For conversation data: the part (``kotune.data.turn_parts`` kinds) of each token of the rows ``row_ids`` of
-    the training source (``split="validation"``: of ``data.validation_path`` when set); other formats: empty."""
-    spec = data.validation_path if split == "validation" and data.validation_path else data.path
-    rows = apply_columns(read_rows(spec, split if spec == data.validation_path else data.split), data.columns, spec)
+    source ``source`` (an ``Example.source``: a training source, or after them ``data.validation_path``); other
+    formats: empty."""
+    sources = source_list(data)
+    if source < len(sources):
+        data = source_data(data, sources[source])
+        spec, split = data.path, data.split
+    else:
+        spec, split = data.validation_path, "validation"
+    rows = apply_columns(read_rows(spec, split), data.columns, spec)
     fmt = data.format if data.format != "auto" else detect_format(rows, spec)
     if fmt not in CHAT_FORMATS:
         return {}
@@ -143,8 +157,7 @@ def encode_source(spec: str, split: str, data: DataConfig, tokenizer, template: 
 def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.status) -> Prepared:
     """Tokenized examples for training and validation, with counts of what was truncated or skipped: each source
     encoded and split, duplicates found (``data.dedup``), the training rows mixed (``kotune.data.mixture``)."""
-    sources = source_list(data)
-    names = [s.label() for s in sources]
+    sources, names = source_list(data), source_names(data)
     encoded, splits = [], []
     for s in sources:
         d = source_data(data, s)
@@ -160,7 +173,7 @@ def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.sta
                 stats.kept -= 1
                 stats.skip("duplicate of an earlier row (data.dedup)", row)
     kept = [_examples(src, t, dropped[i]) for i, (src, (t, _)) in enumerate(zip(encoded, splits, strict=True))]
-    for name, rows, stats in zip(names, kept, train_stats, strict=True):
+    for name, rows, stats in zip(names, kept, train_stats, strict=False):
         if data.sources and not rows:
             raise DataError(f"data source {name}: no trainable rows ({stats.summary()})")
     val_picks = [
@@ -176,7 +189,6 @@ def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.sta
         val_stats.append(val.encoded.stats(all_rows))
         audits.append(val.audit)
         tables.append(val.encoded.examples)
-        names.append(data.validation_path)
     formats = [src.format for src in encoded]
     return Prepared(
         train=gather(tables, mix(kept, sources, data.seed)),
