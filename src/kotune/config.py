@@ -108,8 +108,8 @@ class DataConfig:
     one source. The mixed rows are a seeded function of the config, the same in every process and on resume."""
     dedup: Literal["exact", "near", "off"] = "exact"
     """Duplicate rows (within and across sources) the audit reports and training drops, the first kept:
-    ``exact``, the same text after normalising (NFKC, case, spaces); ``near``, also rows whose word 5-grams
-    overlap by Jaccard >= 0.8 (MinHash, ``datasketch``); ``off``, keep all. ``exact`` by default: repeated rows
+    ``exact``, the same text after normalising (NFKC, case, spaces); ``near``, also rows whose character 5-grams
+    overlap by Jaccard >= 0.8 (MinHash, ``datasketch``); ``off``, keep all (exact ones are still reported). ``exact`` by default: repeated rows
     only re-weight training and leak between train and held-out rows, and finding them costs a hash per row."""
 
 
@@ -296,6 +296,10 @@ def validate(cfg: Config) -> None:
         validate_sources(cfg.data.sources)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    formats = choices(DataConfig, "format")
+    for i, source in enumerate(cfg.data.sources):
+        if source.format is not None and source.format not in formats:
+            raise ConfigError(f"'data.sources[{i}].format' is {source.format!r}; choose one of {', '.join(formats)}")
     if cfg.data.sources and cfg.train.objective != "sft":
         raise ConfigError("'data.sources' mixes SFT data only for now; preference runs read one 'data.path'")
     if not 0 <= cfg.data.val_size < 1:

@@ -6,7 +6,7 @@ reading settings (``format``, ``template``, ``columns``, ``val_size``) take ``da
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kotune.errors import KotuneError
 
@@ -40,7 +40,7 @@ class SourceConfig:
     val_size: float | None = None
     """Share of this source's rows held out for validation; unset: ``data.val_size`` (0 when
     ``data.validation_path`` is set)."""
-    name: str = field(default="")
+    name: str = ""
     """How the audit, the preview and the logs name this source; unset: its path."""
 
     def label(self) -> str:
