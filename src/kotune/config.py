@@ -109,8 +109,9 @@ class DataConfig:
     dedup: Literal["exact", "near", "off"] = "exact"
     """Duplicate rows (within and across sources) the audit reports and training drops, the first kept:
     ``exact``, the same text after normalising (NFKC, case, spaces); ``near``, also rows whose character 5-grams
-    overlap by Jaccard >= 0.8 (MinHash, ``datasketch``); ``off``, keep all (exact ones are still reported). ``exact`` by default: repeated rows
-    only re-weight training and leak between train and held-out rows, and finding them costs a hash per row."""
+    overlap by Jaccard >= 0.8 (MinHash, ``datasketch``); ``off``, keep all (exact ones are still reported).
+    ``exact`` by default: repeated rows only re-weight training and leak between train and held-out rows, and
+    finding them costs a hash per row."""
 
 
 @dataclass
@@ -292,16 +293,7 @@ def validate(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive, got {value}")
     check_eval_generate(cfg.train.eval_generate)
-    try:
-        validate_sources(cfg.data.sources)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    formats = choices(DataConfig, "format")
-    for i, source in enumerate(cfg.data.sources):
-        if source.format is not None and source.format not in formats:
-            raise ConfigError(f"'data.sources[{i}].format' is {source.format!r}; choose one of {', '.join(formats)}")
-    if cfg.data.sources and cfg.train.objective != "sft":
-        raise ConfigError("'data.sources' mixes SFT data only for now; preference runs read one 'data.path'")
+    _validate_sources(cfg)
     if not 0 <= cfg.data.val_size < 1:
         raise ConfigError(f"'data.val_size' must be in [0, 1), got {cfg.data.val_size}")
     if not 0 <= cfg.lora.dropout < 1:
@@ -316,6 +308,20 @@ def validate(cfg: Config) -> None:
         cfg.lora.trainable_tokens = "auto"  # the keyword, not the token "auto"
     elif isinstance(cfg.lora.trainable_tokens, str):
         cfg.lora.trainable_tokens = [cfg.lora.trainable_tokens]
+
+
+def _validate_sources(cfg: Config) -> None:
+    """``data.sources``: each entry's values (``source_config``), its format one of ``data.format``'s, SFT only."""
+    try:
+        validate_sources(cfg.data.sources)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    formats = choices(DataConfig, "format")
+    for i, source in enumerate(cfg.data.sources):
+        if source.format is not None and source.format not in formats:
+            raise ConfigError(f"'data.sources[{i}].format' is {source.format!r}; choose one of {', '.join(formats)}")
+    if cfg.data.sources and cfg.train.objective != "sft":
+        raise ConfigError("'data.sources' mixes SFT data only for now; preference runs read one 'data.path'")
 
 
 def _validate_train(t: TrainConfig) -> None:
