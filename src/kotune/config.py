@@ -112,6 +112,9 @@ class DataConfig:
     overlap by Jaccard >= 0.8 (MinHash, ``datasketch``); ``off``, keep all (exact ones are still reported).
     ``exact`` by default: repeated rows only re-weight training and leak between train and held-out rows, and
     finding them costs a hash per row."""
+    contamination_sets: list[str] = field(default_factory=list)
+    """Local files (``kotune eval --choices`` items, or rows of any format) the audit checks the training rows
+    against, besides the held-out rows and ``kotune eval``'s bundled set: a row holding their text is named."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ from kotune import output
 from kotune.config import DataConfig
 from kotune.data import cache
 from kotune.data.audit import INFO, WARNING, AuditReport, Finding, audit_source
+from kotune.data.contamination import find_overlaps, overlap_message, references
 from kotune.data.dedup import duplicate_message, find_duplicates
 from kotune.data.encoding import encode_table
 from kotune.data.examples import Encoded, EncodeStats, Example
@@ -166,7 +167,7 @@ def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.sta
         splits.append((train_rows[: d.max_rows] if d.max_rows is not None else train_rows, val_rows))
     train_stats = [src.encoded.stats(t) for src, (t, _) in zip(encoded, splits, strict=True)]
     val_stats = [src.encoded.stats(v) for src, (_, v) in zip(encoded, splits, strict=True)]
-    audits, dropped = find_and_report_duplicates(data, tokenizer, encoded, splits, names, log)
+    audits, dropped, texts = find_and_report_duplicates(data, tokenizer, encoded, splits, names, log)
     for i, (train_rows, val_rows) in enumerate(splits):
         for stats, rows in ((train_stats[i], train_rows), (val_stats[i], val_rows)):
             for row in (r for r in rows if r in dropped[i]):
@@ -190,9 +191,13 @@ def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.sta
         audits.append(val.audit)
         tables.append(val.encoded.examples)
     formats = [src.format for src in encoded]
+    validation = gather(tables, val_picks)
+    training = [set(t) - dropped[i] for i, (t, _) in enumerate(splits)]
+    trained = [[(r, t) for r, t in rows if r in mine] for rows, mine in zip(texts, training, strict=True)]
+    report_contamination(trained, references(data, tokenizer, validation, names), audits, names, log)
     return Prepared(
         train=gather(tables, mix(kept, sources, data.seed)),
-        validation=gather(tables, val_picks),
+        validation=validation,
         train_stats=merged_stats(train_stats, names[: len(sources)]),
         validation_stats=merged_stats(val_stats, names),
         template=load_template(source_data(data, sources[0]).template),
@@ -211,8 +216,9 @@ def _examples(source: Source, rows: Sequence[int], dropped: set[int]) -> list[in
 
 def find_and_report_duplicates(
     data: DataConfig, tokenizer, encoded: Sequence[Source], splits, names: Sequence[str], log: Callable
-) -> tuple[list[AuditReport], list[set[int]]]:
-    """Each source's audit with its duplicates reported, and per source the rows ``data.dedup`` leaves out."""
+) -> tuple[list[AuditReport], list[set[int]], list[list[tuple[int, str]]]]:
+    """Each source's audit with its duplicates reported, per source the rows ``data.dedup`` leaves out, and the
+    texts compared (per source, ``(row, text)`` of its kept training and held-out rows)."""
     texts = []
     for src, (train_rows, val_rows) in zip(encoded, splits, strict=True):
         index = src.encoded.example_index()
@@ -232,4 +238,16 @@ def find_and_report_duplicates(
         finding = Finding("duplicates", INFO if drop else WARNING, message, [d.row for d in mine])
         audits.append(dataclasses.replace(src.audit, findings=[*src.audit.findings, finding]))
         log(f"kotune: data: {names[i]}: {message}")
-    return audits, dropped
+    return audits, dropped, texts
+
+
+def report_contamination(trained, refs, audits: list[AuditReport], names: Sequence[str], log: Callable) -> None:
+    """Each source's training rows that hold evaluation text (``kotune.data.contamination``), added to its audit."""
+    overlaps = find_overlaps(trained, refs)
+    for i, rows in enumerate(trained):
+        mine = [o for o in overlaps if o.source == i]
+        if mine:
+            message = overlap_message(mine, len(rows))
+            finding = Finding("contamination", WARNING, message, sorted({o.row for o in mine}))
+            audits[i] = dataclasses.replace(audits[i], findings=[*audits[i].findings, finding])
+            log(f"kotune: data: {names[i]}: {message}")
