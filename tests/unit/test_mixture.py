@@ -163,3 +163,13 @@ def test_preview_names_each_rows_source(tmp_path, mock_dir, monkeypatch, capsys)
     assert main(["data", "preview", str(config), "--limit", "6"]) == 0
     text = capsys.readouterr().out
     assert all(f"── row {r} of {s}:" in text for s in ("en", "ko") for r in range(3))
+
+
+def test_kotune_eval_asks_for_held_out_rows_of_a_mixed_run(mixture):
+    from types import SimpleNamespace
+
+    from kotune.evaluation.heldout import load_heldout
+
+    folder = SimpleNamespace(config=mixture(THREE), path="runs/mixed")
+    with pytest.raises(DataError, match=r"runs/mixed: the run trained on a mixture .* give held-out rows with --data"):
+        load_heldout(folder, None, None)
