@@ -173,3 +173,15 @@ def test_kotune_eval_asks_for_held_out_rows_of_a_mixed_run(mixture):
     folder = SimpleNamespace(config=mixture(THREE), path="runs/mixed")
     with pytest.raises(DataError, match=r"runs/mixed: the run trained on a mixture .* give held-out rows with --data"):
         load_heldout(folder, None, None)
+
+
+def test_the_fingerprint_hashes_each_sources_files_not_its_path(mixture):
+    from kotune.training.fingerprint import data_files, training_config
+
+    cfg = mixture(THREE)
+    files = data_files(cfg)
+    assert sorted(k.split(":")[0] for k in files) == [
+        "train[" + s + "]" for s in sorted(cfg.data.sources[i].label() for i in range(3))
+    ]
+    assert all("path" not in s for s in training_config(cfg)["data.sources"])
+    assert [s["weight"] for s in training_config(cfg)["data.sources"]] == [2, 1, None]
