@@ -4,8 +4,8 @@ The references are the held-out rows (their trained text: the answers, which car
 eval's bundled multiple-choice set (its questions) and the files in ``data.contamination_sets``. Texts are
 normalised as for duplicates (``kotune.data.dedup.normalise``) and their spaces dropped, so spacing differences do
 not hide a copy; a reference row is found in a training row when at least ``SHARE`` of its ``NGRAM``-character
-n-grams occur there (a reference shorter than ``NGRAM``: when its whole text does). A share rather than any one
-shared n-gram keeps templated questions that differ in a word ("'덥다'의 반대말은..." vs "'춥다'의...") apart.
+n-grams occur there. A share rather than any one shared n-gram keeps templated questions that differ in a word
+("'덥다'의 반대말은..." vs "'춥다'의...") apart. The cost is one set lookup per character of training text.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ from dataclasses import dataclass
 
 from kotune.data.dedup import normalise
 
-NGRAM = 13
-"""Characters per n-gram (13, as GPT-3's contamination check counts words; characters suit Korean)."""
+NGRAM = 10
+"""Characters per n-gram (spaces dropped): short enough for the bundled set's shortest questions, long enough that
+Korean text shares one by chance rarely (GPT-3's check used 13 words; characters suit Korean)."""
 SHARE = 0.8
 """Share of a reference row's n-grams a training row must hold for the reference to count as found in it."""
-MIN_CHARS = 8
-"""Reference texts shorter than this (spaces dropped) are too generic to check."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,8 @@ def squeeze(text: str) -> str:
 
 
 def grams(text: str) -> set[str]:
-    return {text[i : i + NGRAM] for i in range(len(text) - NGRAM + 1)} if len(text) >= NGRAM else {text}
+    """The text's ``NGRAM``-character n-grams (none for a shorter text: too generic to check)."""
+    return {text[i : i + NGRAM] for i in range(len(text) - NGRAM + 1)}
 
 
 def reference_text(row: dict) -> str:
@@ -57,19 +57,16 @@ def find_overlaps(
     needed: dict[tuple[str, int], int] = {}
     for ref, rows in references.items():
         for ref_row, text in rows:
-            text = squeeze(text)
-            if len(text) < MIN_CHARS:
+            mine = grams(squeeze(text))
+            if not mine:
                 continue
-            mine = grams(text)
             needed[(ref, ref_row)] = max(1, int(SHARE * len(mine) + 0.999999))
             for gram in mine:
                 index.setdefault(gram, []).append((ref, ref_row))
-    lengths = sorted({len(g) for g in index})
     found = []
     for source, rows in enumerate(training):
         for row, text in rows:
-            text = squeeze(text)
-            held = {text[i : i + n] for n in lengths for i in range(len(text) - n + 1)} & index.keys()
+            held = grams(squeeze(text)) & index.keys()
             hits = Counter(key for gram in held for key in index[gram])
             found += [Overlap(source, row, *key) for key, n in sorted(hits.items()) if n >= needed[key]]
     return found
