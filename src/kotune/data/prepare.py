@@ -168,11 +168,7 @@ def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.sta
     train_stats = [src.encoded.stats(t) for src, (t, _) in zip(encoded, splits, strict=True)]
     val_stats = [src.encoded.stats(v) for src, (_, v) in zip(encoded, splits, strict=True)]
     audits, dropped, texts = find_and_report_duplicates(data, tokenizer, encoded, splits, names, log)
-    for i, (train_rows, val_rows) in enumerate(splits):
-        for stats, rows in ((train_stats[i], train_rows), (val_stats[i], val_rows)):
-            for row in (r for r in rows if r in dropped[i]):
-                stats.kept -= 1
-                stats.skip("duplicate of an earlier row (data.dedup)", row)
+    _count_dropped(splits, train_stats, val_stats, dropped)
     kept = [_examples(src, t, dropped[i]) for i, (src, (t, _)) in enumerate(zip(encoded, splits, strict=True))]
     for name, rows, stats in zip(names, kept, train_stats, strict=False):
         if data.sources and not rows:
@@ -206,6 +202,15 @@ def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.sta
         audits=tuple(audits),
         source_names=tuple(names),
     )
+
+
+def _count_dropped(splits, train_stats: list[EncodeStats], val_stats: list[EncodeStats], dropped) -> None:
+    """Count the duplicates ``data.dedup`` leaves out as skipped rows of their source's split."""
+    for i, (train_rows, val_rows) in enumerate(splits):
+        for stats, rows in ((train_stats[i], train_rows), (val_stats[i], val_rows)):
+            for row in (r for r in rows if r in dropped[i]):
+                stats.kept -= 1
+                stats.skip("duplicate of an earlier row (data.dedup)", row)
 
 
 def _examples(source: Source, rows: Sequence[int], dropped: set[int]) -> list[int]:
