@@ -20,7 +20,8 @@ def row(instruction="질문", output="답", **extra):
 
 
 def audit(data_config, llama3_train_tokenizer, rows, *overrides):
-    data = prepare(data_config(rows, *overrides).data, llama3_train_tokenizer)
+    # Repeated rows are the handiest test data here; data.dedup=off keeps them in training (and still reports them).
+    data = prepare(data_config(rows, "data.dedup=off", *overrides).data, llama3_train_tokenizer)
     return data, data.audits[0]
 
 
@@ -238,6 +239,7 @@ def test_trainable_tokens_auto_trains_exactly_the_untrained_rows(tmp_path, base_
     turns = [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "안녕하세요!"}]
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns}] * 8)
     overrides = {"model.path": path, "data.path": str(data), "data.val_size": 0, "data.cache": False}
+    overrides |= {"data.dedup": "off"}  # the eight copies are the training rows
     overrides |= {"lora.trainable_tokens": "auto", "train.max_steps": 2, "train.micro_batch_size": 2}
     cfg = tiny_train_config(tmp_path / "run", overrides)
     config = tmp_path / "config.yaml"

@@ -162,7 +162,7 @@ def test_rows_that_cannot_train_are_skipped_and_counted(data_config, llama3_trai
         {"messages": None},
         good,
     ]
-    data = prepare(data_config(rows).data, llama3_train_tokenizer)
+    data = prepare(data_config(rows, "data.dedup=off").data, llama3_train_tokenizer)  # row 5 repeats row 0
     assert sorted(e.row for e in data.train) == [0, 5]
     assert {reason: sorted(rows) for reason, rows in data.train_stats.skipped_rows.items()} == {
         "no assistant turn": [1],
@@ -213,7 +213,7 @@ def test_conversations_train_end_to_end_on_cpu(tmp_path, tiny_llama3_model, monk
     config = tmp_path / "chat.yaml"
     config.write_text(
         f"model: {{path: {tiny_llama3_model}, quantization: none, compute_dtype: float32}}\n"
-        f"data: {{path: {data}, val_size: 0.2, cutoff_len: 128}}\n"
+        f"data: {{path: {data}, val_size: 0.2, cutoff_len: 128, dedup: 'off'}}\n"  # each conversation twice
         f"train: {{output_dir: {out}, max_steps: 2, gradient_accumulation_steps: 2, warmup_steps: 1, "
         "eval_steps: 2, save_steps: 2, optimizer: adamw_torch, learning_rate: 0.001, min_free_disk_gb: 0}\n",
         encoding="utf-8",

@@ -233,6 +233,7 @@ def test_a_real_cuda_out_of_memory_is_reported_with_a_smaller_setting(tiny_train
         "data.path": str(write_jsonl(tmp_path / "long.jsonl", rows)),
         "data.val_size": 0,
         "data.cutoff_len": 4096,
+        "data.dedup": "off",  # 128 copies of one row: the batch is the point
         "train.micro_batch_size": 128,
         "train.gradient_accumulation_steps": 1,
         "train.max_steps": 1,

@@ -174,7 +174,7 @@ def test_tools_column_is_mapped_with_data_columns(data_config, qwen3):
     data = prepare(cfg.data, qwen3)
     example = next(e for e in data.train if e.row == with_tools)
     assert "<tools>" in qwen3.decode(example.input_ids)
-    kinds = token_kinds_of_rows(cfg.data, qwen3, [with_tools], "train")[with_tools]
+    kinds = token_kinds_of_rows(cfg.data, qwen3, [with_tools])[with_tools]
     assert len(kinds) == len(example.input_ids) and "tool_calls" in kinds
 
 

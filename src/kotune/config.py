@@ -21,6 +21,7 @@ import yaml
 
 from kotune.errors import KotuneError
 from kotune.preference_config import PreferenceConfig, validate_preference
+from kotune.source_config import SourceConfig, validate_sources
 
 
 class ConfigError(KotuneError, ValueError):
@@ -101,6 +102,19 @@ class DataConfig:
     """Use only the first N rows (after the split). For smoke tests."""
     cache: bool = True
     """Cache tokenized data keyed by data content, tokenizer, template and options."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A mixture: several sources, each ``{path, split, format, template, columns, weight or epochs, max_rows,
+    val_size, name}`` (the ``data.sources[]`` table below); unset fields take ``data``'s. Empty: ``path`` is the
+    one source. The mixed rows are a seeded function of the config, the same in every process and on resume."""
+    dedup: Literal["exact", "near", "off"] = "exact"
+    """Duplicate rows (within and across sources) the audit reports and training drops, the first kept:
+    ``exact``, the same text after normalising (NFKC, case, spaces); ``near``, also rows whose character 5-grams
+    overlap by Jaccard >= 0.8 (MinHash, ``datasketch``); ``off``, keep all (exact ones are still reported).
+    ``exact`` by default: repeated rows only re-weight training and leak between train and held-out rows, and
+    finding them costs a hash per row."""
+    contamination_sets: list[str] = field(default_factory=list)
+    """Local files (``kotune eval --choices`` items, or rows of any format) the audit checks the training rows
+    against, besides the held-out rows and ``kotune eval``'s bundled set: a row holding their text is named."""
 
 
 @dataclass
@@ -282,6 +296,7 @@ def validate(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive, got {value}")
     check_eval_generate(cfg.train.eval_generate)
+    _validate_sources(cfg)
     if not 0 <= cfg.data.val_size < 1:
         raise ConfigError(f"'data.val_size' must be in [0, 1), got {cfg.data.val_size}")
     if not 0 <= cfg.lora.dropout < 1:
@@ -296,6 +311,20 @@ def validate(cfg: Config) -> None:
         cfg.lora.trainable_tokens = "auto"  # the keyword, not the token "auto"
     elif isinstance(cfg.lora.trainable_tokens, str):
         cfg.lora.trainable_tokens = [cfg.lora.trainable_tokens]
+
+
+def _validate_sources(cfg: Config) -> None:
+    """``data.sources``: each entry's values (``source_config``), its format one of ``data.format``'s, SFT only."""
+    try:
+        validate_sources(cfg.data.sources)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    formats = choices(DataConfig, "format")
+    for i, source in enumerate(cfg.data.sources):
+        if source.format is not None and source.format not in formats:
+            raise ConfigError(f"'data.sources[{i}].format' is {source.format!r}; choose one of {', '.join(formats)}")
+    if cfg.data.sources and cfg.train.objective != "sft":
+        raise ConfigError("'data.sources' mixes SFT data only for now; preference runs read one 'data.path'")
 
 
 def _validate_train(t: TrainConfig) -> None:

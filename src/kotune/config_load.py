@@ -4,6 +4,7 @@ field's type, unknown keys named with the closest valid one. The sections and th
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from pathlib import Path
 from types import UnionType
@@ -52,7 +53,24 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
         return {str(k): str(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return _to_dataclass(value, hint, key, where)
     return SCALARS[hint](value, key, where)
+
+
+def _to_dataclass(value: Any, cls: type, key: str, where: str) -> Any:
+    """A mapping (e.g. one of ``data.sources``) as ``cls``, each value checked; unknown keys named."""
+    if isinstance(value, str):  # a bare path on the command line or in a list: the one required field
+        value = {"path": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: '{key}' items must be mappings, got {value!r}")
+    hints = get_type_hints(cls)
+    for name in value:
+        if name not in hints:
+            close = difflib.get_close_matches(str(name), list(hints), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; keys: {', '.join(hints)}"
+            raise ConfigError(f"{where}: unknown key '{name}' in '{key}'{hint}")
+    return cls(**{str(k): _coerce(v, hints[str(k)], f"{key}.{k}", where) for k, v in value.items()})
 
 
 def _coerce_list(value: Any, item: Any, key: str, where: str) -> list:

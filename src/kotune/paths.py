@@ -8,6 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+CHOICE_SET = Path(__file__).resolve().parents[2] / "data" / "ko-choice-smoke.jsonl"
+"""kotune's bundled Korean multiple-choice smoke set (CC0): what ``kotune eval`` scores by default, and what the
+data audit checks training rows against (``kotune.data.contamination``)."""
+
 
 def cache_root(cache_dir: str | None = None) -> Path:
     """Return the cache dir: the argument, else ``$KOTUNE_CACHE``, else ``~/.cache/kotune``."""

@@ -20,6 +20,7 @@ LAYERS = (
         "config",
         "config_load",
         "preference_config",
+        "source_config",
         "security",
         "paths",
         "hashing",

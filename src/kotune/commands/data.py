@@ -12,6 +12,7 @@ from kotune.commands.train import add_config_arguments
 from kotune.config_load import load_config
 from kotune.data.audit import parts_line
 from kotune.data.examples import IGNORE, Example
+from kotune.data.mixture import source_names
 
 
 def register(sub) -> None:
@@ -85,9 +86,12 @@ PREVIEW_LEGEND = {
 }
 
 
-def render_example(example: Example, tokenizer, color: bool, kinds: list[str] | None = None) -> str:
+def render_example(
+    example: Example, tokenizer, color: bool, kinds: list[str] | None = None, source: str | None = None
+) -> str:
     """Masked tokens dim (or in [brackets] without colour), trained tokens plain; with ``kinds``, trained
-    reasoning and tool calls marked apart (``PART_STYLES``); a legend (``PREVIEW_LEGEND``) says which."""
+    reasoning and tool calls marked apart (``PART_STYLES``); a legend (``PREVIEW_LEGEND``) says which. ``source``:
+    the name of the example's source, shown when the data has several."""
     parts = []
     for text, style in _joined(token_pieces(tokenizer, example, kinds)):
         trained, kind = style if isinstance(style, tuple) else (style, None)
@@ -97,7 +101,8 @@ def render_example(example: Example, tokenizer, color: bool, kinds: list[str] | 
         code, opening, closing = PART_STYLES.get(kind, ("\x1b[1;32m", "", ""))
         parts.append(f"{code}{text}\x1b[0m" if color else f"{opening}{text}{closing}")
     trained = example.trained_tokens
-    head = f"── row {example.row}: {len(example.input_ids)} tokens, {trained} trained"
+    where = f" of {source}" if source else ""
+    head = f"── row {example.row}{where}: {len(example.input_ids)} tokens, {trained} trained"
     return f"{head}\n{''.join(parts)}\n"
 
 
@@ -116,27 +121,35 @@ def run_preview(args) -> int:
     cfg = load_config(args.config, args.overrides)
     examples, tokenizer = load_examples(cfg, args.split)
     shown = examples[: args.limit]
+    names = source_names(cfg.data) if cfg.train.objective == "sft" else []
     if args.json:
         for e in shown:
-            print(json.dumps({"row": e.row, "input_ids": e.input_ids, "labels": e.labels}))
+            source = {"source": names[e.source]} if len(names) > 1 else {}
+            print(json.dumps({"row": e.row, **source, "input_ids": e.input_ids, "labels": e.labels}))
         return 0
     color = sys.stdout.isatty()
-    kinds = _conversation_kinds(cfg, tokenizer, shown, args.split)
+    kinds = _conversation_kinds(cfg, tokenizer, shown)
     print(f"kotune data preview: {len(examples)} rows ({args.split}); {PREVIEW_LEGEND[color]}\n")
     for e in shown:
-        print(render_example(e, tokenizer, color, kinds.get(e.row)))
+        source = names[e.source] if len(names) > 1 else None
+        print(render_example(e, tokenizer, color, kinds.get((e.source, e.row)), source))
     return 0
 
 
-def _conversation_kinds(cfg, tokenizer, examples: Sequence[Example], split: str) -> dict[int, list[str]]:
-    """Per shown conversation row, the part of each of its tokens (empty for other formats and preference runs)."""
+def _conversation_kinds(cfg, tokenizer, examples: Sequence[Example]) -> dict[tuple[int, int], list[str]]:
+    """Per shown conversation row, by ``(source, row)``, the part of each of its tokens (empty for other formats
+    and preference runs)."""
     if cfg.train.objective != "sft":
         return {}
     from kotune.data.prepare import token_kinds_of_rows
 
-    kinds = token_kinds_of_rows(cfg.data, tokenizer, [e.row for e in examples], split)
-    # A row's kinds hold every token; the example stops at the cutoff.
-    return {e.row: kinds[e.row][: len(e.input_ids)] for e in examples if e.row in kinds}
+    out = {}
+    for source in sorted({e.source for e in examples}):
+        mine = [e for e in examples if e.source == source]
+        kinds = token_kinds_of_rows(cfg.data, tokenizer, [e.row for e in mine], source)
+        # A row's kinds hold every token; the example stops at the cutoff.
+        out |= {(source, e.row): kinds[e.row][: len(e.input_ids)] for e in mine if e.row in kinds}
+    return out
 
 
 def histogram_lines(report, width: int = 40) -> list[str]:

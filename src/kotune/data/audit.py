@@ -8,7 +8,6 @@ needs the base model's weights: special tokens the data uses whose embedding row
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -132,7 +131,7 @@ def audit_source(
         special_ids=special_ids_used(encoded, tokenizer),
     )
     report.findings += _cutoff_findings(encoded, cutoff_len) + _skip_findings(encoded)
-    report.findings += _empty_fields(rows, fmt) + _duplicates(rows, fmt)
+    report.findings += _empty_fields(rows, fmt)  # duplicates: kotune.data.dedup, across sources too
     report.findings += _columns(rows, fmt, template)
     report.findings.append(_eos_reaches_labels(encoded, tokenizer))
     if fmt in CHAT_FORMATS and rendered is not None and encoded.segment_tokens is not None:
@@ -235,29 +234,6 @@ def _empty_fields(rows: list[dict[str, Any]], fmt: str) -> list[Finding]:
             sorted(set(r)),
         )
         for c, r in empty.items()
-    ]
-
-
-def _duplicates(rows: list[dict[str, Any]], fmt: str) -> list[Finding]:
-    columns = used_columns(fmt)
-    first: dict[Any, int] = {}
-    repeats: list[int] = []
-    for row in rows:
-        key = tuple(row.get(c) for c in columns)
-        try:
-            hash(key)
-        except TypeError:  # conversations: lists of turns
-            key = json.dumps(key, ensure_ascii=False, sort_keys=True)
-        if key in first:
-            repeats.append(row["_row"])
-        else:
-            first[key] = row["_row"]
-    if not repeats:
-        return []
-    return [
-        Finding(
-            "duplicates", WARNING, f"{len(repeats)} rows repeat an earlier row exactly ({row_list(repeats)})", repeats
-        )
     ]
 
 

@@ -27,7 +27,7 @@ from kotune.data.read import is_local, local_files
 from kotune.hashing import file_sha256, tokenizer_hash
 from kotune.paths import cache_root
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Bump when rendering or encoding changes the tokens, so older entries stop matching."""
 
 TOKENS_FILE, META_FILE = "tokens.safetensors", "meta.json"

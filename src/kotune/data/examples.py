@@ -19,6 +19,8 @@ class Example:
     row: int
     input_ids: list[int]
     labels: list[int]
+    source: int = 0
+    """Which of the data's sources the row comes from (``Prepared.source_names``); 0 with one source."""
 
     @property
     def trained_tokens(self) -> int:
@@ -59,9 +61,18 @@ class ExampleTable(Sequence):
     """Examples stored flat: ``ids`` and ``labels`` of all rows in two arrays, example ``i`` at
     ``starts[i]:ends[i]``. Indexing builds an ``Example``; ``take`` selects rows without copying tokens."""
 
-    def __init__(self, ids: np.ndarray, labels: np.ndarray, starts: np.ndarray, ends: np.ndarray, rows: np.ndarray):
+    def __init__(
+        self,
+        ids: np.ndarray,
+        labels: np.ndarray,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        rows: np.ndarray,
+        sources: np.ndarray | None = None,
+    ):
         self.ids, self.labels = ids, labels
         self.starts, self.ends, self.rows = starts, ends, rows
+        self.sources = np.zeros(len(rows), dtype=np.int64) if sources is None else sources
 
     @classmethod
     def from_arrays(cls, rows: np.ndarray, lengths: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> ExampleTable:
@@ -76,14 +87,32 @@ class ExampleTable(Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         a, b = int(self.starts[index]), int(self.ends[index])
-        return Example(int(self.rows[index]), self.ids[a:b].tolist(), self.labels[a:b].tolist())
+        row, source = int(self.rows[index]), int(self.sources[index])
+        return Example(row, self.ids[a:b].tolist(), self.labels[a:b].tolist(), source)
 
     def lengths(self) -> np.ndarray:
         return self.ends - self.starts
 
     def take(self, indices: np.ndarray) -> ExampleTable:
         """The examples at ``indices``, in that order, sharing this table's token arrays."""
-        return ExampleTable(self.ids, self.labels, self.starts[indices], self.ends[indices], self.rows[indices])
+        starts, ends, rows = self.starts[indices], self.ends[indices], self.rows[indices]
+        return ExampleTable(self.ids, self.labels, starts, ends, rows, self.sources[indices])
+
+    @classmethod
+    def joined(cls, tables: Sequence[ExampleTable]) -> ExampleTable:
+        """The examples of ``tables`` end to end, table ``i``'s marked as source ``i`` (one table: itself, its
+        token arrays shared, not copied)."""
+        if len(tables) == 1:
+            return tables[0]
+        offsets = np.cumsum([0] + [len(t.ids) for t in tables[:-1]])
+        return cls(
+            np.concatenate([t.ids for t in tables]),
+            np.concatenate([t.labels for t in tables]),
+            np.concatenate([t.starts + o for t, o in zip(tables, offsets, strict=True)]),
+            np.concatenate([t.ends + o for t, o in zip(tables, offsets, strict=True)]),
+            np.concatenate([t.rows for t in tables]),
+            np.concatenate([np.full(len(t), i, dtype=np.int64) for i, t in enumerate(tables)]),
+        )
 
 
 @dataclass

@@ -105,6 +105,22 @@ def check_columns(rows: list[dict[str, Any]], fmt: str, where: str) -> None:
             )
 
 
+def check_one_format(rows: list[dict[str, Any]], fmt: str, where: str) -> None:
+    """No row has another format's columns instead of ``fmt``'s (e.g. a folder of alpaca and messages files,
+    whose odd rows would otherwise be skipped one by one as missing their columns)."""
+    for row in rows:
+        present = {k for k, v in row.items() if v is not None}
+        if set(FORMAT_COLUMNS[fmt]) <= present:
+            continue
+        other = next((name for name, cols in FORMAT_COLUMNS.items() if set(cols) <= present), None)
+        if other is not None:
+            origin = row.get("_source", where)
+            raise DataError(
+                f"{where}: mixed formats in one source: {fmt} rows, but row {row['_row']} ({origin}) is {other}; "
+                "give each format its own entry in data.sources"
+            )
+
+
 def _text(row: dict[str, Any], key: str, where: str, optional: bool = False) -> str | None:
     value = row.get(key)
     if value is None:

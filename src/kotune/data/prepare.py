@@ -6,7 +6,7 @@ result is cached (``kotune.data.cache``), so a second run with the same inputs s
 
 from __future__ import annotations
 
-import random
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +15,9 @@ from typing import Any
 from kotune import output
 from kotune.config import DataConfig
 from kotune.data import cache
-from kotune.data.audit import AuditReport, audit_source
+from kotune.data.audit import INFO, WARNING, AuditReport, Finding, audit_source
+from kotune.data.contamination import find_overlaps, overlap_message, references
+from kotune.data.dedup import duplicate_message, find_duplicates
 from kotune.data.encoding import encode_table
 from kotune.data.examples import Encoded, EncodeStats, Example
 from kotune.data.formats import (
@@ -23,12 +25,22 @@ from kotune.data.formats import (
     Rendered,
     SkipRow,
     check_columns,
+    check_one_format,
     detect_format,
     render_alpaca,
     render_prompt_completion,
     used_columns,
 )
-from kotune.data.read import apply_columns, check_types, read_rows, split_indices
+from kotune.data.mixture import (
+    gather,
+    held_out_share,
+    merged_stats,
+    mix,
+    source_data,
+    source_list,
+    source_names,
+)
+from kotune.data.read import DataError, apply_columns, check_types, read_rows, split_indices
 from kotune.data.templates import Template, load_template
 
 
@@ -43,7 +55,9 @@ class Prepared:
     chat_template: str | None = None
     """The chat template conversations were rendered with (None for other formats)."""
     audits: tuple[AuditReport, ...] = ()
-    """The audit of ``data.path``, then of ``data.validation_path`` when set."""
+    """The audit of each source (``data.path`` or ``data.sources``), then of ``data.validation_path`` when set."""
+    source_names: tuple[str, ...] = ()
+    """Each example's ``source`` names one of these: the training sources, then ``data.validation_path``."""
 
 
 @dataclass
@@ -79,11 +93,17 @@ def render_rows(
     return rendered, skipped
 
 
-def token_kinds_of_rows(data: DataConfig, tokenizer, row_ids: list[int], split: str) -> dict[int, list[str]]:
+def token_kinds_of_rows(data: DataConfig, tokenizer, row_ids: list[int], source: int = 0) -> dict[int, list[str]]:
     """For conversation data: the part (``kotune.data.turn_parts`` kinds) of each token of the rows ``row_ids`` of
-    the training source (``split="validation"``: of ``data.validation_path`` when set); other formats: empty."""
-    spec = data.validation_path if split == "validation" and data.validation_path else data.path
-    rows = apply_columns(read_rows(spec, split if spec == data.validation_path else data.split), data.columns, spec)
+    source ``source`` (an ``Example.source``: a training source, or after them ``data.validation_path``); other
+    formats: empty."""
+    sources = source_list(data)
+    if source < len(sources):
+        data = source_data(data, sources[source])
+        spec, split = data.path, data.split
+    else:
+        spec, split = data.validation_path, "validation"
+    rows = apply_columns(read_rows(spec, split), data.columns, spec)
     fmt = data.format if data.format != "auto" else detect_format(rows, spec)
     if fmt not in CHAT_FORMATS:
         return {}
@@ -122,6 +142,7 @@ def encode_source(spec: str, split: str, data: DataConfig, tokenizer, template: 
     rows = apply_columns(read_rows(spec, split), data.columns, spec)
     fmt = data.format if data.format != "auto" else detect_format(rows, spec)
     check_columns(rows, fmt, spec)
+    check_one_format(rows, fmt, spec)
     check_types(rows, used_columns(fmt))
     rendered, skipped = render_rows(rows, fmt, data, template, tokenizer)
     encoded = encode_table(tokenizer, rendered, len(rows), skipped, data.cutoff_len)
@@ -135,27 +156,103 @@ def encode_source(spec: str, split: str, data: DataConfig, tokenizer, template: 
 
 
 def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.status) -> Prepared:
-    """Tokenized examples for training and validation, with counts of what was truncated or skipped."""
-    template = load_template(data.template)
-    main = encode_source(data.path, data.split, data, tokenizer, template, log)
-    n_rows = len(main.encoded.length)
+    """Tokenized examples for training and validation, with counts of what was truncated or skipped: each source
+    encoded and split, duplicates found (``data.dedup``), the training rows mixed (``kotune.data.mixture``)."""
+    sources, names = source_list(data), source_names(data)
+    encoded, splits = [], []
+    for s in sources:
+        d = source_data(data, s)
+        encoded.append(encode_source(s.path, s.split, d, tokenizer, load_template(d.template), log))
+        train_rows, val_rows = split_indices(len(encoded[-1].encoded.length), held_out_share(data, s), data.seed)
+        splits.append((train_rows[: d.max_rows] if d.max_rows is not None else train_rows, val_rows))
+    train_stats = [src.encoded.stats(t) for src, (t, _) in zip(encoded, splits, strict=True)]
+    val_stats = [src.encoded.stats(v) for src, (_, v) in zip(encoded, splits, strict=True)]
+    audits, dropped, texts = find_and_report_duplicates(data, tokenizer, encoded, splits, names, log)
+    _count_dropped(splits, train_stats, val_stats, dropped)
+    kept = [_examples(src, t, dropped[i]) for i, (src, (t, _)) in enumerate(zip(encoded, splits, strict=True))]
+    for name, rows, stats in zip(names, kept, train_stats, strict=False):
+        if data.sources and not rows:
+            raise DataError(f"data source {name}: no trainable rows ({stats.summary()})")
+    val_picks = [
+        (i, e)
+        for i, (src, (_, v)) in enumerate(zip(encoded, splits, strict=True))
+        for e in _examples(src, v, dropped[i])
+    ]
+    tables = [src.encoded.examples for src in encoded]
     if data.validation_path:
-        val = encode_source(data.validation_path, "validation", data, tokenizer, template, log)
-        train_rows = list(range(n_rows))
-        random.Random(data.seed).shuffle(train_rows)
-        val_rows: list[int] = list(range(len(val.encoded.length)))
-    else:
-        val = main
-        train_rows, val_rows = split_indices(n_rows, data.val_size, data.seed)
-    if data.max_rows is not None:
-        train_rows = train_rows[: data.max_rows]
+        val = encode_source(data.validation_path, "validation", data, tokenizer, load_template(data.template), log)
+        all_rows = list(range(len(val.encoded.length)))
+        val_picks += [(len(sources), e) for e in _examples(val, all_rows, set())]
+        val_stats.append(val.encoded.stats(all_rows))
+        audits.append(val.audit)
+        tables.append(val.encoded.examples)
+    formats = [src.format for src in encoded]
+    validation = gather(tables, val_picks)
+    training = [set(t) - dropped[i] for i, (t, _) in enumerate(splits)]
+    trained = [[(r, t) for r, t in rows if r in mine] for rows, mine in zip(texts, training, strict=True)]
+    report_contamination(trained, references(data, tokenizer, validation, names), audits, names, log)
     return Prepared(
-        train=main.encoded.select(train_rows),
-        validation=val.encoded.select(val_rows),
-        train_stats=main.encoded.stats(train_rows),
-        validation_stats=val.encoded.stats(val_rows),
-        template=template,
-        format=main.format,
-        chat_template=chat_template_for(data, tokenizer) if main.format in CHAT_FORMATS else None,
-        audits=(main.audit, val.audit) if data.validation_path else (main.audit,),
+        train=gather(tables, mix(kept, sources, data.seed)),
+        validation=validation,
+        train_stats=merged_stats(train_stats, names[: len(sources)]),
+        validation_stats=merged_stats(val_stats, names),
+        template=load_template(source_data(data, sources[0]).template),
+        format=formats[0],
+        chat_template=chat_template_for(data, tokenizer) if set(formats) & set(CHAT_FORMATS) else None,
+        audits=tuple(audits),
+        source_names=tuple(names),
     )
+
+
+def _count_dropped(splits, train_stats: list[EncodeStats], val_stats: list[EncodeStats], dropped) -> None:
+    """Count the duplicates ``data.dedup`` leaves out as skipped rows of their source's split."""
+    for i, (train_rows, val_rows) in enumerate(splits):
+        for stats, rows in ((train_stats[i], train_rows), (val_stats[i], val_rows)):
+            for row in (r for r in rows if r in dropped[i]):
+                stats.kept -= 1
+                stats.skip("duplicate of an earlier row (data.dedup)", row)
+
+
+def _examples(source: Source, rows: Sequence[int], dropped: set[int]) -> list[int]:
+    """Positions in the source's example table of ``rows`` (in that order) that were kept and are no duplicate."""
+    index = source.encoded.example_index()
+    return [int(index[r]) for r in rows if index[r] >= 0 and r not in dropped]
+
+
+def find_and_report_duplicates(
+    data: DataConfig, tokenizer, encoded: Sequence[Source], splits, names: Sequence[str], log: Callable
+) -> tuple[list[AuditReport], list[set[int]], list[list[tuple[int, str]]]]:
+    """Each source's audit with its duplicates reported, per source the rows ``data.dedup`` leaves out, and the
+    texts compared (per source, ``(row, text)`` of its kept training and held-out rows)."""
+    texts = []
+    for src, (train_rows, val_rows) in zip(encoded, splits, strict=True):
+        index = src.encoded.example_index()
+        rows = sorted(r for r in (*train_rows, *val_rows) if index[r] >= 0)
+        ids = [src.encoded.examples[int(index[r])].input_ids for r in rows]
+        texts.append(list(zip(rows, tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else [], strict=True)))
+    dups = find_duplicates(texts, "exact" if data.dedup == "off" else data.dedup)
+    drop = data.dedup != "off"
+    audits, dropped = [], []
+    for i, src in enumerate(encoded):
+        mine = [d for d in dups if d.source == i]
+        dropped.append({d.row for d in mine} if drop else set())
+        if not mine:
+            audits.append(src.audit)
+            continue
+        message = duplicate_message(mine, len(texts[i]), names, drop)
+        finding = Finding("duplicates", INFO if drop else WARNING, message, [d.row for d in mine])
+        audits.append(dataclasses.replace(src.audit, findings=[*src.audit.findings, finding]))
+        log(f"kotune: data: {names[i]}: {message}")
+    return audits, dropped, texts
+
+
+def report_contamination(trained, refs, audits: list[AuditReport], names: Sequence[str], log: Callable) -> None:
+    """Each source's training rows that hold evaluation text (``kotune.data.contamination``), added to its audit."""
+    overlaps = find_overlaps(trained, refs)
+    for i, rows in enumerate(trained):
+        mine = [o for o in overlaps if o.source == i]
+        if mine:
+            message = overlap_message(mine, len(rows))
+            finding = Finding("contamination", WARNING, message, sorted({o.row for o in mine}))
+            audits[i] = dataclasses.replace(audits[i], findings=[*audits[i].findings, finding])
+            log(f"kotune: data: {names[i]}: {message}")

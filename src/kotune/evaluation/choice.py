@@ -15,8 +15,9 @@ import json
 from pathlib import Path
 
 from kotune.data.read import DataError, jsonl_lines
+from kotune.paths import CHOICE_SET
 
-DEFAULT_SET = Path(__file__).resolve().parents[3] / "data" / "ko-choice-smoke.jsonl"
+DEFAULT_SET = CHOICE_SET
 """kotune's bundled Korean smoke set (CC0): short questions in several subjects, four choices each."""
 
 CONTEXT = "질문: {question}\n정답:"

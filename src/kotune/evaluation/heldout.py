@@ -33,6 +33,11 @@ def load_heldout(folder, tokenizer, path: str | None) -> HeldOut:
     cfg = folder.config
     if path is not None:
         rows, source = read_rows(path), path
+    elif cfg.data.sources and not cfg.data.validation_path:
+        raise DataError(
+            f"{folder.path}: the run trained on a mixture (data.sources), whose held-out rows kotune eval does not "
+            "rebuild yet; give held-out rows with --data (each source's held-out loss is in metrics.jsonl)"
+        )
     elif cfg.data.validation_path:
         source = cfg.data.validation_path
         rows = apply_columns(read_rows(source, "validation"), cfg.data.columns, source)

@@ -63,15 +63,20 @@ class FingerprintMismatch(CheckpointError):
 
 
 def data_files(cfg: Config) -> dict[str, str]:
-    """``split:relative name`` -> content hash of every local data file; hub datasets by name and split."""
+    """``split:relative name`` -> content hash of every local data file; hub datasets by name and split. With
+    several ``data.sources`` the split is ``train[source name]``."""
+    from kotune.data.mixture import source_list
     from kotune.data.read import is_local, local_files
 
+    sources = source_list(cfg.data)
+    specs = [(f"train[{s.label()}]" if len(sources) > 1 else "train", s.path, s.split) for s in sources]
+    specs.append(("validation", cfg.data.validation_path, cfg.data.split))
     out: dict[str, str] = {}
-    for split, spec in (("train", cfg.data.path), ("validation", cfg.data.validation_path)):
+    for split, spec, hub_split in specs:
         if spec is None:
             continue
         if not is_local(spec):
-            out[f"{split}:hub:{spec}[{cfg.data.split}]"] = "hub dataset (compared through the examples)"
+            out[f"{split}:hub:{spec}[{hub_split}]"] = "hub dataset (compared through the examples)"
             continue
         root = Path(spec)
         for file in local_files(spec):
@@ -92,6 +97,8 @@ def template_hash(template, cfg: Config) -> str:
 def training_config(cfg: Config) -> dict[str, Any]:
     """``section.key`` -> value for every key that changes what training computes."""
     flat = {f"{s}.{k}": v for s, values in cfg.to_dict().items() for k, v in values.items()}
+    # A source's path is where it is, like data.path; its files are hashed by data_files.
+    flat["data.sources"] = [{k: v for k, v in s.items() if k != "path"} for s in flat.get("data.sources", [])]
     return {k: v for k, v in flat.items() if k not in NOT_FINGERPRINTED}
 
 

@@ -20,6 +20,7 @@ import torch
 from kotune import output
 from kotune.config import Config, TrainConfig
 from kotune.data.batching import to_device
+from kotune.data.mixture import source_names
 from kotune.data.order import DataOrder, feeds_packed, total_steps, unit_config
 from kotune.errors import KotuneError
 from kotune.run_folder import BEST, CHECKPOINT_PREFIX
@@ -263,15 +264,16 @@ class Fit:
         return self.state
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, units=None) -> dict:
         """The held-out record: the loss as a step's (summed loss / normaliser, over every held-out unit of all
-        processes) and the objective's metrics; each process takes every ``world``-th unit."""
+        processes, or over ``units``) and the objective's metrics; each process takes every ``world``-th unit."""
         obj, size = self.objective, self.cfg.train.micro_batch_size
-        mine = self.val_units[self.rank :: self.world]
+        units = self.val_units if units is None else units
+        mine = units[self.rank :: self.world]
         passes = [(mine[i : i + size], 1.0) for i in range(0, len(mine), size)]
         if self.sharded:  # as in training: every process runs as many passes as the first, the extra ones idle
-            most = -(-len(self.val_units[:: self.world]) // size)
-            passes += [(passes[-1][0] if passes else self.val_units[:1], 0.0)] * (most - len(passes))
+            most = -(-len(units[:: self.world]) // size)
+            passes += [(passes[-1][0] if passes else units[:1], 0.0)] * (most - len(passes))
         weighted = [(obj.collate(units, False), weight) for units, weight in passes]
         self.forward.eval()
         sums = self._sums(weighted, False)
@@ -283,9 +285,19 @@ class Fit:
         loss = (totals[0] / totals[-1].clamp(min=1)).item()
         return obj.eval_record(loss, dict(zip(obj.extra_keys, extras, strict=True)), units)
 
+    def source_losses(self) -> dict[str, float]:
+        """With held-out rows from several data sources: each source's held-out loss, ``eval_loss[name]``."""
+        groups: dict[int, list] = {}
+        for unit in self.val_units:
+            groups.setdefault(getattr(unit, "source", 0), []).append(unit)
+        if len(groups) < 2:
+            return {}
+        names = source_names(self.cfg.data)
+        return {f"eval_loss[{names[s]}]": self.evaluate(units)["eval_loss"] for s, units in sorted(groups.items())}
+
     def _evaluate(self) -> None:
         self.state.eval_pending = False
-        record = {"step": self.state.step, **self.evaluate()}
+        record = {"step": self.state.step, **self.evaluate(), **self.source_losses()}
         if self.rank == 0:
             record.update(self.objective.eval_extras(self.model, self.val_units))
         self.reporter.log(record)
