@@ -106,12 +106,11 @@ class DataConfig:
     """A mixture: several sources, each ``{path, split, format, template, columns, weight or epochs, max_rows,
     val_size, name}`` (the ``data.sources[]`` table below); unset fields take ``data``'s. Empty: ``path`` is the
     one source. The mixed rows are a seeded function of the config, the same in every process and on resume."""
-    dedup: Literal["exact", "near", "off"] = "exact"
-    """Duplicate rows (within and across sources) the audit reports and training drops, the first kept:
-    ``exact``, the same text after normalising (NFKC, case, spaces); ``near``, also rows whose character 5-grams
-    overlap by Jaccard >= 0.8 (MinHash, ``datasketch``); ``off``, keep all (exact ones are still reported).
-    ``exact`` by default: repeated rows only re-weight training and leak between train and held-out rows, and
-    finding them costs a hash per row."""
+    dedup: Literal["exact", "near", "off"] = "off"
+    """Duplicate rows (within and across sources) training drops, the first kept: ``exact``, the same text after
+    normalising (NFKC, case, spaces); ``near``, also rows whose character 5-grams overlap by Jaccard >= 0.8
+    (MinHash, ``datasketch``); ``off`` (default: a run trains on the rows it is given, as before), keep all. The
+    audit reports exact duplicates in every case, with the rows, so dropping them is one setting away."""
     contamination_sets: list[str] = field(default_factory=list)
     """Local files (``kotune eval --choices`` items, or rows of any format) the audit checks the training rows
     against, besides the held-out rows and ``kotune eval``'s bundled set: a row holding their text is named."""

@@ -43,8 +43,8 @@ def test_row_and_token_counts(data_config, mock_tokenizer):
     assert (report.format, report.rows, report.kept, report.cutoff_len) == ("prompt_completion", 7, 5, CUTOFF)
     assert report.tokens == 6 + 6 + 10 + 7 + 4  # kept rows, after the cutoff
     assert report.trained_tokens == 3 + 3 + 1 + 3 + 1
-    assert sorted(e.row for e in data.train) == [0, 2, 5, 6]  # row 1 repeats row 0: data.dedup=exact drops it
-    assert sum(len(e.input_ids) for e in data.train) == report.tokens - 6
+    assert sorted(e.row for e in data.train) == [0, 1, 2, 5, 6]
+    assert sum(len(e.input_ids) for e in data.train) == report.tokens
 
 
 def test_length_statistics_are_before_the_cutoff(data_config, mock_tokenizer):
@@ -88,9 +88,8 @@ def test_pad_equal_to_eos_is_said(data_config, mock_tokenizer, mock_dir):
 def test_train_stats_agree_with_the_audit(data_config, mock_tokenizer):
     data, _ = audited(data_config, mock_tokenizer)
     stats = data.train_stats
-    assert (stats.rows, stats.kept, stats.truncated, stats.eos_lost) == (7, 4, 2, 1)
+    assert (stats.rows, stats.kept, stats.truncated, stats.eos_lost) == (7, 5, 2, 1)
     assert {k: sorted(v) for k, v in stats.skipped_rows.items()} == {
-        "duplicate of an earlier row (data.dedup)": [1],
         "no trained token left after the cutoff": [3],
         "null completion": [4],
     }
