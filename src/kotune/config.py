@@ -210,7 +210,9 @@ class TrainConfig:
     packed once (best fit decreasing, seeded) into sequences of up to cutoff_len tokens, each epoch shuffles the
     sequences, and a step is micro_batch_size x gradient_accumulation_steps sequences, so it holds several rows
     per sequence and an epoch has fewer steps (``kotune train`` logs rows a step and steps an epoch; the fastest
-    feed on rows much shorter than cutoff_len); group_by_length does not apply."""
+    feed on rows much shorter than cutoff_len; ``kotune train`` and ``kotune plan`` suggest it, saying what it
+    changes, when the plan (on the CPU, the padding) makes a row materially cheaper packed full); group_by_length
+    does not apply."""
 
 
 @dataclass
