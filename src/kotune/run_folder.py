@@ -34,6 +34,7 @@ from kotune.config_load import load_config
 from kotune.data.formats import CHAT_FORMATS
 from kotune.data.templates import Template, TemplateError, load_template
 from kotune.errors import KotuneError
+from kotune.paths import saved_path
 
 CONFIG = "kotune_config.yaml"
 TEMPLATE = "kotune_template.yaml"
@@ -89,8 +90,19 @@ def open_folder(path: str | Path) -> ModelFolder:
         raise FolderError(f"{folder}: holds neither {ADAPTER_CONFIG} (a run) nor config.json (a merged model)")
     if not (folder / CONFIG).is_file():
         raise FolderError(f"{folder}: no {CONFIG}; is this a kotune output folder?")
-    cfg = load_config(folder / CONFIG)
+    cfg = load_config(folder / CONFIG).with_paths(lambda p: saved_path(p, folder))  # a merged folder's are relative
     return ModelFolder(folder, merged, cfg, load_saved_template(folder), training_format(cfg, folder / CONFIG))
+
+
+def save_config_copy(cfg: Config, folder: Path) -> None:
+    """A run's config into another of its folders (a merged model), its paths relative to ``folder`` or under ``~``
+    (``paths.portable_path``): the folder names no folder of this machine, and still finds its data and base when
+    moved with them; ``open_folder`` reads them back absolute."""
+    from kotune.paths import portable_path
+    from kotune.security import redact
+
+    portable = cfg.with_paths(lambda p: portable_path(p, folder))
+    (folder / CONFIG).write_text(redact(portable.to_yaml()), encoding="utf-8")
 
 
 def training_format(cfg: Config, where: Path) -> str:

@@ -41,6 +41,7 @@ from kotune.run_folder import (
     ModelFolder,
     folder_stop_ids,
     open_folder,
+    save_config_copy,
     trained_chat_template,
 )
 from kotune.security import portable, redact
@@ -328,7 +329,9 @@ def save_merged(model, tokenizer, folder: ModelFolder, out: Path, shard_size: st
         if name == SUMMARY and (folder.path / name).is_file():  # a record: its audit lines name the data files
             summary = portable(json.loads((folder.path / name).read_text(encoding="utf-8")))
             (out / name).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        elif (folder.path / name).is_file():  # the config keeps its paths: eval and push read the run's data, base
+        elif name == CONFIG:  # eval and push read the run's data and base: their paths, relative to the folder
+            save_config_copy(folder.config, out)  # (``out`` is built beside its final place: the same relative paths)
+        elif (folder.path / name).is_file():
             shutil.copy2(folder.path / name, out / name)
 
 
