@@ -156,6 +156,13 @@ def folder_stop_ids(folder: ModelFolder, tokenizer, model) -> list[int]:
     return stop_ids(tokenizer, config, chat_template_for(folder.config.data, tokenizer))
 
 
+def generation_eos(stops: list[int]) -> int | list[int] | None:
+    """``eos_token_id`` of a ``generation_config.json`` for these stop ids: the id, the list of several, or None
+    for none (a tokenizer without EOS and a template without end of turn: the file then names no EOS, and
+    generation ends at max_new_tokens)."""
+    return stops[0] if len(stops) == 1 else (stops or None)
+
+
 def save_run_tokenizer(folder: ModelFolder, tokenizer, model) -> None:
     """The run's tokenizer with a chat template rendering the prompts it trained on, so a tool that prompts through
     ``apply_chat_template`` uses the trained format; first the stop ids the base's template gives, into the folder's
@@ -164,7 +171,7 @@ def save_run_tokenizer(folder: ModelFolder, tokenizer, model) -> None:
 
     stops = folder_stop_ids(folder, tokenizer, model)
     GenerationConfig(
-        eos_token_id=stops if len(stops) > 1 else stops[0],
+        eos_token_id=generation_eos(stops),
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ).save_pretrained(folder.path)

@@ -40,6 +40,7 @@ from kotune.run_folder import (
     SUMMARY,
     ModelFolder,
     folder_stop_ids,
+    generation_eos,
     open_folder,
     save_config_copy,
     trained_chat_template,
@@ -319,7 +320,7 @@ def save_merged(model, tokenizer, folder: ModelFolder, out: Path, shard_size: st
     template rendering the trained prompt format), run files."""
     stops = folder_stop_ids(folder, tokenizer, model)
     tokenizer.chat_template = trained_chat_template(folder, tokenizer) or tokenizer.chat_template
-    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    model.generation_config.eos_token_id = generation_eos(stops)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.config.use_cache = True
