@@ -66,3 +66,17 @@ def test_the_report_states_the_mean_of_both_rates():
     lines = figure_lines(values)
     assert "| mean input tokens / s (padding not counted) | 400.0000 |" in lines
     assert "| mean trained tokens / s | 150.0000 |" in lines
+
+
+def test_the_input_rate_is_the_one_bench_scripts_derive_from_a_window(clock):
+    """``bench/ddp_scaling.py`` and ``bench/fsdp_bench.py`` derive input tokens/s from each record's ``input_tokens``
+    over its time, ``tokens / tokens_per_s``: the window's records together give ``input_tokens_per_s``."""
+    speed = Throughput()
+    records = [step(300, 1000), step(500, 1400)]
+    clock[0] += 3.0
+    speed.add(records)
+    for record in records:
+        record.update(speed.rates())
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in records)
+    assert seconds == pytest.approx(3.0)
+    assert sum(r["input_tokens"] for r in records) / seconds == pytest.approx(records[0]["input_tokens_per_s"])

@@ -77,9 +77,14 @@ def full_packing_advice(cfg: Config, now: Feed, full: Feed, train_rows: int) -> 
         f"kotune: train.packing=full would train these rows {why}. It changes the recipe: the training rows are "
         f"packed once into sequences of up to {cfg.data.cutoff_len} tokens, several rows to a sequence (each row "
         f"still attends only to itself, from its own position 0), so a step holds ~{full.rows_per_step:.0f} rows "
-        f"instead of {now.rows_per_step:.0f} and an epoch has {full.steps_per_epoch:g} steps instead of "
-        f"{now.steps_per_epoch:g} (warm-up and schedule count the new steps; the loss averages over more rows a step)"
+        f"instead of {now.rows_per_step:.0f} and an epoch has {steps(full)} steps instead of {steps(now)} (warm-up "
+        "and schedule count the new steps; the loss averages over more rows a step)"
     )
+
+
+def steps(feed: Feed) -> str:
+    """Steps an epoch as the line says them: ``4,716.8``, ``12.5``, ``125`` (a partial last step counts its part)."""
+    return f"{feed.steps_per_epoch:,.1f}".removesuffix(".0")
 
 
 def packing_advice(
