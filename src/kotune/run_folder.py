@@ -34,7 +34,8 @@ from kotune.config_load import load_config
 from kotune.data.formats import CHAT_FORMATS
 from kotune.data.templates import Template, TemplateError, load_template
 from kotune.errors import KotuneError
-from kotune.paths import saved_path
+from kotune.paths import portable_path, saved_path
+from kotune.security import redact
 
 CONFIG = "kotune_config.yaml"
 TEMPLATE = "kotune_template.yaml"
@@ -98,9 +99,6 @@ def save_config_copy(cfg: Config, folder: Path) -> None:
     """A run's config into another of its folders (a merged model), its paths relative to ``folder`` or under ``~``
     (``paths.portable_path``): the folder names no folder of this machine, and still finds its data and base when
     moved with them; ``open_folder`` reads them back absolute."""
-    from kotune.paths import portable_path
-    from kotune.security import redact
-
     portable = cfg.with_paths(lambda p: portable_path(p, folder))
     (folder / CONFIG).write_text(redact(portable.to_yaml()), encoding="utf-8")
 
