@@ -29,11 +29,11 @@ PLOTS_DIR = "report"
 CURVES = (
     ("loss", "Loss", ("loss", "eval_loss")),
     ("lr", "Learning rate", ("lr",)),
-    ("tokens_per_s", "Trained tokens per second", ("tokens_per_s",)),
+    ("tokens_per_s", "Tokens per second", ("input_tokens_per_s", "tokens_per_s")),
     ("memory", "GPU memory (GB)", ("gpu_memory_gb", "max_memory_gb")),
 )
 """(file name, title, metrics.jsonl keys drawn on it); a plot with none of its keys in the log is left out."""
-LEGEND = {"loss": "training", "eval_loss": "validation"}
+LEGEND = {"loss": "training", "eval_loss": "validation", "input_tokens_per_s": "input", "tokens_per_s": "trained"}
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -46,15 +46,16 @@ def figures(records: list[dict]) -> dict:
     """The numbers the report states, each read straight from metrics.jsonl."""
     _, loss = series(records, "loss")
     eval_steps, eval_loss = series(records, "eval_loss")
-    _, speed = series(records, "tokens_per_s")
     out: dict = {"steps": max((r["step"] for r in records), default=0)}
     if loss:
         out.update(first_loss=loss[0], last_loss=loss[-1])
     if eval_loss:
         out.update(first_eval_loss=eval_loss[0], last_eval_loss=eval_loss[-1], best_eval_loss=min(eval_loss))
         out["best_eval_step"] = eval_steps[eval_loss.index(min(eval_loss))]
-    if speed:
-        out["mean_tokens_per_s"] = sum(speed) / len(speed)
+    for key in ("input_tokens_per_s", "tokens_per_s"):  # input: what other tools report; trained: supervised
+        _, speed = series(records, key)
+        if speed:
+            out[f"mean_{key}"] = sum(speed) / len(speed)
     return out
 
 
@@ -96,6 +97,7 @@ def figure_lines(values: dict) -> list[str]:
         "last_eval_loss": "last validation loss",
         "best_eval_loss": "best validation loss",
         "best_eval_step": "step of the best validation loss",
+        "mean_input_tokens_per_s": "mean input tokens / s (padding not counted)",
         "mean_tokens_per_s": "mean trained tokens / s",
     }
     lines = ["| figure | value |", "|---|---|"]
