@@ -475,7 +475,7 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
 
 
 def tiny_model(folder: Path, family: str, tokenizer_dir: str, **config):
-    """A tiny random ``family`` model (``llama``, ``qwen3`` or ``gemma3``) over a real tokenizer, saved with it."""
+    """A tiny random ``family`` model (``llama``, ``qwen3``, ``gemma3``, ``exaone4``) over a real tokenizer, saved."""
     import torch
     import transformers
     from transformers import AutoTokenizer
@@ -485,6 +485,7 @@ def tiny_model(folder: Path, family: str, tokenizer_dir: str, **config):
         "llama": ("LlamaConfig", "LlamaForCausalLM"),
         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
         "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+        "exaone4": ("Exaone4Config", "Exaone4ForCausalLM"),
     }[family]
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     shape.update(num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
@@ -511,24 +512,29 @@ LLAMA3_ROPE = {
 }
 
 
+EXAONE4_GLOBAL = {"sliding_window": None, "layer_types": ["full_attention"] * 2}
+"""EXAONE 4 without a window: every layer global, with RoPE (``test_windowed_exaone4_is_refused``: the rest)."""
+
+
 @pytest.mark.parametrize(
-    ("family", "rope"),
+    ("family", "rope", "extra"),
     [
-        ("llama", LLAMA3_ROPE),
-        ("llama", {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0}),
-        ("qwen3", {"rope_type": "default", "rope_theta": 1_000_000.0}),
+        ("llama", LLAMA3_ROPE, {}),
+        ("llama", {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0}, {}),
+        ("qwen3", {"rope_type": "default", "rope_theta": 1_000_000.0}, {}),
+        ("exaone4", {"rope_type": "default", "rope_theta": 1_000_000.0}, EXAONE4_GLOBAL),
     ],
-    ids=["llama3-scaling", "linear-scaling", "qwen3"],
+    ids=["llama3-scaling", "linear-scaling", "qwen3", "exaone4"],
 )
-def test_new_families_give_the_same_logits_in_llama_cpp(family, rope, tmp_path):
-    """Rope-scaled Llama (3.1+) and Qwen3 (q/k norms) exported in f32, over their real tokenizers: llama.cpp itself
-    computes the source model's logits; the same model with plain rotary embeddings does not (the scaling is in the
-    file)."""
+def test_new_families_give_the_same_logits_in_llama_cpp(family, rope, extra, tmp_path):
+    """Rope-scaled Llama (3.1+), Qwen3 (q/k norms) and EXAONE 4 (norms after attention and MLP) exported in f32,
+    over real tokenizers (EXAONE 4's is not packaged: Qwen3's stands in): llama.cpp itself computes the source
+    model's logits; the same model with plain rotary embeddings does not (the scaling is in the file)."""
     import torch
     from conftest import npm_tokenizer
 
     tokenizer_dir = npm_tokenizer("llama3_1" if family == "llama" else "qwen3")
-    model, tokenizer = tiny_model(tmp_path / "model", family, tokenizer_dir, rope_parameters=rope)
+    model, tokenizer = tiny_model(tmp_path / "model", family, tokenizer_dir, rope_parameters=rope, **extra)
     out = write_gguf(tmp_path / "model", tmp_path / "model.gguf", "f32", None, [tokenizer.eos_token_id])
     text = prompt_text(tokenizer, TRICKY_ROWS["with_input"]) + TRICKY_ROWS["with_input"]["output"]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:120]
@@ -614,10 +620,18 @@ def test_gemma3_gives_the_same_tokens_and_logits_in_llama_cpp(tmp_path):
     assert split != [tokenizer.encode(t, add_special_tokens=False) for t in texts], "the scores did not matter here"
 
 
-@pytest.mark.parametrize("architecture", ["Gemma3ForConditionalGeneration", "Exaone4ForCausalLM"])
+@pytest.mark.parametrize("architecture", ["Gemma3ForConditionalGeneration", "MistralForCausalLM"])
 def test_families_not_exported_yet_are_refused_by_name(architecture):
     config = SimpleNamespace(architectures=[architecture], model_type=architecture.lower())
     with pytest.raises(ExportError, match=f"{architecture}.*yet: "):
+        architecture_of(config)
+
+
+def test_windowed_exaone4_is_refused():
+    """llama.cpp (0.3.36) reads a windowed EXAONE 4 file as all-global with RoPE everywhere (measured: its logits
+    matched that model's, not the source's), so kotune refuses to write one."""
+    config = SimpleNamespace(architectures=["Exaone4ForCausalLM"], model_type="exaone4", sliding_window=4096)
+    with pytest.raises(ExportError, match="sliding window"):
         architecture_of(config)
 
 

@@ -37,13 +37,13 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": Architecture("qwen2", permute_qk=False),
     "Qwen3ForCausalLM": Architecture("qwen3", permute_qk=False),
     "Gemma3ForCausalLM": Architecture("gemma3", permute_qk=False, norm_shift=1.0),
+    "Exaone4ForCausalLM": Architecture("exaone4", permute_qk=False),
 }
 """Hugging Face architectures kotune exports, by the name in ``config.json``'s ``architectures``."""
 
 NOT_YET = {
     "Gemma3ForConditionalGeneration": "Gemma 3's vision tower (its text model, Gemma3ForCausalLM, is exported)",
-    "MistralForCausalLM": "Mistral's SentencePiece tokenizer (kotune writes byte-level BPE vocabularies only)",
-    "Exaone4ForCausalLM": "EXAONE 4's hybrid attention and norm layout (not mapped to llama.cpp's exaone4 yet)",
+    "MistralForCausalLM": "Mistral's SentencePiece tokenizer puts ▁ before the text (kotune writes Gemma 3's form)",
 }
 """Architectures kotune trains but does not export yet, and why."""
 
@@ -59,6 +59,12 @@ def architecture_of(config) -> Architecture:
             rope_type(config)  # refuse an unexported rope scaling before anything is merged or written
             if ARCHITECTURES[name].gguf_name == "gemma3":
                 check_gemma3(config)
+            if ARCHITECTURES[name].gguf_name == "exaone4" and getattr(config, "sliding_window", None) is not None:
+                raise ExportError(
+                    "this EXAONE 4 model has local layers with a sliding window (and global ones without RoPE); the "
+                    "llama.cpp kotune checks against (llama-cpp-python 0.3.36) computes every layer as global with "
+                    "RoPE from such a file, so its replies would not be the model's. EXAONE 4 without a window exports"
+                )
             return ARCHITECTURES[name]
     found = f"{', '.join(names) or 'a model'} (model_type {getattr(config, 'model_type', None)!r})"
     why = next((f": {NOT_YET[n]}" for n in names if n in NOT_YET), "")
