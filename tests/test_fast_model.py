@@ -316,7 +316,16 @@ def _four_bit_models(tmp_path, kind="llama"):
     return plain_model, _peft_model(model=load())
 
 
-GPU_FAMILIES = ["llama", "llama-yarn", "mistral-window", "ministral", "qwen3-window", "gemma3_text", "exaone4"]
+GPU_FAMILIES = [
+    "llama",
+    "llama-yarn",
+    "mistral-window",
+    "ministral",
+    "qwen3-window",
+    "gemma3_text",
+    "gemma3",
+    "exaone4",
+]
 
 
 @pytest.mark.gpu
@@ -343,8 +352,10 @@ def test_bf16_four_bit_on_gpu_matches_plain_forward(tmp_path, kind, offload, pac
     got = _loss_and_grads(fast, fast_params, _fast_loss, batch)
     assert abs(got[0].item() - want[0].item()) <= 5e-3 * abs(want[0].item())
     for g, w in zip(got[1], want[1], strict=True):
-        rel = (g.float() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
-        assert rel < 5e-2, rel
+        assert (g is None) == (w is None)  # the multimodal Gemma 3's vision-tower adapters: none on either path
+        if g is not None:
+            rel = (g.float() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
+            assert rel < 5e-2, rel
 
 
 @pytest.mark.parametrize("packed", [False, True])
