@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from kotune.config import Config, ConfigError, TrainConfig
 from kotune.data.batching import epoch_order, length_grouped_order
-from kotune.data.packing import pack_best_fit, pack_groups
+from kotune.data.packing import pack_best_fit, pack_groups, pack_windows
 
 
 def unit_config(cfg: Config) -> Config:
@@ -33,14 +33,22 @@ def feeds_packed(t: TrainConfig, fast: bool) -> bool:
     return t.packing in ("on", "full") or (t.packing == "auto" and fast)
 
 
+PACK_WINDOW = 100_000
+"""Rows packed together with ``data.streaming`` (``pack_windows``): one packing of a window takes about a second."""
+
+
 @lru_cache(maxsize=4)
-def _packed_set(lengths: tuple[int, ...], budget: int, seed: int) -> list[list[int]]:
+def _packed_set(lengths: tuple[int, ...], budget: int, seed: int, window: int | None) -> list[list[int]]:
+    if window is not None:
+        return pack_windows(list(lengths), budget, seed, window)
     return pack_best_fit(list(lengths), budget, seed)
 
 
 def sequences(lengths: list[int], cfg: Config) -> list[list[int]]:
-    """``packing: full``: the training rows packed once, best fit decreasing, into sequences of <= cutoff_len."""
-    return _packed_set(tuple(lengths), cfg.data.cutoff_len, cfg.train.seed)
+    """``packing: full``: the training rows packed once, best fit decreasing, into sequences of <= cutoff_len
+    (with ``data.streaming``, within windows of ``PACK_WINDOW`` rows)."""
+    window = PACK_WINDOW if cfg.data.streaming else None
+    return _packed_set(tuple(lengths), cfg.data.cutoff_len, cfg.train.seed, window)
 
 
 def unit_count(lengths: list[int], cfg: Config) -> int:

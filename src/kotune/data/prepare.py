@@ -40,7 +40,7 @@ from kotune.data.mixture import (
     source_list,
     source_names,
 )
-from kotune.data.read import DataError, apply_columns, check_types, read_rows, split_indices
+from kotune.data.read import DataError, apply_columns, check_types, is_local, read_rows, split_indices
 from kotune.data.templates import Template, load_template
 
 
@@ -132,6 +132,8 @@ def encode_source(spec: str, split: str, data: DataConfig, tokenizer, template: 
     """Read, check, render, encode and audit one source, or take it from the cache."""
     templates = {"prompt": f"{template.prompt_input}\x00{template.prompt_no_input}"}
     templates["chat"] = chat_template_for(data, tokenizer)
+    if data.streaming:
+        return stream_source(spec, data, tokenizer, template, cache.cache_key(spec, data, tokenizer, templates), log)
     key = cache.cache_key(spec, data, tokenizer, templates) if data.cache else None
     hit = cache.load(key) if key else None
     if hit is not None:
@@ -155,6 +157,34 @@ def encode_source(spec: str, split: str, data: DataConfig, tokenizer, template: 
     return Source(encoded, fmt, audit)
 
 
+def chunk_encoder(spec: str, data, tokenizer, template):
+    """``encode_chunk`` for ``kotune.data.stream.tokenize_to_shards``: one chunk checked, rendered and encoded as
+    a whole source is (a column's type and the format are checked per chunk)."""
+
+    def encode_chunk(rows: list[dict[str, Any]], fmt: str | None):
+        fmt = fmt or (data.format if data.format != "auto" else detect_format(rows, spec))
+        check_columns(rows, fmt, spec)
+        check_one_format(rows, fmt, spec)
+        check_types(rows, used_columns(fmt))
+        rendered, skipped = render_rows(rows, fmt, data, template, tokenizer)
+        return encode_table(tokenizer, rendered, len(rows), skipped, data.cutoff_len), fmt
+
+    return encode_chunk
+
+
+def stream_source(spec: str, data: DataConfig, tokenizer, template: Template, key: str | None, log) -> Source:
+    """A source tokenized chunk by chunk into the cache (``kotune.data.stream``), or the entry already there."""
+    from kotune.data.stream import load_shards, stream_audit, tokenize_to_shards
+
+    if key is None:
+        where = "file not found" if is_local(spec) else "a hub dataset"
+        raise DataError(f"{spec}: data.streaming reads local .jsonl files ({where})")
+    folder = cache.data_cache_dir() / f"{key}-stream"
+    manifest = tokenize_to_shards(spec, data, folder, chunk_encoder(spec, data, tokenizer, template), log)
+    encoded = load_shards(folder)
+    return Source(encoded, manifest["format"], stream_audit(spec, manifest, encoded, data.cutoff_len))
+
+
 def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.status) -> Prepared:
     """Tokenized examples for training and validation, with counts of what was truncated or skipped: each source
     encoded and split, duplicates found (``data.dedup``), the training rows mixed (``kotune.data.mixture``)."""
@@ -167,7 +197,10 @@ def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.sta
         splits.append((train_rows[: d.max_rows] if d.max_rows is not None else train_rows, val_rows))
     train_stats = [src.encoded.stats(t) for src, (t, _) in zip(encoded, splits, strict=True)]
     val_stats = [src.encoded.stats(v) for src, (_, v) in zip(encoded, splits, strict=True)]
-    audits, dropped, texts = find_and_report_duplicates(data, tokenizer, encoded, splits, names, log)
+    if data.streaming:  # every row's text at once: not for sources larger than memory
+        audits, dropped, texts = [src.audit for src in encoded], [set() for _ in encoded], None
+    else:
+        audits, dropped, texts = find_and_report_duplicates(data, tokenizer, encoded, splits, names, log)
     _count_dropped(splits, train_stats, val_stats, dropped)
     kept = [_examples(src, t, dropped[i]) for i, (src, (t, _)) in enumerate(zip(encoded, splits, strict=True))]
     for name, rows, stats in zip(names, kept, train_stats, strict=False):
@@ -188,9 +221,10 @@ def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.sta
         tables.append(val.encoded.examples)
     formats = [src.format for src in encoded]
     validation = gather(tables, val_picks)
-    training = [set(t) - dropped[i] for i, (t, _) in enumerate(splits)]
-    trained = [[(r, t) for r, t in rows if r in mine] for rows, mine in zip(texts, training, strict=True)]
-    report_contamination(trained, references(data, tokenizer, validation, names), audits, names, log)
+    if texts is not None:
+        training = [set(t) - dropped[i] for i, (t, _) in enumerate(splits)]
+        trained = [[(r, t) for r, t in rows if r in mine] for rows, mine in zip(texts, training, strict=True)]
+        report_contamination(trained, references(data, tokenizer, validation, names), audits, names, log)
     return Prepared(
         train=gather(tables, mix(kept, sources, data.seed)),
         validation=validation,
