@@ -128,13 +128,18 @@ def chat_template_for(data: DataConfig, tokenizer) -> str | None:
         return None
 
 
-def encode_source(spec: str, split: str, data: DataConfig, tokenizer, template: Template, log: Callable) -> Source:
-    """Read, check, render, encode and audit one source, or take it from the cache."""
+def source_key(spec: str, data: DataConfig, tokenizer, template: Template) -> str | None:
+    """The cache entry's name for this source under these settings (``kotune.data.cache.cache_key``)."""
     templates = {"prompt": f"{template.prompt_input}\x00{template.prompt_no_input}"}
     templates["chat"] = chat_template_for(data, tokenizer)
+    return cache.cache_key(spec, data, tokenizer, templates)
+
+
+def encode_source(spec: str, split: str, data: DataConfig, tokenizer, template: Template, log: Callable) -> Source:
+    """Read, check, render, encode and audit one source, or take it from the cache."""
     if data.streaming:
-        return stream_source(spec, data, tokenizer, template, cache.cache_key(spec, data, tokenizer, templates), log)
-    key = cache.cache_key(spec, data, tokenizer, templates) if data.cache else None
+        return stream_source(spec, data, tokenizer, template, source_key(spec, data, tokenizer, template), log)
+    key = source_key(spec, data, tokenizer, template) if data.cache else None
     hit = cache.load(key) if key else None
     if hit is not None:
         encoded, meta = hit
