@@ -104,3 +104,16 @@ def test_packing_in_windows_fills_sequences_as_packing_the_whole_set_nearly_does
     assert all(sum(lengths[i] for i in p) <= 2048 for p in windows)
     assert len(whole) <= len(windows) <= len(whole) + 5  # at most one emptier sequence a window
     assert windows == pack_windows(lengths, 2048, 0, 1000)  # a function of (lengths, seed)
+
+
+def test_a_streamed_run_packs_full_within_windows(monkeypatch):
+    from kotune.data import order
+
+    monkeypatch.setattr(order, "PACK_WINDOW", 700)
+    lengths = np.random.default_rng(1).integers(20, 300, size=3000).tolist()
+    whole = config_from_text(json.dumps({"data": {"cutoff_len": 1024}, "train": {"packing": "full"}}), "a.yaml")
+    streamed = config_from_text(
+        json.dumps({"data": {"cutoff_len": 1024, "streaming": True}, "train": {"packing": "full"}}), "b.yaml"
+    )
+    assert order.sequences(lengths, streamed) == pack_windows(lengths, 1024, streamed.train.seed, 700)
+    assert order.sequences(lengths, whole) == pack_best_fit(lengths, 1024, whole.train.seed)
