@@ -8,7 +8,8 @@ its own so its peak RSS (``getrusage``'s ``ru_maxrss``) is that phase's alone:
 - ``tokenize``: ``kotune.data.stream.tokenize_to_shards`` with the real Llama-3 tokenizer, from an empty cache entry;
   RSS is also sampled every second (``/proc/self/status``) to show whether it grows with the rows done.
 - ``load``: what ``kotune train`` does before its first step with the entry cached: ``prepare`` (shards joined,
-  split, mixture order) and the rows' lengths for the step order (``total_steps``); then, apart, ``packing: full``'s
+  split, mixture order), the rows' lengths for the step count (``total_steps``) and the first step's rows
+  (``DataOrder``: an epoch's order); then, apart, ``packing: full``'s
   packing of the training rows (best fit within windows of ``PACK_WINDOW`` rows) and how full its sequences are.
 """
 
@@ -122,7 +123,7 @@ def phase_load(folder: Path) -> dict:
     """``prepare`` on the entry the tokenize phase wrote, then the step count: what ``kotune train`` does with the
     data before its first step (the source file's sha256 for the cache key included)."""
     from kotune.data.examples import unit_lengths
-    from kotune.data.order import sequences, total_steps
+    from kotune.data.order import DataOrder, sequences, total_steps
     from kotune.data.prepare import prepare
 
     cfg, tokenizer = setup(folder)
@@ -133,6 +134,8 @@ def phase_load(folder: Path) -> dict:
     lengths = unit_lengths(data.train)
     steps, _ = total_steps(cfg, lengths, 1)
     counted, counted_peak = time.perf_counter() - start, peak_mib()
+    DataOrder(lengths, cfg, 0, 1, packed=False).passes(0)  # the first step's rows: an epoch's order is built
+    ordered, ordered_peak = time.perf_counter() - start, peak_mib()
     full = replace(cfg, train=replace(cfg.train, packing="full"))
     packing = time.perf_counter()
     packed = sequences(lengths, full)
@@ -143,6 +146,8 @@ def phase_load(folder: Path) -> dict:
         "prepare_seconds": round(prepared, 1),
         "to_step_count_seconds": round(counted, 1),
         "peak_rss_to_step_count_mib": round(counted_peak),
+        "to_first_step_rows_seconds": round(ordered, 1),
+        "peak_rss_to_first_step_rows_mib": round(ordered_peak),
         "packing_full_seconds": round(packing, 1),
         "packing_full_sequences": len(packed),
         "packing_full_fill": round(sum(lengths) / (len(packed) * cfg.data.cutoff_len), 4),

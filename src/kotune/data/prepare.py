@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from kotune import output
 from kotune.config import DataConfig
 from kotune.data import cache
@@ -209,10 +211,10 @@ def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.sta
     _count_dropped(splits, train_stats, val_stats, dropped)
     kept = [_examples(src, t, dropped[i]) for i, (src, (t, _)) in enumerate(zip(encoded, splits, strict=True))]
     for name, rows, stats in zip(names, kept, train_stats, strict=False):
-        if data.sources and not rows:
+        if data.sources and not len(rows):
             raise DataError(f"data source {name}: no trainable rows ({stats.summary()})")
     val_picks = [
-        (i, e)
+        (i, int(e))
         for i, (src, (_, v)) in enumerate(zip(encoded, splits, strict=True))
         for e in _examples(src, v, dropped[i])
     ]
@@ -220,7 +222,7 @@ def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.sta
     if data.validation_path:
         val = encode_source(data.validation_path, "validation", data, tokenizer, load_template(data.template), log)
         all_rows = list(range(len(val.encoded.length)))
-        val_picks += [(len(sources), e) for e in _examples(val, all_rows, set())]
+        val_picks += [(len(sources), int(e)) for e in _examples(val, all_rows, set())]
         val_stats.append(val.encoded.stats(all_rows))
         audits.append(val.audit)
         tables.append(val.encoded.examples)
@@ -252,10 +254,14 @@ def _count_dropped(splits, train_stats: list[EncodeStats], val_stats: list[Encod
                 stats.skip("duplicate of an earlier row (data.dedup)", row)
 
 
-def _examples(source: Source, rows: Sequence[int], dropped: set[int]) -> list[int]:
+def _examples(source: Source, rows: Sequence[int], dropped: set[int]) -> np.ndarray:
     """Positions in the source's example table of ``rows`` (in that order) that were kept and are no duplicate."""
-    index = source.encoded.example_index()
-    return [int(index[r]) for r in rows if index[r] >= 0 and r not in dropped]
+    rows = np.asarray(rows, dtype=np.int64)
+    positions = source.encoded.example_index()[rows]
+    keep = positions >= 0
+    if dropped:
+        keep &= ~np.isin(rows, np.fromiter(dropped, dtype=np.int64))
+    return positions[keep]
 
 
 def find_and_report_duplicates(
