@@ -11,11 +11,14 @@ position in the order (``micro_step``), so a resumed run sees exactly the rows i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import lru_cache
 
+import numpy as np
+
 from kotune.config import Config, ConfigError, TrainConfig
-from kotune.data.batching import epoch_order, length_grouped_order
+from kotune.data.batching import epoch_order, epoch_order_array, length_grouped_order
 from kotune.data.packing import pack_best_fit, pack_groups, pack_windows
 
 
@@ -56,7 +59,7 @@ def unit_count(lengths: list[int], cfg: Config) -> int:
     return len(sequences(lengths, cfg)) if cfg.train.packing == "full" else len(lengths)
 
 
-def epoch_units(lengths: list[int], cfg: Config, epoch: int) -> list[list[int]]:
+def epoch_units(lengths: list[int], cfg: Config, epoch: int) -> Sequence[list[int]]:
     """An epoch's order as units (lists of row indices), the same for any number of processes.
 
     Rows: shuffled with (seed, epoch), or length-grouped. Packed sequences (``packing: full``): shuffled the same
@@ -67,10 +70,24 @@ def epoch_units(lengths: list[int], cfg: Config, epoch: int) -> list[list[int]]:
         packed = sequences(lengths, cfg)
         return [packed[i] for i in epoch_order(len(packed), t.seed, epoch)]
     if t.group_by_length:
-        order = length_grouped_order(lengths, t.seed, epoch, 64 * t.micro_batch_size)
-    else:
-        order = epoch_order(len(lengths), t.seed, epoch)
-    return [[i] for i in order]
+        return [[i] for i in length_grouped_order(lengths, t.seed, epoch, 64 * t.micro_batch_size)]
+    return RowUnits(epoch_order_array(len(lengths), t.seed, epoch))
+
+
+class RowUnits(Sequence):
+    """An epoch's order of single rows as units ``[i]``, held as one array: a step's lists are made when it is read
+    (a list of one-row lists costs about 100 bytes a row; millions of streamed rows)."""
+
+    def __init__(self, order: np.ndarray):
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [[i] for i in self.order[index].tolist()]
+        return [int(self.order[index])]
 
 
 def share(rows: list, lengths: list[int], rank: int, world: int) -> list:
@@ -100,9 +117,9 @@ class Epochs:
         self.per_epoch = unit_count(lengths, cfg) // cfg.train.micro_batch_size
         """Micro-batches an epoch (a partial last one is left out)."""
         self._epoch: int | None = None
-        self._units: list[list[int]] = []
+        self._units: Sequence[list[int]] = []
 
-    def units(self, epoch: int) -> list[list[int]]:
+    def units(self, epoch: int) -> Sequence[list[int]]:
         if self._epoch != epoch:
             self._epoch, self._units = epoch, epoch_units(self.lengths, self.cfg, epoch)
         return self._units
