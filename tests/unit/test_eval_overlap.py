@@ -54,3 +54,9 @@ def test_training_data_that_is_gone_is_said_not_checked(tmp_path):
     found = eval_overlap(cfg, [(0, ANSWERS[0])], [])
     assert found.keys() == {"unchecked"} and "moved.jsonl: file not found" in found["unchecked"]
     assert "Overlap with the training data not checked" in markdown({"model": {"name": "m"}, "overlap": found})
+
+
+def test_a_streamed_runs_training_data_is_not_searched(tmp_path):
+    cfg = config(tmp_path)
+    cfg.data.streaming = True
+    assert "data.streaming" in eval_overlap(cfg, [(0, ANSWERS[0])], [])["unchecked"]

@@ -1,7 +1,9 @@
 """From config to tokenized train / validation examples: read, map columns, check, render, encode, audit, split.
 
 Each data source (``data.path``, and ``data.validation_path`` when set) is encoded whole and audited once; the
-result is cached (``kotune.data.cache``), so a second run with the same inputs skips straight to the split.
+result is cached (``kotune.data.cache``), so a second run with the same inputs skips straight to the split. With
+``data.streaming`` a source is tokenized chunk by chunk into the cache instead (``kotune.data.stream``), and the
+checks that need every row's text at once (duplicates, contamination) are left out.
 """
 
 from __future__ import annotations

@@ -51,7 +51,10 @@ def overlapping(training: Sequence[Sequence[tuple[int, str]]], parts: dict[str, 
 
 
 def eval_overlap(cfg, heldout: list[tuple[int, str]], choice: list[tuple[int, str]]) -> dict:
-    """``overlapping`` against the run's training rows; ``{"unchecked": why}`` when they cannot be read again."""
+    """``overlapping`` against the run's training rows; ``{"unchecked": why}`` when they cannot be read again, or
+    are too many to hold (a ``data.streaming`` run's)."""
+    if cfg.data.streaming:
+        return {"unchecked": "the run streamed its data (data.streaming), too much to search at once"}
     try:
         training = training_texts(cfg)
     except DataError as exc:
