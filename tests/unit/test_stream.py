@@ -117,3 +117,24 @@ def test_a_streamed_run_packs_full_within_windows(monkeypatch):
     )
     assert order.sequences(lengths, streamed) == pack_windows(lengths, 1024, streamed.train.seed, 700)
     assert order.sequences(lengths, whole) == pack_best_fit(lengths, 1024, whole.train.seed)
+
+
+def test_a_second_tokenization_of_an_entry_waits_for_the_first(source, mock_tokenizer, tmp_path):
+    import fcntl
+    import threading
+
+    data = config(source, "streaming=true").data
+    encode = chunk_encoder(str(source), data, mock_tokenizer, load_template(data.template))
+    folder = tmp_path / "entry"
+    folder.mkdir()
+    with (folder / stream.LOCK).open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another run is writing this entry
+        done = []
+        worker = threading.Thread(
+            target=lambda: done.append(stream.tokenize_to_shards(str(source), data, folder, encode, quiet))
+        )
+        worker.start()
+        worker.join(timeout=0.5)
+        assert worker.is_alive() and not (folder / stream.MANIFEST).exists()
+    worker.join(timeout=30)
+    assert done and done[0]["done"] and done[0]["rows"] == 50

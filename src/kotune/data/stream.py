@@ -5,7 +5,8 @@ is (``kotune.data.prepare``), and written to the cache entry's folder as a shard
 files (``ids.bin``, ``labels.bin``, int32) and its index (rows, example lengths, per-row outcomes) to
 ``shard-NNNNN.npz``. ``manifest.json`` is rewritten atomically after each shard with the tokens written so far and
 the byte position reached in the source files, so an interrupted tokenization truncates the token files to the last
-finished shard and continues from there. Memory holds one chunk, whatever the source's size.
+finished shard and continues from there; a run holds ``.lock`` (``fcntl.flock``) while it writes, so two runs never
+append to one entry together. Memory holds one chunk, whatever the source's size.
 
 Loading memory-maps the token files: a run reads the tokens of the rows it trains on. The per-row arrays (a few
 bytes a row) are read whole. The format is detected on the first chunk and every later chunk must have it.
@@ -13,6 +14,7 @@ bytes a row) are read whole. The format is detected on the first chunk and every
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -28,7 +30,7 @@ from kotune.data.read import DataError, apply_columns, local_files
 
 CHUNK_ROWS = 20_000
 """Rows read, encoded and written at a time: the memory bound (a chunk's rows, rendered text and tokens)."""
-MANIFEST, IDS, LABELS = "manifest.json", "ids.bin", "labels.bin"
+MANIFEST, IDS, LABELS, LOCK = "manifest.json", "ids.bin", "labels.bin", ".lock"
 STREAM_NOTE = (
     "streamed (data.streaming): only counts and token lengths are audited; duplicates, contamination and per-row "
     "checks need every row at once (run `kotune data audit` on a sample)"
@@ -91,6 +93,14 @@ def tokenize_to_shards(spec: str, data, folder: Path, encode_chunk, log: Callabl
     ``stop_after``: write at most this many shards, then return (tests stand it in for an interruption).
     """
     folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK).open("a") as lock:
+        # another run tokenizing this entry holds it: wait, then continue from (or reuse) what it wrote; the
+        # kernel drops the lock of a process that dies
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _tokenize_locked(spec, data, folder, encode_chunk, log, stop_after)
+
+
+def _tokenize_locked(spec: str, data, folder: Path, encode_chunk, log: Callable, stop_after: int | None):
     manifest = read_manifest(folder)
     if manifest["done"]:
         return manifest
