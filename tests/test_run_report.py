@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from conftest import run_kotune, write_jsonl
+from conftest import TINY_TRAIN_ROWS, run_kotune, write_jsonl
 
 METRICS = [
     {"step": 0, "eval_loss": 2.5},
@@ -120,6 +120,7 @@ def test_eval_and_report_cli_on_the_tiny_run(tiny_qlora_run, tmp_path):
         {"instruction": f"하늘은 왜 파란가요? {i}", "input": "", "output": "햇빛이 산란하기 때문입니다."}
         for i in range(3)
     ]
+    rows[2]["output"] = TINY_TRAIN_ROWS[0]["output"]  # a trained answer: its scores are marked
     data = write_jsonl(tmp_path / "heldout.jsonl", rows)
     common = ["--data", str(data), "--limit", "3", "--max-new-tokens", "6"]
     base = run_kotune(["eval", str(run), "--base", *common, "--out", str(tmp_path / "base")], env)
@@ -133,6 +134,9 @@ def test_eval_and_report_cli_on_the_tiny_run(tiny_qlora_run, tmp_path):
     table = (run / "eval" / "eval_report.md").read_text(encoding="utf-8")
     assert "| metric | base | adapter run | change |" in table and "ends with EOS" in table
     assert "not comparable" not in table  # the same held-out rows and tokenizer: every change is a change
+    assert report["overlap"] == {"heldout": {"rows": [2], "of": 3}}
+    assert "| loss (held-out rows) ⚠ overlaps training |" in table and "multiple choice acc |" in table
+    assert "1 of 3 held-out rows hold text of the run's training rows" in table
     done = run_kotune(["report", str(run)], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| metric | base | adapter run | change |" in (run / "report.md").read_text(encoding="utf-8")

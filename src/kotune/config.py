@@ -115,6 +115,11 @@ class DataConfig:
     contamination_sets: list[str] = field(default_factory=list)
     """Local files (``kotune eval --choices`` items, or rows of any format) the audit checks the training rows
     against, besides the held-out rows and ``kotune eval``'s bundled set: a row holding their text is named."""
+    streaming: bool = False
+    """Tokenize local JSON Lines sources larger than memory: read line by line and tokenized in chunks into the
+    cache in shards (an interrupted tokenization continues from its last finished shard), and trained from the
+    cache memory-mapped. The full audit, ``dedup`` and the contamination check need every row's text at once and
+    do not run; ``train.packing: full`` packs best fit within windows of rows (``kotune.data.stream``)."""
 
 
 @dataclass
@@ -310,6 +315,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"'{key}' must be positive, got {value}")
     check_eval_generate(cfg.train.eval_generate)
     _validate_sources(cfg)
+    _validate_streaming(cfg)
     if not 0 <= cfg.data.val_size < 1:
         raise ConfigError(f"'data.val_size' must be in [0, 1), got {cfg.data.val_size}")
     if not 0 <= cfg.lora.dropout < 1:
@@ -324,6 +330,19 @@ def validate(cfg: Config) -> None:
         cfg.lora.trainable_tokens = "auto"  # the keyword, not the token "auto"
     elif isinstance(cfg.lora.trainable_tokens, str):
         cfg.lora.trainable_tokens = [cfg.lora.trainable_tokens]
+
+
+def _validate_streaming(cfg: Config) -> None:
+    """``data.streaming``: local JSON Lines SFT data, no setting that needs every row's text at once."""
+    d = cfg.data
+    if not d.streaming:
+        return
+    if d.dedup != "off":
+        raise ConfigError("'data.dedup' compares every row's text at once; with 'data.streaming' set it to off")
+    if d.contamination_sets:
+        raise ConfigError("'data.contamination_sets' is checked on every row's text at once; not with 'data.streaming'")
+    if cfg.train.objective != "sft":
+        raise ConfigError("'data.streaming' reads SFT data only for now; preference runs read 'data.path' whole")
 
 
 def _validate_sources(cfg: Config) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -185,3 +186,35 @@ def test_the_fingerprint_hashes_each_sources_files_not_its_path(mixture):
     ]
     assert all("path" not in s for s in training_config(cfg)["data.sources"])
     assert [s["weight"] for s in training_config(cfg)["data.sources"]] == [2, 1, None]
+
+
+BAD_SOURCES = {
+    "missing": ({"path": "{tmp}/nowhere.jsonl", "name": "gone"}, r"nowhere.jsonl: file not found"),
+    "no rows": ({"path": "{tmp}/null.jsonl", "name": "nulls"}, r"data source nulls: no trainable rows"),
+    "mixed": ({"path": "{tmp}/mixed", "name": "two-kinds"}, r"mixed: mixed formats in one source"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SOURCES, ids=list(BAD_SOURCES))
+def test_a_bad_source_is_one_error_line_naming_it_before_the_model_loads(
+    case, tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """The error ends the command before the model loads: nothing of the model's loading is said."""
+    monkeypatch.setenv("KOTUNE_CACHE", str(tmp_path / "cache"))
+    write_jsonl(tmp_path / "null.jsonl", [{"prompt": "p", "completion": None}] * 2)
+    (tmp_path / "mixed").mkdir()
+    write_jsonl(tmp_path / "mixed" / "1.jsonl", rows("a", 2))
+    write_jsonl(tmp_path / "mixed" / "2.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    bad, message = BAD_SOURCES[case]
+    sources = [
+        {"path": str(write_jsonl(tmp_path / "a.jsonl", rows("a", 4)))},
+        json.loads(json.dumps(bad).replace("{tmp}", str(tmp_path))),
+    ]
+    config = tmp_path / "c.yaml"
+    model = {"path": tiny_model_dir, "quantization": "none", "compute_dtype": "float32"}
+    config.write_text(json.dumps({"model": model, "data": {"sources": sources, "val_size": 0}}))
+    assert main(["train", str(config), f"train.output_dir={tmp_path / 'run'}"]) != 0
+    said = capsys.readouterr()
+    err = [line for line in said.err.splitlines() if line.startswith("kotune: error:")]
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert "trainable params" not in said.out + said.err

@@ -66,11 +66,13 @@ def run(args) -> int:
 
         tasks = load_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args.include_path)
     folder, model, tokenizer, described = load(args)
-    report = {"model": described, **heldout_part(args, folder, model, tokenizer)}
+    heldout, heldout_texts = heldout_part(args, folder, model, tokenizer)
+    report = {"model": described, **heldout}
     warning = stop_warning(report["generation"])
     if warning:
         output.warn(warning)
     report["choice"], report["choice_items"] = choice_part(args.choices or DEFAULT_SET, model, tokenizer, args.limit)
+    report["overlap"] = overlap_part(folder, heldout_texts, report["choice_items"])
     if tasks is not None:
         from kotune.evaluation.harness import run_tasks
 
@@ -82,12 +84,13 @@ def run(args) -> int:
     return 0
 
 
-def heldout_part(args, folder, model, tokenizer) -> dict:
-    """Loss / perplexity per row and overall, and the generation checks, on the held-out rows."""
+def heldout_part(args, folder, model, tokenizer) -> tuple[dict, list[tuple[int, str]]]:
+    """Loss / perplexity per row and overall, and the generation checks, on the held-out rows; and each evaluated
+    row's text (its reference answer, else its prompt) for the overlap check."""
     from dataclasses import replace
 
     from kotune.evaluation.checks import CHECK_SAMPLING, check_items, generation_checks
-    from kotune.evaluation.heldout import load_heldout, overall_loss, row_losses
+    from kotune.evaluation.heldout import load_heldout, overall_loss, reference, row_losses, user_text
     from kotune.inference.generate import pad_id
     from kotune.run_folder import folder_stop_ids
 
@@ -101,6 +104,8 @@ def heldout_part(args, folder, model, tokenizer) -> dict:
     summary, replies = generation_checks(model, tokenizer, items, folder_stop_ids(folder, tokenizer, model), sampling)
     from kotune.hashing import examples_hash
 
+    evaluated = heldout.rows[: args.limit] if args.limit else heldout.rows
+    texts = [(i, reference(row, heldout.fmt) or user_text(row, heldout.fmt)) for i, row in enumerate(evaluated)]
     return {
         "data": heldout.source,
         "examples_sha256": examples_hash(examples),  # what --compare checks: same rows, same tokens
@@ -108,7 +113,27 @@ def heldout_part(args, folder, model, tokenizer) -> dict:
         "rows": rows,
         "generation": summary,
         "replies": replies,
-    }
+    }, texts
+
+
+def overlap_part(folder, heldout_texts: list[tuple[int, str]], choice_items: list[dict]) -> dict:
+    """The held-out rows and multiple-choice items whose text the run's training rows hold, said on stderr too."""
+    from kotune.evaluation.overlap import eval_overlap
+
+    questions = [(i, item["question"]) for i, item in enumerate(choice_items)]
+    found = eval_overlap(folder.config, heldout_texts, questions)
+    if "unchecked" in found:
+        output.warn(f"eval: overlap with the training data not checked: {found['unchecked']}")
+    for part, hit in found.items():
+        if part != "unchecked":
+            output.warn(
+                f"eval: {len(hit['rows'])} of {hit['of']} {PART_NAMES[part]} overlap the training data "
+                "(their text is in training rows): those scores measure memory, not skill"
+            )
+    return found
+
+
+PART_NAMES = {"heldout": "held-out rows", "choice": "multiple-choice items"}
 
 
 def choice_part(path, model, tokenizer, limit: int | None) -> tuple[dict, list[dict]]:

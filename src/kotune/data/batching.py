@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kotune.data.examples import IGNORE, Example
@@ -9,8 +10,13 @@ from kotune.data.examples import IGNORE, Example
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The order rows are visited in an epoch; a function of (seed, epoch) only, so a resumed run sees the same."""
+    return epoch_order_array(n, seed, epoch).tolist()
+
+
+def epoch_order_array(n: int, seed: int, epoch: int) -> np.ndarray:
+    """``epoch_order`` as an int64 array (8 bytes a row, where the list costs about 36)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
+    return torch.randperm(n, generator=generator).numpy()
 
 
 def length_grouped_order(lengths: list[int], seed: int, epoch: int, group: int) -> list[int]:

@@ -115,6 +115,14 @@ class ExampleTable(Sequence):
         )
 
 
+def unit_lengths(units: Sequence) -> list[int]:
+    """Tokens each unit feeds the model; an ``ExampleTable``'s from its index, without reading its tokens (a
+    streamed, memory-mapped source is not read whole for them)."""
+    if isinstance(units, ExampleTable):
+        return units.lengths().tolist()
+    return [u.input_tokens for u in units]
+
+
 @dataclass
 class Encoded:
     """Every row of one source encoded: the kept examples, and per row (by ``_row``) what happened to it."""

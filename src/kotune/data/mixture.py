@@ -17,9 +17,6 @@ from kotune.config import DataConfig
 from kotune.data.examples import EncodeStats, ExampleTable
 from kotune.source_config import SourceConfig
 
-Pick = tuple[int, int]
-"""``(source, example)``: an example of a source's ``ExampleTable``, by position."""
-
 
 def source_list(data: DataConfig) -> list[SourceConfig]:
     """The sources to train on: ``data.sources``, or ``data.path`` as the one source."""
@@ -67,27 +64,34 @@ def counts(available: Sequence[int], sources: Sequence[SourceConfig]) -> list[in
     return out
 
 
-def mix(kept: Sequence[Sequence[int]], sources: Sequence[SourceConfig], seed: int) -> list[Pick]:
-    """The training list: each source's examples (``kept``, already in its seeded order) taken in turn until its
-    count (``counts``) is reached, repeating from its start when the count is more than it holds; several sources
-    are then interleaved by a seeded shuffle (one source keeps its order: it is shuffled already)."""
-    picks: list[Pick] = []
+def mix(kept: Sequence[np.ndarray], sources: Sequence[SourceConfig], seed: int) -> np.ndarray:
+    """The training list, ``[n, 2]`` picks: each source's examples (``kept``, already in its seeded order) taken in
+    turn until its count (``counts``) is reached, repeating from its start when the count is more than it holds;
+    several sources are then interleaved by a seeded shuffle (one source keeps its order: it is shuffled already).
+    Arrays, not a list of pairs: a streamed source of millions of rows costs 16 bytes a pick."""
+    parts = [np.zeros((0, 2), dtype=np.int64)]
     for source, (examples, n) in enumerate(zip(kept, counts([len(k) for k in kept], sources), strict=True)):
-        picks += [(source, examples[i % len(examples)]) for i in range(n)] if examples else []
+        if len(examples):
+            taken = np.asarray(examples, dtype=np.int64)[np.arange(n) % len(examples)]
+            parts.append(np.stack([np.full(n, source, dtype=np.int64), taken], axis=1))
+    picks = np.concatenate(parts)
     if len(kept) > 1:
-        random.Random(f"mixture:{seed}").shuffle(picks)
+        order = list(range(len(picks)))  # Random.shuffle moves positions alike whatever they hold
+        random.Random(f"mixture:{seed}").shuffle(order)
+        picks = picks[np.asarray(order, dtype=np.int64)]
     return picks
 
 
-def gather(tables: Sequence[ExampleTable], picks: Sequence[Pick]) -> ExampleTable:
-    """The picked examples as one table, each marked with its source; token arrays are joined only when the picks
-    come from several sources."""
-    used = sorted({s for s, _ in picks}) or [0]
+def gather(tables: Sequence[ExampleTable], picks) -> ExampleTable:
+    """The picked examples (``[n, 2]``: source, example) as one table, each marked with its source; token arrays
+    are joined only when the picks come from several sources."""
+    picks = np.asarray(picks, dtype=np.int64).reshape(-1, 2)
+    used = np.unique(picks[:, 0]).tolist() or [0]
     joined = ExampleTable.joined([tables[s] for s in used])
-    offsets = dict(zip(used, np.cumsum([0] + [len(tables[s]) for s in used[:-1]]).tolist(), strict=True))
-    index = np.asarray([offsets[s] + e for s, e in picks], dtype=np.int64)
-    table = joined.take(index)
-    table.sources = np.asarray(used, dtype=np.int64)[table.sources] if len(used) > 1 else np.full(len(index), used[0])
+    offsets = np.zeros(max(used) + 1, dtype=np.int64)
+    offsets[used] = np.cumsum([0] + [len(tables[s]) for s in used[:-1]])
+    table = joined.take(offsets[picks[:, 0]] + picks[:, 1])
+    table.sources = np.asarray(used, dtype=np.int64)[table.sources] if len(used) > 1 else np.full(len(picks), used[0])
     return table
 
 

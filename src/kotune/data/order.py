@@ -11,12 +11,15 @@ position in the order (``micro_step``), so a resumed run sees exactly the rows i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import lru_cache
 
+import numpy as np
+
 from kotune.config import Config, ConfigError, TrainConfig
-from kotune.data.batching import epoch_order, length_grouped_order
-from kotune.data.packing import pack_best_fit, pack_groups
+from kotune.data.batching import epoch_order, epoch_order_array, length_grouped_order
+from kotune.data.packing import pack_best_fit, pack_groups, pack_windows
 
 
 def unit_config(cfg: Config) -> Config:
@@ -33,14 +36,22 @@ def feeds_packed(t: TrainConfig, fast: bool) -> bool:
     return t.packing in ("on", "full") or (t.packing == "auto" and fast)
 
 
+PACK_WINDOW = 100_000
+"""Rows packed together with ``data.streaming`` (``pack_windows``): one packing of a window takes about a second."""
+
+
 @lru_cache(maxsize=4)
-def _packed_set(lengths: tuple[int, ...], budget: int, seed: int) -> list[list[int]]:
+def _packed_set(lengths: tuple[int, ...], budget: int, seed: int, window: int | None) -> list[list[int]]:
+    if window is not None:
+        return pack_windows(list(lengths), budget, seed, window)
     return pack_best_fit(list(lengths), budget, seed)
 
 
 def sequences(lengths: list[int], cfg: Config) -> list[list[int]]:
-    """``packing: full``: the training rows packed once, best fit decreasing, into sequences of <= cutoff_len."""
-    return _packed_set(tuple(lengths), cfg.data.cutoff_len, cfg.train.seed)
+    """``packing: full``: the training rows packed once, best fit decreasing, into sequences of <= cutoff_len
+    (with ``data.streaming``, within windows of ``PACK_WINDOW`` rows)."""
+    window = PACK_WINDOW if cfg.data.streaming else None
+    return _packed_set(tuple(lengths), cfg.data.cutoff_len, cfg.train.seed, window)
 
 
 def unit_count(lengths: list[int], cfg: Config) -> int:
@@ -48,7 +59,7 @@ def unit_count(lengths: list[int], cfg: Config) -> int:
     return len(sequences(lengths, cfg)) if cfg.train.packing == "full" else len(lengths)
 
 
-def epoch_units(lengths: list[int], cfg: Config, epoch: int) -> list[list[int]]:
+def epoch_units(lengths: list[int], cfg: Config, epoch: int) -> Sequence[list[int]]:
     """An epoch's order as units (lists of row indices), the same for any number of processes.
 
     Rows: shuffled with (seed, epoch), or length-grouped. Packed sequences (``packing: full``): shuffled the same
@@ -59,10 +70,24 @@ def epoch_units(lengths: list[int], cfg: Config, epoch: int) -> list[list[int]]:
         packed = sequences(lengths, cfg)
         return [packed[i] for i in epoch_order(len(packed), t.seed, epoch)]
     if t.group_by_length:
-        order = length_grouped_order(lengths, t.seed, epoch, 64 * t.micro_batch_size)
-    else:
-        order = epoch_order(len(lengths), t.seed, epoch)
-    return [[i] for i in order]
+        return [[i] for i in length_grouped_order(lengths, t.seed, epoch, 64 * t.micro_batch_size)]
+    return RowUnits(epoch_order_array(len(lengths), t.seed, epoch))
+
+
+class RowUnits(Sequence):
+    """An epoch's order of single rows as units ``[i]``, held as one array: a step's lists are made when it is read
+    (a list of one-row lists costs about 100 bytes a row; millions of streamed rows)."""
+
+    def __init__(self, order: np.ndarray):
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [[i] for i in self.order[index].tolist()]
+        return [int(self.order[index])]
 
 
 def share(rows: list, lengths: list[int], rank: int, world: int) -> list:
@@ -92,9 +117,9 @@ class Epochs:
         self.per_epoch = unit_count(lengths, cfg) // cfg.train.micro_batch_size
         """Micro-batches an epoch (a partial last one is left out)."""
         self._epoch: int | None = None
-        self._units: list[list[int]] = []
+        self._units: Sequence[list[int]] = []
 
-    def units(self, epoch: int) -> list[list[int]]:
+    def units(self, epoch: int) -> Sequence[list[int]]:
         if self._epoch != epoch:
             self._epoch, self._units = epoch, epoch_units(self.lengths, self.cfg, epoch)
         return self._units

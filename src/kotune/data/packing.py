@@ -57,6 +57,18 @@ def pack_best_fit(lengths: list[int], budget: int, seed: int) -> list[list[int]]
     return packs
 
 
+def pack_windows(lengths: list[int], budget: int, seed: int, window: int) -> list[list[int]]:
+    """``pack_best_fit`` within windows: the rows in a seeded order, cut into windows of ``window`` rows, each window
+    packed best fit decreasing on its own. For sets too large to pack at once (``data.streaming``): the work and
+    memory of one packing are a window's, and at most one sequence a window is left emptier than across the set."""
+    order = epoch_order(len(lengths), seed, -2)  # its own draw, apart from pack_best_fit's and every epoch's
+    packs: list[list[int]] = []
+    for start in range(0, len(order), window):
+        rows = order[start : start + window]
+        packs += [[rows[j] for j in p] for p in pack_best_fit([lengths[i] for i in rows], budget, seed + start)]
+    return packs
+
+
 def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """``[total, total]`` boolean mask: position i may attend to j when both are in one row and j <= i."""
     positions = torch.arange(total, device=cu_seqlens.device)

@@ -1,7 +1,9 @@
 """From config to tokenized train / validation examples: read, map columns, check, render, encode, audit, split.
 
 Each data source (``data.path``, and ``data.validation_path`` when set) is encoded whole and audited once; the
-result is cached (``kotune.data.cache``), so a second run with the same inputs skips straight to the split.
+result is cached (``kotune.data.cache``), so a second run with the same inputs skips straight to the split. With
+``data.streaming`` a source is tokenized chunk by chunk into the cache instead (``kotune.data.stream``), and the
+checks that need every row's text at once (duplicates, contamination) are left out.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from kotune import output
 from kotune.config import DataConfig
@@ -40,7 +44,7 @@ from kotune.data.mixture import (
     source_list,
     source_names,
 )
-from kotune.data.read import DataError, apply_columns, check_types, read_rows, split_indices
+from kotune.data.read import DataError, apply_columns, check_types, is_local, read_rows, split_indices
 from kotune.data.templates import Template, load_template
 
 
@@ -128,11 +132,18 @@ def chat_template_for(data: DataConfig, tokenizer) -> str | None:
         return None
 
 
-def encode_source(spec: str, split: str, data: DataConfig, tokenizer, template: Template, log: Callable) -> Source:
-    """Read, check, render, encode and audit one source, or take it from the cache."""
+def source_key(spec: str, data: DataConfig, tokenizer, template: Template) -> str | None:
+    """The cache entry's name for this source under these settings (``kotune.data.cache.cache_key``)."""
     templates = {"prompt": f"{template.prompt_input}\x00{template.prompt_no_input}"}
     templates["chat"] = chat_template_for(data, tokenizer)
-    key = cache.cache_key(spec, data, tokenizer, templates) if data.cache else None
+    return cache.cache_key(spec, data, tokenizer, templates)
+
+
+def encode_source(spec: str, split: str, data: DataConfig, tokenizer, template: Template, log: Callable) -> Source:
+    """Read, check, render, encode and audit one source, or take it from the cache."""
+    if data.streaming:
+        return stream_source(spec, data, tokenizer, template, source_key(spec, data, tokenizer, template), log)
+    key = source_key(spec, data, tokenizer, template) if data.cache else None
     hit = cache.load(key) if key else None
     if hit is not None:
         encoded, meta = hit
@@ -155,6 +166,34 @@ def encode_source(spec: str, split: str, data: DataConfig, tokenizer, template: 
     return Source(encoded, fmt, audit)
 
 
+def chunk_encoder(spec: str, data, tokenizer, template):
+    """``encode_chunk`` for ``kotune.data.stream.tokenize_to_shards``: one chunk checked, rendered and encoded as
+    a whole source is (a column's type and the format are checked per chunk)."""
+
+    def encode_chunk(rows: list[dict[str, Any]], fmt: str | None):
+        fmt = fmt or (data.format if data.format != "auto" else detect_format(rows, spec))
+        check_columns(rows, fmt, spec)
+        check_one_format(rows, fmt, spec)
+        check_types(rows, used_columns(fmt))
+        rendered, skipped = render_rows(rows, fmt, data, template, tokenizer)
+        return encode_table(tokenizer, rendered, len(rows), skipped, data.cutoff_len), fmt
+
+    return encode_chunk
+
+
+def stream_source(spec: str, data: DataConfig, tokenizer, template: Template, key: str | None, log) -> Source:
+    """A source tokenized chunk by chunk into the cache (``kotune.data.stream``), or the entry already there."""
+    from kotune.data.stream import load_shards, stream_audit, tokenize_to_shards
+
+    if key is None:
+        where = "file not found" if is_local(spec) else "a hub dataset"
+        raise DataError(f"{spec}: data.streaming reads local .jsonl files ({where})")
+    folder = cache.data_cache_dir() / f"{key}-stream"
+    manifest = tokenize_to_shards(spec, data, folder, chunk_encoder(spec, data, tokenizer, template), log)
+    encoded = load_shards(folder)
+    return Source(encoded, manifest["format"], stream_audit(spec, manifest, encoded, data.cutoff_len))
+
+
 def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.status) -> Prepared:
     """Tokenized examples for training and validation, with counts of what was truncated or skipped: each source
     encoded and split, duplicates found (``data.dedup``), the training rows mixed (``kotune.data.mixture``)."""
@@ -167,14 +206,17 @@ def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.sta
         splits.append((train_rows[: d.max_rows] if d.max_rows is not None else train_rows, val_rows))
     train_stats = [src.encoded.stats(t) for src, (t, _) in zip(encoded, splits, strict=True)]
     val_stats = [src.encoded.stats(v) for src, (_, v) in zip(encoded, splits, strict=True)]
-    audits, dropped, texts = find_and_report_duplicates(data, tokenizer, encoded, splits, names, log)
+    if data.streaming:  # every row's text at once: not for sources larger than memory
+        audits, dropped, texts = [src.audit for src in encoded], [set() for _ in encoded], None
+    else:
+        audits, dropped, texts = find_and_report_duplicates(data, tokenizer, encoded, splits, names, log)
     _count_dropped(splits, train_stats, val_stats, dropped)
     kept = [_examples(src, t, dropped[i]) for i, (src, (t, _)) in enumerate(zip(encoded, splits, strict=True))]
     for name, rows, stats in zip(names, kept, train_stats, strict=False):
-        if data.sources and not rows:
+        if data.sources and not len(rows):
             raise DataError(f"data source {name}: no trainable rows ({stats.summary()})")
     val_picks = [
-        (i, e)
+        (i, int(e))
         for i, (src, (_, v)) in enumerate(zip(encoded, splits, strict=True))
         for e in _examples(src, v, dropped[i])
     ]
@@ -182,15 +224,16 @@ def prepare(data: DataConfig, tokenizer, log: Callable[[str], None] = output.sta
     if data.validation_path:
         val = encode_source(data.validation_path, "validation", data, tokenizer, load_template(data.template), log)
         all_rows = list(range(len(val.encoded.length)))
-        val_picks += [(len(sources), e) for e in _examples(val, all_rows, set())]
+        val_picks += [(len(sources), int(e)) for e in _examples(val, all_rows, set())]
         val_stats.append(val.encoded.stats(all_rows))
         audits.append(val.audit)
         tables.append(val.encoded.examples)
     formats = [src.format for src in encoded]
     validation = gather(tables, val_picks)
-    training = [set(t) - dropped[i] for i, (t, _) in enumerate(splits)]
-    trained = [[(r, t) for r, t in rows if r in mine] for rows, mine in zip(texts, training, strict=True)]
-    report_contamination(trained, references(data, tokenizer, validation, names), audits, names, log)
+    if texts is not None:
+        training = [set(t) - dropped[i] for i, (t, _) in enumerate(splits)]
+        trained = [[(r, t) for r, t in rows if r in mine] for rows, mine in zip(texts, training, strict=True)]
+        report_contamination(trained, references(data, tokenizer, validation, names), audits, names, log)
     return Prepared(
         train=gather(tables, mix(kept, sources, data.seed)),
         validation=validation,
@@ -213,10 +256,14 @@ def _count_dropped(splits, train_stats: list[EncodeStats], val_stats: list[Encod
                 stats.skip("duplicate of an earlier row (data.dedup)", row)
 
 
-def _examples(source: Source, rows: Sequence[int], dropped: set[int]) -> list[int]:
+def _examples(source: Source, rows: Sequence[int], dropped: set[int]) -> np.ndarray:
     """Positions in the source's example table of ``rows`` (in that order) that were kept and are no duplicate."""
-    index = source.encoded.example_index()
-    return [int(index[r]) for r in rows if index[r] >= 0 and r not in dropped]
+    rows = np.asarray(rows, dtype=np.int64)
+    positions = source.encoded.example_index()[rows]
+    keep = positions >= 0
+    if dropped:
+        keep &= ~np.isin(rows, np.fromiter(dropped, dtype=np.int64))
+    return positions[keep]
 
 
 def find_and_report_duplicates(

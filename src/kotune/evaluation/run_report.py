@@ -107,6 +107,18 @@ def figure_lines(values: dict) -> list[str]:
     return lines
 
 
+def source_loss_lines(records: list[dict]) -> list[str]:
+    """A mixed run's held-out loss per source (``eval_loss[NAME]`` in metrics.jsonl): first, last, best and its step;
+    nothing for a run of one source."""
+    names = sorted({k[len("eval_loss[") : -1] for r in records for k in r if k.startswith("eval_loss[")})
+    lines = ["| source | first | last | best | best step |", "|---|---|---|---|---|"] if names else []
+    for name in names:
+        steps, values = series(records, f"eval_loss[{name}]")
+        best = values.index(min(values))
+        lines.append(f"| {name} | {values[0]:.4f} | {values[-1]:.4f} | {values[best]:.4f} | {steps[best]} |")
+    return lines
+
+
 def section(title: str, body: list[str]) -> list[str]:
     return ["", f"## {title}", "", *body]
 
@@ -141,6 +153,9 @@ def write_run_report(run: str | Path) -> Path:
     records = read_metrics(run)
     lines = head_lines(run, records)
     lines += section("Figures", figure_lines(figures(records)))
+    by_source = source_loss_lines(records)
+    if by_source:
+        lines += section("Validation loss by source", by_source)
     plots = plot(records, run / PLOTS_DIR)
     if plots is None:
         body = [

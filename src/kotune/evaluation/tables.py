@@ -77,22 +77,48 @@ def not_comparable(report: dict, other: dict) -> dict[str, str]:
     return why
 
 
+OVERLAP_MARK = " ⚠ overlaps training"
+"""Appended to the label of a score whose rows the run's training data holds (``kotune.evaluation.overlap``)."""
+PART_UNITS = {"heldout": "held-out rows", "choice": "multiple-choice items"}
+
+
+def part_of(key: str) -> str | None:
+    """The evaluated part a metric is measured on: ``heldout``, ``choice``, or None (lm-eval tasks)."""
+    return "choice" if key.startswith("choice.") else None if key.startswith("harness.") else "heldout"
+
+
+def overlap_notes(report: dict) -> list[str]:
+    """The lines under the table that say which parts overlap the training data, or why that was not checked."""
+    found = report.get("overlap", {})
+    if "unchecked" in found:
+        return [f"\nOverlap with the training data not checked: {found['unchecked']}."]
+    return [
+        f"\n{OVERLAP_MARK.strip()}: {len(hit['rows'])} of {hit['of']} {PART_UNITS[part]} hold text of the run's "
+        f"training rows (first: {', '.join(str(r) for r in hit['rows'][:5])}); their scores measure memory, not skill."
+        for part, hit in found.items()
+    ]
+
+
 def markdown(report: dict, other: dict | None = None) -> str:
     """One column per model; with ``other`` (the earlier / baseline report) first, and a column of changes where
-    both measured the same thing (``not_comparable``: the others read "not comparable", with the reason below)."""
+    both measured the same thing (``not_comparable``: the others read "not comparable", with the reason below).
+    A score measured on rows the training data holds is marked (``OVERLAP_MARK``), with the counts below."""
+    overlaps = report.get("overlap", {})
+    rows = [
+        (k, label + (OVERLAP_MARK if part_of(k) in overlaps else ""), v, u) for k, label, v, u in metric_rows(report)
+    ]
     if other is None:
         lines = [f"| metric | {report['model']['name']} |", "|---|---|"]
-        lines += [f"| {label} | {fmt(value, unit)} |" for _, label, value, unit in metric_rows(report)]
-        return "\n".join(lines) + "\n"
+        lines += [f"| {label} | {fmt(value, unit)} |" for _, label, value, unit in rows]
+        return "\n".join(lines + overlap_notes(report)) + "\n"
     before = {key: value for key, _, value, _ in metric_rows(other)}
     why = not_comparable(report, other)
     lines = [f"| metric | {other['model']['name']} | {report['model']['name']} | change |", "|---|---|---|---|"]
-    for key, label, value, unit in metric_rows(report):
-        part = "choice" if key.startswith("choice.") else None if key.startswith("harness.") else "heldout"
-        change = "not comparable" if part in why else delta(before.get(key), value, unit)
+    for key, label, value, unit in rows:
+        change = "not comparable" if part_of(key) in why else delta(before.get(key), value, unit)
         lines.append(f"| {label} | {fmt(before.get(key), unit)} | {fmt(value, unit)} | {change} |")
     lines += [f"\nNot comparable: {reason}." for reason in why.values()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + overlap_notes(report)) + "\n"
 
 
 def read_report(path: str | Path) -> dict:

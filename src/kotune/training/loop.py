@@ -19,6 +19,7 @@ import torch
 from kotune import output
 from kotune.config import Config, TrainConfig
 from kotune.data.batching import to_device
+from kotune.data.examples import unit_lengths
 from kotune.data.mixture import source_names
 from kotune.data.order import DataOrder, feeds_packed, total_steps, unit_config
 from kotune.errors import KotuneError
@@ -107,7 +108,7 @@ class Fit:
         self.forward.train()
         self.optimizer = build_optimizer(model.peft, cfg.train, self.device)
         order_cfg = unit_config(cfg)
-        lengths = [u.input_tokens for u in train]  # balance a step's units over the processes by tokens
+        lengths = unit_lengths(train)  # balance a step's units over the processes by tokens
         self.steps, _ = total_steps(order_cfg, lengths, self.world)
         packed = feeds_packed(order_cfg.train, model.fast is not None)
         self.order = DataOrder(lengths, order_cfg, self.rank, self.world, packed)

@@ -15,7 +15,7 @@ import torch
 from kotune import output
 from kotune.config import Config
 from kotune.data.audit import AuditReport, fatal_error, summary_lines
-from kotune.data.examples import Example
+from kotune.data.examples import Example, unit_lengths
 from kotune.data.order import describe, feeds_packed, total_steps, unit_config
 from kotune.data.preference import UnpairedResponse
 from kotune.data.prepare import Prepared, prepare
@@ -131,14 +131,14 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
         token_ids = trainable_token_ids(cfg.lora, tokenizer, untrained_token_ids(data.audits))
         if cfg.lora.trainable_tokens == "auto":  # the saved config, fingerprint and fast-path choice see the result
             cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
-        lengths = [e.input_tokens for e in data.train]
+        lengths = unit_lengths(data.train)
         cfg = check_before_loading(cfg, model_path, lengths, world, force, fit_gpu, output.info)
         output.info(describe(cfg, lengths, world))
     fp = fingerprint.compute(cfg, tokenizer, data.template, *data.examples)
     folder = find_resume(output_dir, resume, log=output.info)
     if folder is not None:
         fingerprint.check_resume(folder, fp, force)
-        steps = total_steps(unit_config(cfg), [u.input_tokens for u in data.train], world)[0]
+        steps = total_steps(unit_config(cfg), unit_lengths(data.train), world)[0]
         if already_finished(folder, output_dir, steps, log=output.info):
             return output_dir
     check_target_modules(cfg, model_path)
