@@ -12,13 +12,16 @@ from kotune.commands.chat import CHAT_SAMPLING, ChatSession
 
 
 class Playground:
-    """The model last chosen in the page, loaded on first use, with its conversation."""
+    """The model last chosen in the page, loaded on first use, with its conversation.
+
+    Each reply is a turn; stopping, or a new message, ends the turn in progress at its next token. The model runs one
+    token step at a time under a lock, so two replies never interleave on it."""
 
     def __init__(self) -> None:
         self.path: Path | None = None
         self.session: ChatSession | None = None
-        self.stopping = threading.Event()
-        self.busy = threading.Lock()
+        self.turn = 0
+        self.lock = threading.Lock()
 
     def open(self, path: Path) -> ChatSession:
         if self.path != path or self.session is None:
@@ -31,22 +34,26 @@ class Playground:
         return self.session
 
     def reply(self, path: Path, message: str) -> Iterator[str]:
-        """The reply's text as it is generated; ends early when ``stop`` is called. One reply at a time."""
-        if not self.busy.acquire(blocking=False):
-            yield "[kotune: another reply is being written; stop it first]"
-            return
-        try:
-            self.stopping.clear()
-            for piece in self.open(path).reply(message):
-                yield piece
-                if self.stopping.is_set():
+        """The reply's text as it is generated, until it ends, ``stop`` is called or another reply starts."""
+        with self.lock:
+            self.turn += 1
+            mine, pieces = self.turn, self.open(path).reply(message)
+        while True:
+            with self.lock:
+                if self.turn != mine:
+                    pieces.close()
                     return
-        finally:
-            self.busy.release()
+                piece = next(pieces, None)
+            if piece is None:
+                return
+            yield piece
 
     def stop(self) -> None:
-        self.stopping.set()
+        with self.lock:
+            self.turn += 1
 
     def reset(self) -> None:
-        if self.session is not None:
-            self.session.reset()
+        with self.lock:
+            self.turn += 1
+            if self.session is not None:
+                self.session.reset()

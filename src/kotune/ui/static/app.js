@@ -131,8 +131,9 @@ function chart(curve, records) {
   const add = (tag, attrs, text) => { const n = document.createElementNS(NS, tag); for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v); if (text) n.textContent = text; svg.append(n); return n; };
   add("line", { x1: L, y1: H - B, x2: W, y2: H - B, stroke: "#b8c0cf" });
   add("line", { x1: L, y1: 4, x2: L, y2: H - B, stroke: "#b8c0cf" });
-  add("text", { x: L - 4, y: 12, "text-anchor": "end", "font-size": 10 }, fmt(y1, 3));
-  add("text", { x: L - 4, y: H - B, "text-anchor": "end", "font-size": 10 }, fmt(y0, 3));
+  const digits = Math.min(8, Math.max(3, Math.ceil(Math.log10(Math.max(Math.abs(y0), Math.abs(y1)) / (y1 - y0))) + 2));
+  add("text", { x: L - 4, y: 12, "text-anchor": "end", "font-size": 10 }, fmt(y1, digits));
+  add("text", { x: L - 4, y: H - B, "text-anchor": "end", "font-size": 10 }, fmt(y0, digits));
   add("text", { x: L, y: H - 4, "font-size": 10 }, `step ${x0}`);
   add("text", { x: W - 4, y: H - 4, "text-anchor": "end", "font-size": 10 }, `step ${x1}`);
   series.forEach((s, i) => {
@@ -235,16 +236,16 @@ async function sendChat(event) {
     }
     reply.dataset.done = "1";
   } catch (e) {
+    reply.append(e.name === "AbortError" ? el("span", { class: "note", text: " [stopped]" }) : el("div", { class: "error", text: e.message }));
     reply.dataset.done = e.name === "AbortError" ? "stopped" : "error";
-    if (e.name !== "AbortError") reply.append(el("div", { class: "error", text: e.message }));
   } finally {
     chatAbort = null; $("chat-stop").disabled = true; $("chat-send").disabled = false;
   }
 }
 
-function stopChat() {
-  api("/api/chat/stop", {});
+async function stopChat() {
   if (chatAbort) chatAbort.abort();
+  await api("/api/chat/stop", {});
 }
 
 // -- wiring ------------------------------------------------------------------------------------------
