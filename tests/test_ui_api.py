@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,13 @@ from conftest import PLANTED_TOKEN
 
 pytest.importorskip("starlette", reason="kotune ui needs its extra: pip install 'kotune[ui]'")
 
-from starlette.testclient import TestClient  # noqa: E402
+with warnings.catch_warnings():  # starlette 1.10 asks for httpx2 in its test client; the locked httpx works
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
 
 from kotune.config import Config  # noqa: E402
 from kotune.training.claim import lock  # noqa: E402
-from kotune.ui import runs  # noqa: E402
+from kotune.ui import launch, runs  # noqa: E402
 from kotune.ui.server import create_app  # noqa: E402
 
 SECRET = "not for the page"
@@ -186,3 +189,10 @@ def test_a_non_finite_loss_reaches_the_page_as_null(root, client):
         f.write(json.dumps({"step": 5, "loss": float("nan"), "skipped": True}) + "\n")
     losses = [r.get("loss") for r in client.get("/api/runs/stopped").json()["metrics"] if "loss" in r]
     assert losses[-1] is None and len(losses) == 5
+
+
+def test_stop_signals_only_a_kotune_train_process(root, client):
+    with lock(root / "crashed"):  # held by this test process, which is no `kotune train`
+        refused = client.post("/api/runs/crashed/stop", headers=POST)
+        assert refused.status_code == 400 and "not `kotune train`" in refused.json()["error"]
+    assert not launch.is_kotune_train(os.getpid())

@@ -136,11 +136,16 @@ def stop(folder: Path) -> int:
     pid = lock_holder(folder)
     if pid is None:
         raise LaunchError(f"{folder.name} is not running")
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        cmdline = b""
-    if cmdline and b"kotune" not in cmdline:  # the lock names a process that is no kotune: never signal it
-        raise LaunchError(f"{folder.name}: the lock is held by pid {pid}, which is not a kotune process")
+    if not is_kotune_train(pid):  # the lock names another process (a tool holding it): never signal that
+        raise LaunchError(f"{folder.name}: its lock is held by pid {pid}, which is not `kotune train`; not stopped")
     os.kill(pid, signal.SIGTERM)
     return pid
+
+
+def is_kotune_train(pid: int) -> bool:
+    """Whether ``pid`` runs ``kotune train`` (the console script, ``-m kotune.cli``, or under torchrun)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return "train" in argv and any(word == "kotune.cli" or Path(word).name == "kotune" for word in argv)

@@ -80,7 +80,7 @@ async function showRun(name) {
   $("run-progress").textContent = `step ${run.step}${run.total_steps ? " of " + run.total_steps : ""}${done}` +
     (run.state === "running" ? ` · ETA ${duration(run.eta_s)}` : "") + (run.checkpoints.length ? ` · checkpoints: ${run.checkpoints.join(", ")}` : "");
   $("run-stop").disabled = run.state !== "running";
-  $("run-resume").disabled = !(run.state === "interrupted" || run.state === "finished" || run.state === "failed") || !run.checkpoints.length;
+  $("run-resume").disabled = !(run.state === "interrupted" || run.state === "failed") || !run.checkpoints.length;
   $("run-stop").onclick = () => act(`/api/runs/${run.name}/stop`, "stop signal sent; the run saves a checkpoint and ends");
   $("run-resume").onclick = () => act(`/api/runs/${run.name}/resume`, "resumed");
   drawCharts(run.metrics);
