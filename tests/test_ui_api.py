@@ -196,3 +196,47 @@ def test_stop_signals_only_a_kotune_train_process(root, client):
         refused = client.post("/api/runs/crashed/stop", headers=POST)
         assert refused.status_code == 400 and "not `kotune train`" in refused.json()["error"]
     assert not launch.is_kotune_train(os.getpid())
+
+
+def test_kotune_ui_on_another_host_keeps_its_token_out_of_its_log(root, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))  # another address than the default: the token rule applies
+        port = s.getsockname()[1]
+    log = tmp_path / "ui.log"
+    argv = [sys.executable, "-m", "kotune.cli", "ui", str(root), "--host", "127.0.0.2", "--port", str(port)]
+    with log.open("wb") as out:
+        server = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        token_file, url = root / ".kotune-ui" / "token", f"http://127.0.0.2:{port}/api/runs"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+            except urllib.error.HTTPError as refused:
+                assert refused.code == 401
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        address = token_file.read_text().strip()
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = address.split("?token=")[1]
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert {r["name"] for r in json.loads(response.read())["runs"]} >= {"done", "stopped"}
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())  # keeps the cookie, as one does
+        with browser.open(address, timeout=5) as page:
+            assert page.url.endswith(f":{port}/") and token not in page.read().decode()
+        with browser.open(url, timeout=5) as response:
+            assert response.status == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert str(token_file) in log.read_text() and token not in log.read_text()

@@ -46,9 +46,35 @@ def run(args) -> int:
             raise ConfigError(f"--config {config}: no such file")
     token = None if args.host in LOOPBACK else secrets.token_urlsafe(24)
     where = f"http://{args.host}:{args.port}/"
-    # The token goes to the terminal only, never to a log file: uvicorn's access log (which would carry
-    # `?token=`) is off.
-    shown = f"{where}?token={token}" if token else where
-    print(f"kotune ui: {root.resolve()} at {shown}", flush=True)
+    if token is None:
+        print(f"kotune ui: {root.resolve()} at {where}", flush=True)
+    else:
+        print(f"kotune ui: {root.resolve()} at {where} ({show_token(root, where, token)})", flush=True)
+    # uvicorn's access log would record `/?token=...`: it stays off
     uvicorn.run(create_app(root, configs, token), host=args.host, port=args.port, access_log=False, log_level="warning")
     return 0
+
+
+TOKEN_FILE = "token"
+"""Under ``RUNS_DIR/.kotune-ui/``: the address with its token, for a server whose output goes to a file."""
+
+
+def show_token(root: Path, where: str, token: str) -> str:
+    """Where to find the address with the token: printed on a terminal; when the output goes to a file (a log),
+    written instead to a file only this user can read, so that no log holds it."""
+    import os
+    import sys
+
+    from kotune.ui.runs import UI_DIR
+
+    address = f"{where}?token={token}"
+    if sys.stdout.isatty():
+        return f"open {address} once; the token stays in a cookie"
+    folder = root / UI_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(address + "\n")
+    os.chmod(path, 0o600)
+    return f"the address with its token is in {path}, readable by you only"
