@@ -199,9 +199,12 @@ def test_a_run_launched_from_the_page_trains_and_its_curves_grow(ui, browser):
     by_id(browser, "launch-start").click()
     wait(browser, lambda d: by_id(d, "launch-command").text, 10)
     saved = ui.runs / ".kotune-ui" / "configs" / "page-run.yaml"
-    assert by_id(browser, "launch-command").text == f"{sys.executable} -m kotune.cli train {saved}"
+    command = f"{sys.executable} -m kotune.cli train {saved}"
+    assert by_id(browser, "launch-command").text == command
+    recent = "#launch-recent code.command"
+    wait(browser, lambda d: [c.text for c in d.find_elements("css selector", recent)] == [command], 10)
     by_id(browser, "launch-open").click()
-    wait(browser, lambda d: by_id(d, "run-state").text == "running", 30, ui.logs())
+    wait(browser, lambda d: by_id(d, "run-state").text == "running", 90, ui.logs())
     wait(browser, lambda d: points(d) >= 2, 120, "no curve appeared")
     first = points(browser)
     wait(browser, lambda d: points(d) >= first + 2, 60, "the curve did not grow")
@@ -241,7 +244,7 @@ def test_stop_leaves_a_resumable_checkpoint_and_resume_continues_from_it(ui, bro
     assert (folder / f"checkpoint-{stopped_at}" / "COMPLETE").is_file()
     assert f"checkpoints: {stopped_at}" in by_id(browser, "run-progress").text
     by_id(browser, "run-resume").click()
-    wait(browser, lambda d: by_id(d, "run-state").text == "running", 30)
+    wait(browser, lambda d: by_id(d, "run-state").text == "running", 90)
     wait(browser, lambda d: logged_steps(folder)[-1] >= stopped_at + 2, 90, "the resumed run logged no step")
     steps = logged_steps(folder)
     assert steps == list(range(1, steps[-1] + 1))  # continued from the checkpoint: no step twice, none missing
@@ -277,6 +280,18 @@ def test_a_run_from_the_cli_looks_the_same_with_its_compared_eval(ui, browser):
     assert page_run.returncode == 0, page_run.stderr[-2000:]
     written = {p.name for p in (ui.runs / "page-run").iterdir() if not p.name.startswith("checkpoint-")}
     assert written <= {p.name for p in run.iterdir()}  # only what kotune train writes: nothing of the page's
+
+
+def test_gpu_memory_curves_draw_from_the_logged_peaks(ui, browser):
+    folder = ui.runs / "gpu-run"  # as a GPU run logs it (training/memory.py): CPU runs have no such figures
+    folder.mkdir()
+    shutil.copy(ui.runs / "cli-run" / "kotune_config.yaml", folder)
+    records = [{"step": s, "loss": 2.0, "peak_allocated_gib": 5.0 + s, "peak_reserved_gib": 6.5 + s} for s in (1, 2)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    visit(browser, ui, "run/gpu-run")
+    wait(browser, lambda d: by_id(d, "chart-memory").get_attribute("data-points") == "4", 20)
+    labels = by_id(browser, "chart-memory").text
+    assert "peak_allocated_gib" in labels and "peak_reserved_gib" in labels and "8.50" in labels
 
 
 def test_the_preview_colours_what_kotune_data_preview_labels(ui, browser):

@@ -130,6 +130,9 @@ class Api:
         folder = self.run_folder(request)
         return answer(launch.launch(self.root, launch.resume_config(self.root, folder), resume=True))
 
+    async def list_launches(self, request: Request) -> Response:
+        return answer({"launches": launch.launches(self.root)[:10]})
+
     async def list_configs(self, request: Request) -> Response:
         return answer({"configs": sorted(self.config_files())})
 
@@ -159,7 +162,8 @@ class Api:
 
         path = self.config_path(request.query_params.get("config", ""))
         split = "validation" if request.query_params.get("split") == "validation" else "train"
-        return answer(preview(path, split, min(50, int(request.query_params.get("limit", "5")))))
+        limit = request.query_params.get("limit", "5")
+        return answer(preview(path, split, min(50, int(limit) if limit.isdigit() else 5)))
 
     async def models(self, request: Request) -> Response:
         found = [f for f in runs.find_runs(self.root) if (f / SUMMARY).is_file() or (f / MERGE_REPORT).is_file()]
@@ -193,6 +197,7 @@ class Api:
             Route("/api/configs/save", self.save_config, methods=post),
             Route("/api/configs/{config:path}", self.read_config),
             Route("/api/launch", self.start, methods=post),
+            Route("/api/launches", self.list_launches),
             Route("/api/preview", self.data_preview),
             Route("/api/models", self.models),
             Route("/api/chat", self.chat, methods=post),

@@ -50,7 +50,7 @@ async function route() {
   const hash = decodeURIComponent(location.hash.slice(1)) || "runs";
   if (hash.startsWith("run/")) { show("run"); const name = hash.slice(4); await showRun(name); timer = setInterval(() => showRun(name), POLL_MS); }
   else if (hash === "data") { show("data"); await fillConfigs($("data-config")); }
-  else if (hash === "launch") { show("launch"); await openLaunch(); }
+  else if (hash === "launch") { show("launch"); await openLaunch(); timer = setInterval(showRecent, POLL_MS); }
   else if (hash === "chat") { show("chat"); await fillModels(); }
   else { show("runs"); await showRuns(); timer = setInterval(showRuns, POLL_MS); }
 }
@@ -85,12 +85,18 @@ async function showRun(name) {
   $("run-resume").onclick = () => act(`/api/runs/${run.name}/resume`, "resumed");
   drawCharts(run.metrics);
   $("run-plan").replaceChildren(...Object.entries(run.plan || {}).map(([k, v]) => el("tr", {}, el("td", { text: k }), el("td", { text: String(v) }))));
-  $("run-audit").replaceChildren(...(run.audit.length ? run.audit : ["(written when the run finishes)"]).map((line) => el("li", { text: line })));
+  const pending = `(written when the run finishes; the Data page shows it now for run/${run.name})`;
+  $("run-audit").replaceChildren(...(run.audit.length ? run.audit : [pending]).map((line) => el("li", { text: line })));
   $("run-evals").replaceChildren(...(run.evals.length ? run.evals.map(evalTable) : [el("p", { class: "note", text: "No eval report in this run folder (kotune eval RUN --out RUN/eval)." })]));
-  $("run-launches").replaceChildren(...(run.launches.length ? run.launches.map((l) => el("div", { class: "launch" },
-    el("p", {}, "Ran ", el("code", { class: "command", text: l.command }), ` (pid ${l.pid}, ${new Date(l.started * 1000).toLocaleString()})`),
-    el("pre", { class: "log", text: l.output }))) : [el("p", { class: "note", text: "None: this run was started outside the page." })]));
+  $("run-launches").replaceChildren(...(run.launches.length ? run.launches.map(launchView) : [el("p", { class: "note", text: "None: this run was started outside the page." })]));
   $("run-config").textContent = run.config;
+}
+
+function launchView(l) {
+  return el("div", { class: "launch" },
+    el("p", {}, "Ran ", el("code", { class: "command", text: l.command }), ` for `, el("a", { href: runLink(l.run), text: l.run }),
+      ` (pid ${l.pid}, ${new Date(l.started * 1000).toLocaleString()})`),
+    el("pre", { class: "log", text: l.output }));
 }
 
 async function act(path, done) {
@@ -171,8 +177,14 @@ async function showPreview() {
 
 // -- launch ------------------------------------------------------------------------------------------
 let checkTimer = null;
+async function showRecent() {
+  const { launches } = await api("/api/launches");
+  $("launch-recent").replaceChildren(...(launches.length ? launches.map(launchView) : [el("p", { class: "note", text: "None yet." })]));
+}
+
 async function openLaunch() {
   await fillConfigs($("launch-config"));
+  await showRecent();
   if (!$("launch-yaml").value && $("launch-config").value) await loadConfigText();
 }
 
