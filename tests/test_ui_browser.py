@@ -195,7 +195,6 @@ def test_a_run_launched_from_the_page_trains_and_its_curves_grow(ui, browser):
     name = by_id(browser, "launch-name")
     name.clear()
     name.send_keys("page-run")
-    shot(browser, "launch")
     by_id(browser, "launch-start").click()
     wait(browser, lambda d: by_id(d, "launch-command").text, 10)
     saved = ui.runs / ".kotune-ui" / "configs" / "page-run.yaml"
@@ -203,6 +202,7 @@ def test_a_run_launched_from_the_page_trains_and_its_curves_grow(ui, browser):
     assert by_id(browser, "launch-command").text == command
     recent = "#launch-recent code.command"
     wait(browser, lambda d: [c.text for c in d.find_elements("css selector", recent)] == [command], 10)
+    shot(browser, "launch")
     by_id(browser, "launch-open").click()
     wait(browser, lambda d: by_id(d, "run-state").text == "running", 90, ui.logs())
     wait(browser, lambda d: points(d) >= 2, 120, "no curve appeared")
@@ -215,7 +215,6 @@ def test_a_run_launched_from_the_page_trains_and_its_curves_grow(ui, browser):
     visit(browser, ui, "runs")
     row = wait(browser, lambda d: d.find_element("css selector", "tr[data-run='page-run']"))
     wait(browser, lambda d: "running" in row.text, 10)
-    shot(browser, "runs")
 
 
 def test_a_launched_run_survives_the_servers_restart(ui, browser):
@@ -268,6 +267,7 @@ def test_a_run_from_the_cli_looks_the_same_with_its_compared_eval(ui, browser):
     cells = {r.get_attribute("data-run"): r.find_elements("css selector", "td") for r in rows}
     assert cells["cli-run"][1].text == "finished" and cells["page-run"][1].text == "interrupted"
     assert cells["cli-run"][2].text == "3 / 3" and cells["page-run"][2].text.endswith(" / 400")
+    shot(browser, "runs")
     visit(browser, ui, "run/cli-run")
     wait(browser, lambda d: by_id(d, "run-state").text == "finished", 20)
     assert points(browser) == 3 + 1  # three steps and the last step's evaluation
