@@ -240,3 +240,18 @@ def test_kotune_ui_on_another_host_keeps_its_token_out_of_its_log(root, tmp_path
         server.terminate()
         server.wait(timeout=30)
     assert str(token_file) in log.read_text() and token not in log.read_text()
+
+
+def test_resume_reads_the_config_the_run_started_from(root, tmp_path):
+    folder = (root / "stopped").resolve()
+    assert launch.resume_config(root, folder, []) == folder / "kotune_config.yaml"
+    other = tmp_path / "other.yaml"
+    other.write_text(f"train:\n  output_dir: {root / 'crashed'}\n")
+    named = tmp_path / "named.yaml"
+    named.write_text(f"train:\n  output_dir: {root / 'stopped'}\n")
+    assert launch.resume_config(root, folder, [other, named]) == named  # the named config training into it
+    edited = launch.save_config(root, "edited", named.read_text())
+    record = {"run": "stopped", "command": "kotune train ...", "config": str(edited), "pid": 1, "started": 0}
+    (root / ".kotune-ui" / "launches").mkdir()
+    (root / ".kotune-ui" / "launches" / "1.json").write_text(json.dumps({**record, "log": "1.log"}))
+    assert launch.resume_config(root, folder, [other, named]) == edited  # what the page last launched it from

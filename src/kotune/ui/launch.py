@@ -92,6 +92,7 @@ def launch(root: Path, config: Path, resume: bool = False) -> dict:
     record = {
         "run": output.relative_to(root.resolve()).as_posix(),
         "command": redact(shlex.join(argv)),
+        "config": str(config),
         "pid": child.pid,
         "started": time.time(),
         "log": log.name,
@@ -120,14 +121,24 @@ def launches(root: Path, run: str | None = None) -> list[dict]:
     return records[::-1]
 
 
-def resume_config(root: Path, folder: Path) -> Path:
-    """What a resume of the run reads: the config the page last launched it from, else the run's saved config
-    (what ``kotune train`` resolved, so the resume's checks find nothing changed)."""
+def resume_config(root: Path, folder: Path, configs: list[Path]) -> Path:
+    """What a resume of the run reads: the config the page last launched it from, else one of ``configs`` (the named
+    and saved ones) training into the folder, else the run's saved ``kotune_config.yaml``. The config the run
+    started from comes first: the resume's checks compare against it (the saved one has ``data.format: auto``
+    resolved, which they count as a change)."""
     run = folder.relative_to(root.resolve()).as_posix()
     for record in launches(root, run):
-        config = Path(shlex.split(record["command"])[4])
-        if config.is_file():
-            return config
+        if Path(record["config"]).is_file():
+            return Path(record["config"])
+    for config in configs:
+        try:
+            if (
+                Path(config_from_text(config.read_text(encoding="utf-8"), str(config)).train.output_dir).resolve()
+                == folder
+            ):
+                return config
+        except ConfigError:
+            continue
     return folder / CONFIG
 
 

@@ -128,7 +128,8 @@ class Api:
 
     async def resume_run(self, request: Request) -> Response:
         folder = self.run_folder(request)
-        return answer(launch.launch(self.root, launch.resume_config(self.root, folder), resume=True))
+        config = launch.resume_config(self.root, folder, [p for k, p in self.config_files().items() if k[:4] != "run/"])
+        return answer(launch.launch(self.root, config, resume=True))
 
     async def list_launches(self, request: Request) -> Response:
         return answer({"launches": launch.launches(self.root)[:10]})
