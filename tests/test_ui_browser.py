@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from conftest import PLANTED_TOKEN, TINY_TRAIN_ROWS, run_kotune, write_jsonl
 pytest.importorskip("starlette", reason="kotune ui needs its extra: pip install 'kotune[ui]'")
 webdriver = pytest.importorskip("selenium.webdriver", reason="the browser tests need selenium (the dev extra)")
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from kotune.ui.runs import lock_holder  # noqa: E402
@@ -84,6 +86,7 @@ class Ui:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
         self.starts = 0
+        self.cli_run = None
 
     def start(self) -> None:
         self.starts += 1
@@ -122,7 +125,9 @@ def ui(tmp_path_factory, tiny_llama3_model):
     env = {**os.environ, "HF_TOKEN": PLANTED_TOKEN, "KOTUNE_CACHE": str(root / "cache")}
     server = Ui(root, [page, cli], env)
     server.start()
-    yield server
+    with ThreadPoolExecutor(1) as background:  # the CLI's run trains while the page's tests run
+        server.cli_run = background.submit(cli_run, server)
+        yield server
     server.stop()
     for folder in (root / "runs").glob("*"):  # a run this module started and a failed test left training
         pid = lock_holder(folder)
@@ -148,7 +153,8 @@ def visit(driver, ui: Ui, page: str) -> None:
 
 
 def wait(driver, condition, timeout: float = 60, message: str = ""):
-    return WebDriverWait(driver, timeout, poll_frequency=0.3).until(condition, message)
+    waiting = WebDriverWait(driver, timeout, poll_frequency=0.3, ignored_exceptions=[StaleElementReferenceException])
+    return waiting.until(condition, message)
 
 
 def by_id(driver, name: str):
@@ -162,8 +168,23 @@ def edit(driver, editor, text: str) -> None:
     )
 
 
-def points(driver) -> int:
-    return int(by_id(driver, "chart-loss").get_attribute("data-points"))
+def runs_table(driver) -> dict[str, list[str]]:
+    """The runs list as {run: its cells' text}, read at once (the page redraws it on every poll)."""
+    return driver.execute_script(
+        "const rows = {}; for (const tr of document.querySelectorAll('#runs-table tbody tr'))"
+        " rows[tr.dataset.run] = [...tr.cells].map((td) => td.textContent); return rows;"
+    )
+
+
+def texts(driver, css: str) -> list[str]:
+    """The text of each element ``css`` selects, read at once (the page redraws parts of itself on every poll)."""
+    return driver.execute_script("return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent)", css)
+
+
+def points(driver, chart: str = "loss") -> int:
+    """How many points the chart draws (redrawn on every poll, so read in one call)."""
+    found = driver.execute_script("return document.getElementById(arguments[0])?.dataset.points", f"chart-{chart}")
+    return int(found or 0)
 
 
 def shot(driver, name: str) -> None:
@@ -201,20 +222,18 @@ def test_a_run_launched_from_the_page_trains_and_its_curves_grow(ui, browser):
     command = f"{sys.executable} -m kotune.cli train {saved}"
     assert by_id(browser, "launch-command").text == command
     recent = "#launch-recent code.command"
-    wait(browser, lambda d: [c.text for c in d.find_elements("css selector", recent)] == [command], 10)
+    wait(browser, lambda d: texts(d, recent) == [command], 10)
     shot(browser, "launch")
     by_id(browser, "launch-open").click()
     wait(browser, lambda d: by_id(d, "run-state").text == "running", 90, ui.logs())
     wait(browser, lambda d: points(d) >= 2, 120, "no curve appeared")
     first = points(browser)
     wait(browser, lambda d: points(d) >= first + 2, 60, "the curve did not grow")
-    assert by_id(browser, "chart-lr").get_attribute("data-points") != "0"
-    assert by_id(browser, "chart-tokens_per_s").get_attribute("data-points") != "0"
-    assert "kotune.cli train" in browser.find_element("css selector", "#run-launches code.command").text
+    assert points(browser, "lr") > 0 and points(browser, "tokens_per_s") > 0
+    assert "kotune.cli train" in texts(browser, "#run-launches code.command")[0]
     shot(browser, "run")
     visit(browser, ui, "runs")
-    row = wait(browser, lambda d: d.find_element("css selector", "tr[data-run='page-run']"))
-    wait(browser, lambda d: "running" in row.text, 10)
+    wait(browser, lambda d: "running" in runs_table(d).get("page-run", []), 10)
 
 
 def test_a_launched_run_survives_the_servers_restart(ui, browser):
@@ -230,7 +249,7 @@ def test_a_launched_run_survives_the_servers_restart(ui, browser):
     wait(browser, lambda d: by_id(d, "run-state").text == "running", 20)
     wait(browser, lambda d: points(d) > before + 1, 60, "the curve stopped growing across the restart")
     assert lock_holder(folder) == pid
-    assert "kotune.cli train" in browser.find_element("css selector", "#run-launches code.command").text
+    assert "kotune.cli train" in texts(browser, "#run-launches code.command")[0]
 
 
 def test_stop_leaves_a_resumable_checkpoint_and_resume_continues_from_it(ui, browser):
@@ -247,26 +266,34 @@ def test_stop_leaves_a_resumable_checkpoint_and_resume_continues_from_it(ui, bro
     wait(browser, lambda d: logged_steps(folder)[-1] >= stopped_at + 2, 90, "the resumed run logged no step")
     steps = logged_steps(folder)
     assert steps == list(range(1, steps[-1] + 1))  # continued from the checkpoint: no step twice, none missing
-    resumed = browser.find_elements("css selector", "#run-launches code.command")[0].text
+    resumed = texts(browser, "#run-launches code.command")[0]
     assert resumed.endswith("--resume")
     by_id(browser, "run-stop").click()
     wait(browser, lambda d: by_id(d, "run-state").text == "interrupted", 60)
 
 
-def test_a_run_from_the_cli_looks_the_same_with_its_compared_eval(ui, browser):
+def cli_run(ui: Ui) -> list[subprocess.CompletedProcess]:
+    """``kotune train`` of the CLI's config, then ``kotune eval --base`` and ``kotune eval --compare`` of it."""
     env = {"HF_TOKEN": PLANTED_TOKEN, "KOTUNE_CACHE": str(ui.root / "cache")}
-    trained = run_kotune(["train", str(ui.configs[1])], env, cwd=ui.root)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    done = [run_kotune(["train", str(ui.configs[1])], env, cwd=ui.root)]
     run = ui.runs / "cli-run"
     for extra in (["--base"], ["--compare", str(run / "eval-base")]):
-        result = run_kotune(["eval", str(run), "--limit", "2", "--max-new-tokens", "4", *extra], env, cwd=ui.root)
-        assert result.returncode == 0, result.stderr[-3000:]
+        if done[-1].returncode == 0:
+            done.append(
+                run_kotune(["eval", str(run), "--limit", "2", "--max-new-tokens", "4", *extra], env, cwd=ui.root)
+            )
+    return done
+
+
+def test_a_run_from_the_cli_looks_the_same_with_its_compared_eval(ui, browser):
+    done = ui.cli_run.result(timeout=600)  # started with the module, beside the page's run
+    assert [p.returncode for p in done] == [0, 0, 0], done[-1].stderr[-3000:]
+    run = ui.runs / "cli-run"
     visit(browser, ui, "runs")
-    wait(browser, lambda d: d.find_elements("css selector", "tr[data-run='cli-run']"))
-    rows = browser.find_elements("css selector", "#runs-table tbody tr")
-    cells = {r.get_attribute("data-run"): r.find_elements("css selector", "td") for r in rows}
-    assert cells["cli-run"][1].text == "finished" and cells["page-run"][1].text == "interrupted"
-    assert cells["cli-run"][2].text == "3 / 3" and cells["page-run"][2].text.endswith(" / 400")
+    cells = wait(browser, lambda d: (table := runs_table(d)).get("cli-run") and table)
+    assert cells["cli-run"][1] == "finished" and cells["page-run"][1] == "interrupted"
+    assert cells["cli-run"][2] == "3 / 3" and cells["page-run"][2].endswith(" / 400")
+    assert len(cells["cli-run"]) == len(cells["page-run"]) == 7
     shot(browser, "runs")
     visit(browser, ui, "run/cli-run")
     wait(browser, lambda d: by_id(d, "run-state").text == "finished", 20)
@@ -275,9 +302,13 @@ def test_a_run_from_the_cli_looks_the_same_with_its_compared_eval(ui, browser):
     assert "started outside the page" in by_id(browser, "run-launches").text
     evals = by_id(browser, "run-evals")
     assert "compared with" in evals.text and "change" in evals.text and "pt" in evals.text
+    Select(by_id(browser, "run-plan-gpu")).select_by_visible_text("L4")
+    by_id(browser, "run-predict").click()  # kotune plan of the run's config, for a GPU this machine lacks
+    wait(
+        browser, lambda d: "predicted peak" in by_id(d, "run-predicted").text, 60, by_id(browser, "run-predicted").text
+    )
+    assert "plan for L4" in by_id(browser, "run-predicted").text and "fits" in by_id(browser, "run-predicted").text
     shot(browser, "run-finished")
-    page_run = run_kotune(["report", str(ui.runs / "page-run")], env, cwd=ui.root)  # the CLI reads a page's run
-    assert page_run.returncode == 0, page_run.stderr[-2000:]
     written = {p.name for p in (ui.runs / "page-run").iterdir() if not p.name.startswith("checkpoint-")}
     assert written <= {p.name for p in run.iterdir()}  # only what kotune train writes: nothing of the page's
 
@@ -289,8 +320,8 @@ def test_gpu_memory_curves_draw_from_the_logged_peaks(ui, browser):
     records = [{"step": s, "loss": 2.0, "peak_allocated_gib": 5.0 + s, "peak_reserved_gib": 6.5 + s} for s in (1, 2)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     visit(browser, ui, "run/gpu-run")
-    wait(browser, lambda d: by_id(d, "chart-memory").get_attribute("data-points") == "4", 20)
-    labels = by_id(browser, "chart-memory").text
+    wait(browser, lambda d: points(d, "memory") == 4, 20)
+    labels = texts(browser, "#chart-memory")[0]
     assert "peak_allocated_gib" in labels and "peak_reserved_gib" in labels and "8.50" in labels
 
 

@@ -166,6 +166,26 @@ class Api:
         limit = request.query_params.get("limit", "5")
         return answer(preview(path, split, min(50, int(limit) if limit.isdigit() else 5)))
 
+    def predict(self, request: Request) -> Response:  # sync: it tokenizes, in a thread
+        """``kotune plan CONFIG --gpu NAME`` (default: this machine's GPU) as the lines it prints."""
+        from kotune.commands.plan import plan_config
+        from kotune.config_load import load_config
+        from kotune.plan.estimate import render
+        from kotune.plan.gpus import gpu_named, present_gpu
+
+        cfg = load_config(self.config_path(request.query_params.get("config", "")))
+        name = request.query_params.get("gpu")
+        gpu = gpu_named(name) if name else present_gpu()
+        if gpu is None:
+            raise ConfigError("no CUDA GPU on this machine: pick the GPU to plan for")
+        _, plan, _, _ = plan_config(cfg, gpu)
+        return answer({"lines": render(plan), "fits": plan.fits})
+
+    async def gpus(self, request: Request) -> Response:
+        from kotune.plan.gpus import GPUS
+
+        return answer({"gpus": [g.name for g in GPUS.values()]})
+
     async def models(self, request: Request) -> Response:
         found = [f for f in runs.find_runs(self.root) if (f / SUMMARY).is_file() or (f / MERGE_REPORT).is_file()]
         return answer({"models": [f.relative_to(self.root).as_posix() for f in found]})
@@ -201,6 +221,8 @@ class Api:
             Route("/api/launches", self.list_launches),
             Route("/api/preview", self.data_preview),
             Route("/api/models", self.models),
+            Route("/api/plan", self.predict),
+            Route("/api/gpus", self.gpus),
             Route("/api/chat", self.chat, methods=post),
             Route("/api/chat/stop", self.chat_stop, methods=post),
             Route("/api/chat/reset", self.chat_reset, methods=post),

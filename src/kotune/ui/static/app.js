@@ -48,7 +48,12 @@ function show(page) {
 async function route() {
   clearInterval(timer);
   const hash = decodeURIComponent(location.hash.slice(1)) || "runs";
-  if (hash.startsWith("run/")) { show("run"); const name = hash.slice(4); await showRun(name); timer = setInterval(() => showRun(name), POLL_MS); }
+  if (hash.startsWith("run/")) {
+    show("run"); const name = hash.slice(4);
+    $("run-predicted").hidden = true;
+    $("run-predict").onclick = () => predict("run/" + name, $("run-plan-gpu").value, $("run-predicted"));
+    await fillGpus($("run-plan-gpu")); await showRun(name); timer = setInterval(() => showRun(name), POLL_MS);
+  }
   else if (hash === "data") { show("data"); await fillConfigs($("data-config")); }
   else if (hash === "launch") { show("launch"); await openLaunch(); timer = setInterval(showRecent, POLL_MS); }
   else if (hash === "chat") { show("chat"); await fillModels(); }
@@ -153,6 +158,23 @@ function chart(curve, records) {
   return card;
 }
 
+// -- kotune plan: predicted memory and time of a config on a GPU -----------------------------------------
+async function fillGpus(select) {
+  if (select.options.length) return;
+  const { gpus } = await api("/api/gpus");
+  select.replaceChildren(el("option", { value: "", text: "this machine's GPU" }), ...gpus.map((g) => el("option", { value: g, text: g })));
+}
+
+async function predict(config, gpu, out) {
+  out.hidden = false;
+  out.textContent = "kotune plan: tokenizing and estimating…";
+  try {
+    const result = await api(`/api/plan?config=${encodeURIComponent(config)}&gpu=${encodeURIComponent(gpu)}`);
+    out.textContent = result.lines.join("\n");
+    out.className = result.fits ? "" : "error";
+  } catch (e) { out.textContent = e.message; out.className = "error"; }
+}
+
 // -- data --------------------------------------------------------------------------------------------
 async function fillConfigs(select) {
   const { configs } = await api("/api/configs");
@@ -184,6 +206,7 @@ async function showRecent() {
 
 async function openLaunch() {
   await fillConfigs($("launch-config"));
+  await fillGpus($("launch-plan-gpu"));
   await showRecent();
   if (!$("launch-yaml").value && $("launch-config").value) await loadConfigText();
 }
@@ -264,6 +287,7 @@ async function stopChat() {
 $("data-show").onclick = showPreview;
 $("launch-config").onchange = loadConfigText;
 $("launch-yaml").oninput = () => { clearTimeout(checkTimer); checkTimer = setTimeout(checkYaml, 400); };
+$("launch-predict").onclick = () => predict($("launch-config").value, $("launch-plan-gpu").value, $("launch-predicted"));
 $("launch-start").onclick = () => startFromEditor(false);
 $("launch-resume").onclick = () => startFromEditor(true);
 $("chat-form").onsubmit = sendChat;
