@@ -193,6 +193,7 @@ def shot(driver, name: str) -> None:
         time.sleep(0.5)
         height = driver.execute_script("return document.documentElement.scrollHeight")
         driver.set_window_size(1280, min(2400, max(1000, height)))  # the whole page, for docs/ui
+        driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(str(Path(folder) / f"{name}.png"))
         driver.set_window_size(1280, 1000)
 
