@@ -8,7 +8,7 @@ import sys
 
 from kotune import __version__
 
-COMMANDS = ("init", "train", "plan", "data", "merge", "chat", "generate", "eval", "report", "push", "export")
+COMMANDS = ("init", "train", "plan", "data", "merge", "chat", "generate", "eval", "report", "push", "export", "ui")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ LAYERS = (
     ("evaluation",),
     ("training",),
     ("export",),
-    ("commands", "cli", "docs", "__main__"),
+    ("commands", "cli", "docs", "__main__", "ui"),
 )
 """Bottom to top, as ``docs/architecture.md`` draws them: a module may import its own layer and those below."""
 

@@ -28,11 +28,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from kotune import output
-    from kotune.commands.data import load_prepared
     from kotune.config import ConfigError
     from kotune.config_load import load_config
     from kotune.plan.estimate import render
-    from kotune.plan.gate import choose_distributed, fit_settings, plan_for
+    from kotune.plan.gate import fit_settings
     from kotune.plan.gpus import gpu_named, present_gpu
     from kotune.plan.packing_advice import packing_advice
 
@@ -46,10 +45,7 @@ def run(args) -> int:
     gpu = gpu_named(args.gpu) if args.gpu else present_gpu()
     if gpu is None:
         raise ConfigError("no CUDA GPU on this machine: name the one to plan for, e.g. --gpu L4 (see --help)")
-    model_path, _, train, _, _ = load_prepared(cfg)
-    lengths = [e.input_tokens for e in train]
-    cfg = choose_distributed(cfg, model_path, lengths, gpu, args.gpus)  # train.distributed auto: as train picks
-    plan, shape = plan_for(cfg, model_path, lengths, gpu, args.gpus)
+    cfg, plan, shape, lengths = plan_config(cfg, gpu, args.gpus)
     for line in render(plan):
         print(line)
     if advice := packing_advice(cfg, lengths, args.gpus, plan, shape):
@@ -65,6 +61,19 @@ def run(args) -> int:
         output.warn("the run as configured is predicted not to fit; `kotune train` would refuse it")
         return 1
     return 0
+
+
+def plan_config(cfg, gpu, processes: int = 1):
+    """The plan of a config's run on ``gpu`` with ``processes``: (the config as train would run it, the plan, the
+    model's shape, the training rows' lengths). Tokenizes the data as training would (cached)."""
+    from kotune.commands.data import load_prepared
+    from kotune.plan.gate import choose_distributed, plan_for
+
+    model_path, _, train, _, _ = load_prepared(cfg)
+    lengths = [e.input_tokens for e in train]
+    cfg = choose_distributed(cfg, model_path, lengths, gpu, processes)  # train.distributed auto: as train picks
+    plan, shape = plan_for(cfg, model_path, lengths, gpu, processes)
+    return cfg, plan, shape, lengths
 
 
 def run_preset(args) -> int:
