@@ -62,11 +62,14 @@ def test_a_merged_folder_without_an_end_token_writes_no_eos(tmp_path, tiny_model
 
 
 def test_a_merged_folder_stops_at_eos_and_end_of_turn(tmp_path, tiny_model_dir, mock_tokenizer):
+    import copy
+
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from kotune.export.merge import save_merged
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    save_merged(model, mock_tokenizer, folder(tmp_path / "run"), tmp_path / "merged")
+    # a copy: saving gives the tokenizer the run's trained template, and the package's tests share this one
+    save_merged(model, copy.deepcopy(mock_tokenizer), folder(tmp_path / "run"), tmp_path / "merged")
     # the tokenizer's EOS and the chat template's end of turn
     assert GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id == [EOS, END]
