@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from kotune.errors import KotuneError
+from kotune.grpo_config import GrpoConfig, validate_grpo
 from kotune.preference_config import PreferenceConfig, validate_preference
 from kotune.source_config import SourceConfig, validate_sources
 
@@ -133,8 +134,10 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = "sft"
-    """``sft``: next-token loss on responses; the others train on preference pairs (settings: ``preference``)."""
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"] = "sft"
+    """``sft``: next-token loss on responses; ``dpo``, ``orpo``, ``simpo``, ``kto`` train on preference pairs
+    (settings: ``preference``); ``grpo`` samples completions of prompt rows and trains on their rewards (settings:
+    ``grpo``)."""
     output_dir: str = "outputs/kotune-run"
     """Where the adapter, tokenizer, template, resolved config, checkpoints and metrics go."""
     num_epochs: float = 1.0
@@ -224,7 +227,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, evaluation, checkpoints and logging."""
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
-    """Preference objectives (``train.objective`` other than ``sft``)."""
+    """Preference objectives (``train.objective`` dpo, orpo, simpo, kto)."""
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    """Online RL on prompts (``train.objective`` grpo): sampling, rewards and the policy loss."""
 
     def effective_batch_size(self, world_size: int = 1) -> int:
         """Rows per optimizer step across all processes."""
@@ -302,6 +307,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     _validate_train(cfg.train)
     validate_preference(cfg.preference, cfg.data.cutoff_len, cfg.train.objective)
+    validate_grpo(cfg.grpo)
     if cfg.lora.target_modules in (["all-linear"], "all-linear"):
         cfg.lora.target_modules = "all-linear"  # peft's keyword, not a module name
     elif isinstance(cfg.lora.target_modules, str):
