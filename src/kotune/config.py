@@ -70,10 +70,11 @@ class DataConfig:
     """Split to read from a hub dataset."""
     validation_path: str | None = None
     """Separate validation file or dataset. Unset: ``val_size`` of ``path`` is held out."""
-    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "preference"] = "auto"
+    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "preference", "prompts"] = "auto"
     """Row format; ``auto`` detects it from the columns (``preference``: prompt or instruction, chosen, rejected;
-    for kto also prompt, completion, label). Conversations (``messages``, ``sharegpt``) may have a ``tools`` column
-    and turns with ``reasoning_content``, ``tool_calls`` and the ``tool`` role."""
+    for kto also prompt, completion, label; ``prompts``, for grpo: prompt or messages, and the answer columns).
+    Conversations (``messages``, ``sharegpt``) may have a ``tools`` column and turns with ``reasoning_content``,
+    ``tool_calls`` and the ``tool`` role."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column mapping from kotune's names to yours, e.g. ``{instruction: question, output: answer}`` (for
     conversations also ``messages``, ``conversations`` and ``tools``, e.g. ``{tools: functions}``)."""
