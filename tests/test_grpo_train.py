@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_jsonl
+from safetensors.torch import load_file
 from test_resume import SimulatedKill, assert_same_adapter, by_step, kill_at_forward
 from unit.conftest import BOS, EOS, PAD, build_mock_tokenizer
 
@@ -157,3 +158,26 @@ def test_a_reward_that_raises_stops_the_run_naming_row_and_function(tmp_path, wa
         match=r"reward 'strict.py:only_digits' on prompt row \d raised ValueError: unparseable; the reply was '",
     ):
         train(cfg)
+
+
+@pytest.mark.slow
+def test_two_processes_sample_and_train_the_same_steps_as_one(tmp_path, warm_base):
+    """torchrun with two gloo processes, each sampling the completions of its half of a step's prompts: the same
+    rewards, gradient norms and |delta log p| maxima (reduced by max over the processes) as one process, and the
+    same adapter (the prompts are of one length, so the batches' padding cannot change a sampled token)."""
+    from test_ddp import kotune
+
+    overrides = {"train.max_steps": 3, "train.save_steps": 3, "grpo.generations": 4}
+    path = tmp_path / "config.yaml"
+    path.write_text(grpo_config(tmp_path / "unused", warm_base, **overrides).to_yaml(), encoding="utf-8")
+    runs = {}
+    for n in (1, 2):
+        runs[n], log = tmp_path / f"p{n}", tmp_path / f"p{n}.log"
+        assert kotune(["train", str(path), f"train.output_dir={runs[n]}"], n, log) == 0, log.read_text()[-4000:]
+    for key in ("reward", "grad_norm", "completion_length", "logp_delta_max"):
+        one, two = by_step(runs[1], key), by_step(runs[2], key)
+        assert sorted(one) == [1, 2, 3] and two == pytest.approx(one, rel=1e-5, abs=1e-6), key
+    assert all(r["processes"] == 2 for r in records(runs[2]) if "reward" in r)
+    one, two = load_file(runs[1] / ADAPTER), load_file(runs[2] / ADAPTER)
+    for name in one:  # Adam divides by the gradient's size: a near-zero entry's rounding moves it by ~1e-6, not ~lr
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-5)

@@ -32,12 +32,17 @@ def register(sub) -> None:
 
 def load_prepared(cfg) -> tuple[str, object, Sequence[Example], Sequence[Example], tuple]:
     """The model path, its tokenizer, the train and validation examples and the audits of a config's data (a
-    preference run's pairs as their responses after their prompts)."""
+    preference run's pairs as their responses after their prompts; a GRPO run's prompts)."""
     from kotune.model.assets import resolve_model
     from kotune.model.load import load_tokenizer
 
     model_path = resolve_model(cfg.model.path)
     tokenizer = load_tokenizer(model_path, cfg.model)
+    if cfg.train.objective == "grpo":
+        from kotune.data.prompts import prepare_prompts
+
+        prompts = prepare_prompts(cfg, tokenizer)
+        return model_path, tokenizer, prompts.examples("train"), prompts.examples("validation"), prompts.audits
     if cfg.train.objective != "sft":
         from kotune.data.prepare_pairs import prepare_pairs
 

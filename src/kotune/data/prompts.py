@@ -19,6 +19,7 @@ from kotune.config import Config
 from kotune.data.audit import FATAL, WARNING, AuditReport, Finding, length_stats, row_list
 from kotune.data.conversations import ChatRenderer, to_messages
 from kotune.data.encoding import bos_id_to_add, encode_segments
+from kotune.data.examples import IGNORE, Example
 from kotune.data.formats import SkipRow
 from kotune.data.read import DataError, apply_columns, read_rows, split_indices
 
@@ -46,6 +47,12 @@ class PreparedPrompts:
     validation: list[PromptRow]
     audits: tuple[AuditReport, ...]
     chat_template: str | None
+
+    def examples(self, split: str) -> list[Example]:
+        """The ``split``'s prompts as ``Example`` rows with nothing trained: what ``kotune data`` shows and the
+        fingerprint hashes (completions are sampled during training)."""
+        part = self.train if split == "train" else self.validation
+        return [Example(p.row, p.ids, [IGNORE] * len(p.ids)) for p in part]
 
 
 def prompt_text(row: dict[str, Any], renderer: ChatRenderer | None, where: str) -> str:

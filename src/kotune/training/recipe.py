@@ -16,7 +16,7 @@ from kotune import output
 from kotune.config import Config
 from kotune.data.audit import AuditReport, fatal_error, summary_lines
 from kotune.data.conversations import stop_ids
-from kotune.data.examples import IGNORE, Example
+from kotune.data.examples import Example
 from kotune.data.order import describe, feeds_packed, total_steps, unit_config
 from kotune.data.preference import UnpairedResponse
 from kotune.data.prepare import Prepared, prepare
@@ -229,9 +229,7 @@ def prompt_data(cfg: Config, tokenizer) -> RunData:
     output.info(f"kotune: data (prompts): {len(data.train)} train, {len(data.validation)} held out; rewards "
                 f"{', '.join(f'{n} x{w:g}' for n, _, w in rewards.parts)}")  # fmt: skip
     summary = {"objective": "grpo", "train_prompts": len(data.train), "validation_prompts": len(data.validation)}
-    examples = tuple(
-        [Example(p.row, p.ids, [IGNORE] * len(p.ids)) for p in part] for part in (data.train, data.validation)
-    )
+    examples = (data.examples("train"), data.examples("validation"))
     template = load_template(cfg.data.template)
     return RunData(data.train, data.validation, examples, template, data.chat_template, data.audits, summary,
                    "prompts", rewards=rewards)  # fmt: skip
