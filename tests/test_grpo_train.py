@@ -129,6 +129,10 @@ def test_grpo_learns_a_digit_sum_from_rewards_alone(tmp_path, warm_base):
     assert all(r["prompts"] == 8 and r["reward"] == r["reward[answer]"] for r in steps)
     assert sum(r["stopped"] for r in last) / 5 > 0.9 and 1.9 < last[-1]["completion_length"] < 2.5  # digit, EOS
     assert (out / ADAPTER).is_file()
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "![Reward (GRPO) and its components](report/reward.png)" in report
+    assert f"| last held-out reward | {evals[-1]:.4f} |" in report
+    assert (out / "report" / "reward.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_killed_grpo_run_resumes_to_the_same_rewards_and_adapter(tmp_path, warm_base):
