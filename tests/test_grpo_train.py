@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from test_resume import SimulatedKill, assert_same_adapter, by_step, kill_at_forward
 from unit.conftest import BOS, EOS, PAD, build_mock_tokenizer
 
+from kotune.cli import main
 from kotune.config_load import load_config
 from kotune.rl.rewards import RewardError
 from kotune.run_folder import ADAPTER, METRICS
@@ -133,6 +134,15 @@ def test_grpo_learns_a_digit_sum_from_rewards_alone(tmp_path, warm_base):
     assert "![Reward (GRPO) and its components](report/reward.png)" in report
     assert f"| last held-out reward | {evals[-1]:.4f} |" in report
     assert (out / "report" / "reward.png").read_bytes()[:4] == b"\x89PNG"
+    # kotune eval scores the held-out prompts with the run's rewards, before (--base) and after
+    common = ["--limit", "8", "--max-new-tokens", "3"]
+    assert main(["eval", str(out), "--base", *common, "--out", str(tmp_path / "base")]) == 0
+    assert main(["eval", str(out), *common, "--compare", str(tmp_path / "base")]) == 0
+    report = json.loads((out / "eval" / "eval_report.json").read_text(encoding="utf-8"))
+    before = json.loads((tmp_path / "base" / "eval_report.json").read_text(encoding="utf-8"))
+    assert before["rewards"]["reward"] == evals[0]  # the base's greedy replies, as training's step-0 evaluation
+    assert report["rewards"]["reward"] == max(evals) and report["rewards"]["components"]["answer"] == max(evals)
+    assert "| reward (8 held-out prompts, greedy) |" in (out / "eval" / "eval_report.md").read_text(encoding="utf-8")
 
 
 def test_a_killed_grpo_run_resumes_to_the_same_rewards_and_adapter(tmp_path, warm_base):
