@@ -309,6 +309,10 @@ def validate(cfg: Config) -> None:
     _validate_train(cfg.train)
     validate_preference(cfg.preference, cfg.data.cutoff_len, cfg.train.objective)
     validate_grpo(cfg.grpo)
+    if cfg.train.objective == "grpo" and cfg.train.distributed == "fsdp":
+        raise ConfigError(
+            "'train.distributed' fsdp cannot train grpo yet (sampling runs through the whole model); use ddp"
+        )
     if cfg.lora.target_modules in (["all-linear"], "all-linear"):
         cfg.lora.target_modules = "all-linear"  # peft's keyword, not a module name
     elif isinstance(cfg.lora.target_modules, str):

@@ -132,14 +132,7 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
     data = run_data(cfg, model_path, tokenizer)
     if data.chat_template is not None:
         tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
-    token_ids: list[int] = []
-    if data.prepared is not None:
-        token_ids = trainable_token_ids(cfg.lora, tokenizer, untrained_token_ids(data.audits))
-        if cfg.lora.trainable_tokens == "auto":  # the saved config, fingerprint and fast-path choice see the result
-            cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
-        lengths = [e.input_tokens for e in data.train]
-        cfg = check_before_loading(cfg, model_path, lengths, world, force, fit_gpu, output.info)
-        output.info(describe(cfg, lengths, world))
+    cfg, token_ids = plan_run(cfg, data, model_path, tokenizer, world, force, fit_gpu)
     fp = fingerprint.compute(cfg, tokenizer, data.template, *data.examples)
     folder = find_resume(output_dir, resume, log=output.info)
     if folder is not None:
@@ -171,6 +164,24 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
         output.info(f"kotune: adapter written to {output_dir}")
         output.info(f"kotune: run report written to {write_run_report(output_dir)}")
     return output_dir
+
+
+def plan_run(cfg: Config, data: RunData, model_path: str, tokenizer, world: int, force: bool, fit_gpu: bool):
+    """(the config to train with, embedding rows to train): SFT's untrained special tokens resolved, then the plan
+    on the GPU (``--fit``, the refusal of a run that would not fit) for SFT and GRPO runs."""
+    token_ids: list[int] = []
+    if data.prepared is not None:
+        token_ids = trainable_token_ids(cfg.lora, tokenizer, untrained_token_ids(data.audits))
+        if cfg.lora.trainable_tokens == "auto":  # the saved config, fingerprint and fast-path choice see the result
+            cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
+    elif cfg.train.objective != "grpo":
+        return cfg, token_ids
+    if cfg.train.objective == "grpo" and cfg.train.distributed == "auto":  # sampling runs through the whole model
+        cfg = replace(cfg, train=replace(cfg.train, distributed="ddp"))
+    lengths = [u.input_tokens for u in data.train]  # GRPO: prompts; the plan adds completions and their KV cache
+    cfg = check_before_loading(cfg, model_path, lengths, world, force, fit_gpu, output.info)
+    output.info(describe(cfg, lengths, world))
+    return cfg, token_ids
 
 
 def run_data(cfg: Config, model_path: str, tokenizer) -> RunData:
