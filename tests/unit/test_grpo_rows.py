@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kotune.config_load import load_config
+from kotune.data.audit import summary_lines
 from kotune.data.prompts import prepare_prompts
 from kotune.rl.rollout import Sampler, completion_seed, rollout
 
@@ -37,6 +38,7 @@ def test_prompt_and_messages_rows_are_encoded_as_inference_encodes_them(tmp_path
     # the final assistant turn is the reference, left out; the generation prompt closes the prompt
     assert chat.text == "<user>합?<|end|><assistant>" and chat.ids[0] == BOS
     assert not [f for f in data.audits[0].findings if f.level != "info"]
+    assert summary_lines(data.audits[0])[0].endswith("prompts only: GRPO trains on the completions it samples")
 
 
 def test_the_audit_names_rows_without_an_answer_and_prompts_too_long(tmp_path, mock_tokenizer):

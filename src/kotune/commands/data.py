@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from kotune.commands.train import add_config_arguments
 from kotune.config_load import load_config
-from kotune.data.audit import parts_line
+from kotune.data.audit import SAMPLED, parts_line
 from kotune.data.examples import IGNORE, Example
 from kotune.data.mixture import source_names
 
@@ -176,8 +176,9 @@ def format_report(report) -> str:
         f"  tokens per row: min {s['min']} · median {s['median']} · p95 {s['p95']} · max {s['max']} "
         f"(cutoff_len {report.cutoff_len})",
         *histogram_lines(report),
-        f"  trained tokens: {report.trained_tokens:,} of {report.tokens:,} ({100 * report.trained_share:.1f}%)",
     ]
+    trained = f"{report.trained_tokens:,} of {report.tokens:,} ({100 * report.trained_share:.1f}%)"
+    lines.append(f"  trained tokens: {SAMPLED if report.format == 'prompts' else trained}")
     if report.trained_parts:
         lines.append(f"  trained tokens by part: {parts_line(report)}")
     order = {"fatal": 0, "warning": 1, "info": 2}
