@@ -162,6 +162,15 @@ def test_a_killed_grpo_run_resumes_to_the_same_rewards_and_adapter(tmp_path, war
     assert_same_adapter(out / ADAPTER, reference / ADAPTER)
 
 
+def test_the_kl_to_the_adapter_switched_off_starts_at_zero_and_grows(tmp_path, warm_base):
+    """grpo.beta > 0: the reference is the base (adapter off). At step 1 LoRA B is still zero, so policy and
+    reference agree and the k3 KL is exactly 0; after an update it is positive."""
+    out = tmp_path / "run"
+    train(grpo_config(out, warm_base, **{"train.max_steps": 3, "grpo.beta": 0.04, "grpo.generations": 4}))
+    kl = by_step(out, "kl")
+    assert kl[1] == 0.0 and kl[3] > 0.0, kl
+
+
 def test_a_reward_that_raises_stops_the_run_naming_row_and_function(tmp_path, warm_base, monkeypatch):
     (tmp_path / "strict.py").write_text("def only_digits(completion, row):\n    raise ValueError('unparseable')\n")
     monkeypatch.chdir(tmp_path)
