@@ -99,3 +99,20 @@ def test_sampler_log_probs_are_the_models_and_stop_strings_end_a_completion(tiny
     first = mock_tokenizer.decode(done.ids[:1])
     (cut,) = rollout(tiny_model, mock_tokenizer, [prompt], [7], sampler(temperature=0.7, stop_strings=(first,)))
     assert cut.ids == done.ids[:1] and cut.stopped
+
+
+def test_completion_batch_labels_only_trained_completions_and_aligns_sampled_log_probs():
+    """Prompt + completion right-padded; labels on the completion tokens (stop token included); a row not trained
+    (``grpo.mask_truncated``: cut by max_new_tokens) has no label at all; the sampler's log-prob of each completion
+    token sits at that token's position, where the loss reads its training log-prob after the shift."""
+    from kotune.rl.rollout import Completion
+    from kotune.training.grpo import completion_batch
+
+    prompts = [[BOS, 1, 2], [BOS, 3]]
+    done = [Completion([7, EOS], [-0.5, -0.25], True), Completion([8, 9, 10], [-1.0, -2.0, -3.0], False)]
+    batch = completion_batch(prompts, done, PAD, trained=[True, False])
+    assert batch["input_ids"].tolist() == [[BOS, 1, 2, 7, EOS], [BOS, 3, 8, 9, 10]]
+    assert batch["attention_mask"].tolist() == [[1] * 5, [1] * 5]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 7, EOS], [-100] * 5]
+    assert batch["sampled_logps"][0].tolist() == [0.0, 0.0, 0.0, -0.5, -0.25]
+    assert batch["sampled_logps"][1, 2:].tolist() == [-1.0, -2.0, -3.0]
