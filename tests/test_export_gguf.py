@@ -462,27 +462,36 @@ def test_the_demo_models_tokenizer_exports(smollm2_small):
         assert back.eos_token == "<|im_end|>"
 
 
+def llama_cpp_model(path: Path, **options):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (the quantize extra)")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False, **options)
+
+
 def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
     """llama.cpp's own logits for ``ids`` from the GGUF at ``path`` (every position)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (the quantize extra)")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    llm = llama_cpp_model(path)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
 def tiny_model(folder: Path, family: str, tokenizer_dir: str, **config):
-    """A tiny random ``family`` model (``llama`` or ``qwen3``) over a real tokenizer, saved with it."""
+    """A tiny random ``family`` model (``llama``, ``qwen3``, ``gemma3``, ``exaone4``) over a real tokenizer, saved."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    import transformers
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[
-        family
-    ]
+    config_class, model_class = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+        "exaone4": ("Exaone4Config", "Exaone4ForCausalLM"),
+    }[family]
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     shape.update(num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
     torch.manual_seed(0)
-    model = model_class(config_class(vocab_size=len(tokenizer), **shape, **config)).eval()
+    config = getattr(transformers, config_class)(vocab_size=config.pop("vocab_size", len(tokenizer)), **shape | config)
+    model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():  # norms away from 1, so a norm lost or misplaced shows
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -503,24 +512,29 @@ LLAMA3_ROPE = {
 }
 
 
+EXAONE4_GLOBAL = {"sliding_window": None, "layer_types": ["full_attention"] * 2}
+"""EXAONE 4 without a window: every layer global, with RoPE (``test_windowed_exaone4_is_refused``: the rest)."""
+
+
 @pytest.mark.parametrize(
-    ("family", "rope"),
+    ("family", "rope", "extra"),
     [
-        ("llama", LLAMA3_ROPE),
-        ("llama", {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0}),
-        ("qwen3", {"rope_type": "default", "rope_theta": 1_000_000.0}),
+        ("llama", LLAMA3_ROPE, {}),
+        ("llama", {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0}, {}),
+        ("qwen3", {"rope_type": "default", "rope_theta": 1_000_000.0}, {}),
+        ("exaone4", {"rope_type": "default", "rope_theta": 1_000_000.0}, EXAONE4_GLOBAL),
     ],
-    ids=["llama3-scaling", "linear-scaling", "qwen3"],
+    ids=["llama3-scaling", "linear-scaling", "qwen3", "exaone4"],
 )
-def test_new_families_give_the_same_logits_in_llama_cpp(family, rope, tmp_path):
-    """Rope-scaled Llama (3.1+) and Qwen3 (q/k norms) exported in f32, over their real tokenizers: llama.cpp itself
-    computes the source model's logits; the same model with plain rotary embeddings does not (the scaling is in the
-    file)."""
+def test_new_families_give_the_same_logits_in_llama_cpp(family, rope, extra, tmp_path):
+    """Rope-scaled Llama (3.1+), Qwen3 (q/k norms) and EXAONE 4 (norms after attention and MLP) exported in f32,
+    over real tokenizers (EXAONE 4's is not packaged: Qwen3's stands in): llama.cpp itself computes the source
+    model's logits; the same model with plain rotary embeddings does not (the scaling is in the file)."""
     import torch
     from conftest import npm_tokenizer
 
     tokenizer_dir = npm_tokenizer("llama3_1" if family == "llama" else "qwen3")
-    model, tokenizer = tiny_model(tmp_path / "model", family, tokenizer_dir, rope_parameters=rope)
+    model, tokenizer = tiny_model(tmp_path / "model", family, tokenizer_dir, rope_parameters=rope, **extra)
     out = write_gguf(tmp_path / "model", tmp_path / "model.gguf", "f32", None, [tokenizer.eos_token_id])
     text = prompt_text(tokenizer, TRICKY_ROWS["with_input"]) + TRICKY_ROWS["with_input"]["output"]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:120]
@@ -541,10 +555,83 @@ def test_new_families_give_the_same_logits_in_llama_cpp(family, rope, tmp_path):
         assert unscaled_error > 10 * error, "the scaling did not matter here"
 
 
-@pytest.mark.parametrize("architecture", ["Gemma3ForCausalLM", "Exaone4ForCausalLM"])
+def test_gemma3_gives_the_same_tokens_and_logits_in_llama_cpp(tmp_path):
+    """Gemma 3 over its real tokenizer (SentencePiece, written as pieces with scores), its norms shifted by one, five
+    local layers with an 8-token window then a global one with linear rope scaling, exported in f32: llama.cpp splits
+    the tricky rows into transformers' ids and computes the source model's logits; the same file with every piece
+    scored alike splits some rows differently."""
+    import dataclasses
+
+    import gguf
+    import torch
+    from conftest import npm_tokenizer
+
+    from kotune.export.gguf_tokenizer import gguf_tokenizer, write_tokenizer
+
+    rope = {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    }
+    shape = dict(num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    model, tokenizer = tiny_model(
+        tmp_path / "model",
+        "gemma3",
+        npm_tokenizer("gemma3"),
+        vocab_size=262_208,
+        sliding_window=8,
+        query_pre_attn_scalar=32,
+        rope_parameters=rope,
+        **shape,
+    )
+    out = write_gguf(tmp_path / "model", tmp_path / "model.gguf", "f32", None, [tokenizer.eos_token_id])
+    llm = llama_cpp_model(out, type_k=0, type_v=0)  # an f32 KV cache: what is left is ggml's f16 GELU table
+    texts = [prompt_text(tokenizer, row) + row["output"] for row in TRICKY_ROWS.values()]
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(
+            text, add_special_tokens=False
+        ), text[:80]
+    ids = tokenizer(texts[0], add_special_tokens=True)["input_ids"][:120]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    error = np.abs(got - want).max() / np.abs(want).mean()
+    print(f"gemma3: largest |Δ logit| / mean |logit| {error:.2e} over {len(ids)} tokens")
+    assert error <= 2e-2
+    for change in ({"sliding_window": 512}, {"rope_parameters": {**rope, "full_attention": rope["sliding_attention"]}}):
+        other = type(model)(type(model.config).from_dict(model.config.to_dict() | change)).eval()
+        other.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            other_error = np.abs(got - other(torch.tensor([ids])).logits[0].numpy()).max() / np.abs(want).mean()
+        print(f"  against the same model with {change}: {other_error:.2e}")
+        assert other_error > 3 * error, f"{change} did not matter here"
+
+    spec = gguf_tokenizer(tokenizer, 262_208, [tokenizer.eos_token_id], None)
+    flat = tmp_path / "flat-scores.gguf"
+    writer = gguf.GGUFWriter(flat, "gemma3")
+    writer.add_block_count(1)
+    write_tokenizer(writer, dataclasses.replace(spec, scores=[0.0] * len(spec.tokens)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    llama_cpp = pytest.importorskip("llama_cpp")
+    flat_llm = llama_cpp.Llama(model_path=str(flat), vocab_only=True, verbose=False)
+    split = [flat_llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
+    assert split != [tokenizer.encode(t, add_special_tokens=False) for t in texts], "the scores did not matter here"
+
+
+@pytest.mark.parametrize("architecture", ["Gemma3ForConditionalGeneration", "MistralForCausalLM"])
 def test_families_not_exported_yet_are_refused_by_name(architecture):
     config = SimpleNamespace(architectures=[architecture], model_type=architecture.lower())
     with pytest.raises(ExportError, match=f"{architecture}.*yet: "):
+        architecture_of(config)
+
+
+def test_windowed_exaone4_is_refused():
+    """llama.cpp (0.3.36) reads a windowed EXAONE 4 file as all-global with RoPE everywhere (measured: its logits
+    matched that model's, not the source's), so kotune refuses to write one."""
+    config = SimpleNamespace(architectures=["Exaone4ForCausalLM"], model_type="exaone4", sliding_window=4096)
+    with pytest.raises(ExportError, match="sliding window"):
         architecture_of(config)
 
 

@@ -12,7 +12,14 @@ from conftest import run_kotune, write_jsonl
 METRICS = [
     {"step": 0, "eval_loss": 2.5},
     *[
-        {"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3 * min(1, s / 2), "tokens": 100, "tokens_per_s": 50.0 + s}
+        {
+            "step": s,
+            "loss": 3.0 - 0.1 * s,
+            "lr": 1e-3 * min(1, s / 2),
+            "tokens": 100,
+            "tokens_per_s": 50.0 + s,
+            "input_tokens_per_s": 150.0 + s,
+        }
         for s in range(1, 11)
     ],
     {"step": 5, "eval_loss": 2.0},
@@ -59,6 +66,7 @@ def test_report_numbers_match_metrics(run_folder):
     assert float(figures["best validation loss"]) == pytest.approx(min(evals), abs=1e-4)
     assert int(figures["step of the best validation loss"]) == 5
     assert float(figures["mean trained tokens / s"]) == pytest.approx(55.5, abs=1e-4)
+    assert float(figures["mean input tokens / s (padding not counted)"]) == pytest.approx(155.5, abs=1e-4)
 
 
 def test_report_of_a_run_still_training_says_it_has_not_finished(run_folder):

@@ -14,7 +14,8 @@ import ast
 import dataclasses
 import inspect
 import textwrap
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
@@ -214,7 +215,9 @@ class TrainConfig:
     packed once (best fit decreasing, seeded) into sequences of up to cutoff_len tokens, each epoch shuffles the
     sequences, and a step is micro_batch_size x gradient_accumulation_steps sequences, so it holds several rows
     per sequence and an epoch has fewer steps (``kotune train`` logs rows a step and steps an epoch; the fastest
-    feed on rows much shorter than cutoff_len); group_by_length does not apply."""
+    feed on rows much shorter than cutoff_len; ``kotune train`` and ``kotune plan`` suggest it, saying what it
+    changes, when the plan (on the CPU, the padding) makes a row materially cheaper packed full); group_by_length
+    does not apply."""
 
 
 @dataclass
@@ -235,6 +238,17 @@ class Config:
     def effective_batch_size(self, world_size: int = 1) -> int:
         """Rows per optimizer step across all processes."""
         return self.train.micro_batch_size * self.train.gradient_accumulation_steps * world_size
+
+    def with_paths(self, change: Callable[[str], str]) -> Config:
+        """This config with ``change`` applied to every path it holds (a hub name too: ``change`` decides): the base
+        model, the starting adapter, the data, the validation data, each mixture source and the output folder."""
+        m, d = self.model, self.data
+        model = replace(m, path=change(m.path), adapter=None if m.adapter is None else change(m.adapter))
+        validation = None if d.validation_path is None else change(d.validation_path)
+        sources = [replace(s, path=change(s.path)) for s in d.sources]
+        data = replace(d, path=change(d.path), validation_path=validation, sources=sources)
+        train = replace(self.train, output_dir=change(self.train.output_dir))
+        return replace(self, model=model, data=data, train=train)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -73,7 +73,7 @@ class LineProgress:
             status(self.line())
 
     def line(self) -> str:
-        """``train: step 40/200 (20%), loss=1.2345, tok_s=812, 1.50 s/step, 4m00s left``."""
+        """``train: step 40/200 (20%), loss=1.2345, input_tok_s=2030, trained_tok_s=812, 1.50 s/step, 4m00s left``."""
         parts = [f"{self.desc}: step {self.n}/{self.total} ({100 * self.n // max(1, self.total)}%)"]
         parts += [f"{key}={value}" for key, value in self.postfix.items()]
         seconds = (time.monotonic() - self.start_time) / max(1, self.n - self.start_n)

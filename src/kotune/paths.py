@@ -29,3 +29,33 @@ def looks_local(path: str) -> bool:
     """
     parent = Path(path).expanduser().parent
     return path.startswith(("/", ".", "~")) or path.count("/") > 1 or (parent != Path(".") and parent.is_dir())
+
+
+def portable_path(path: str, folder: str | Path) -> str:
+    """``path`` as a config saved in ``folder`` keeps it, naming no folder of this machine where it can: an absolute
+    path relative to ``folder`` (``./…``, ``../…``) when the two share a folder below the home folder (a project
+    holding data, runs and merges: they move together), else under the home folder as ``~/…``; anything else (a
+    hub name, a relative path, a path outside home sharing no folder with ``folder``) as it is.
+    ``saved_path`` reads it back."""
+    if not Path(path).is_absolute():
+        return path
+    target, where, home = Path(os.path.abspath(path)), Path(os.path.abspath(folder)), Path.home()
+    shared = Path(os.path.commonpath([target, where]))
+    if shared != Path(shared.anchor) and shared != home and shared not in home.parents:
+        relative = os.path.relpath(target, where)
+        return relative if relative.startswith("..") or relative == "." else f"./{relative}"
+    if home in target.parents:
+        return f"~/{target.relative_to(home).as_posix()}"
+    return path
+
+
+def saved_path(path: str, folder: str | Path) -> str:
+    """A path as ``portable_path`` saved it in ``folder``, absolute again: ``~/…`` under this home folder, ``./…`` or
+    ``../…`` from ``folder`` when it exists there. Anything else as it is: a relative path that is not there is read
+    from the working directory, as in configs kotune saved before it recorded absolute paths."""
+    if path.startswith("~"):
+        return str(Path(path).expanduser())
+    relative = path in (".", "..") or path.startswith(("./", "../"))
+    if relative and (Path(folder) / path).exists():
+        return os.path.normpath(os.path.abspath(Path(folder) / path))
+    return path

@@ -34,6 +34,8 @@ from kotune.config_load import load_config
 from kotune.data.formats import CHAT_FORMATS
 from kotune.data.templates import Template, TemplateError, load_template
 from kotune.errors import KotuneError
+from kotune.paths import portable_path, saved_path
+from kotune.security import redact
 
 CONFIG = "kotune_config.yaml"
 TEMPLATE = "kotune_template.yaml"
@@ -89,8 +91,16 @@ def open_folder(path: str | Path) -> ModelFolder:
         raise FolderError(f"{folder}: holds neither {ADAPTER_CONFIG} (a run) nor config.json (a merged model)")
     if not (folder / CONFIG).is_file():
         raise FolderError(f"{folder}: no {CONFIG}; is this a kotune output folder?")
-    cfg = load_config(folder / CONFIG)
+    cfg = load_config(folder / CONFIG).with_paths(lambda p: saved_path(p, folder))  # a merged folder's are relative
     return ModelFolder(folder, merged, cfg, load_saved_template(folder), training_format(cfg, folder / CONFIG))
+
+
+def save_config_copy(cfg: Config, folder: Path) -> None:
+    """A run's config into another of its folders (a merged model), its paths relative to ``folder`` or under ``~``
+    (``paths.portable_path``): the folder names no folder of this machine, and still finds its data and base when
+    moved with them; ``open_folder`` reads them back absolute."""
+    portable = cfg.with_paths(lambda p: portable_path(p, folder))
+    (folder / CONFIG).write_text(redact(portable.to_yaml()), encoding="utf-8")
 
 
 def training_format(cfg: Config, where: Path) -> str:
@@ -144,6 +154,13 @@ def folder_stop_ids(folder: ModelFolder, tokenizer, model) -> list[int]:
     return stop_ids(tokenizer, config, chat_template_for(folder.config.data, tokenizer))
 
 
+def generation_eos(stops: list[int]) -> int | list[int] | None:
+    """``eos_token_id`` of a ``generation_config.json`` for these stop ids: the id, the list of several, or None
+    for none (a tokenizer without EOS and a template without end of turn: the file then names no EOS, and
+    generation ends at max_new_tokens)."""
+    return stops[0] if len(stops) == 1 else (stops or None)
+
+
 def save_run_tokenizer(folder: ModelFolder, tokenizer, model) -> None:
     """The run's tokenizer with a chat template rendering the prompts it trained on, so a tool that prompts through
     ``apply_chat_template`` uses the trained format; first the stop ids the base's template gives, into the folder's
@@ -152,7 +169,7 @@ def save_run_tokenizer(folder: ModelFolder, tokenizer, model) -> None:
 
     stops = folder_stop_ids(folder, tokenizer, model)
     GenerationConfig(
-        eos_token_id=stops if len(stops) > 1 else stops[0],
+        eos_token_id=generation_eos(stops),
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ).save_pretrained(folder.path)

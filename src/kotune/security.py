@@ -110,8 +110,8 @@ def portable(value):
         return {k: portable(v) for k, v in value.items()}
     if isinstance(value, list):
         return [portable(v) for v in value]
-    if isinstance(value, str) and (value.startswith("~") or Path(value).is_absolute()):
-        return Path(value).name
+    if isinstance(value, str) and (value.startswith(("~", "./", "../")) or Path(value).is_absolute()):
+        return Path(value).name  # a relative path too: a merged folder's config names its data relative to it
     if isinstance(value, str):
         return LOCAL_PATH.sub(lambda m: Path(m.group()).name, value)
     return value

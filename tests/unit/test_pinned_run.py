@@ -8,9 +8,9 @@ step and every 2 steps, a checkpoint every 2 steps. ``pinned/metrics-packed.json
 ``train.packing: on``; a third test breaks the pinned run's last checkpoint, resumes, and must get the pinned bytes
 again.
 
-The only wall-clock figure in ``metrics.jsonl`` (``tokens_per_s``) comes from ``time.perf_counter``; the test holds
-that clock still (patched on the ``time`` module itself, so no kotune module path is involved) and the figure is
-then kotune's own ``0.0`` for a zero-length window.
+The only wall-clock figures in ``metrics.jsonl`` (``tokens_per_s``, ``input_tokens_per_s``) come from
+``time.perf_counter``; the test holds that clock still (patched on the ``time`` module itself, so no kotune module
+path is involved) and the figures are then kotune's own ``0.0`` for a zero-length window.
 
 To repin after an intentional change of the maths (or of torch), run
 
@@ -164,6 +164,8 @@ def test_tiny_run_writes_the_pinned_metrics(pinned_run):
     evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
     # the run itself, before any comparison: 4 finite steps, evaluations at 0, 2 and 4, and training that moved
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    # every logged step states input tokens/s (what other tools report) beside trained tokens/s
+    assert all({"tokens_per_s", "input_tokens_per_s"} <= r.keys() for r in records if "loss" in r)
     assert sorted(evals) == [0, 2, 4] and all(math.isfinite(v) for v in [*losses, *evals.values()])
     assert evals[4] < evals[0], "four steps at lr 1e-2 should lower the validation loss"
     assert_pinned(produced)

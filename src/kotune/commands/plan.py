@@ -34,6 +34,7 @@ def run(args) -> int:
     from kotune.plan.estimate import render
     from kotune.plan.gate import choose_distributed, fit_settings, plan_for
     from kotune.plan.gpus import gpu_named, present_gpu
+    from kotune.plan.packing_advice import packing_advice
 
     if args.preset:
         return run_preset(args)
@@ -51,6 +52,8 @@ def run(args) -> int:
     plan, shape = plan_for(cfg, model_path, lengths, gpu, args.gpus)
     for line in render(plan):
         print(line)
+    if advice := packing_advice(cfg, lengths, args.gpus, plan, shape):
+        print(advice)
     if args.fit:
         fitted = fit_settings(cfg, shape, lengths, gpu, plan.fast, args.gpus)
         t, d = fitted.train, fitted.data

@@ -30,12 +30,19 @@ CURVES = (
     ("loss", "Loss", ("loss", "eval_loss")),
     ("reward", "Reward (GRPO) and its components", ("reward", "eval_reward")),
     ("lr", "Learning rate", ("lr",)),
-    ("tokens_per_s", "Trained tokens per second", ("tokens_per_s",)),
+    ("tokens_per_s", "Tokens per second", ("input_tokens_per_s", "tokens_per_s")),
     ("memory", "GPU memory (GB)", ("gpu_memory_gb", "max_memory_gb")),
 )
 """(file name, title, metrics.jsonl keys drawn on it); a plot with none of its keys in the log is left out. The
 reward plot also draws each reward component (``reward[NAME]``, ``curve_keys``)."""
-LEGEND = {"loss": "training", "eval_loss": "validation", "reward": "training", "eval_reward": "held out (greedy)"}
+LEGEND = {
+    "loss": "training",
+    "eval_loss": "validation",
+    "input_tokens_per_s": "input",
+    "tokens_per_s": "trained",
+    "reward": "training",
+    "eval_reward": "held out (greedy)",
+}
 
 
 def curve_keys(name: str, keys: tuple[str, ...], records: list[dict]) -> tuple[str, ...]:
@@ -56,7 +63,6 @@ def figures(records: list[dict]) -> dict:
     """The numbers the report states, each read straight from metrics.jsonl."""
     _, loss = series(records, "loss")
     eval_steps, eval_loss = series(records, "eval_loss")
-    _, speed = series(records, "tokens_per_s")
     out: dict = {"steps": max((r["step"] for r in records), default=0)}
     if loss:
         out.update(first_loss=loss[0], last_loss=loss[-1])
@@ -69,8 +75,10 @@ def figures(records: list[dict]) -> dict:
         out.update(first_reward=reward[0], last_reward=reward[-1])
     if eval_reward:
         out.update(first_eval_reward=eval_reward[0], last_eval_reward=eval_reward[-1])
-    if speed:
-        out["mean_tokens_per_s"] = sum(speed) / len(speed)
+    for key in ("input_tokens_per_s", "tokens_per_s"):  # input: what other tools report; trained: supervised
+        _, speed = series(records, key)
+        if speed:
+            out[f"mean_{key}"] = sum(speed) / len(speed)
     return out
 
 
@@ -112,6 +120,7 @@ def figure_lines(values: dict) -> list[str]:
         "last_eval_loss": "last validation loss",
         "best_eval_loss": "best validation loss",
         "best_eval_step": "step of the best validation loss",
+        "mean_input_tokens_per_s": "mean input tokens / s (padding not counted)",
         "mean_tokens_per_s": "mean trained tokens / s",
         "first_reward": "first training reward (mean of the step's completions)",
         "last_reward": "last training reward",

@@ -4,10 +4,10 @@ What goes in (names as llama.cpp's ``convert_hf_to_gguf.py`` writes them, throug
 tensor-name maps):
 
 * hyperparameters under ``{arch}.*`` and weights under GGUF's ``token_embd`` / ``blk.N.attn_q`` / ... names
-  (:mod:`kotune.export.gguf_arch`: Llama with its rope scalings, Qwen2, Qwen3).
-* the tokenizer: byte-level BPE vocabulary, merges, token types (special added tokens are control tokens), the
-  pre-tokenizer's name (which regex llama.cpp splits text with), BOS / EOS / end-of-turn / padding ids, and
-  whether BOS is put in front.
+  (:mod:`kotune.export.gguf_arch`: Llama with its rope scalings, Qwen2, Qwen3, Gemma 3).
+* the tokenizer: a byte-level BPE vocabulary with its merges and the pre-tokenizer's name (which regex llama.cpp
+  splits text with), or SentencePiece pieces with their scores (Gemma 3); token types (special added tokens are
+  control tokens), BOS / EOS / end-of-turn / padding ids, and whether BOS is put in front.
 * ``tokenizer.chat_template``: the Jinja template kotune's merge saved, which renders prompts exactly as the run
   trained them (the ko-alpaca template, or the model's chat template for runs trained on conversations).
 

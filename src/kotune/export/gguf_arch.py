@@ -6,6 +6,10 @@ maps. Llama-family q and k projections are permuted from Hugging Face's rotary l
 apart) to llama.cpp's (the pairs interleaved); Qwen2 and Qwen3 use Hugging Face's layout and are written as they
 are. Llama 3.1+'s ``llama3`` rope scaling is written as llama.cpp's ``rope_freqs`` tensor (each rotary frequency's
 divisor), taken from transformers' own rope functions, so the two cannot disagree; ``linear`` scaling is a key.
+
+Gemma 3 stores its norms as the offset from 1 (its RMSNorm multiplies by ``1 + weight``); llama.cpp's multiply by
+the weight, so 1 is added to each. llama.cpp fixes what the config states of Gemma 3's attention (every sixth layer
+global, local layers' rope base 10,000, the query scale): a config that differs is refused, naming the field.
 """
 
 from __future__ import annotations
@@ -24,20 +28,22 @@ class Architecture:
     """``general.architecture`` and the prefix of its hyperparameter keys."""
     permute_qk: bool
     """True when llama.cpp expects q / k rows interleaved per rotary pair (its ``llama`` architecture)."""
+    norm_shift: float = 0.0
+    """Added to every norm weight (Gemma 3: 1, its norms multiply by ``1 + weight``)."""
 
 
 ARCHITECTURES = {
     "LlamaForCausalLM": Architecture("llama", permute_qk=True),
     "Qwen2ForCausalLM": Architecture("qwen2", permute_qk=False),
     "Qwen3ForCausalLM": Architecture("qwen3", permute_qk=False),
+    "Gemma3ForCausalLM": Architecture("gemma3", permute_qk=False, norm_shift=1.0),
+    "Exaone4ForCausalLM": Architecture("exaone4", permute_qk=False),
 }
 """Hugging Face architectures kotune exports, by the name in ``config.json``'s ``architectures``."""
 
 NOT_YET = {
-    "Gemma3ForCausalLM": "Gemma 3's SentencePiece tokenizer (kotune writes byte-level BPE vocabularies only)",
-    "Gemma3ForConditionalGeneration": "Gemma 3's SentencePiece tokenizer and vision tower",
-    "MistralForCausalLM": "Mistral's SentencePiece tokenizer (kotune writes byte-level BPE vocabularies only)",
-    "Exaone4ForCausalLM": "EXAONE 4's hybrid attention and norm layout (not mapped to llama.cpp's exaone4 yet)",
+    "Gemma3ForConditionalGeneration": "Gemma 3's vision tower (its text model, Gemma3ForCausalLM, is exported)",
+    "MistralForCausalLM": "Mistral's SentencePiece tokenizer puts ▁ before the text (kotune writes Gemma 3's form)",
 }
 """Architectures kotune trains but does not export yet, and why."""
 
@@ -51,6 +57,14 @@ def architecture_of(config) -> Architecture:
     for name in names:
         if name in ARCHITECTURES:
             rope_type(config)  # refuse an unexported rope scaling before anything is merged or written
+            if ARCHITECTURES[name].gguf_name == "gemma3":
+                check_gemma3(config)
+            if ARCHITECTURES[name].gguf_name == "exaone4" and getattr(config, "sliding_window", None) is not None:
+                raise ExportError(
+                    "this EXAONE 4 model has local layers with a sliding window (and global ones without RoPE); the "
+                    "llama.cpp kotune checks against (llama-cpp-python 0.3.36) computes every layer as global with "
+                    "RoPE from such a file, so its replies would not be the model's. EXAONE 4 without a window exports"
+                )
             return ARCHITECTURES[name]
     found = f"{', '.join(names) or 'a model'} (model_type {getattr(config, 'model_type', None)!r})"
     why = next((f": {NOT_YET[n]}" for n in names if n in NOT_YET), "")
@@ -61,10 +75,13 @@ def architecture_of(config) -> Architecture:
 
 
 # -- rotary embedding -------------------------------------------------------------------------------
-def rope_parameters(config) -> dict:
-    """The config's rotary parameters (transformers 5's ``rope_parameters``, or the older ``rope_scaling``)."""
+def rope_parameters(config, layer_type: str = "full_attention") -> dict:
+    """The config's rotary parameters (transformers 5's ``rope_parameters``, or the older ``rope_scaling``); of
+    ``layer_type``'s layers where they differ by layer type (Gemma 3)."""
     params = dict(getattr(config, "rope_scaling", None) or {})
     params.update(getattr(config, "rope_parameters", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        return dict(params[layer_type])
     return params
 
 
@@ -121,6 +138,33 @@ def write_hyperparameters(writer, config) -> None:
         writer.add_rope_scaling_factor(float(rope_parameters(config)["factor"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    if getattr(config, "model_type", None) == "gemma3_text":
+        writer.add_sliding_window(config.sliding_window)
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
+
+def check_gemma3(config) -> None:
+    """Refuse a Gemma 3 config whose attention llama.cpp would compute differently, naming the field."""
+    layers = config.num_hidden_layers
+    pattern = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)]
+    # llama.cpp scales queries by 1/sqrt(head_dim), by 1/sqrt(hidden / heads) for the 62-layer 27B
+    scale = config.hidden_size // config.num_attention_heads if layers == 62 else head_dim(config)
+    local = rope_parameters(config, "sliding_attention")
+    differs = {
+        "layer_types": (list(config.layer_types) != pattern, "every sixth layer global"),
+        "query_pre_attn_scalar": (config.query_pre_attn_scalar != scale, f"{scale}"),
+        "sliding_attention rope": (
+            (local.get("rope_type") or "default") != "default" or float(local.get("rope_theta", 0)) != 10_000.0,
+            "plain, base 10000",
+        ),
+        "attn_logit_softcapping": (getattr(config, "attn_logit_softcapping", None) is not None, "none"),
+    }
+    wrong = [f"{field} (llama.cpp assumes {expected})" for field, (bad, expected) in differs.items() if bad]
+    if wrong:
+        raise ExportError(
+            f"llama.cpp computes Gemma 3's attention with fixed settings this model differs from: {'; '.join(wrong)}"
+        )
 
 
 # -- tensors ----------------------------------------------------------------------------------------
@@ -181,4 +225,6 @@ def load_tensor(tensor: Tensor, config, arch: Architecture) -> np.ndarray:
     if arch.permute_qk and tensor.hf_name.endswith(("q_proj.weight", "k_proj.weight")):
         heads = config.num_attention_heads if "q_proj" in tensor.hf_name else config.num_key_value_heads
         array = permute_rotary(array, heads)
+    if arch.norm_shift and tensor.hf_name.endswith("norm.weight"):
+        array = array + np.float32(arch.norm_shift)
     return array

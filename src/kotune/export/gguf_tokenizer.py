@@ -1,8 +1,17 @@
-"""A byte-level BPE tokenizer as GGUF's ``tokenizer.ggml.*`` keys, checked before any file is written.
+"""A tokenizer as GGUF's ``tokenizer.ggml.*`` keys, checked before any file is written.
 
-llama.cpp's ``gpt2`` tokenizer model is byte-level BPE: a vocabulary over GPT-2's 256 byte characters, merges, and a
-pre-tokenizer regex it knows by name. ``gguf_tokenizer`` reads a transformers tokenizer into what the file will
-hold, or refuses it naming the part llama.cpp would read differently; ``write_tokenizer`` adds it to a writer.
+Two of llama.cpp's tokenizer models are written:
+
+* ``gpt2``, byte-level BPE (Llama 3, Qwen, SmolLM2): a vocabulary over GPT-2's 256 byte characters, merges, and a
+  pre-tokenizer regex it knows by name.
+* ``llama``, SentencePiece (Gemma 3): pieces with ``▁`` for a space, ``<0xNN>`` byte pieces for what no piece
+  covers, and a score per piece; llama.cpp joins the adjacent pair whose joined piece scores highest. transformers
+  keeps such a tokenizer as BPE merges in rank order (its converter ranks them by the joined piece's score), so
+  the score written is minus the rank of the first merge that makes the piece, which joins the same pairs in the
+  same order.
+
+``gguf_tokenizer`` reads a transformers tokenizer into what the file will hold, or refuses it naming the part
+llama.cpp would read differently; ``write_tokenizer`` adds it to a writer.
 
 One tokenizer can be saved in several equivalent shapes. transformers 5.17 converts SmolLM2's GGUF tokenizer with
 a ``Sequence`` decoder (ByteFallback, Fuse, Replace ``▁``, ByteLevel) and ``byte_fallback`` on; 5.24 writes a plain
@@ -31,7 +40,7 @@ QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 
 # llama.cpp's token types (``gguf.TokenType``)
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 3, 4, 5, 6
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 """A SentencePiece byte token, which a ByteFallback decoder turns into its byte."""
@@ -41,8 +50,8 @@ BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 class GgufTokenizer:
     """Everything ``write_tokenizer`` puts into the file, read and checked before the file is opened."""
 
-    pre: str
-    """llama.cpp's name of the pre-tokenizer regex (``tokenizer.ggml.pre``)."""
+    pre: str | None
+    """llama.cpp's name of the pre-tokenizer regex (``tokenizer.ggml.pre``; None for SentencePiece)."""
     tokens: list[str]
     types: list[int]
     merges: list[str]
@@ -53,6 +62,10 @@ class GgufTokenizer:
     unk_id: int | None
     add_bos: bool
     chat_template: str | None
+    model: str = "gpt2"
+    """llama.cpp's tokenizer model: ``gpt2`` (byte-level BPE, merges) or ``llama`` (SentencePiece, scores)."""
+    scores: list[float] | None = None
+    """Each piece's score (``llama`` only): minus the rank of the first merge that makes it."""
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
@@ -102,6 +115,52 @@ def check_byte_level(tokenizer_json: dict) -> None:
     )
 
 
+SPACE_PIECE = "\u2581"
+
+
+def sentencepiece_parts(tokenizer_json: dict) -> list[str]:
+    """What of a SentencePiece-style BPE tokenizer llama.cpp's ``llama`` model would read differently (empty: it
+    reads it as transformers does): a space must become ``▁`` and nothing else change the text, nothing may split
+    it first, bytes no piece covers must fall back to ``<0xNN>`` pieces, and decoding must undo exactly that."""
+    model, normalizer = tokenizer_json.get("model") or {}, tokenizer_json.get("normalizer") or {}
+    pre, decoder = tokenizer_json.get("pre_tokenizer") or {}, tokenizer_json.get("decoder") or {}
+    space = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE_PIECE}
+    differs = []
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        differs.append(f"a {model.get('type')} model without byte fallback")
+    if normalizer != space:
+        differs.append(f"normalizer {json.dumps(normalizer)[:120]}")
+    # a split on " " after the normalizer turned every space into ▁ splits nothing
+    if pre and not (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "}):
+        differs.append(f"pre-tokenizer {json.dumps(pre)[:120]}")
+    steps = [d.get("type") for d in decoder.get("decoders", [])] if decoder.get("type") == "Sequence" else []
+    if steps != ["Replace", "ByteFallback", "Fuse"] or decoder["decoders"][0].get("pattern") != {"String": SPACE_PIECE}:
+        differs.append(f"decoder {json.dumps(decoder)[:120]}")
+    return differs
+
+
+def is_sentencepiece(tokenizer_json: dict) -> bool:
+    """A BPE tokenizer with byte fallback and no byte-level step: SentencePiece's form in transformers."""
+    model, decoder = tokenizer_json.get("model") or {}, tokenizer_json.get("decoder") or {}
+    steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+    return (
+        model.get("type") == "BPE"
+        and bool(model.get("byte_fallback"))
+        and "ByteLevel" not in {s.get("type") for s in steps}
+    )
+
+
+def piece_scores(tokens: list[str], merges: list) -> list[float]:
+    """Minus the rank of the first merge that makes each piece; pieces no merge makes (characters, bytes, added
+    tokens) score below every merge, so llama.cpp joins them into nothing before transformers would."""
+    rank: dict[str, int] = {}
+    for i, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, i)
+    floor = -float(len(merges) + 1)
+    return [-float(rank[t]) if t in rank else floor for t in tokens]
+
+
 def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     """Token strings and llama.cpp token types for ids 0..vocab_size-1 (ids with no token: ``[PADn]``, unused)."""
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
@@ -118,7 +177,7 @@ def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
             types.append(CONTROL if added[i].special else USER_DEFINED)
         else:
             tokens.append(by_id[i])
-            types.append(NORMAL)
+            types.append(BYTE if BYTE_TOKEN.fullmatch(by_id[i]) else NORMAL)
     return tokens, types
 
 
@@ -127,18 +186,24 @@ def gguf_tokenizer(tokenizer, vocab_size: int, stop_ids: list[int], chat_templat
     from kotune.data.encoding import bos_id_to_add
 
     data = json.loads(tokenizer.backend_tokenizer.to_str())
-    check_byte_level(data)
-    pre = pre_tokenizer_name(data)
+    sentencepiece = is_sentencepiece(data)
+    if sentencepiece and (differs := sentencepiece_parts(data)):
+        raise ExportError(
+            f"this SentencePiece-style tokenizer has {'; '.join(differs)}: llama.cpp would split text differently "
+            "from training (kotune exports Gemma 3's form: spaces as ▁, byte fallback, no pre-splitting)"
+        )
+    if not sentencepiece:
+        check_byte_level(data)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ExportError("the tokenizer has no EOS token: llama.cpp would not know where a reply ends")
     tokens, types = tokenizer_vocab(tokenizer, vocab_size)
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
     return GgufTokenizer(
-        pre=pre,
+        pre=None if sentencepiece else pre_tokenizer_name(data),
         tokens=tokens,
         types=types,
-        merges=merges,
+        merges=[] if sentencepiece else merges,
         eos_id=eos,
         eot_id=next((i for i in stop_ids if i != eos), None),
         bos_id=tokenizer.bos_token_id,
@@ -146,16 +211,23 @@ def gguf_tokenizer(tokenizer, vocab_size: int, stop_ids: list[int], chat_templat
         unk_id=tokenizer.unk_token_id,
         add_bos=bos_id_to_add(tokenizer) is not None,
         chat_template=chat_template,
+        model="llama" if sentencepiece else "gpt2",
+        scores=piece_scores(tokens, merges) if sentencepiece else None,
     )
 
 
 def write_tokenizer(writer, spec: GgufTokenizer) -> None:
     """Vocabulary, merges, special ids and chat template under llama.cpp's ``tokenizer.ggml.*`` keys."""
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(spec.pre)
+    writer.add_tokenizer_model(spec.model)
+    if spec.pre is not None:
+        writer.add_tokenizer_pre(spec.pre)
     writer.add_token_list(spec.tokens)
     writer.add_token_types(spec.types)
-    writer.add_token_merges(spec.merges)
+    if spec.scores is not None:
+        writer.add_token_scores(spec.scores)
+        writer.add_add_space_prefix(False)  # the normalizer puts no ▁ in front of the text
+    if spec.merges:
+        writer.add_token_merges(spec.merges)
     writer.add_eos_token_id(spec.eos_id)
     if spec.eot_id is not None:
         writer.add_eot_token_id(spec.eot_id)

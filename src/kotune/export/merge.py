@@ -40,7 +40,9 @@ from kotune.run_folder import (
     SUMMARY,
     ModelFolder,
     folder_stop_ids,
+    generation_eos,
     open_folder,
+    save_config_copy,
     trained_chat_template,
 )
 from kotune.security import portable, redact
@@ -318,7 +320,7 @@ def save_merged(model, tokenizer, folder: ModelFolder, out: Path, shard_size: st
     template rendering the trained prompt format), run files."""
     stops = folder_stop_ids(folder, tokenizer, model)
     tokenizer.chat_template = trained_chat_template(folder, tokenizer) or tokenizer.chat_template
-    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    model.generation_config.eos_token_id = generation_eos(stops)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.config.use_cache = True
@@ -328,7 +330,9 @@ def save_merged(model, tokenizer, folder: ModelFolder, out: Path, shard_size: st
         if name == SUMMARY and (folder.path / name).is_file():  # a record: its audit lines name the data files
             summary = portable(json.loads((folder.path / name).read_text(encoding="utf-8")))
             (out / name).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        elif (folder.path / name).is_file():  # the config keeps its paths: eval and push read the run's data, base
+        elif name == CONFIG:  # eval and push read the run's data and base: their paths, relative to the folder
+            save_config_copy(folder.config, out)  # (``out`` is built beside its final place: the same relative paths)
+        elif (folder.path / name).is_file():
             shutil.copy2(folder.path / name, out / name)
 
 

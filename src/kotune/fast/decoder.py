@@ -75,8 +75,8 @@ class DecoderLayer:
             return _Gathered(self.module)
         return contextlib.nullcontext()
 
-    def _norm(self, x: torch.Tensor, norm: torch.nn.Module | None) -> torch.Tensor:
-        return x if norm is None else self._rms(x, norm.weight, _eps(norm))
+    def _norm(self, x: torch.Tensor, norm: torch.nn.Module | None, in_place: bool = True) -> torch.Tensor:
+        return x if norm is None else self._rms(x, norm.weight, _eps(norm), in_place)
 
     def _attention(self, h: torch.Tensor, rows: Rows) -> torch.Tensor:
         b, t, _ = h.shape
@@ -97,10 +97,11 @@ class DecoderLayer:
     def __call__(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
         p, train = self.proj, rows.training
         attn_in, attn_out, mlp_in, mlp_out = self.norms
-        x = x + self._norm(self._attention(self._norm(x, attn_in), rows), attn_out)
+        # a norm after attention or MLP feeds the residual sum: its gradient is shared, so not overwritten in place
+        x = x + self._norm(self._attention(self._norm(x, attn_in), rows), attn_out, in_place=False)
         h = self._norm(x, mlp_in)
         m = self._act(project(h, p["gate_proj"], train), project(h, p["up_proj"], train))
-        return x + self._norm(project(m, p["down_proj"], train), mlp_out)
+        return x + self._norm(project(m, p["down_proj"], train), mlp_out, in_place=False)
 
 
 class _Gathered:

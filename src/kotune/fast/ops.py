@@ -60,19 +60,22 @@ class Ops:
     def __init__(self, fused: bool):
         self.fused = fused and liger_available()
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # ``in_place``: the fused backward writes the input's gradient over the output's. That is safe only where no
+    # one else reads the output's gradient: not for a norm whose output is added to the residual stream (Gemma 3's
+    # and EXAONE 4's norms after attention and MLP), where autograd hands the same gradient to the residual too.
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, in_place: bool = True) -> torch.Tensor:
         if self.fused and x.is_cuda:
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
-            return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", True)
+            return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", in_place)
         return rms_norm_reference(x, weight, eps)
 
-    def gemma_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def gemma_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, in_place: bool = True) -> torch.Tensor:
         if self.fused and x.is_cuda:
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
             # offset 1: times (1 + weight); "gemma" casting: everything in fp32, one cast back
-            return LigerRMSNormFunction.apply(x, weight, eps, 1.0, "gemma", True)
+            return LigerRMSNormFunction.apply(x, weight, eps, 1.0, "gemma", in_place)
         return gemma_rms_norm_reference(x, weight, eps)
 
     def rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -306,8 +306,9 @@ class GgufSpecialTokens:
 
     def stop_ids(self) -> int | list[int] | None:
         """Ids that end generation: eos, plus end-of-turn when a chat model has a separate one."""
-        stops = list(dict.fromkeys(self.ids[r] for r in ("eos", "eot") if r in self.ids))
-        return stops[0] if len(stops) == 1 else (stops or None)
+        from kotune.run_folder import generation_eos
+
+        return generation_eos(list(dict.fromkeys(self.ids[r] for r in ("eos", "eot") if r in self.ids)))
 
 
 _GGUF_ID_KEYS = {

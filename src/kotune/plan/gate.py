@@ -12,6 +12,7 @@ from kotune.config import Config
 from kotune.errors import KotuneError
 from kotune.plan.estimate import Plan, estimate, gib, render
 from kotune.plan.gpus import Gpu
+from kotune.plan.packing_advice import packing_advice
 from kotune.plan.shape import ModelShape, shape_of
 from kotune.presets import Preset
 
@@ -110,6 +111,8 @@ def check_before_loading(
     if gpu is None:  # the CPU has no memory ceiling kotune can predict
         if fit:
             log("kotune: --fit: no CUDA GPU here, the settings stay as configured")
+        if advice := packing_advice(cfg, lengths, world):
+            log(advice)
         return cfg
     plan, shape = plan_for(cfg, model_path, lengths, gpu, world)
     if fit:
@@ -128,4 +131,6 @@ def check_before_loading(
         log(line)
     if not plan.fits and not force:
         raise WouldNotFit(refusal(plan, cfg))
+    if advice := packing_advice(cfg, lengths, world, plan, shape):
+        log(advice)
     return cfg

@@ -11,7 +11,6 @@ weigh what they should whatever the accumulation; pairs for a preference objecti
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from kotune.training.build import TrainingModel
 from kotune.training.checkpoint import latest_good, save_adapter
 from kotune.training.objective import Objective, input_tokens, supervised_tokens
 from kotune.training.optim import build_optimizer, lr_at, skips_on_device
-from kotune.training.report import Reporter
+from kotune.training.report import Reporter, Throughput, bar_figures
 from kotune.training.resume import RunState, save_checkpoint
 from kotune.training.signals import Interrupted, StopOnSignal
 
@@ -235,7 +234,7 @@ class Fit:
         progress = self.reporter.progress(self.steps, self.state.step)
         if (cfg.eval_at_start and self.val_units and self.state.step == 0) or self.state.eval_pending:
             self._evaluate()
-        window_start, window_tokens = time.perf_counter(), 0
+        speed = Throughput()
         while self.state.step < self.steps:
             self.step()
             step = self.state.step
@@ -250,20 +249,18 @@ class Fit:
                 progress.close()
                 raise
             # records read together (one step behind, then the current one before an evaluation or a save) share
-            # the window's rate: the time they took is known only together
-            window_tokens += sum(record["tokens"] for record in records)
-            elapsed = time.perf_counter() - window_start
-            rate = window_tokens / elapsed if elapsed > 0 else 0.0
+            # the window's rates: the time they took is known only together
+            speed.add(records)
+            rates = speed.rates()
             for record in records:
                 if record["step"] % cfg.logging_steps == 0 or record["step"] == self.steps:
-                    record["tokens_per_s"] = rate
-                    record["epoch"] = record.pop("epoch")  # after the rate, as metrics.jsonl has always had it
+                    record.update(rates)
+                    record["epoch"] = record.pop("epoch")  # after the rates, as metrics.jsonl has always had it
                     record.update(memory.peak())
                     self.reporter.log(record)
-                    tok_s = f"{record['tokens_per_s']:.0f}"
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=tok_s, **memory.now())
+                    progress.set_postfix(**bar_figures(record), **memory.now())
             if any("tokens_per_s" in record for record in records):
-                window_start, window_tokens = time.perf_counter(), 0
+                speed.restart()
             progress.update(1)
             if stop_due:
                 progress.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -15,6 +16,41 @@ from kotune.run_folder import METRICS
 
 PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 """The package each ``train.report_to`` logger imports (both come with ``pip install 'kotune[logging]'``)."""
+
+
+class Throughput:
+    """Tokens per second over the window since the last logged step, two ways: trained tokens (supervised, what
+    the loss is normalised by; ``tokens_per_s``) and input tokens (fed to the model, padding not counted;
+    ``input_tokens_per_s``), the figure peers and benchmarks report. A run whose prompts are long trains far fewer
+    tokens than it feeds, so only the second compares with another tool's tokens/s."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.trained, self.fed = time.perf_counter(), 0, 0
+
+    def add(self, records: list[dict]) -> None:
+        """Count the steps' records read since the window started (logged or not: their time is in it)."""
+        self.trained += sum(r["tokens"] for r in records)
+        self.fed += sum(r["input_tokens"] for r in records)
+
+    def rates(self) -> dict[str, float]:
+        """``tokens_per_s`` and ``input_tokens_per_s`` of the window so far (0.0 for a window of no time)."""
+        elapsed = time.perf_counter() - self.start
+        if elapsed <= 0:
+            return {"tokens_per_s": 0.0, "input_tokens_per_s": 0.0}
+        return {"tokens_per_s": self.trained / elapsed, "input_tokens_per_s": self.fed / elapsed}
+
+
+def bar_figures(record: dict) -> dict[str, str]:
+    """What the progress bar shows of a logged step: its loss, then input tokens/s (comparable with other tools)
+    beside trained tokens/s, each named so neither is read as the other."""
+    return {
+        "loss": f"{record['loss']:.4f}",
+        "input_tok_s": f"{record['input_tokens_per_s']:.0f}",
+        "trained_tok_s": f"{record['tokens_per_s']:.0f}",
+    }
 
 
 def check_loggers(cfg: Config) -> None:
