@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from kotune.errors import KotuneError
+from kotune.grpo_config import GrpoConfig, validate_grpo
 from kotune.preference_config import PreferenceConfig, validate_preference
 from kotune.source_config import SourceConfig, validate_sources
 
@@ -70,10 +71,11 @@ class DataConfig:
     """Split to read from a hub dataset."""
     validation_path: str | None = None
     """Separate validation file or dataset. Unset: ``val_size`` of ``path`` is held out."""
-    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "preference"] = "auto"
+    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "preference", "prompts"] = "auto"
     """Row format; ``auto`` detects it from the columns (``preference``: prompt or instruction, chosen, rejected;
-    for kto also prompt, completion, label). Conversations (``messages``, ``sharegpt``) may have a ``tools`` column
-    and turns with ``reasoning_content``, ``tool_calls`` and the ``tool`` role."""
+    for kto also prompt, completion, label; ``prompts``, for grpo: prompt or messages, and the answer columns).
+    Conversations (``messages``, ``sharegpt``) may have a ``tools`` column and turns with ``reasoning_content``,
+    ``tool_calls`` and the ``tool`` role."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column mapping from kotune's names to yours, e.g. ``{instruction: question, output: answer}`` (for
     conversations also ``messages``, ``conversations`` and ``tools``, e.g. ``{tools: functions}``)."""
@@ -139,8 +141,10 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = "sft"
-    """``sft``: next-token loss on responses; the others train on preference pairs (settings: ``preference``)."""
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"] = "sft"
+    """``sft``: next-token loss on responses; ``dpo``, ``orpo``, ``simpo``, ``kto`` train on preference pairs
+    (settings: ``preference``); ``grpo`` samples completions of prompt rows and trains on their rewards (settings:
+    ``grpo``)."""
     output_dir: str = "outputs/kotune-run"
     """Where the adapter, tokenizer, template, resolved config, checkpoints and metrics go."""
     num_epochs: float = 1.0
@@ -232,7 +236,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, evaluation, checkpoints and logging."""
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
-    """Preference objectives (``train.objective`` other than ``sft``)."""
+    """Preference objectives (``train.objective`` dpo, orpo, simpo, kto)."""
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    """Online RL on prompts (``train.objective`` grpo): sampling, rewards and the policy loss."""
 
     def effective_batch_size(self, world_size: int = 1) -> int:
         """Rows per optimizer step across all processes."""
@@ -322,6 +328,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     _validate_train(cfg.train)
     validate_preference(cfg.preference, cfg.data.cutoff_len, cfg.train.objective)
+    validate_grpo(cfg.grpo)
+    if cfg.train.objective == "grpo" and cfg.train.distributed == "fsdp":
+        raise ConfigError(
+            "'train.distributed' fsdp cannot train grpo yet (sampling runs through the whole model); use ddp"
+        )
     if cfg.lora.target_modules in (["all-linear"], "all-linear"):
         cfg.lora.target_modules = "all-linear"  # peft's keyword, not a module name
     elif isinstance(cfg.lora.target_modules, str):

@@ -52,7 +52,7 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
+        return {str(k): _coerce(v, get_args(hint)[1], f"{key}.{k}", where) for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return _to_dataclass(value, hint, key, where)
     return SCALARS[hint](value, key, where)

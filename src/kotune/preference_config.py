@@ -49,7 +49,7 @@ def validate_preference(p: PreferenceConfig, cutoff_len: int, objective: str) ->
     for key in ("orpo_lambda", "kto_desirable_weight", "kto_undesirable_weight", "simpo_gamma"):
         if getattr(p, key) < 0:
             raise PreferenceConfigError(f"'preference.{key}' must not be negative, got {getattr(p, key)}")
-    if objective != "sft" and not 0 < p.max_prompt_len < cutoff_len:
+    if objective in ("dpo", "orpo", "simpo", "kto") and not 0 < p.max_prompt_len < cutoff_len:
         raise PreferenceConfigError(
             f"'preference.max_prompt_len' must be positive and below data.cutoff_len ({cutoff_len}), "
             f"got {p.max_prompt_len}"

@@ -131,3 +131,17 @@ def test_fit_halves_the_cutoff_when_one_row_a_pass_is_too_much():
 def test_unknown_gpu_names_the_known_ones():
     with pytest.raises(UnknownGpu, match="H200.*L4"):
         gpu_named("Voodoo2")
+
+
+def test_a_grpo_plan_counts_the_generation_batch_and_its_kv_cache():
+    """Each prompt of a pass is sampled ``grpo.generations`` times, up to its longest prompt + max_new_tokens: the
+    pass trains that many sequences of that length, and sampling them holds their keys and values in every layer."""
+    cfg = config(**{"train.objective": "grpo", "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 1,
+                    "train.max_steps": 1, "grpo.generations": 8, "grpo.max_new_tokens": 256})  # fmt: skip
+    plan = est.estimate(LLAMA3_8B, cfg, [100, 300, 50, 70], gpu_named("H100-80GB"), fast=False)
+    (only,) = plan.passes
+    length = max([100, 300, 50, 70][i] for i in only.rows) + 256
+    assert only.tokens == 2 * 8 * length and only.square == 2 * 8 * length**2
+    kv = plan.parts[f"KV cache (generating 16 sequences of up to {length:,} tokens)"]
+    assert kv == 2 * 32 * 8 * 128 * 16 * length * 2  # keys and values, 32 layers, 8 kv heads of 128, bf16
+    assert plan.parts[f"activations (longest pass, {16 * length:,} tokens)"] > 0

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from kotune.commands.train import add_config_arguments
 from kotune.config_load import load_config
-from kotune.data.audit import parts_line
+from kotune.data.audit import SAMPLED, parts_line
 from kotune.data.examples import IGNORE, Example
 from kotune.data.mixture import source_names
 
@@ -32,12 +32,17 @@ def register(sub) -> None:
 
 def load_prepared(cfg) -> tuple[str, object, Sequence[Example], Sequence[Example], tuple]:
     """The model path, its tokenizer, the train and validation examples and the audits of a config's data (a
-    preference run's pairs as their responses after their prompts)."""
+    preference run's pairs as their responses after their prompts; a GRPO run's prompts)."""
     from kotune.model.assets import resolve_model
     from kotune.model.load import load_tokenizer
 
     model_path = resolve_model(cfg.model.path)
     tokenizer = load_tokenizer(model_path, cfg.model)
+    if cfg.train.objective == "grpo":
+        from kotune.data.prompts import prepare_prompts
+
+        prompts = prepare_prompts(cfg, tokenizer)
+        return model_path, tokenizer, prompts.examples("train"), prompts.examples("validation"), prompts.audits
     if cfg.train.objective != "sft":
         from kotune.data.prepare_pairs import prepare_pairs
 
@@ -171,8 +176,9 @@ def format_report(report) -> str:
         f"  tokens per row: min {s['min']} · median {s['median']} · p95 {s['p95']} · max {s['max']} "
         f"(cutoff_len {report.cutoff_len})",
         *histogram_lines(report),
-        f"  trained tokens: {report.trained_tokens:,} of {report.tokens:,} ({100 * report.trained_share:.1f}%)",
     ]
+    trained = f"{report.trained_tokens:,} of {report.tokens:,} ({100 * report.trained_share:.1f}%)"
+    lines.append(f"  trained tokens: {SAMPLED if report.format == 'prompts' else trained}")
     if report.trained_parts:
         lines.append(f"  trained tokens by part: {parts_line(report)}")
     order = {"fatal": 0, "warning": 1, "info": 2}

@@ -2,7 +2,8 @@
 
 On the model as kotune loads it (an adapter on its 4-bit or full base, a merged folder, or with ``--base`` the
 base model alone, prompted with the run's template, so before / after is one command each): loss and perplexity
-on held-out rows, generation checks on their prompts, multiple choice by log-likelihood, and lm-eval tasks.
+on held-out rows, generation checks on their prompts (a GRPO run: its held-out prompts scored with its rewards),
+multiple choice by log-likelihood, and lm-eval tasks.
 Writes ``eval_report.json`` and ``eval_report.md``; ``--compare`` puts an earlier report beside it with changes.
 """
 
@@ -66,11 +67,15 @@ def run(args) -> int:
 
         tasks = load_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args.include_path)
     folder, model, tokenizer, described = load(args)
-    heldout, heldout_texts = heldout_part(args, folder, model, tokenizer)
-    report = {"model": described, **heldout}
-    warning = stop_warning(report["generation"])
-    if warning:
-        output.warn(warning)
+    heldout_texts: list[tuple[int, str]] = []
+    if folder.config.train.objective == "grpo":  # prompts without reference replies: scored with the run's rewards
+        report = {"model": described, "rewards": reward_part(args, folder, model, tokenizer)}
+    else:
+        heldout, heldout_texts = heldout_part(args, folder, model, tokenizer)
+        report = {"model": described, **heldout}
+        warning = stop_warning(report["generation"])
+        if warning:
+            output.warn(warning)
     report["choice"], report["choice_items"] = choice_part(args.choices or DEFAULT_SET, model, tokenizer, args.limit)
     report["overlap"] = overlap_part(folder, heldout_texts, report["choice_items"])
     if tasks is not None:
@@ -134,6 +139,15 @@ def overlap_part(folder, heldout_texts: list[tuple[int, str]], choice_items: lis
 
 
 PART_NAMES = {"heldout": "held-out rows", "choice": "multiple-choice items"}
+
+
+def reward_part(args, folder, model, tokenizer) -> dict:
+    from kotune.evaluation.rewards import reward_part as score
+    from kotune.run_folder import folder_stop_ids
+
+    stops = folder_stop_ids(folder, tokenizer, model)
+    output.status("kotune: eval: greedy replies to the held-out prompts, scored with the run's rewards")
+    return score(folder, model, tokenizer, stops, args.data, args.limit, args.max_new_tokens)
 
 
 def choice_part(path, model, tokenizer, limit: int | None) -> tuple[dict, list[dict]]:

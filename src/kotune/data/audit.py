@@ -355,13 +355,17 @@ def _hangul_coverage(rows: list[dict[str, Any]], fmt: str, tokenizer, cutoff_len
     )
 
 
+SAMPLED = "prompts only: GRPO trains on the completions it samples"
+"""What the audit says of trained tokens for prompt rows (``data.prompts``), which hold none."""
+
+
 def summary_lines(report: AuditReport) -> list[str]:
     """A few lines for ``kotune train``: the shape of the data, then every warning and fatal problem."""
     s = report.lengths
     head = (
         f"kotune: audit {report.source} ({report.format}): {report.rows} rows, {report.kept} trainable; tokens "
         f"median {s['median']} / p95 {s['p95']} / max {s['max']} (cutoff {report.cutoff_len}); "
-        f"{100 * report.trained_share:.1f}% of tokens trained"
+        + (SAMPLED if report.format == "prompts" else f"{100 * report.trained_share:.1f}% of tokens trained")
     )
     hangul = next((f.message.split(" (")[0] for f in report.findings if f.code == "hangul"), None)
     lines = [head + (f"; {hangul}" if hangul else "")]

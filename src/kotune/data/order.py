@@ -158,7 +158,8 @@ def total_steps(cfg: Config, lengths: list[int], world: int) -> tuple[int, int]:
     """(optimizer steps, micro-batches per epoch) over rows of these token ``lengths``; a step's units (rows, or
     packed sequences with ``packing: full``) are split over ``world`` processes."""
     t = cfg.train
-    unit = "packed sequence(s)" if t.packing == "full" else "row(s)" if t.objective == "sft" else "pair(s)"
+    unit = {"sft": "row(s)", "grpo": "prompt(s)"}.get(t.objective, "pair(s)")
+    unit = "packed sequence(s)" if t.packing == "full" else unit
     n = unit_count(lengths, cfg)
     per_epoch = n // t.micro_batch_size
     if per_epoch == 0:

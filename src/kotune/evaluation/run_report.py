@@ -28,12 +28,29 @@ from kotune.security import portable
 PLOTS_DIR = "report"
 CURVES = (
     ("loss", "Loss", ("loss", "eval_loss")),
+    ("reward", "Reward (GRPO) and its components", ("reward", "eval_reward")),
     ("lr", "Learning rate", ("lr",)),
     ("tokens_per_s", "Tokens per second", ("input_tokens_per_s", "tokens_per_s")),
     ("memory", "GPU memory (GB)", ("gpu_memory_gb", "max_memory_gb")),
 )
-"""(file name, title, metrics.jsonl keys drawn on it); a plot with none of its keys in the log is left out."""
-LEGEND = {"loss": "training", "eval_loss": "validation", "input_tokens_per_s": "input", "tokens_per_s": "trained"}
+"""(file name, title, metrics.jsonl keys drawn on it); a plot with none of its keys in the log is left out. The
+reward plot also draws each reward component (``reward[NAME]``, ``curve_keys``)."""
+LEGEND = {
+    "loss": "training",
+    "eval_loss": "validation",
+    "input_tokens_per_s": "input",
+    "tokens_per_s": "trained",
+    "reward": "training",
+    "eval_reward": "held out (greedy)",
+}
+
+
+def curve_keys(name: str, keys: tuple[str, ...], records: list[dict]) -> tuple[str, ...]:
+    """The keys a curve draws: its own, and for the reward each component a GRPO run logged."""
+    if name != "reward":
+        return keys
+    components = sorted({k for r in records for k in r if k.startswith("reward[")})
+    return (*keys, *components)
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -52,6 +69,12 @@ def figures(records: list[dict]) -> dict:
     if eval_loss:
         out.update(first_eval_loss=eval_loss[0], last_eval_loss=eval_loss[-1], best_eval_loss=min(eval_loss))
         out["best_eval_step"] = eval_steps[eval_loss.index(min(eval_loss))]
+    _, reward = series(records, "reward")
+    _, eval_reward = series(records, "eval_reward")
+    if reward:
+        out.update(first_reward=reward[0], last_reward=reward[-1])
+    if eval_reward:
+        out.update(first_eval_reward=eval_reward[0], last_eval_reward=eval_reward[-1])
     for key in ("input_tokens_per_s", "tokens_per_s"):  # input: what other tools report; trained: supervised
         _, speed = series(records, key)
         if speed:
@@ -71,7 +94,7 @@ def plot(records: list[dict], folder: Path) -> list[tuple[str, Path]] | None:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, title, keys in CURVES:
-        drawn = [(key, *series(records, key)) for key in keys]
+        drawn = [(key, *series(records, key)) for key in curve_keys(name, keys, records)]
         drawn = [(key, steps, values) for key, steps, values in drawn if steps]
         if not drawn:
             continue
@@ -99,6 +122,10 @@ def figure_lines(values: dict) -> list[str]:
         "best_eval_step": "step of the best validation loss",
         "mean_input_tokens_per_s": "mean input tokens / s (padding not counted)",
         "mean_tokens_per_s": "mean trained tokens / s",
+        "first_reward": "first training reward (mean of the step's completions)",
+        "last_reward": "last training reward",
+        "first_eval_reward": "first held-out reward (greedy)",
+        "last_eval_reward": "last held-out reward",
     }
     lines = ["| figure | value |", "|---|---|"]
     lines += [

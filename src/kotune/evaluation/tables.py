@@ -32,6 +32,12 @@ def metric_rows(report: dict) -> list[tuple[str, str, float | None, str]]:
     for key, label, unit in GENERATION_ROWS:
         if key in report.get("generation", {}):
             rows.append((key, label, report["generation"][key], unit))
+    if "rewards" in report:  # a GRPO run: its held-out prompts scored with its rewards
+        rewards = report["rewards"]
+        rows.append(
+            ("rewards.reward", f"reward ({rewards['prompts']} held-out prompts, greedy)", rewards["reward"], "")
+        )
+        rows += [(f"rewards.{name}", f"  {name}", value, "") for name, value in rewards["components"].items()]
     if "choice" in report:
         choice = report["choice"]
         rows += [("choice.acc", "multiple choice acc", choice["acc"], "%")]
@@ -70,6 +76,10 @@ def not_comparable(report: dict, other: dict) -> dict[str, str]:
         why["heldout"] = (
             "other held-out rows or tokens (" + (", ".join(detail) or "another tokenizer or template") + ")"
         )
+    mine, theirs = report.get("rewards", {}), other.get("rewards", {})
+    if (mine.get("data"), mine.get("prompts")) != (theirs.get("data"), theirs.get("prompts")):
+        counts = [f"{r.get('prompts')} of {r.get('data')}" for r in (theirs, mine)]
+        why["heldout"] = f"other prompts ({counts[0]} vs {counts[1]})"
     mine, theirs = report.get("choice", {}), other.get("choice", {})
     if (mine.get("file"), mine.get("items")) != (theirs.get("file"), theirs.get("items")):
         counts = f"{theirs.get('items')} items of {theirs.get('file')} vs {mine.get('items')} of {mine.get('file')}"

@@ -220,16 +220,23 @@ def hyperparameter_section(folder: ModelFolder) -> str:
         "optimizer": t.optimizer,
         "seed": str(t.seed),
     }
-    if t.objective != "sft":  # a preference run: the objective and the settings it reads
+    if t.objective != "sft":  # a preference or RL run: the objective and the settings it reads
         rows["objective"] = objective_settings(cfg)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
     return f"## Hyperparameters\n\n| setting | value |\n|---|---|\n{table}\n\nFull config: `{CONFIG}`.\n"
 
 
 def objective_settings(cfg) -> str:
-    """``dpo (beta 0.1, loss sigmoid, label smoothing 0.0)``: the objective and the preference settings it uses."""
-    p = cfg.preference
+    """``dpo (beta 0.1, loss sigmoid, label smoothing 0.0)``: the objective and the preference (or GRPO) settings
+    it uses."""
+    p, g = cfg.preference, cfg.grpo
     used = {
+        "grpo": {
+            "loss": g.loss_type,
+            "generations": g.generations,
+            "beta": g.beta,
+            "rewards": ", ".join(f"{name} x{weight:g}" for name, weight in g.rewards.items()),
+        },
         "dpo": {"beta": p.beta, "loss": p.loss_type, "label smoothing": p.label_smoothing},
         "simpo": {"beta": p.beta, "gamma": p.simpo_gamma},
         "orpo": {"lambda": p.orpo_lambda},

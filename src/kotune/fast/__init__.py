@@ -23,6 +23,8 @@ def wanted(cfg: Config, model_config, device_type: str | None = None) -> tuple[b
         return False, f"no CUDA device ({device_type})"
     if cfg.model.quantization == "8bit":
         return False, "8-bit weights"
+    if cfg.train.objective == "grpo":  # its loss needs per-token log-probs, which the fast path does not return
+        return False, "train.objective grpo (per-token log-probabilities)"
     if cfg.lora.trainable_tokens:
         return False, "lora.trainable_tokens (embedding rows trained)"
     reason = unsupported_reason(model_config, cfg.lora.target_modules) or gpu_unchecked_reason(model_config)

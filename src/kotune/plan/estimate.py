@@ -108,6 +108,10 @@ def run_passes(lengths: list[int], cfg: Config, world: int = 1, rank: int = 0, p
     out: list[Pass] = []
     for step in range(steps):
         for group in step_passes(epochs, step * t.gradient_accumulation_steps, rank, world, packed):
+            if t.objective == "grpo":  # each prompt's completions, padded to the longest prompt + max_new_tokens
+                sequences, length = len(group) * cfg.grpo.generations, generation_length(lengths, group, cfg)
+                out.append(Pass(step, group, sequences * length, sequences * length**2))
+                continue
             if packed:
                 out.append(Pass(step, group, sum(lengths[i] for i in group), sum(lengths[i] ** 2 for i in group)))
                 continue
@@ -115,6 +119,18 @@ def run_passes(lengths: list[int], cfg: Config, world: int = 1, rank: int = 0, p
             padded = -(-max(lengths[i] for i in group) // multiple) * multiple
             out.append(Pass(step, group, padded * len(group), padded**2 * len(group)))
     return out
+
+
+def generation_length(lengths: list[int], group: list[int], cfg: Config) -> int:
+    """GRPO: the length a pass's sequences are sampled and trained at, its longest prompt + max_new_tokens."""
+    return max(lengths[i] for i in group) + cfg.grpo.max_new_tokens
+
+
+def kv_cache_bytes(shape: ModelShape, cfg: Config, sequences: int, length: int) -> int:
+    """The KV cache of a generation batch: keys and values of every layer, ``sequences`` x ``length`` tokens."""
+    return (
+        2 * shape.layers * shape.kv_heads * shape.head_width * sequences * length * DTYPE_BYTES[cfg.model.compute_dtype]
+    )
 
 
 def memory_parts(shape: ModelShape, cfg: Config, tokens: int, fast: bool, shards: int = 1) -> dict[str, int]:
@@ -171,6 +187,12 @@ def estimate(shape: ModelShape, cfg: Config, lengths: list[int], gpu: Gpu, fast:
     steps = passes[-1].step + 1
     shards = world if cfg.train.distributed == "fsdp" else 1
     parts = memory_parts(shape, cfg, longest.tokens, fast, shards)
+    if cfg.train.objective == "grpo":  # sampling holds the cache of the pass's completions beside the weights
+        sequences = len(longest.rows) * cfg.grpo.generations
+        length = generation_length(lengths, longest.rows, cfg)
+        parts[f"KV cache (generating {sequences} sequences of up to {length:,} tokens)"] = kv_cache_bytes(
+            shape, cfg, sequences, length
+        )
     plan = Plan(parts, longest, steps, seconds / steps, seconds, gpu, fast)
     plan.passes, plan.world = passes, world
     if shape.sliding_layers:

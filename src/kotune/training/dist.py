@@ -128,6 +128,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> None:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
 
 
+def all_reduce_max(tensor: torch.Tensor) -> None:
+    if is_distributed():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+
+
 def barrier() -> None:
     if is_distributed():
         torch_dist.barrier()

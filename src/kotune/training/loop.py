@@ -117,6 +117,8 @@ class Fit:
         self.pending: list[Pending] = []
         """Steps whose numbers are still on the device (see ``settle``)."""
         self.settle_every_step = settles_each_step(self.device)
+        self.peaks = {1 + objective.extra_keys.index(k) for k in objective.max_keys}
+        """Positions in ``_sums``'s vector of the extras reduced by their maximum."""
 
     # -- passes -----------------------------------------------------------------------------------
     def _sums(self, batches: list[tuple[dict, float]], train: bool, norm: torch.Tensor | None = None):
@@ -135,8 +137,23 @@ class Fit:
                     (loss * self.world / norm.clamp(min=1)).backward()
             sums[0] += loss.detach().double()
             for k, extra in enumerate(extras, start=1):
-                sums[k] += extra.detach().double() * weight
+                if k in self.peaks:
+                    sums[k] = torch.maximum(sums[k], extra.detach().double() * weight)
+                else:
+                    sums[k] += extra.detach().double() * weight
         return sums
+
+    def _reduce(self, sums: torch.Tensor) -> None:
+        """All processes' sums in place: added up, but the objective's ``max_keys``, whose maximum is taken."""
+        if not self.peaks or not dist.is_distributed():
+            dist.all_reduce_sum(sums)
+            return
+        peak = torch.zeros_like(sums, dtype=torch.bool)
+        peak[sorted(self.peaks)] = True
+        highest = torch.where(peak, sums, torch.zeros_like(sums))
+        dist.all_reduce_max(highest)
+        dist.all_reduce_sum(sums)
+        sums.copy_(torch.where(peak, highest, sums))
 
     def _with_idle(self, batches: list[dict], most: int) -> list[tuple[dict, float]]:
         """``batches`` weighted 1; under FSDP a process with fewer than ``most`` passes repeats its last one,
@@ -154,6 +171,7 @@ class Fit:
         update)."""
         cfg, obj = self.cfg.train, self.objective
         start = self.state.micro_step
+        obj.start_step(self.state.step)
         passes = [[self.train_units[i] for i in p] for p in self.order.passes(start)]
         batches = [obj.collate(units, True) for units in passes]
         # [normaliser, supervised tokens, input tokens of process 0, 1, ...]: one all-reduce gives the totals
@@ -167,7 +185,7 @@ class Fit:
         most = self.order.most_passes(start) if self.sharded else len(batches)
         sums = self._sums(self._with_idle(batches, most), True, norm)
         self.state.micro_step += cfg.gradient_accumulation_steps  # packing may feed them as fewer sequences
-        dist.all_reduce_sum(sums)
+        self._reduce(sums)
         loss = sums[0] / norm.clamp(min=1)
         lr = lr_at(self.state.step, self.steps, cfg)
         grad_norm, finite = clip_and_update(self.model, self.optimizer, cfg, lr, loss)
@@ -278,7 +296,7 @@ class Fit:
         self.forward.train()
         norm = sum(obj.normaliser(u, b) * w for (u, w), (b, _) in zip(passes, weighted, strict=True))
         totals = torch.cat([sums, torch.tensor([norm], dtype=torch.float64, device=self.device)])
-        dist.all_reduce_sum(totals)
+        self._reduce(totals)
         _, *extras, units = totals.tolist()
         loss = (totals[0] / totals[-1].clamp(min=1)).item()
         return obj.eval_record(loss, dict(zip(obj.extra_keys, extras, strict=True)), units)

@@ -45,10 +45,15 @@ class Objective:
     """What a step consumes, in messages ("rows", "pairs", "responses")."""
     extra_keys: tuple[str, ...] = ()
     """The metric sums ``pass_sums`` returns besides the loss, in order (summed over the step, all processes)."""
+    max_keys: tuple[str, ...] = ()
+    """Those of ``extra_keys`` that are maxima (of non-negative values) over the step's passes and processes."""
     fault_hint = ""
     """Appended to the message of a run stopped by non-finite steps: what else to try for this objective."""
     packed = False
     """Training passes are fed as packed sequences (the fast path's form) rather than padded micro-batches."""
+
+    def start_step(self, step: int) -> None:
+        """Called before a training step's batches are made, with the number of steps done (restored on resume)."""
 
     def collate(self, units: list, train: bool) -> dict[str, torch.Tensor]:
         """A host batch of ``units``; ``train``: a training pass (else an evaluation pass)."""

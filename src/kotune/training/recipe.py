@@ -15,13 +15,15 @@ import torch
 from kotune import output
 from kotune.config import Config
 from kotune.data.audit import AuditReport, fatal_error, summary_lines
+from kotune.data.conversations import stop_ids
 from kotune.data.examples import Example, unit_lengths
 from kotune.data.order import describe, feeds_packed, total_steps, unit_config
 from kotune.data.preference import UnpairedResponse
 from kotune.data.prepare import Prepared, prepare
 from kotune.data.prepare_pairs import prepare_pairs
+from kotune.data.prompts import prepare_prompts
 from kotune.data.read import DataError
-from kotune.data.templates import Template
+from kotune.data.templates import Template, load_template
 from kotune.errors import KotuneError
 from kotune.evaluation.run_report import write_run_report
 from kotune.hashing import model_identity
@@ -31,12 +33,14 @@ from kotune.model.licence import warn_if_non_commercial
 from kotune.model.load import load_tokenizer
 from kotune.model.lora import check_adapter_base, check_target_modules, load_start_adapter, trainable_token_ids
 from kotune.plan.gate import check_before_loading
+from kotune.rl.rewards import RewardSet
 from kotune.run_folder import ADAPTER, BEST, CONFIG, drop_blank_card, open_folder, save_run_tokenizer, save_template
 from kotune.security import inside, redact, refuse_pickle
 from kotune.training import dist, fingerprint
 from kotune.training.build import TrainingModel, load_for_training
 from kotune.training.checkpoint import CheckpointError, write_adapter
 from kotune.training.claim import claim
+from kotune.training.grpo import GrpoObjective
 from kotune.training.loop import Fit, NonFiniteLoss
 from kotune.training.objective import Objective, SupervisedObjective
 from kotune.training.objectives import StartWeights
@@ -112,6 +116,8 @@ class RunData:
     """The row format as detected (``preference`` for pairs), written into the saved config."""
     prepared: Prepared | None = None
     """SFT's prepared data."""
+    rewards: RewardSet | None = None
+    """GRPO's rewards."""
 
 
 def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_gpu: bool) -> Path:
@@ -123,17 +129,10 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
     # Tokenizer, data and its audit first: a data problem stops the run before the model loads.
     tokenizer = load_tokenizer(model_path, cfg.model)
     world = dist.rank_and_world()[1]
-    data = sft_data(cfg, model_path, tokenizer) if cfg.train.objective == "sft" else pair_data(cfg, tokenizer)
+    data = run_data(cfg, model_path, tokenizer)
     if data.chat_template is not None:
         tokenizer.chat_template = data.chat_template  # saved with the adapter, so inference renders the same
-    token_ids: list[int] = []
-    if data.prepared is not None:
-        token_ids = trainable_token_ids(cfg.lora, tokenizer, untrained_token_ids(data.audits))
-        if cfg.lora.trainable_tokens == "auto":  # the saved config, fingerprint and fast-path choice see the result
-            cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
-        lengths = unit_lengths(data.train)
-        cfg = check_before_loading(cfg, model_path, lengths, world, force, fit_gpu, output.info)
-        output.info(describe(cfg, lengths, world))
+    cfg, token_ids = plan_run(cfg, data, model_path, tokenizer, world, force, fit_gpu)
     fp = fingerprint.compute(cfg, tokenizer, data.template, *data.examples)
     folder = find_resume(output_dir, resume, log=output.info)
     if folder is not None:
@@ -165,6 +164,31 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
         output.info(f"kotune: adapter written to {output_dir}")
         output.info(f"kotune: run report written to {write_run_report(output_dir)}")
     return output_dir
+
+
+def plan_run(cfg: Config, data: RunData, model_path: str, tokenizer, world: int, force: bool, fit_gpu: bool):
+    """(the config to train with, embedding rows to train): SFT's untrained special tokens resolved, then the plan
+    on the GPU (``--fit``, the refusal of a run that would not fit) for SFT and GRPO runs."""
+    token_ids: list[int] = []
+    if data.prepared is not None:
+        token_ids = trainable_token_ids(cfg.lora, tokenizer, untrained_token_ids(data.audits))
+        if cfg.lora.trainable_tokens == "auto":  # the saved config, fingerprint and fast-path choice see the result
+            cfg = replace(cfg, lora=replace(cfg.lora, trainable_tokens=tokenizer.convert_ids_to_tokens(token_ids)))
+    elif cfg.train.objective != "grpo":
+        return cfg, token_ids
+    if cfg.train.objective == "grpo" and cfg.train.distributed == "auto":  # sampling runs through the whole model
+        cfg = replace(cfg, train=replace(cfg.train, distributed="ddp"))
+    lengths = unit_lengths(data.train)  # GRPO: prompts; the plan adds completions and their KV cache
+    cfg = check_before_loading(cfg, model_path, lengths, world, force, fit_gpu, output.info)
+    output.info(describe(cfg, lengths, world))
+    return cfg, token_ids
+
+
+def run_data(cfg: Config, model_path: str, tokenizer) -> RunData:
+    """The units the run's objective trains on: rows (SFT), pairs (preference) or prompts (GRPO)."""
+    if cfg.train.objective == "sft":
+        return sft_data(cfg, model_path, tokenizer)
+    return prompt_data(cfg, tokenizer) if cfg.train.objective == "grpo" else pair_data(cfg, tokenizer)
 
 
 def sft_data(cfg: Config, model_path: str, tokenizer) -> RunData:
@@ -205,11 +229,31 @@ def pair_data(cfg: Config, tokenizer) -> RunData:
     )
 
 
+def prompt_data(cfg: Config, tokenizer) -> RunData:
+    """The prompts of a GRPO run, encoded and audited; its rewards are loaded here, so a reward file that does not
+    load stops the run before the model does."""
+    data = prepare_prompts(cfg, tokenizer)
+    audit_data(data.audits)
+    rewards = RewardSet.from_config(cfg.grpo)
+    if not data.train:
+        raise DataError("no training prompts left; run `kotune data audit` on the config")
+    output.info(f"kotune: data (prompts): {len(data.train)} train, {len(data.validation)} held out; rewards "
+                f"{', '.join(f'{n} x{w:g}' for n, _, w in rewards.parts)}")  # fmt: skip
+    summary = {"objective": "grpo", "train_prompts": len(data.train), "validation_prompts": len(data.validation)}
+    examples = (data.examples("train"), data.examples("validation"))
+    template = load_template(cfg.data.template)
+    return RunData(data.train, data.validation, examples, template, data.chat_template, data.audits, summary,
+                   "prompts", rewards=rewards)  # fmt: skip
+
+
 def objective_for(cfg: Config, model: TrainingModel, tokenizer, data: RunData) -> Objective:
     """The run's objective over ``model`` (read before the first step: DPO keeps its starting weights)."""
     if cfg.train.objective == "sft":
         return SupervisedObjective(model, tokenizer, cfg, feeds_packed(cfg.train, model.fast is not None))
     start = StartWeights(model.peft) if cfg.model.adapter else None  # the reference is the start, not the base
+    if cfg.train.objective == "grpo":
+        stops = stop_ids(tokenizer, model.peft.generation_config, data.chat_template)
+        return GrpoObjective(cfg, model.peft, tokenizer, data.rewards, stops, start)
     unpaired = isinstance(data.train[0], UnpairedResponse)
     return PreferenceObjective(cfg, model.peft, tokenizer.pad_token_id, unpaired, model.fast is not None, start)
 

@@ -1,0 +1,1 @@
+"""Online reinforcement learning: rewards, rollouts and the GRPO policy loss."""

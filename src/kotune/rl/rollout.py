@@ -1,0 +1,107 @@
+"""Rollouts: a step's completions sampled from the training model itself (its LoRA adapter on, not merged: no second
+copy of the weights), batched with a KV cache, each completion drawn with its own seeded generator.
+
+The seed of a completion is a function of (``train.seed``, step, prompt row, its index in the group), so a resumed
+run, or a run on another number of processes (each samples its share of the step's prompts), draws the same tokens
+from the same distributions: the sampler's state is the step a checkpoint holds. Prefill and decode step are
+inference's (``kotune.inference.generate``); sampling here also keeps each token's log-probability, which the
+training forward recomputes (their difference is reported per step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from kotune.inference.generate import decode_step, left_pad, prefill
+
+
+@dataclass
+class Completion:
+    ids: list[int]
+    """Sampled ids, the stop token included when one ended it."""
+    logps: list[float]
+    """Each sampled token's log-probability under the sampling distribution (logits / temperature, before top-p)."""
+    stopped: bool
+    """A stop token or stop string ended it; False when ``max_new_tokens`` ran out."""
+
+
+def completion_seed(seed: int, step: int, row: int, k: int) -> int:
+    """The seed of completion ``k`` of prompt ``row`` at ``step``: a hash, so nearby keys give unrelated streams."""
+    digest = hashlib.sha256(f"{seed}/{step}/{row}/{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_rows(logits: torch.Tensor, top_p: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row from ``softmax(logits)`` cut to its top-p nucleus, row ``i`` drawn with ``generators[i]``."""
+    probs = torch.softmax(logits, dim=-1).cpu()
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # drop tokens once the mass before them reaches top_p; the most likely token always stays
+    sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
+    picks = [torch.multinomial(sorted_probs[i], 1, generator=g) for i, g in enumerate(generators)]
+    return order.gather(-1, torch.stack(picks)).squeeze(-1).to(logits.device)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How completions are sampled: stop ids, stop strings (checked on the decoded text), the limits."""
+
+    pad_id: int
+    stop_ids: tuple[int, ...]
+    stop_strings: tuple[str, ...]
+    max_new_tokens: int
+    temperature: float
+    """0: greedy."""
+    top_p: float
+
+
+def ended_by_string(tokenizer, ids: list[int], stops: tuple[str, ...]) -> bool:
+    if not stops:
+        return False
+    text = tokenizer.decode(ids[-16:], skip_special_tokens=False)  # a stop string ends within the last tokens
+    return any(s in text for s in stops)
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list[list[int]], seeds: list[int], s: Sampler) -> list[Completion]:
+    """Sample a completion of each prompt (``seeds[i]`` seeds prompt i's generator) in one batch; ``model`` is put
+    in eval mode for it (no LoRA dropout) and back after."""
+    training = model.training
+    model.eval()
+    try:
+        return _decode(model, tokenizer, prompts, seeds, s)
+    finally:
+        model.train(training)
+
+
+def _decode(model, tokenizer, prompts, seeds, s: Sampler) -> list[Completion]:
+    device = next(model.parameters()).device
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    ids, mask = left_pad(prompts, s.pad_id, device)
+    logits, cache = prefill(model, ids, mask)
+    out = [Completion([], [], False) for _ in prompts]
+    going = [True] * len(prompts)
+    stops = set(s.stop_ids)
+    for step in range(s.max_new_tokens):
+        if s.temperature > 0:
+            logits = logits / s.temperature
+            token = sample_rows(logits, s.top_p, generators)
+        else:  # greedy (evaluations)
+            token = logits.argmax(-1)
+        logps = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1).tolist()
+        for i, (t, lp) in enumerate(zip(token.tolist(), logps, strict=True)):
+            if not going[i]:
+                continue
+            out[i].ids.append(t)
+            out[i].logps.append(lp)
+            if t in stops or ended_by_string(tokenizer, out[i].ids, s.stop_strings):
+                going[i], out[i].stopped = False, True
+        if not any(going) or step + 1 == s.max_new_tokens:
+            break
+        # rows that ended keep decoding pad tokens (masked out) so the batch and its cache keep their shape
+        token = torch.where(torch.tensor(going, device=device), token, torch.full_like(token, s.pad_id))
+        mask = torch.cat([mask, torch.tensor(going, device=device, dtype=mask.dtype)[:, None]], dim=-1)
+        logits, cache = decode_step(model, token, mask, cache)
+    return out
