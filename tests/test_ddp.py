@@ -114,6 +114,15 @@ def test_two_processes_train_the_same_full_packing_steps_as_one(tiny_train_confi
     the steps one does (cutoff 256: several rows a sequence, two sequences a step, one per process)."""
     overrides = {"lora.dropout": 0.0, "train.packing": "full", "data.cutoff_len": 256, "train.max_steps": 3}
     overrides |= {"train.micro_batch_size": 1, "train.gradient_accumulation_steps": 2, "train.save_steps": 3}
+    two, log = one_and_two_processes(tiny_train_config, tmp_path, overrides)
+    steps = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert all(len(r["input_tokens_per_process"]) == 2 and min(r["input_tokens_per_process"]) > 0 for r in steps)
+    assert "steps (packing full)" in log.read_text()
+
+
+def one_and_two_processes(tiny_train_config, tmp_path: Path, overrides: dict) -> tuple[Path, Path]:
+    """The tiny run with ``overrides`` trained by one process and by two (torchrun, gloo), checked to be the same
+    run; (the two-process run's folder, its log)."""
     path = tmp_path / "config.yaml"
     path.write_text(tiny_train_config(tmp_path / "unused", overrides).to_yaml(), encoding="utf-8")
     runs = {}
@@ -121,9 +130,7 @@ def test_two_processes_train_the_same_full_packing_steps_as_one(tiny_train_confi
         runs[n], log = tmp_path / f"p{n}", tmp_path / f"p{n}.log"
         assert kotune(["train", str(path), f"train.output_dir={runs[n]}"], n, log) == 0, log.read_text()[-4000:]
     assert_same_run(runs[1], runs[2])
-    steps = [json.loads(x) for x in (runs[2] / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert all(len(r["input_tokens_per_process"]) == 2 and min(r["input_tokens_per_process"]) > 0 for r in steps)
-    assert "steps (packing full)" in log.read_text()
+    return runs[2], log
 
 
 def test_a_two_process_checkpoint_resumes_on_one_process(one_and_two, ddp_config, tmp_path):

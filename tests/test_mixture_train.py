@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_TRAIN_ROWS, write_jsonl
 from safetensors.torch import load_file
-from test_ddp import assert_same_run, kotune
+from test_ddp import one_and_two_processes
 from test_resume import SimulatedKill, by_step, kill_at_forward
 
 from kotune.data.prepare import prepare
@@ -56,16 +56,10 @@ def three_sources(tmp_path) -> str:
 def test_two_processes_train_the_same_mixture_steps_as_one(tiny_train_config, tmp_path):
     overrides = {"data.sources": three_sources(tmp_path), "lora.dropout": 0.0, "train.max_steps": 3}
     overrides |= {"train.micro_batch_size": 2, "train.eval_steps": 3, "train.save_steps": 3}
-    path = tmp_path / "config.yaml"
-    path.write_text(tiny_train_config(tmp_path / "unused", overrides).to_yaml(), encoding="utf-8")
-    runs = {}
-    for n in (1, 2):
-        runs[n], log = tmp_path / f"p{n}", tmp_path / f"p{n}.log"
-        assert kotune(["train", str(path), f"train.output_dir={runs[n]}"], n, log) == 0, log.read_text()[-4000:]
-    assert_same_run(runs[1], runs[2])
-    steps = [json.loads(x) for x in (runs[2] / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    two, _ = one_and_two_processes(tiny_train_config, tmp_path, overrides)
+    steps = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(steps) == 3 and all(min(r["input_tokens_per_process"]) > 0 for r in steps)
-    evals = [json.loads(x) for x in (runs[2] / "metrics.jsonl").read_text().splitlines() if '"eval_loss"' in x]
+    evals = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines() if '"eval_loss"' in x]
     assert {"eval_loss[ko]", "eval_loss[en]", "eval_loss[sums]"} <= evals[-1].keys()
 
 
