@@ -6,7 +6,7 @@ const POLL_MS = 2000;
 const CURVES = [
   { id: "loss", title: "Loss", keys: ["loss", "eval_loss"] },
   { id: "lr", title: "Learning rate", keys: ["lr"] },
-  { id: "tokens_per_s", title: "Trained tokens per second", keys: ["tokens_per_s"] },
+  { id: "tokens_per_s", title: "Tokens per second (input, trained)", keys: ["input_tokens_per_s", "tokens_per_s"] },
   { id: "memory", title: "GPU memory (GiB, peak)", keys: ["peak_allocated_gib", "peak_reserved_gib"] },
 ];
 const COLOURS = ["#1f7ae0", "#e0701f", "#1f9d55", "#6b4fbb"];
