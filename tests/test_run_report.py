@@ -54,6 +54,26 @@ def test_report_plots_are_real_images(run_folder):
     assert "audit data.jsonl: 12 rows" in text and "learning_rate: 0.001" in text
 
 
+def test_report_plots_the_gpu_memory_metrics_jsonl_logs(run_folder, monkeypatch):
+    """The figures ``training.memory.peak`` logs on a GPU (faked here) are drawn (the plot once looked for keys
+    nothing logs)."""
+    import torch
+
+    from kotune.evaluation.run_report import write_run_report
+    from kotune.training.memory import GIB, peak
+
+    for name, value in [("is_available", True), ("is_initialized", True), ("reset_peak_memory_stats", None)]:
+        monkeypatch.setattr(torch.cuda, name, lambda value=value: value)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 5.5 * GIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 6.0 * GIB)
+    logged = peak()
+    assert logged
+    gpu = [{**r, **logged} if "loss" in r else r for r in METRICS]
+    write_jsonl(run_folder / "metrics.jsonl", gpu)
+    text = write_run_report(run_folder).read_text(encoding="utf-8")
+    assert "](report/memory.png)" in text and (run_folder / "report" / "memory.png").stat().st_size > 5000
+
+
 def test_report_numbers_match_metrics(run_folder):
     from kotune.evaluation.run_report import write_run_report
 

@@ -31,7 +31,7 @@ CURVES = (
     ("reward", "Reward (GRPO) and its components", ("reward", "eval_reward")),
     ("lr", "Learning rate", ("lr",)),
     ("tokens_per_s", "Tokens per second", ("input_tokens_per_s", "tokens_per_s")),
-    ("memory", "GPU memory (GB)", ("gpu_memory_gb", "max_memory_gb")),
+    ("memory", "GPU memory (GiB, peak)", ("peak_allocated_gib", "peak_reserved_gib")),
 )
 """(file name, title, metrics.jsonl keys drawn on it); a plot with none of its keys in the log is left out. The
 reward plot also draws each reward component (``reward[NAME]``, ``curve_keys``)."""
@@ -42,6 +42,8 @@ LEGEND = {
     "tokens_per_s": "trained",
     "reward": "training",
     "eval_reward": "held out (greedy)",
+    "peak_allocated_gib": "allocated",
+    "peak_reserved_gib": "reserved",
 }
 
 
