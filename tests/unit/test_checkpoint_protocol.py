@@ -228,3 +228,17 @@ def test_a_disk_full_while_writing_the_final_files_says_resume_writes_them_again
     assert not (run / "run_summary.json").exists() and (run / "checkpoint-2").is_dir()
     assert main(["train", str(config), "--resume"]) == 0
     assert (run / "run_summary.json").is_file()
+
+
+def test_resuming_from_the_saved_config_is_not_a_change_of_data_format():
+    """A run started with ``data.format: auto`` saves the format it detected in its kotune_config.yaml; resuming
+    from that file is the same run (the rows' hash decides), while a concrete format changed is still named."""
+    from kotune.training.fingerprint import differences
+
+    same_rows = {"data": {}, "examples": "rows", "tokenizer": "t", "template": "p"}
+    auto = {**same_rows, "config": {"data.format": "auto", "train.learning_rate": 2e-4}}
+    alpaca = {**same_rows, "config": {"data.format": "alpaca", "train.learning_rate": 2e-4}}
+    assert differences(auto, alpaca) == [] and differences(alpaca, auto) == []
+    other_rows = {**same_rows, "examples": "other", "config": {"data.format": "sharegpt", "train.learning_rate": 2e-4}}
+    assert differences(auto, other_rows) == ["tokenized training / validation rows: changed"]
+    assert "config data.format: 'alpaca' -> 'sharegpt'" in differences(alpaca, other_rows)

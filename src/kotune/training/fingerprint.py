@@ -133,7 +133,12 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         if saved.get(part) != current.get(part):
             out.append(f"{what}: changed")
     old_cfg, new_cfg = saved.get("config", {}), current.get("config", {})
-    return out + config_changes(old_cfg, new_cfg, sorted((set(old_cfg) | set(new_cfg)) - set(RUN_END)))
+    keys = set(old_cfg) | set(new_cfg)
+    if "auto" in (old_cfg.get("data.format"), new_cfg.get("data.format")):
+        # ``auto`` names no format, the one it detected does (the run's saved kotune_config.yaml holds it): the same
+        # rows read either way tokenize alike, and the examples' hash above says whether they did
+        keys.discard("data.format")
+    return out + config_changes(old_cfg, new_cfg, sorted(keys - set(RUN_END)))
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], keys) -> list[str]:

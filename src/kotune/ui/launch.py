@@ -124,8 +124,7 @@ def launches(root: Path, run: str | None = None) -> list[dict]:
 def resume_config(root: Path, folder: Path, configs: list[Path]) -> Path:
     """What a resume of the run reads: the config the page last launched it from, else one of ``configs`` (the named
     and saved ones) training into the folder, else the run's saved ``kotune_config.yaml``. The config the run
-    started from comes first: the resume's checks compare against it (the saved one has ``data.format: auto``
-    resolved, which they count as a change)."""
+    started from comes first: it is what the user edits and launches again."""
     run = folder.relative_to(root.resolve()).as_posix()
     for record in launches(root, run):
         if Path(record["config"]).is_file():
