@@ -161,8 +161,10 @@ def piece_scores(tokens: list[str], merges: list) -> list[float]:
     return [-float(rank[t]) if t in rank else floor for t in tokens]
 
 
-def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Token strings and llama.cpp token types for ids 0..vocab_size-1 (ids with no token: ``[PADn]``, unused)."""
+def tokenizer_vocab(tokenizer, vocab_size: int, byte_pieces: bool = False) -> tuple[list[str], list[int]]:
+    """Token strings and llama.cpp token types for ids 0..vocab_size-1 (ids with no token: ``[PADn]``, unused);
+    ``byte_pieces``: a SentencePiece vocabulary, whose ``<0xNN>`` pieces are bytes (in a byte-level one such a
+    string would be text)."""
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     if max(by_id) >= vocab_size:
         raise ExportError(f"the tokenizer has token id {max(by_id)}, beyond the model's vocab_size {vocab_size}")
@@ -177,12 +179,13 @@ def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
             types.append(CONTROL if added[i].special else USER_DEFINED)
         else:
             tokens.append(by_id[i])
-            types.append(BYTE if BYTE_TOKEN.fullmatch(by_id[i]) else NORMAL)
+            types.append(BYTE if byte_pieces and BYTE_TOKEN.fullmatch(by_id[i]) else NORMAL)
     return tokens, types
 
 
 def gguf_tokenizer(tokenizer, vocab_size: int, stop_ids: list[int], chat_template: str | None) -> GgufTokenizer:
-    """The GGUF form of a byte-level BPE tokenizer: EOS is the tokenizer's, end-of-turn the first other stop id."""
+    """The GGUF form of a byte-level BPE or a SentencePiece tokenizer: EOS is the tokenizer's, end-of-turn the first
+    other stop id."""
     from kotune.data.encoding import bos_id_to_add
 
     data = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -197,7 +200,7 @@ def gguf_tokenizer(tokenizer, vocab_size: int, stop_ids: list[int], chat_templat
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ExportError("the tokenizer has no EOS token: llama.cpp would not know where a reply ends")
-    tokens, types = tokenizer_vocab(tokenizer, vocab_size)
+    tokens, types = tokenizer_vocab(tokenizer, vocab_size, byte_pieces=sentencepiece)
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
     return GgufTokenizer(
         pre=None if sentencepiece else pre_tokenizer_name(data),
