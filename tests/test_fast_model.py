@@ -237,6 +237,36 @@ def test_dropout_masks_are_replayed_by_checkpointing():
     _assert_same(_loss_and_grads(_fast(model, checkpoint=False), params, _fast_loss, batch, seed=5), plain)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_long_passes_run_the_mlp_in_slices_with_the_same_loss_and_gradients(monkeypatch, kind, checkpoint):
+    import kotune.fast.decoder
+    import kotune.fast.tiled
+
+    monkeypatch.setattr(kotune.fast.decoder, "TILE_FROM", 8)  # "long" = over 8 tokens; slices of 5 (uneven)
+    monkeypatch.setattr(kotune.fast.tiled, "TILE_TOKENS", 5)
+    model = _peft_model(kind, "all-linear")
+    params = _params(model)
+    batch = collate(_rows([13, 6, 9]), pad_id=0)
+    plain = _loss_and_grads(model, params, loss_sum, batch)
+    _assert_same(_loss_and_grads(_fast(model, checkpoint), params, _fast_loss, batch), plain)
+
+
+def test_sliced_mlp_replays_its_dropout_masks_in_backward(monkeypatch):
+    import kotune.fast.decoder
+    import kotune.fast.tiled
+
+    monkeypatch.setattr(kotune.fast.decoder, "TILE_FROM", 8)
+    monkeypatch.setattr(kotune.fast.tiled, "TILE_TOKENS", 5)
+    model = _peft_model(targets="all-linear", dropout=0.2)
+    params = _params(model)
+    batch = collate(_rows([11, 8]), pad_id=0)
+    sliced = _loss_and_grads(_fast(model, checkpoint=True), params, _fast_loss, batch, seed=5)
+    # the reference: the same slices, same masks, every activation kept by autograd
+    monkeypatch.setattr(kotune.fast.decoder, "tiled", lambda run, h, _p, _r: kotune.fast.tiled._in_slices(run, h))
+    _assert_same(sliced, _loss_and_grads(_fast(model, checkpoint=False), params, _fast_loss, batch, seed=5))
+
+
 def test_eval_mode_and_no_grad_give_the_eval_loss():
     model = _peft_model(dropout=0.3)
     batch = collate(_rows([10, 4]), pad_id=0)

@@ -31,12 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     from kotune.errors import KotuneError
     from kotune.model.hub import go_offline
     from kotune.model.load import quiet_bitsandbytes
+    from kotune.training.memory import growable_segments
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.offline:
         go_offline()  # before bitsandbytes or any hub library is imported: they read it once, at import
     quiet_bitsandbytes()
+    growable_segments()
     # argparse stops filling a positional list at the first option: `train C.yaml --dry-run a=1` leaves
     # `a=1` over. Overrides may stand anywhere on the line, so collect them here.
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

@@ -43,9 +43,14 @@ def causal_attention(
     window: int | None = None,
 ) -> torch.Tensor:
     """``q [b, heads, t, d]``, ``k, v [b, kv_heads, t, d]`` -> ``[b, heads, t, d]``."""
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     t = q.shape[2]
-    if window is None or window >= t:
+    causal = window is None or window >= t
+    if causal and groups > 1 and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        # flash attention reads the shared key/value heads itself: no [t, heads, d] copies of k and v (kept for
+        # backward too), 16 KiB a token at 8B; other kernels would fall back to the O(t^2) one with it
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    if causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(t, window, q.device), scale=scale)
 

@@ -29,6 +29,7 @@ from kotune.fast.families import ATTENTION, MLP, LayerSpec, family, unsupported_
 from kotune.fast.lora import Projection, UnsupportedModule, project, read_projection
 from kotune.fast.loss import linear_cross_entropy_sum, linear_sequence_logps
 from kotune.fast.ops import Ops
+from kotune.fast.tiled import TILE_FROM, tiled
 
 
 @dataclass
@@ -63,6 +64,8 @@ class DecoderLayer:
         self._act = ops.gelu_tanh_mul if spec.activation == "gelu_tanh" else ops.silu_mul
         self.ops = ops
         self._params = [p for proj in self.proj.values() for p in proj.trainable()]
+        self._mlp_params = [p for n in MLP for p in self.proj[n].trainable()]
+        self._mlp_dropout = any(self.proj[n].dropout > 0 for n in MLP)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The layer's trainable (LoRA) tensors."""
@@ -95,13 +98,21 @@ class DecoderLayer:
         return project(a.transpose(1, 2).reshape(b, t, -1), p["o_proj"], train)
 
     def __call__(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
-        p, train = self.proj, rows.training
+        train = rows.training
         attn_in, attn_out, mlp_in, mlp_out = self.norms
         # a norm after attention or MLP feeds the residual sum: its gradient is shared, so not overwritten in place
         x = x + self._norm(self._attention(self._norm(x, attn_in), rows), attn_out, in_place=False)
         h = self._norm(x, mlp_in)
+        if h.shape[0] * h.shape[1] > TILE_FROM:  # a long pass: the MLP's activations a slice at a time
+            m = tiled(lambda t: self._mlp(t, train), h, self._mlp_params, train and self._mlp_dropout)
+        else:
+            m = self._mlp(h, train)
+        return x + self._norm(m, mlp_out, in_place=False)
+
+    def _mlp(self, h: torch.Tensor, train: bool) -> torch.Tensor:
+        p = self.proj
         m = self._act(project(h, p["gate_proj"], train), project(h, p["up_proj"], train))
-        return x + self._norm(project(m, p["down_proj"], train), mlp_out, in_place=False)
+        return project(m, p["down_proj"], train)
 
 
 class _Gathered:

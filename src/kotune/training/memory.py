@@ -3,9 +3,19 @@ nothing on the device."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 GIB = 2**30
+
+
+def growable_segments() -> None:
+    """Have PyTorch's CUDA allocator grow its segments in place (``expandable_segments``) unless the user set
+    ``PYTORCH_CUDA_ALLOC_CONF``. With fixed-size segments, a long pass's tensors of many sizes leave cached
+    blocks that fit no later request, and reserved memory outgrows allocated memory (measured in
+    ``bench/RESULTS.md``). Read once, at the first CUDA allocation: call it before any."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def peak() -> dict[str, float]:
