@@ -30,16 +30,7 @@ from kotune.rl.loss import group_advantages, k3, normaliser, pass_loss, token_lo
 from kotune.rl.rewards import RewardSet
 from kotune.rl.rollout import Completion, Sampler, completion_seed, rollout
 from kotune.training.objective import Objective
-from kotune.training.objectives import StartWeights
-
-
-def token_logps(model, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """Log-probability of each next token [rows, length - 1] at ``temperature``, in float32 (0 where unlabelled)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    logits = logits / temperature
-    labels = batch["labels"][:, 1:]
-    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked - torch.logsumexp(logits, dim=-1)) * (labels != IGNORE)  # log_softmax without a vocab-sized copy
+from kotune.training.objectives import StartWeights, token_logps
 
 
 def completion_batch(
