@@ -162,6 +162,29 @@ def test_a_killed_grpo_run_resumes_to_the_same_rewards_and_adapter(tmp_path, war
     assert_same_adapter(out / ADAPTER, reference / ADAPTER)
 
 
+def test_grpo_iterations_resumed_inside_a_group_equal_the_uninterrupted_run(tmp_path, warm_base):
+    """grpo.iterations 2: steps 1 and 3 sample, steps 2 and 4 train again on those completions (rewards logged at
+    the sampling steps only). Killed at step 4's first forward, after checkpoint-3 (inside the second group): it
+    holds the group's samples, and the resumed step 4 trains on them as the uninterrupted run did."""
+    overrides = {"train.max_steps": 4, "train.save_steps": 3, "lora.dropout": 0.1, "grpo.generations": 4,
+                 "grpo.iterations": 2}  # fmt: skip
+    reference = tmp_path / "reference"
+    train(grpo_config(reference, warm_base, **overrides))
+    assert by_step(reference, "sampled") == {1: True, 2: False, 3: True, 4: False}
+    assert sorted(by_step(reference, "reward")) == [1, 3]
+    assert by_step(reference, "epoch")[2] == by_step(reference, "epoch")[1]  # the same prompts, not the next ones
+    assert by_step(reference, "clip_low")[2] + by_step(reference, "clip_high")[2] > 0  # the ratio left 1
+    out = tmp_path / "run"
+    cfg = grpo_config(out, warm_base, **overrides)
+    with pytest.raises(SimulatedKill), kill_at_forward(7):
+        train(cfg)
+    assert latest_good(out).name == "checkpoint-3" and (out / "checkpoint-3" / "objective.safetensors").is_file()
+    train(cfg, resume="auto")
+    for key in ("loss", "grad_norm", "reward", "clip_low", "clip_high", "sampled"):
+        assert by_step(out, key) == pytest.approx(by_step(reference, key), rel=1e-6, abs=1e-9), key
+    assert_same_adapter(out / ADAPTER, reference / ADAPTER)
+
+
 def test_the_kl_to_the_adapter_switched_off_starts_at_zero_and_grows(tmp_path, warm_base):
     """grpo.beta > 0: the reference is the base (adapter off). At step 1 LoRA B is still zero, so policy and
     reference agree and the k3 KL is exactly 0; after an update it is positive."""
@@ -187,20 +210,29 @@ def test_a_reward_that_raises_stops_the_run_naming_row_and_function(tmp_path, wa
 def test_two_processes_sample_and_train_the_same_steps_as_one(tmp_path, warm_base):
     """torchrun with two gloo processes, each sampling the completions of its half of a step's prompts: the same
     rewards, gradient norms and |delta log p| maxima (reduced by max over the processes) as one process, and the
-    same adapter (the prompts are of one length, so the batches' padding cannot change a sampled token)."""
+    same adapter (the prompts are of one length, so the batches' padding cannot change a sampled token). With
+    grpo.iterations 2, step 2 trains again on step 1's completions, and the last checkpoint (step 3, inside a group)
+    holds the completions both processes sampled, gathered, as one process's."""
     from test_ddp import kotune
 
-    overrides = {"train.max_steps": 3, "train.save_steps": 3, "grpo.generations": 4}
+    overrides = {"train.max_steps": 3, "train.save_steps": 3, "grpo.generations": 4, "grpo.iterations": 2}
     path = tmp_path / "config.yaml"
     path.write_text(grpo_config(tmp_path / "unused", warm_base, **overrides).to_yaml(), encoding="utf-8")
     runs = {}
     for n in (1, 2):
         runs[n], log = tmp_path / f"p{n}", tmp_path / f"p{n}.log"
         assert kotune(["train", str(path), f"train.output_dir={runs[n]}"], n, log) == 0, log.read_text()[-4000:]
-    for key in ("reward", "grad_norm", "completion_length", "logp_delta_max"):
+    every, sampling = [1, 2, 3], [1, 3]
+    checked = {"loss": every, "grad_norm": every, "reward": sampling, "completion_length": sampling,
+               "logp_delta_max": sampling}  # fmt: skip
+    for key, steps in checked.items():
         one, two = by_step(runs[1], key), by_step(runs[2], key)
-        assert sorted(one) == [1, 2, 3] and two == pytest.approx(one, rel=1e-5, abs=1e-6), key
-    assert all(r["processes"] == 2 for r in records(runs[2]) if "reward" in r)
+        assert sorted(one) == steps and two == pytest.approx(one, rel=1e-5, abs=1e-6), key
+    assert all(r["processes"] == 2 for r in records(runs[2]) if "loss" in r)
+    one, two = (load_file(runs[n] / "checkpoint-3" / "objective.safetensors") for n in (1, 2))
+    assert one.keys() == two.keys() and len({k.split("/")[0] for k in one}) == 8  # every prompt of the step
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-5)
     one, two = load_file(runs[1] / ADAPTER), load_file(runs[2] / ADAPTER)
     for name in one:  # Adam divides by the gradient's size: a near-zero entry's rounding moves it by ~1e-6, not ~lr
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-5)

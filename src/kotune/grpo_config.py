@@ -3,7 +3,8 @@ grpo``).
 
 A step takes ``train.micro_batch_size x train.gradient_accumulation_steps`` prompts (all processes), samples
 ``generations`` completions of each with the adapter on, scores them with ``rewards`` and trains on the
-completions with advantages relative to their group. Names follow TRL's ``GRPOConfig`` where one exists.
+completions with advantages relative to their group (with ``iterations`` > 1, for that many steps). Names follow
+TRL's ``GRPOConfig`` where one exists.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ class GrpoConfig:
     """Sample from the smallest set of tokens whose probabilities add up to this (1 = all)."""
     stop: list[str] = field(default_factory=list)
     """Strings that end a completion (kept in it), besides EOS and the end-of-turn token, e.g. ``</answer>``."""
+    iterations: int = 1
+    """Optimizer steps on each batch of sampled completions (TRL's ``num_iterations``, the GRPO paper's mu). A step
+    is still one update (``train.max_steps``, ``save_steps``, ``eval_steps`` and the log count updates): steps
+    whose number is a multiple of this sample, and the next ``iterations - 1`` train on the same prompts' same
+    completions, their probability ratio taken against the log-probabilities of the policy that sampled them (so
+    clipping acts). Each epoch's prompts then take ``iterations`` times as many steps."""
     epsilon: float = 0.2
     """Clipping of the probability ratio from below: the ratio counts down to 1 - epsilon (PPO's epsilon)."""
     epsilon_high: float | None = None
@@ -65,7 +72,7 @@ def validate_grpo(g: GrpoConfig) -> None:
     """Ranges of the GRPO settings; errors name the key."""
     if g.generations < 2:  # one completion is its own group: its advantage is always 0
         raise GrpoConfigError(f"'grpo.generations' must be at least 2, got {g.generations}")
-    positive = {"max_new_tokens": g.max_new_tokens, "length_target": g.length_target}
+    positive = {"max_new_tokens": g.max_new_tokens, "length_target": g.length_target, "iterations": g.iterations}
     for key, value in positive.items():
         if value <= 0:
             raise GrpoConfigError(f"'grpo.{key}' must be positive, got {value}")

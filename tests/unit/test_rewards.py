@@ -113,6 +113,8 @@ def test_grpo_config_loads_and_checks_ranges():
         load_config(None, ["grpo.generations=1"])
     with pytest.raises(GrpoConfigError, match="'grpo.temperature'"):
         load_config(None, ["grpo.temperature=0"])
+    with pytest.raises(GrpoConfigError, match="'grpo.iterations' must be positive, got 0"):
+        load_config(None, ["grpo.iterations=0"])
     with pytest.raises(Exception, match="'train.distributed' fsdp cannot train grpo"):
         load_config(None, ["train.objective=grpo", "train.distributed=fsdp"])
     with pytest.raises(Exception, match="'grpo.rewards.answer' must be a number"):

@@ -154,9 +154,22 @@ def step_passes(epochs: Epochs, micro_step: int, rank: int, world: int, packed: 
     return [[i for u in mine[k : k + size] for i in u] for k in range(0, len(mine), size)]
 
 
+def repeats(cfg: Config) -> int:
+    """Optimizer steps that train on one step's units: ``grpo.iterations`` (a batch of sampled completions is
+    trained on that many times, TRL's ``num_iterations``), else 1."""
+    return cfg.grpo.iterations if cfg.train.objective == "grpo" else 1
+
+
+def step_start(cfg: Config, step: int) -> int:
+    """Where optimizer step ``step`` (0-based) starts in the data order: every step of a group of ``repeats``
+    steps starts where the group does, so its steps see the same units and the next group the units after them."""
+    return step // repeats(cfg) * cfg.train.gradient_accumulation_steps
+
+
 def total_steps(cfg: Config, lengths: list[int], world: int) -> tuple[int, int]:
     """(optimizer steps, micro-batches per epoch) over rows of these token ``lengths``; a step's units (rows, or
-    packed sequences with ``packing: full``) are split over ``world`` processes."""
+    packed sequences with ``packing: full``) are split over ``world`` processes. An epoch takes ``repeats`` times
+    the steps its micro-batches make."""
     t = cfg.train
     unit = {"sft": "row(s)", "grpo": "prompt(s)"}.get(t.objective, "pair(s)")
     unit = "packed sequence(s)" if t.packing == "full" else unit
@@ -171,7 +184,7 @@ def total_steps(cfg: Config, lengths: list[int], world: int) -> tuple[int, int]:
         )
     if t.max_steps is not None:
         return t.max_steps, per_epoch
-    steps = math.floor(per_epoch * t.num_epochs / t.gradient_accumulation_steps)
+    steps = math.floor(per_epoch * t.num_epochs / t.gradient_accumulation_steps) * repeats(cfg)
     return max(1, steps), per_epoch
 
 
@@ -180,7 +193,7 @@ def describe(cfg: Config, lengths: list[int], world: int) -> str:
     t = cfg.train
     steps, per_epoch = total_steps(cfg, lengths, world)
     per_step = t.micro_batch_size * t.gradient_accumulation_steps
-    epoch_steps = per_epoch / t.gradient_accumulation_steps
+    epoch_steps = per_epoch / t.gradient_accumulation_steps * repeats(cfg)
     if t.packing != "full":
         return f"kotune: steps: {per_step} rows a step, {epoch_steps:g} steps an epoch, {steps} steps"
     packed = sequences(lengths, cfg)

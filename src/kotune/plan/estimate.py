@@ -100,14 +100,14 @@ class Plan:
 
 def run_passes(lengths: list[int], cfg: Config, world: int = 1, rank: int = 0, packed: bool = True) -> list[Pass]:
     """Every pass process ``rank`` makes in the run, in order: ``data.order.step_passes``, step by step."""
-    from kotune.data.order import Epochs, step_passes, total_steps
+    from kotune.data.order import Epochs, step_passes, step_start, total_steps
 
     t = cfg.train
     steps, _ = total_steps(cfg, lengths, world)
     epochs = Epochs(lengths, cfg)
     out: list[Pass] = []
     for step in range(steps):
-        for group in step_passes(epochs, step * t.gradient_accumulation_steps, rank, world, packed):
+        for group in step_passes(epochs, step_start(cfg, step), rank, world, packed):
             if t.objective == "grpo":  # each prompt's completions, padded to the longest prompt + max_new_tokens
                 sequences, length = len(group) * cfg.grpo.generations, generation_length(lengths, group, cfg)
                 out.append(Pass(step, group, sequences * length, sequences * length**2))

@@ -7,7 +7,9 @@ and refuses a folder holding pickle files (kotune never writes one; a transforme
 Contents of ``checkpoint-STEP/``: the adapter (``adapter_model.safetensors`` + config), ``optimizer.safetensors``,
 ``rng.safetensors`` (torch CPU / CUDA generators), ``trainer_state.json`` (step counters, data position,
 best eval, Python RNG, the optimizer's non-tensor state), ``fingerprint.json`` (see ``kotune.training.fingerprint``),
-``best_adapter.safetensors`` once an evaluation has run, and ``COMPLETE``.
+``best_adapter.safetensors`` once an evaluation has run, ``objective.safetensors`` when the objective needs more
+than that to go on (``Objective.checkpoint_tensors``: GRPO's completions inside a group of ``grpo.iterations``
+steps), and ``COMPLETE``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from kotune.run_folder import (
 from kotune.security import inside, pickle_files
 
 STATE = "trainer_state.json"
+OBJECTIVE = "objective.safetensors"
 
 
 class CheckpointError(KotuneError, RuntimeError):
@@ -133,8 +136,10 @@ def write_checkpoint(
     state: dict[str, Any],
     fingerprint: dict[str, Any] | None = None,
     keep_free: int = 0,
+    objective: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``checkpoint-STEP`` atomically: adapter, optimizer, RNG, trainer state, fingerprint, best adapter.
+    """Write ``checkpoint-STEP`` atomically: adapter, optimizer, RNG, trainer state, fingerprint, best adapter,
+    and the objective's tensors when there are any.
 
     The disk is checked first; a failed write (e.g. disk full) removes the partial folder and leaves the
     previous checkpoints as they were. The new checkpoint is verified before this returns.
@@ -146,7 +151,7 @@ def write_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        _write_files(tmp, model, optimizer, state, fingerprint, best)
+        _write_files(tmp, model, optimizer, state, fingerprint, best, objective)
         _fsync_tree(tmp)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -156,7 +161,7 @@ def write_checkpoint(
     return final
 
 
-def _write_files(tmp: Path, model, optimizer, state, fingerprint, best: Path) -> None:
+def _write_files(tmp: Path, model, optimizer, state, fingerprint, best: Path, objective) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     opt_tensors, opt_rest = flatten_state(optimizer.state_dict())
     save_file(opt_tensors or {"_empty": torch.zeros(0)}, tmp / "optimizer.safetensors")
@@ -167,6 +172,8 @@ def _write_files(tmp: Path, model, optimizer, state, fingerprint, best: Path) ->
         (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1, ensure_ascii=False), encoding="utf-8")
     if best.is_file():  # the best-eval adapter so far, so a resume can restore best/ as it was at this step
         shutil.copyfile(best, tmp / BEST_ADAPTER)
+    if objective:
+        save_file(objective, tmp / OBJECTIVE)
     checksums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     marker = {"step": state.get("step"), "kotune": __version__, "sha256": checksums}
     (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")  # last: the folder is complete
@@ -327,6 +334,7 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     optimizer_state = unflatten_state(opt_tensors, state.pop("optimizer"))
     adapter = load_file(folder / ADAPTER)
     state["rng_tensors"] = load_file(folder / "rng.safetensors")
+    state["objective_tensors"] = load_file(folder / OBJECTIVE) if (folder / OBJECTIVE).is_file() else {}
     return adapter, optimizer_state, state
 
 

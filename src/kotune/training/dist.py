@@ -133,6 +133,15 @@ def all_reduce_max(tensor: torch.Tensor) -> None:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
 
 
+def all_gather_objects(value) -> list:
+    """Every process's ``value`` (picklable, on the host), in rank order; ``[value]`` with one process."""
+    if not is_distributed():
+        return [value]
+    out = [None] * rank_and_world()[1]
+    torch_dist.all_gather_object(out, value)
+    return out
+
+
 def barrier() -> None:
     if is_distributed():
         torch_dist.barrier()

@@ -6,11 +6,18 @@ from the model being trained (``rl.rollout``), scores them (``rl.rewards``) and 
 relative to its group; ``pass_sums`` runs the training forward over prompt + completion and returns the policy loss
 (``rl.loss``). The loop divides the step's summed loss by the aggregation's normaliser over the whole step.
 
-Each step logs the reward (mean, std, each component), completion length, the share of completions that stopped,
-the share of tokens clipped low and high, the KL (with ``grpo.beta``), and the mean and max |log p| difference
-between the sampler's forward and the training forward on the sampled tokens. An evaluation samples one greedy
-completion of each held-out prompt: ``eval_reward`` and its components; ``eval_loss`` is minus the mean reward, so
-the best evaluated adapter (``train.load_best_model_at_end``) is the one with the highest reward.
+With ``grpo.iterations`` = mu > 1, only steps whose number is a multiple of mu sample: the mu steps of a group
+start at the same prompts (the loop moves on in the data order once a group: ``data.order.step_start``), the
+objective keeps what the first step sampled (``rl.samples``, with that step's training log-probabilities, the "old"
+policy of the ratio) and the later steps train on it again; a checkpoint inside a group holds those samples.
+
+Each step logs whether it ``sampled``, the share of tokens clipped low and high and the KL (with ``grpo.beta``); a
+sampling step also its completions' reward (mean, std, each component), length, the share that stopped, and the
+mean and max |log p| difference between the sampler's forward and the training forward on the sampled tokens.
+
+An evaluation samples one greedy completion of each held-out prompt: ``eval_reward`` and its components;
+``eval_loss`` is minus the mean reward, so the best evaluated adapter (``train.load_best_model_at_end``) is the one
+with the highest reward.
 """
 
 from __future__ import annotations
@@ -29,24 +36,23 @@ from kotune.inference.generate import completion_text
 from kotune.rl.loss import group_advantages, k3, normaliser, pass_loss, token_losses
 from kotune.rl.rewards import RewardSet
 from kotune.rl.rollout import Completion, Sampler, completion_seed, rollout
+from kotune.rl.samples import Sample, flatten, unflatten
+from kotune.training import dist
+from kotune.training.checkpoint import CheckpointError
 from kotune.training.objective import Objective
-from kotune.training.objectives import StartWeights
-
-
-def token_logps(model, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """Log-probability of each next token [rows, length - 1] at ``temperature``, in float32 (0 where unlabelled)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    logits = logits / temperature
-    labels = batch["labels"][:, 1:]
-    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked - torch.logsumexp(logits, dim=-1)) * (labels != IGNORE)  # log_softmax without a vocab-sized copy
+from kotune.training.objectives import StartWeights, token_logps
 
 
 def completion_batch(
-    prompts: list[list[int]], completions: list[Completion], pad_id: int, trained: list[bool]
+    prompts: list[list[int]],
+    completions: list[Completion],
+    pad_id: int,
+    trained: list[bool],
+    old: list[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prompt + completion per row, right-padded: labels on the completion tokens of ``trained`` rows (-100
-    elsewhere), and the sampler's log-probability at each labelled position."""
+    elsewhere), and the sampler's log-probability at each completion token; with ``old`` (each completion's
+    log-probabilities in the forward of the step that sampled it), those too, as ``old_logps``."""
     width = max(len(p) + len(c.ids) for p, c in zip(prompts, completions, strict=True))
     n = len(prompts)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -60,7 +66,12 @@ def completion_batch(
         if trained[i]:
             labels[i, len(p) : end] = torch.tensor(c.ids)
         sampled[i, len(p) : end] = torch.tensor(c.logps)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "sampled_logps": sampled}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "sampled_logps": sampled}
+    if old is not None:  # made where they are kept (the GPU, from the sampling step's forward): no round trip
+        batch["old_logps"] = old[0].new_zeros((n, width))
+        for i, (p, o) in enumerate(zip(prompts, old, strict=True)):
+            batch["old_logps"][i, len(p) : len(p) + len(o)] = o
+    return batch
 
 
 class GrpoObjective(Objective):
@@ -77,18 +88,32 @@ class GrpoObjective(Objective):
         self.rewards, self.start = rewards, start
         self.components = [f"reward[{name}]" for name in rewards.names]
         self.extra_keys = (
-            "completions", "reward", "reward_sq", *self.components, "completion_tokens", "loss_tokens", "stopped",
-            "logp_delta", "logp_delta_max", "clip_low", "clip_high", "kl",
+            "sampled", "completions", "reward", "reward_sq", *self.components, "completion_tokens", "loss_tokens",
+            "stopped", "logp_delta", "logp_delta_max", "clip_low", "clip_high", "kl",
         )  # fmt: skip
         g = self.g
         self.sampler = Sampler(tokenizer.pad_token_id, tuple(stop_ids), tuple(g.stop), g.max_new_tokens,
                                g.temperature, g.top_p)  # fmt: skip
-        self.step = 0
+        self.step, self.sampling = 0, True
+        self.samples: dict[int, Sample] = {}
+        """This process's samples of the current group, by prompt row (``rl.samples``)."""
 
     def start_step(self, step: int) -> None:
         self.step = step  # seeds this step's completions (rl.rollout.completion_seed)
+        self.sampling = step % self.g.iterations == 0  # else the group's first step sampled this step's prompts
+        if self.sampling:
+            self.samples = {}
 
     def collate(self, units: list[PromptRow], train: bool) -> dict[str, torch.Tensor]:
+        if train and not self.sampling:  # a later step of a group: the completions its first step sampled
+            return self.batch(units, [self.kept(u.row) for u in units], train, old=True)
+        samples = self.sample(units, train)
+        if train:
+            self.samples.update(zip((u.row for u in units), samples, strict=True))
+        return self.batch(units, samples, train, old=False)
+
+    def sample(self, units: list[PromptRow], train: bool) -> list[Sample]:
+        """Sample and score ``generations`` completions of each prompt (an evaluation: one, greedy)."""
         group = self.g.generations if train else 1
         prompts = [u.ids for u in units for _ in range(group)]
         seeds = [completion_seed(self.cfg.train.seed, self.step, u.row, k) for u in units for k in range(group)]
@@ -96,13 +121,38 @@ class GrpoObjective(Objective):
         completions = rollout(self.model, self.tokenizer, prompts, seeds, sampler)
         texts = [completion_text(self.tokenizer, c.ids) for c in completions]
         totals, parts = self.rewards.score(texts, [u.fields for u in units for _ in range(group)])
+        columns = [parts[name] for name in self.rewards.names]
+        spans = [range(j * group, (j + 1) * group) for j in range(len(units))]
+        return [
+            Sample(len(u.ids), [completions[i] for i in span], [totals[i] for i in span],
+                   [[c[i] for c in columns] for i in span], [None] * group)
+            for u, span in zip(units, spans, strict=True)
+        ]  # fmt: skip
+
+    def kept(self, row: int) -> Sample:
+        if row not in self.samples:
+            start = self.step - self.step % self.g.iterations
+            raise CheckpointError(
+                f"step {self.step + 1} trains again on the completions step {start + 1} sampled (grpo.iterations "
+                f"{self.g.iterations}), but those of prompt row {row} are not held: was the checkpoint resumed from "
+                "written with another grpo.iterations? Resume from one at a multiple of grpo.iterations"
+            )
+        return self.samples[row]
+
+    def batch(self, units: list[PromptRow], samples: list[Sample], train: bool, old: bool) -> dict:
+        """The host batch of ``samples`` (``old``: with the old log-probabilities of a group's later step)."""
+        group = len(samples[0].completions)
+        prompts = [u.ids for u in units for _ in range(group)]
+        completions = [c for s in samples for c in s.completions]
         trained = [c.stopped or not self.g.mask_truncated for c in completions]
-        batch = completion_batch(prompts, completions, self.sampler.pad_id, trained)
-        rewards = torch.tensor(totals, dtype=torch.float32)
+        old_logps = [o for s in samples for o in s.old_logps] if old else None
+        batch = completion_batch(prompts, completions, self.sampler.pad_id, trained, old_logps)
+        rewards = torch.tensor([t for s in samples for t in s.totals], dtype=torch.float32)
         batch["rewards"] = rewards
-        batch["components"] = torch.tensor([parts[n] for n in self.rewards.names], dtype=torch.float32).T
+        batch["components"] = torch.tensor([p for s in samples for p in s.parts], dtype=torch.float32)
         if train:
             batch["advantages"] = group_advantages(rewards, group, self.g.scale_rewards)
+            batch["rows"] = [u.row for u in units]  # a list: stays on the host (the sampling step's forward reads it)
         batch["stopped"] = torch.tensor([c.stopped for c in completions], dtype=torch.float32)
         batch["lengths"] = torch.tensor([len(c.ids) for c in completions], dtype=torch.float32)
         return batch
@@ -116,7 +166,9 @@ class GrpoObjective(Objective):
     def pass_sums(self, forward, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
         rewards, mask = batch["rewards"], (batch["labels"][:, 1:] != IGNORE)
         zero = rewards.new_zeros(())
+        sampled = "old_logps" not in batch
         stats = [
+            rewards.new_tensor(float(sampled)),
             rewards.new_tensor(float(len(rewards))),
             rewards.sum(),
             (rewards**2).sum(),
@@ -132,8 +184,14 @@ class GrpoObjective(Objective):
         # autograd saved for its backward
         ref = self.reference_logps(batch) if g.beta else None
         logps = token_logps(forward, batch, g.temperature)
+        if sampled:  # the policy that sampled is this one: ratio 1; its log-probs are the group's later steps' old
+            old = logps.detach()
+            for j, row in enumerate(batch["rows"]):
+                self.samples[row].keep_old(old, range(j * g.generations, (j + 1) * g.generations))
+        else:
+            old = batch["old_logps"][:, 1:]
         high_eps = g.epsilon if g.epsilon_high is None else g.epsilon_high
-        loss, low, high = token_losses(logps, logps.detach(), batch["advantages"], g.epsilon, high_eps, g.beta, ref)
+        loss, low, high = token_losses(logps, old, batch["advantages"], g.epsilon, high_eps, g.beta, ref)
         delta = (logps.detach() - batch["sampled_logps"][:, 1:]).abs() * mask
         kl = (k3(logps.detach(), ref) * mask).sum() if ref is not None else zero
         extras = [delta.sum(), delta.max() if mask.any() else zero, (low & mask).sum(), (high & mask).sum(), kl]
@@ -154,10 +212,22 @@ class GrpoObjective(Objective):
             self.model.train(training)
 
     def record(self, sums: dict[str, float], units: float) -> dict[str, Any]:
+        tokens = max(1.0, sums["loss_tokens"])
+        sampled = sums["sampled"] > 0
+        out = {"prompts": int(round(sums["completions"] / self.g.generations)), "sampled": sampled}
+        # a group's later steps train on the completions its first step sampled: their rewards, lengths and the
+        # sampler's agreement with the training forward were logged then, and are not new measurements
+        out.update(self.sample_record(sums) if sampled else {})
+        out.update(clip_low=sums["clip_low"] / tokens, clip_high=sums["clip_high"] / tokens)
+        if self.g.beta:
+            out["kl"] = sums["kl"] / tokens
+        return out
+
+    def sample_record(self, sums: dict[str, float]) -> dict[str, Any]:
+        """What a sampling step measured of its completions: rewards, lengths, sampler vs training forward."""
         n, tokens = max(1.0, sums["completions"]), max(1.0, sums["loss_tokens"])
         mean = sums["reward"] / n
-        out = {
-            "prompts": int(round(sums["completions"] / self.g.generations)),
+        return {
             "reward": mean,
             "reward_std": math.sqrt(max(0.0, sums["reward_sq"] / n - mean**2)),
             **{key: sums[key] / n for key in self.components},
@@ -165,12 +235,18 @@ class GrpoObjective(Objective):
             "stopped": sums["stopped"] / n,
             "logp_delta_mean": sums["logp_delta"] / tokens,
             "logp_delta_max": sums["logp_delta_max"],
-            "clip_low": sums["clip_low"] / tokens,
-            "clip_high": sums["clip_high"] / tokens,
         }
-        if self.g.beta:
-            out["kl"] = sums["kl"] / tokens
-        return out
+
+    def checkpoint_tensors(self, step: int) -> dict[str, torch.Tensor]:
+        if step % self.g.iterations == 0:  # the next step samples afresh
+            return {}
+        merged: dict[str, torch.Tensor] = {}
+        for part in dist.all_gather_objects(flatten(self.samples)):  # each process holds its prompts' samples
+            merged.update(part)
+        return merged
+
+    def restore_tensors(self, tensors: dict[str, torch.Tensor], step: int) -> None:
+        self.samples = unflatten(tensors)  # all processes' (a resume may split the prompts otherwise)
 
     def eval_record(self, loss: float, sums: dict[str, float], units: float) -> dict[str, Any]:
         n = max(1.0, sums["completions"])

@@ -21,7 +21,7 @@ from kotune.config import Config, TrainConfig
 from kotune.data.batching import to_device
 from kotune.data.examples import unit_lengths
 from kotune.data.mixture import source_names
-from kotune.data.order import DataOrder, feeds_packed, total_steps, unit_config
+from kotune.data.order import DataOrder, feeds_packed, repeats, total_steps, unit_config
 from kotune.errors import KotuneError
 from kotune.run_folder import BEST, CHECKPOINT_PREFIX
 from kotune.security import inside
@@ -112,6 +112,8 @@ class Fit:
         self.steps, _ = total_steps(order_cfg, lengths, self.world)
         packed = feeds_packed(order_cfg.train, model.fast is not None)
         self.order = DataOrder(lengths, order_cfg, self.rank, self.world, packed)
+        self.repeats = repeats(order_cfg)
+        """Steps that train on one step's units (``grpo.iterations``): the data position moves after the last."""
         self.state = RunState(processes=self.world)
         self.saved_step: int | None = None
         self.pending: list[Pending] = []
@@ -184,7 +186,8 @@ class Fit:
         norm = counts[0].float()  # the step's summed loss is divided by this, over all processes
         most = self.order.most_passes(start) if self.sharded else len(batches)
         sums = self._sums(self._with_idle(batches, most), True, norm)
-        self.state.micro_step += cfg.gradient_accumulation_steps  # packing may feed them as fewer sequences
+        if (self.state.step + 1) % self.repeats == 0:  # a group's steps start at the same units
+            self.state.micro_step += cfg.gradient_accumulation_steps  # packing may feed them as fewer sequences
         self._reduce(sums)
         loss = sums[0] / norm.clamp(min=1)
         lr = lr_at(self.state.step, self.steps, cfg)

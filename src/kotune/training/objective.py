@@ -55,6 +55,15 @@ class Objective:
     def start_step(self, step: int) -> None:
         """Called before a training step's batches are made, with the number of steps done (restored on resume)."""
 
+    def checkpoint_tensors(self, step: int) -> dict[str, torch.Tensor]:
+        """What a checkpoint at ``step`` (steps done) needs of the objective for the next steps to train as an
+        uninterrupted run would, besides weights, optimizer, RNG and counters; every process calls it (it may
+        gather from all of them) and the first process's answer is written."""
+        return {}
+
+    def restore_tensors(self, tensors: dict[str, torch.Tensor], step: int) -> None:
+        """Take back what ``checkpoint_tensors`` gave for a checkpoint at ``step``."""
+
     def collate(self, units: list, train: bool) -> dict[str, torch.Tensor]:
         """A host batch of ``units``; ``train``: a training pass (else an evaluation pass)."""
         raise NotImplementedError

@@ -42,18 +42,24 @@ def is_fast(model) -> bool:
     return isinstance(getattr(model, "module", None) or model, FastCausalLM)
 
 
+def token_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each next token [rows, length - 1] with the logits divided by ``temperature``, in
+    float32 (0 where unlabelled). Shared by the preference objectives (summed per sequence) and GRPO (per token)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    if temperature != 1.0:  # dividing by 1 changes nothing but would copy the vocab-sized logits
+        logits = logits / temperature
+    labels = batch["labels"][:, 1:]
+    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)) * (labels != IGNORE)  # log_softmax without a vocab-sized copy
+
+
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each sequence's labelled tokens, their count), in float32. The fast path takes
     a packed batch (``collate_pairs(..., packed=True)``) and projects the labelled positions only, in chunks."""
     if is_fast(model):
         ids, labels = batch["input_ids"], batch["labels"]
         return model(ids, labels, batch.get("position_ids"), batch.get("cu_seqlens"), per_sequence=True)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
-    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    token_logps = (picked - torch.logsumexp(logits, dim=-1)) * keep  # log_softmax without a vocab-sized copy
-    return token_logps.sum(-1), keep.sum(-1)
+    return token_logps(model, batch).sum(-1), (batch["labels"][:, 1:] != IGNORE).sum(-1)
 
 
 def dpo_loss(pc, pr, rc, rr, p: PreferenceConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

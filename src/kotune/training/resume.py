@@ -57,6 +57,7 @@ class Fit(Protocol):
 
     cfg: Any
     model: Any
+    objective: Any
     optimizer: Any
     state: RunState
     output_dir: Path
@@ -143,6 +144,7 @@ def write_summary(output_dir: Path, state: RunState, extra: dict) -> None:
 def save_checkpoint(fit: Fit) -> Path | None:
     """Write ``checkpoint-STEP`` (rank 0) and prune old ones; the new one is verified first."""
     fit.saved_step = fit.state.step
+    extra = fit.objective.checkpoint_tensors(fit.state.step)  # on every process: it may gather from all
     if fit.rank != 0:
         dist.barrier()
         return None
@@ -155,6 +157,7 @@ def save_checkpoint(fit: Fit) -> Path | None:
         state,
         fingerprint=fit.fingerprint,
         keep_free=int(fit.cfg.train.min_free_disk_gb * 1e9),
+        objective=extra,
     )
     prune(fit.output_dir, fit.cfg.train.save_total_limit, protect={folder})
     dist.barrier()
@@ -162,16 +165,19 @@ def save_checkpoint(fit: Fit) -> Path | None:
 
 
 def resume_from(fit: Fit, folder: Path) -> None:
-    """Restore adapter, optimizer, RNG, counters and best/ from ``folder``; drop metrics logged after it."""
+    """Restore adapter, optimizer, RNG, counters, the objective's state and best/ from ``folder``; drop metrics
+    logged after it."""
     from peft import set_peft_model_state_dict
 
     adapter, optimizer_state, state = read_checkpoint(folder)
     set_peft_model_state_dict(fit.model, adapter)
     fit.optimizer.load_state_dict(optimizer_state)
     restore_rng(state.pop("rng_tensors"), state.pop("rng"))
+    extra = state.pop("objective_tensors")
     for key, value in state.items():
         if hasattr(fit.state, key):
             setattr(fit.state, key, value)
+    fit.objective.restore_tensors(extra, fit.state.step)
     if fit.state.processes != fit.world:  # the steps hold the same rows on any number of processes
         output.status(f"kotune: checkpoint written by {fit.state.processes} process(es), resumed on {fit.world}")
         fit.state.processes = fit.world
