@@ -67,5 +67,23 @@ def test_on_the_cpu_padded_micro_batches_of_uneven_rows_are_told():
     assert 0.2 < padding < 380 / 800  # mixed pairs pad, the others do not
     line = packing_advice(cfg, lengths, 1)
     assert line is not None and f"{padding:.0%} of the tokens the passes compute now are padding" in line
+    assert f"with {1 / (1 - padding):.1f}x fewer tokens computed a row" in line  # the same rows, without padding
     assert packing_advice(config(**{"train.packing": "on"}), lengths, 1) is None  # no padding, same tokens
     assert packing_advice(config(**{"train.objective": "dpo"}), lengths, 1) is None
+
+
+def test_on_the_cpu_what_cannot_be_told_is_not_computed(monkeypatch):
+    """Packed passes have no padding to save: not simulated. Padding below the threshold: the set is not packed."""
+    from kotune.data import order
+    from kotune.plan import packing_advice as advice
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("computed for advice that cannot be given")
+
+    lengths = [20, 400] * 64
+    with monkeypatch.context() as mp:
+        mp.setattr(advice, "run_passes", refuse)
+        assert packing_advice(config(**{"train.packing": "on"}), lengths, 1) is None
+    monkeypatch.setattr(order, "sequences", refuse)
+    even = config(**{"train.micro_batch_size": 2, "train.pad_to_multiple_of": 1})
+    assert packing_advice(even, [100, 110] * 64, 1) is None  # under 10% padding

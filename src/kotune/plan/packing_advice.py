@@ -91,18 +91,32 @@ def packing_advice(
     cfg: Config, lengths: list[int], world: int, plan: Plan | None = None, shape: ModelShape | None = None
 ) -> str | None:
     """``full_packing_advice`` for this run: with ``plan`` (and the model's ``shape``) by the plan's time on its
-    GPU, else by the tokens computed."""
+    GPU, the passes of the run as configured read from the plan and only the packed-full run planned here; else by
+    the tokens computed (``tokens_advice``)."""
     if cfg.train.packing == "full" or cfg.train.objective != "sft":
         return None
     packed_full = replace(cfg, train=replace(cfg.train, packing="full"))
     try:
-        if plan is not None and shape is not None:
-            other = estimate(shape, packed_full, lengths, plan.gpu, plan.fast, world)
-            now = feed(cfg, lengths, world, plan.passes, plan.run_seconds)
-            full = feed(packed_full, lengths, world, other.passes, other.run_seconds, other.fits)
-        else:
-            now = feed(cfg, lengths, world, run_passes(lengths, cfg, world, 0, feeds_packed(cfg.train, False)), None)
-            full = feed(packed_full, lengths, world, run_passes(lengths, packed_full, world, 0, True), None)
+        if plan is None or shape is None:
+            return tokens_advice(cfg, packed_full, lengths, world)
+        other = estimate(shape, packed_full, lengths, plan.gpu, plan.fast, world)
+        now = feed(cfg, lengths, world, plan.passes, plan.run_seconds)
+        full = feed(packed_full, lengths, world, other.passes, other.run_seconds, other.fits)
     except ConfigError:  # packed full, the rows make fewer sequences than a micro-batch, or a step for the processes
         return None
     return full_packing_advice(cfg, now, full, len(lengths))
+
+
+def tokens_advice(cfg: Config, packed_full: Config, lengths: list[int], world: int) -> str | None:
+    """Without a plan, by the tokens computed a row: packed full, a row computes its own tokens and no padding, so
+    the only saving is the padding of the passes made now. Passes packed already have none (nothing to simulate);
+    padded ones are compared with the same rows unpadded, and the set is packed full (costly on millions of rows)
+    only for a line that will be printed."""
+    if feeds_packed(cfg.train, False):
+        return None
+    passes = run_passes(lengths, cfg, world, 0, False)
+    now = feed(cfg, lengths, world, passes, None)
+    if now.tokens < MATERIAL * (now.tokens - now.padding):  # full_packing_advice's threshold, before the packing
+        return None
+    unpadded = [replace(p, tokens=sum(lengths[i] for i in p.rows)) for p in passes]
+    return full_packing_advice(cfg, now, feed(packed_full, lengths, world, unpadded, None), len(lengths))

@@ -91,6 +91,7 @@ class Fit:
         validation: list,
         output_dir: Path,
         fingerprint: dict | None = None,
+        lengths: list[int] | None = None,
     ):
         self.cfg, self.model, self.objective = cfg, model.peft, objective
         self.fingerprint = fingerprint
@@ -108,7 +109,8 @@ class Fit:
         self.forward.train()
         self.optimizer = build_optimizer(model.peft, cfg.train, self.device)
         order_cfg = unit_config(cfg)
-        lengths = unit_lengths(train)  # balance a step's units over the processes by tokens
+        # balance a step's units over the processes by tokens; the recipe passes the lengths it planned with
+        lengths = unit_lengths(train) if lengths is None else lengths
         self.steps, _ = total_steps(order_cfg, lengths, self.world)
         packed = feeds_packed(order_cfg.train, model.fast is not None)
         self.order = DataOrder(lengths, order_cfg, self.rank, self.world, packed)

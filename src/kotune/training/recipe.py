@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -119,6 +120,12 @@ class RunData:
     rewards: RewardSet | None = None
     """GRPO's rewards."""
 
+    @cached_property
+    def lengths(self) -> list[int]:
+        """Tokens each training unit feeds the model, read once a run: the plan, the resume check and the loop's
+        order all use them (a streamed set has millions)."""
+        return unit_lengths(self.train)
+
 
 def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_gpu: bool) -> Path:
     model_path = resolve_model(cfg.model.path)
@@ -137,7 +144,7 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
     folder = find_resume(output_dir, resume, log=output.info)
     if folder is not None:
         fingerprint.check_resume(folder, fp, force)
-        steps = total_steps(unit_config(cfg), unit_lengths(data.train), world)[0]
+        steps = total_steps(unit_config(cfg), data.lengths, world)[0]
         if already_finished(folder, output_dir, steps, log=output.info):
             return output_dir
     check_target_modules(cfg, model_path)
@@ -150,7 +157,8 @@ def _train(cfg: Config, output_dir: Path, resume: str | None, force: bool, fit_g
     if dist.is_main():
         saved = saved_config(cfg, data.format, data.chat_template)
         inside(output_dir, CONFIG).write_text(redact(saved.to_yaml()), encoding="utf-8")
-    fit = Fit(cfg, model, objective_for(cfg, model, tokenizer, data), data.train, data.validation, output_dir, fp)
+    objective = objective_for(cfg, model, tokenizer, data)
+    fit = Fit(cfg, model, objective, data.train, data.validation, output_dir, fp, lengths=data.lengths)
     ready_folder(fit, folder)  # after the objective: a resumed DPO run's reference is still its starting adapter
     with StopOnSignal() as stop:
         try:
@@ -178,7 +186,7 @@ def plan_run(cfg: Config, data: RunData, model_path: str, tokenizer, world: int,
         return cfg, token_ids
     if cfg.train.objective == "grpo" and cfg.train.distributed == "auto":  # sampling runs through the whole model
         cfg = replace(cfg, train=replace(cfg.train, distributed="ddp"))
-    lengths = unit_lengths(data.train)  # GRPO: prompts; the plan adds completions and their KV cache
+    lengths = data.lengths  # GRPO: prompts; the plan adds completions and their KV cache
     cfg = check_before_loading(cfg, model_path, lengths, world, force, fit_gpu, output.info)
     output.info(describe(cfg, lengths, world))
     return cfg, token_ids
