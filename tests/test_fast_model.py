@@ -267,6 +267,24 @@ def test_sliced_mlp_replays_its_dropout_masks_in_backward(monkeypatch):
     _assert_same(sliced, _loss_and_grads(_fast(model, checkpoint=False), params, _fast_loss, batch, seed=5))
 
 
+def test_per_token_logps_at_a_temperature_match_the_plain_path():
+    """GRPO's training forward on the fast path: each labelled token's log-probability at the sampling temperature
+    (0 elsewhere), and its gradients, equal the plain path's."""
+    from kotune.training.objectives import token_logps
+
+    model = _peft_model(targets="all-linear")
+    params = _params(model)
+    batch = collate(_rows([13, 6, 9]), pad_id=0)
+    weights = torch.randn(3, 12, generator=torch.Generator().manual_seed(1))  # a per-token loss: all rows count
+
+    def loss(m, b):
+        logps = token_logps(m, b, temperature=0.7)
+        assert (logps[b["labels"][:, 1:] == -100] == 0).all()
+        return (logps * weights).sum()
+
+    _assert_same(_loss_and_grads(_fast(model), params, loss, batch), _loss_and_grads(model, params, loss, batch))
+
+
 def test_eval_mode_and_no_grad_give_the_eval_loss():
     model = _peft_model(dropout=0.3)
     batch = collate(_rows([10, 4]), pad_id=0)

@@ -23,8 +23,6 @@ def wanted(cfg: Config, model_config, device_type: str | None = None) -> tuple[b
         return False, f"no CUDA device ({device_type})"
     if cfg.model.quantization == "8bit":
         return False, "8-bit weights"
-    if cfg.train.objective == "grpo":  # its loss needs per-token log-probs, which the fast path does not return
-        return False, "train.objective grpo (per-token log-probabilities)"
     if cfg.lora.trainable_tokens:
         return False, "lora.trainable_tokens (embedding rows trained)"
     reason = unsupported_reason(model_config, cfg.lora.target_modules) or gpu_unchecked_reason(model_config)
@@ -41,7 +39,9 @@ def build(peft_model, cfg: Config, **levers):
     """
     from kotune.fast.decoder import FastCausalLM
 
-    options = {"offload": True, "fused": True, "host_embeddings": True, "triton_dequant": True, **levers}
+    # GRPO samples through the peft model itself, whose forward needs its embedding table on the GPU
+    host_embeddings = cfg.train.objective != "grpo"
+    options = {"offload": True, "fused": True, "host_embeddings": host_embeddings, "triton_dequant": True, **levers}
     return FastCausalLM(
         peft_model,
         compute_dtype=cfg.model.torch_dtype(),

@@ -27,7 +27,7 @@ from kotune.fast.attention import causal_attention, packed_attention
 from kotune.fast.checkpoint import ActivationStore, checkpointed
 from kotune.fast.families import ATTENTION, MLP, LayerSpec, family, unsupported_reason
 from kotune.fast.lora import Projection, UnsupportedModule, project, read_projection
-from kotune.fast.loss import linear_cross_entropy_sum, linear_sequence_logps
+from kotune.fast.loss import linear_cross_entropy_sum, linear_sequence_logps, linear_token_logps
 from kotune.fast.ops import Ops
 from kotune.fast.tiled import TILE_FROM, tiled
 
@@ -209,10 +209,13 @@ class FastCausalLM(torch.nn.Module):
         else:  # where an earlier fast model of this peft model may have left it
             inner.embed_tokens.to(device)
 
-    def forward(self, input_ids, labels, position_ids=None, cu_seqlens=None, per_sequence=False, host=None):
+    def forward(
+        self, input_ids, labels, position_ids=None, cu_seqlens=None, per_sequence=False, host=None, temperature=None
+    ):
         """Summed loss of ``labels`` (right-padded batch, or one packed row with ``position_ids``/``cu_seqlens``);
         ``per_sequence``: (summed log-probability of each sequence's labels, their count) instead, the sequences
-        being the batch's rows or the packed row's segments (what preference objectives need); ``host``
+        being the batch's rows or the packed row's segments (what preference objectives need); ``temperature``:
+        each labelled token's log-probability ``[batch, seq - 1]`` at that temperature instead (GRPO's); ``host``
         (:class:`kotune.fast.HostSide`) spares the forward every read back from the device."""
         embed, norm, rotary, head = self._parts
         device = input_ids.device
@@ -241,6 +244,8 @@ class FastCausalLM(torch.nn.Module):
                     with layer.gathered():
                         x = layer(x, rows)
             x = self._final_norm(x, norm.weight, _eps(norm))
+            if temperature is not None:
+                return linear_token_logps(x, head.weight.to(self.dtype_), labels, temperature)
             if per_sequence:
                 return linear_sequence_logps(x, head.weight.to(self.dtype_), labels, cu_seqlens)
             keep = None if host is None else to_device(host.keep, device)

@@ -1,5 +1,5 @@
 """Linear + cross-entropy in row chunks: the loss of a 128k vocabulary without its full fp32 logits (and the
-per-sequence log-probabilities preference objectives need, the same way).
+per-sequence log-probabilities preference objectives need, and GRPO's per-token ones, the same way).
 
 The plain path computes ``lm_head(h)`` for every position (seq x 128,256 logits, upcast to fp32: 1 GiB at
 2,048 tokens) and then the loss. Here only positions with a label are projected, a chunk of rows at a time;
@@ -30,13 +30,15 @@ class _LinearTokenLogps(torch.autograd.Function):
     that row's incoming gradient at backward (a row's log-probability depends on its hidden row alone)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, temperature=1.0):
         need_grad = ctx.needs_input_grad[0]
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_rows = torch.empty_like(hidden) if need_grad else None
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start : start + rows], targets[start : start + rows]
             logits = (h @ weight.T).float()
+            if temperature != 1.0:  # GRPO: the distribution sampled is softmax(logits / temperature)
+                logits.div_(temperature)
             picked = logits.gather(1, t[:, None]).squeeze(1)
             peak = logits.amax(dim=1, keepdim=True)
             exp = logits.sub_(peak).exp_()
@@ -46,6 +48,8 @@ class _LinearTokenLogps(torch.autograd.Function):
                 # d logp / d logits = one_hot(target) - softmax, built in place
                 probs = exp.div_(sums[:, None]).neg_()
                 probs[torch.arange(t.shape[0], device=t.device), t] += 1.0
+                if temperature != 1.0:
+                    probs.div_(temperature)
                 grad_rows[start : start + rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_rows)
         return out
@@ -53,7 +57,7 @@ class _LinearTokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (grad_rows,) = ctx.saved_tensors
-        return grad_rows * grad_out[:, None].to(grad_rows.dtype), None, None, None
+        return grad_rows * grad_out[:, None].to(grad_rows.dtype), None, None, None, None
 
 
 def linear_cross_entropy_sum(
@@ -117,6 +121,26 @@ def linear_sequence_logps(
     logps = _LinearTokenLogps.apply(flat.index_select(0, keep), weight, targets.index_select(0, keep), rows)
     which = owner.index_select(0, keep)
     return sums.index_add(0, which, logps), counts.index_add(0, which, torch.ones_like(which))
+
+
+def linear_token_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, rows: int | None = None
+) -> torch.Tensor:
+    """Log-probability of each labelled next token ``[batch, seq - 1]`` (fp32, 0 where unlabelled) with the logits
+    divided by ``temperature``, without full logits: what GRPO's per-token ratio needs."""
+    if weight.requires_grad:
+        raise ValueError("linear_token_logps needs a frozen output weight (LoRA training)")
+    targets = labels[:, 1:].reshape(-1)
+    keep = (targets != IGNORE).nonzero().squeeze(1)
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    out = (flat.sum() * 0.0).float().expand(targets.numel()).clone()  # zeros that keep the graph connected
+    if keep.numel():
+        rows = rows or chunk_rows(weight.shape[0])
+        picked = _LinearTokenLogps.apply(
+            flat.index_select(0, keep), weight, targets.index_select(0, keep), rows, temperature
+        )
+        out = out.index_add(0, keep, picked)
+    return out.view(labels.shape[0], labels.shape[1] - 1)
 
 
 def reference_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

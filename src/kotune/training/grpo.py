@@ -12,8 +12,9 @@ objective keeps what the first step sampled (``rl.samples``, with that step's tr
 policy of the ratio) and the later steps train on it again; a checkpoint inside a group holds those samples.
 
 Each step logs whether it ``sampled``, the share of tokens clipped low and high and the KL (with ``grpo.beta``); a
-sampling step also its completions' reward (mean, std, each component), length, the share that stopped, and the
-mean and max |log p| difference between the sampler's forward and the training forward on the sampled tokens.
+sampling step also the seconds it spent sampling (``rollout_s``, all passes and processes), its completions'
+reward (mean, std, each component), length, the share that stopped, and the mean and max |log p| difference
+between the sampler's forward and the training forward on the sampled tokens.
 
 An evaluation samples one greedy completion of each held-out prompt: ``eval_reward`` and its components;
 ``eval_loss`` is minus the mean reward, so the best evaluated adapter (``train.load_best_model_at_end``) is the one
@@ -23,6 +24,7 @@ with the highest reward.
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
@@ -88,8 +90,8 @@ class GrpoObjective(Objective):
         self.rewards, self.start = rewards, start
         self.components = [f"reward[{name}]" for name in rewards.names]
         self.extra_keys = (
-            "sampled", "completions", "reward", "reward_sq", *self.components, "completion_tokens", "loss_tokens",
-            "stopped", "logp_delta", "logp_delta_max", "clip_low", "clip_high", "kl",
+            "sampled", "rollout_s", "completions", "reward", "reward_sq", *self.components, "completion_tokens",
+            "loss_tokens", "stopped", "logp_delta", "logp_delta_max", "clip_low", "clip_high", "kl",
         )  # fmt: skip
         g = self.g
         self.sampler = Sampler(tokenizer.pad_token_id, tuple(stop_ids), tuple(g.stop), g.max_new_tokens,
@@ -107,10 +109,12 @@ class GrpoObjective(Objective):
     def collate(self, units: list[PromptRow], train: bool) -> dict[str, torch.Tensor]:
         if train and not self.sampling:  # a later step of a group: the completions its first step sampled
             return self.batch(units, [self.kept(u.row) for u in units], train, old=True)
-        samples = self.sample(units, train)
+        started = time.perf_counter()
+        samples = self.sample(units, train)  # ends reading the sampled ids back: the device is done with it
+        seconds = time.perf_counter() - started
         if train:
             self.samples.update(zip((u.row for u in units), samples, strict=True))
-        return self.batch(units, samples, train, old=False)
+        return {**self.batch(units, samples, train, old=False), "rollout_s": torch.tensor(seconds)}
 
     def sample(self, units: list[PromptRow], train: bool) -> list[Sample]:
         """Sample and score ``generations`` completions of each prompt (an evaluation: one, greedy)."""
@@ -169,6 +173,7 @@ class GrpoObjective(Objective):
         sampled = "old_logps" not in batch
         stats = [
             rewards.new_tensor(float(sampled)),
+            batch["rollout_s"] if sampled else zero,
             rewards.new_tensor(float(len(rewards))),
             rewards.sum(),
             (rewards**2).sum(),
@@ -228,6 +233,7 @@ class GrpoObjective(Objective):
         n, tokens = max(1.0, sums["completions"]), max(1.0, sums["loss_tokens"])
         mean = sums["reward"] / n
         return {
+            "rollout_s": sums["rollout_s"],
             "reward": mean,
             "reward_std": math.sqrt(max(0.0, sums["reward_sq"] / n - mean**2)),
             **{key: sums[key] / n for key in self.components},

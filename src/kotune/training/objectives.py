@@ -44,7 +44,10 @@ def is_fast(model) -> bool:
 
 def token_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
     """Log-probability of each next token [rows, length - 1] with the logits divided by ``temperature``, in
-    float32 (0 where unlabelled). Shared by the preference objectives (summed per sequence) and GRPO (per token)."""
+    float32 (0 where unlabelled). Shared by the preference objectives (summed per sequence) and GRPO (per token).
+    The fast path projects the labelled positions only, in chunks."""
+    if is_fast(model):
+        return model(batch["input_ids"], batch["labels"], temperature=temperature)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     if temperature != 1.0:  # dividing by 1 changes nothing but would copy the vocab-sized logits
         logits = logits / temperature
