@@ -35,13 +35,18 @@ def completion_seed(seed: int, step: int, row: int, k: int) -> int:
 
 
 def sample_rows(logits: torch.Tensor, top_p: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row from ``softmax(logits)`` cut to its top-p nucleus, row ``i`` drawn with ``generators[i]``."""
-    probs = torch.softmax(logits, dim=-1).cpu()
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # drop tokens once the mass before them reaches top_p; the most likely token always stays
-    sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
-    picks = [torch.multinomial(sorted_probs[i], 1, generator=g) for i, g in enumerate(generators)]
-    return order.gather(-1, torch.stack(picks)).squeeze(-1).to(logits.device)
+    """One token per row from ``softmax(logits)`` cut to its top-p nucleus, row ``i``'s randomness drawn with
+    ``generators[i]`` on the logits' device: the argmax of log-probabilities plus Gumbel noise is a draw from the
+    distribution (Gumbel-max), so nothing vocabulary-sized goes to the host and nothing is sorted without top-p."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if top_p < 1.0:
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        probs = sorted_logp.exp()
+        # drop tokens once the mass before them reaches top_p; the most likely token always stays
+        sorted_logp = sorted_logp.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+        logp = torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_logp)
+    noise = torch.stack([torch.rand(logp.shape[-1], generator=g, device=logp.device) for g in generators])
+    return (logp - (-noise.log()).log()).argmax(-1)
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ def rollout(model, tokenizer, prompts: list[list[int]], seeds: list[int], s: Sam
 
 def _decode(model, tokenizer, prompts, seeds, s: Sampler) -> list[Completion]:
     device = next(model.parameters()).device
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
     ids, mask = left_pad(prompts, s.pad_id, device)
     logits, cache = prefill(model, ids, mask)
     out = [Completion([], [], False) for _ in prompts]

@@ -6,7 +6,7 @@ the model loads on (``model.load.device_map``: this process's GPU when there is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -106,16 +106,22 @@ def load_for_training(cfg: Config, path: str, token_ids: list[int] = ()) -> Trai
     ``model.lora.trainable_token_ids``) on the path ``fast_or_plain`` picks; prints trainable / total parameters
     like the walkthrough."""
     torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random
+    lora = cfg.lora
+    if cfg.train.objective == "grpo" and lora.dropout:
+        # the sampler and the KL reference run without dropout: with it in the training forward, the ratio and the
+        # KL would compare two different functions from the first step on (TRL's GRPOConfig.disable_dropout)
+        output.info(f"kotune: GRPO trains without LoRA dropout (lora.dropout {lora.dropout:g} not applied)")
+        lora = replace(lora, dropout=0.0)
     sharded = dist.is_distributed() and cfg.train.distributed == "fsdp"
     use_fast, why = fast_or_plain(cfg, path)
     if sharded:  # read a layer at a time into its shards: the base is never whole on a GPU
         use_fast, why = True, refuse_unsharded_recipe(cfg, path)
-        model = load_sharded(path, cfg, lambda base: attach_lora(base, cfg.lora, token_ids), LayerSharding())
+        model = load_sharded(path, cfg, lambda base: attach_lora(base, lora, token_ids), LayerSharding())
         world = dist.rank_and_world()[1]
         output.info(f"kotune: FSDP over {world} processes: each holds {held_bytes(model) / 2**30:.2f} GiB of the "
                     "base's decoder weights (its shard), a layer gathered in 4 bits at a time")  # fmt: skip
     else:
-        model = attach_lora(load_base_model(path, cfg.model, use_fast), cfg.lora, token_ids)
+        model = attach_lora(load_base_model(path, cfg.model, use_fast), lora, token_ids)
     trainable, total = parameter_counts(model)
     share = 100 * trainable / total
     output.info(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
