@@ -160,11 +160,10 @@ def run_trl(out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tool", choices=["kotune", "trl"], default="kotune")
-    ap.add_argument("--steps", type=int, default=STEPS, help="steps (the first one is not timed)")
+    ap.add_argument("--steps", type=int, default=4, help="steps (the first one is not timed)")
     ap.add_argument("overrides", nargs="*", help="kotune: config overrides (key=value), e.g. train.kernels=off")
     args = ap.parse_args()
-    global STEPS
-    STEPS = args.steps
+    globals()["STEPS"] = args.steps  # read by the runs' configs and prompt counts
     anchor().build_model_dir(MODEL, 32)
     out = Path(os.environ.get("BENCH_OUT", "/tmp/grpo-bench")) / args.tool
     out.mkdir(parents=True, exist_ok=True)
