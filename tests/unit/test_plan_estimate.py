@@ -46,6 +46,21 @@ def test_memory_parts_by_hand():
     assert plain["logits (bf16, fp32 copy, gradient)"] == 1000 * 128256 * (2 + 4 + 4)
 
 
+def test_a_long_fast_pass_counts_sliced_mlp_activations_and_the_longest_sequence_is_the_edge():
+    cfg = config(**{"lora.r": 16, "train.optimizer": "paged_adamw_8bit"})
+    long = est.tile_from() + 1
+    fast = est.memory_parts(LLAMA3_8B, cfg, long, fast=True)
+    assert fast[f"activations (longest pass, {long:,} tokens)"] == int(est.KAPPA_LONG * 2 * 4096 * long)
+    plain = est.memory_parts(LLAMA3_8B, cfg, long, fast=False)  # the plain path has no sliced MLP
+    assert plain[f"activations (longest pass, {long:,} tokens)"] > int(est.KAPPA * 2 * (4 * 4096 + 3 * 14336) * long)
+    gpu = Gpu("card", 24 * GiB, 100.0)
+    n = est.longest_sequence(LLAMA3_8B, cfg, gpu, fast=True)
+    budget = gpu.memory_bytes * (1 - est.MARGIN)
+    assert sum(est.memory_parts(LLAMA3_8B, cfg, n, True).values()) <= budget
+    assert sum(est.memory_parts(LLAMA3_8B, cfg, n + 256, True).values()) > budget
+    assert est.longest_sequence(LLAMA3_8B, cfg, gpu, fast=False) < n / 10  # whole logits, inputs kept on the GPU
+
+
 def test_the_planned_passes_are_the_ones_training_feeds():
     lengths = [37, 512, 90, 300, 301, 64, 700, 15, 220, 480, 33, 129]
     rows = [Example(i, list(range(n)), list(range(n))) for i, n in enumerate(lengths)]

@@ -7,7 +7,10 @@ weights, LoRA weights with their gradients and optimizer state) and fitted where
 
 with T the tokens of the longest pass (a packed sequence, or a padded micro-batch) the run will make: on the fast
 path the layer inputs wait in host memory, so the GPU holds one layer's recomputed activations at a time and the
-peak grows with the pass, not with the depth. Step time is a sum over the step's passes of
+peak grows with the pass, not with the depth. A fast pass longer than ``kotune.fast.tiled.TILE_FROM`` tokens runs
+its MLPs in slices, and its activations are KAPPA_LONG x 2 hidden x T instead.
+
+Step time is a sum over the step's passes of
 
     max(LAUNCH x layers, (A x linear FLOPs + B x attention FLOPs) / GPU peak + C)
 
@@ -35,6 +38,10 @@ OMEGA = 1.473
 """Workspace: dequantized weights in flight, the loss kernel's logits chunk, cuBLAS workspace."""
 KAPPA = 1.837
 """Activation bytes per token of a pass, in units of 2 (4 hidden + 3 intermediate) bytes."""
+KAPPA_LONG = 15.11
+"""The same for a pass long enough that the fast path runs its MLPs in slices (``kotune.fast.tiled``), in units of
+2 x hidden bytes: no intermediate-sized tensor grows with the pass any more. Fitted on one H100, Llama-3-8B shape,
+one sequence of 24,576 to 163,840 tokens (``bench/long_context.py``; ``bench/RESULTS.md``, "The longest sequence")."""
 A, B, C = 1.89, 2.45, 0.042
 """Inverse efficiency of the linear and attention products on the fast path, and a pass's fixed GPU time (s)."""
 LAUNCH = 0.0122
@@ -144,7 +151,9 @@ def memory_parts(shape: ModelShape, cfg: Config, tokens: int, fast: bool, shards
         sixteen += embedding  # the fast path keeps an untied input embedding table in host memory
     lora = shape.lora_params(cfg.lora.target_modules, cfg.lora.r)
     largest = max(a * b for a, b in shape.linear().values()) * 2
-    per_token = 2 * (4 * shape.hidden + 3 * shape.intermediate)
+    activations = KAPPA * 2 * (4 * shape.hidden + 3 * shape.intermediate) * tokens
+    if fast and tokens > tile_from():
+        activations = KAPPA_LONG * 2 * shape.hidden * tokens
     base = shape.linear_params() * quantized
     parts = {f"base weights ({m.quantization})": int(base)}
     if shards > 1:  # its shard, and the layer being computed and the next one gathered whole
@@ -157,7 +166,7 @@ def memory_parts(shape: ModelShape, cfg: Config, tokens: int, fast: bool, shards
         f"LoRA ({lora / 1e6:.1f}M): weights, gradients, optimizer": lora
         * (4 + 4 + OPTIMIZER_BYTES[cfg.train.optimizer]),
         "workspace (dequantized weights, loss chunks)": int(OMEGA * largest),
-        f"activations (longest pass, {tokens:,} tokens)": int(KAPPA * per_token * tokens),
+        f"activations (longest pass, {tokens:,} tokens)": int(activations),
     }
     # transformers' checkpointing keeps every layer's input and the whole pass's logits on the GPU: tokens x vocab
     # of them, which for Gemma 3's 262k vocabulary outweighs the activations of a long pass
@@ -165,6 +174,28 @@ def memory_parts(shape: ModelShape, cfg: Config, tokens: int, fast: bool, shards
         parts[f"activations (longest pass, {tokens:,} tokens)"] += shape.layers * tokens * shape.hidden * dtype
         parts["logits (bf16, fp32 copy, gradient)"] = tokens * shape.vocab * (dtype + 4 + 4)
     return parts
+
+
+def tile_from() -> int:
+    """Tokens above which a fast pass runs its MLPs in slices."""
+    from kotune.fast.tiled import TILE_FROM
+
+    return TILE_FROM
+
+
+def longest_sequence(shape: ModelShape, cfg: Config, gpu: Gpu, fast: bool, shards: int = 1) -> int:
+    """The most tokens one sequence (one row a pass) may have for the plan's peak to stay within the budget."""
+    budget = gpu.memory_bytes * (1 - MARGIN)
+    low, high = 0, 1 << 24
+    while high - low > 256:  # the peak grows with the tokens: bisect
+        mid = (low + high) // 2
+        low, high = (mid, high) if sum(memory_parts(shape, cfg, mid, fast, shards).values()) <= budget else (low, mid)
+    return low
+
+
+def host_bytes(shape: ModelShape, cfg: Config, tokens: int) -> int:
+    """Pinned host memory the fast path parks a pass's layer inputs in (one hidden-sized row a token a layer)."""
+    return shape.layers * tokens * shape.hidden * DTYPE_BYTES[cfg.model.compute_dtype]
 
 
 def pass_seconds(shape: ModelShape, cfg: Config, p: Pass, gpu: Gpu) -> float:
@@ -195,6 +226,11 @@ def estimate(shape: ModelShape, cfg: Config, lengths: list[int], gpu: Gpu, fast:
         )
     plan = Plan(parts, longest, steps, seconds / steps, seconds, gpu, fast)
     plan.passes, plan.world = passes, world
+    longest_fit = longest_sequence(shape, cfg, gpu, fast, shards)
+    plan.notes.append(f"the longest single sequence this plan fits: {longest_fit:,} tokens (one row a pass)")
+    parked = host_bytes(shape, cfg, longest.tokens)
+    if fast and parked >= GiB:  # the fast path parks layer inputs in host memory: a long pass needs much of it
+        plan.notes.append(f"host memory: the longest pass's layer inputs wait in {gib(parked)} of pinned host memory")
     if shape.sliding_layers:
         plan.notes.append(window_note(shape))
     if shards > 1:
