@@ -76,8 +76,8 @@ grpo:
     metrics = out / "run" / "metrics.jsonl"
     if proc.returncode or not metrics.exists():
         return {"error": (proc.stdout + proc.stderr)[-3000:]}
-    steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "tokens_per_s" in r][1:]
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in steps)
+    steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "rollout_s" in r][1:]
+    seconds = sum(step_walls(proc.stdout + proc.stderr)[1:])
     rollout = sum(r["rollout_s"] for r in steps)
     completion_tokens = sum(r["completion_length"] * PROMPTS * GENERATIONS for r in steps)
     fast = "fast path on" in proc.stdout + proc.stderr
@@ -85,6 +85,15 @@ grpo:
         "fast_path": fast, "peak_gib": max(r.get("peak_allocated_gib", 0) for r in steps),
         "completion_length": [round(r["completion_length"], 1) for r in steps],
     }  # fmt: skip
+
+
+def step_walls(log: str) -> list[float]:
+    """Each step's wall seconds, from the progress bar's running mean ("step K/N ... X s/step"): metrics.jsonl's
+    token rates cover windows that end when a step's numbers are read, a step late, so they do not time steps."""
+    import re
+
+    totals = [int(k) * float(x) for k, x in re.findall(r"train: step (\d+)/\d+ .*?([\d.]+) s/step", log)]
+    return [b - a for a, b in zip([0.0, *totals], totals, strict=False)]
 
 
 def figures(seconds: float, rollout: float, completion_tokens: float, steps: int) -> dict:
