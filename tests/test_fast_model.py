@@ -350,10 +350,11 @@ def _four_bit_models(tmp_path, kind="llama"):
     from kotune.model.load import nf4_config
 
     config = _config(kind)
-    config.update({"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 2})
-    config.vocab_size = 32_000
+    text = getattr(config, "text_config", config)  # the multimodal Gemma 3's sizes are its text model's
+    text.update({"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 2})
+    text.vocab_size = 32_000
     if kind.startswith("gemma3"):  # untied, so the host-memory embedding (and its sqrt(hidden) scale) is used
-        config.tie_word_embeddings = False
+        config.tie_word_embeddings = text.tie_word_embeddings = False
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path)
     quant = nf4_config(torch.bfloat16)
@@ -372,7 +373,9 @@ GPU_FAMILIES = [
     "qwen3-window",
     "gemma3_text",
     # the multimodal wrapper stays on the plain path (not in GPU_CHECKED): on an H100 (2026-12-06) its loss matched
-    # but one adapter gradient was 6.9% off (bound 5%), not yet explained; the text model passes
+    # but one adapter gradient was 6.9% off (bound 5%); that run's text model had kept the tiny CPU sizes (hidden 64,
+    # below bitsandbytes' 4-bit block alignment), since the sizes were set on the wrapper's config. Resized since;
+    # not rerun on a GPU yet
     pytest.param("gemma3", marks=pytest.mark.xfail(reason="multimodal Gemma 3: a gradient 6.9% off on the GPU")),
     "exaone4",
 ]
