@@ -62,9 +62,22 @@ class ActivationStore:
         return x, ready
 
 
-def _rng_state(device: torch.device):
+def rng_state(device: torch.device):
+    """The torch RNG state a recomputation must start from to draw the same dropout masks (CPU, and ``device``'s)."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def replayed_rng(state, device: torch.device):
+    """A block that draws from ``state`` (from ``rng_state``; None: the RNG as it is), the RNG restored after."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=state is not None):
+        if state is not None:
+            torch.set_rng_state(state[0])
+            if state[1] is not None:
+                torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 def _gathered(run):
@@ -77,7 +90,7 @@ class _Checkpointed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, extra, store: ActivationStore, index: int, rng: bool, x, *params):
         ctx.run, ctx.extra, ctx.store, ctx.index = run, extra, store, index
-        ctx.rng = _rng_state(x.device) if rng else None
+        ctx.rng = rng_state(x.device) if rng else None
         ctx.handle = store.put(index, x)
         with _gathered(run):
             return run(x, *extra)
@@ -85,15 +98,10 @@ class _Checkpointed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x = ctx.store.get(ctx.index, ctx.handle).detach().requires_grad_(ctx.needs_input_grad[5])
-        devices = [x.device] if x.device.type == "cuda" else []
         wanted = [x] if x.requires_grad else []
         params = [p for p, need in zip(ctx.run.parameters(), ctx.needs_input_grad[6:], strict=True) if need]
         with _gathered(ctx.run):  # the weights whole for the recomputation and its backward alike
-            with torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None), torch.enable_grad():
-                if ctx.rng is not None:  # the same dropout masks as in forward
-                    torch.set_rng_state(ctx.rng[0])
-                    if ctx.rng[1] is not None:
-                        torch.cuda.set_rng_state(ctx.rng[1], x.device)
+            with replayed_rng(ctx.rng, x.device), torch.enable_grad():  # the same dropout masks as in forward
                 out = ctx.run(x, *ctx.extra)
             grads = torch.autograd.grad(out, wanted + params, grad_out, allow_unused=True)
         grad_x = grads[0] if x.requires_grad else None

@@ -14,14 +14,12 @@ from collections.abc import Callable
 
 import torch
 
+from kotune.fast.checkpoint import replayed_rng, rng_state
+
 TILE_TOKENS = 8192
 """Tokens per slice."""
 TILE_FROM = 16384
 """Passes with more tokens than this run their MLPs in slices (shorter ones fit the untiled activations easily)."""
-
-
-def _rng_state(device: torch.device):
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def _in_slices(run: Callable, h: torch.Tensor) -> torch.Tensor:
@@ -40,7 +38,7 @@ class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, rng: bool, h, *params):
         ctx.run, ctx.params = run, params
-        ctx.rng = _rng_state(h.device) if rng else None
+        ctx.rng = rng_state(h.device) if rng else None
         ctx.save_for_backward(h)
         with torch.no_grad():
             return _in_slices(run, h)
@@ -52,12 +50,7 @@ class _TiledMLP(torch.autograd.Function):
         wanted = [p for p, need in zip(ctx.params, ctx.needs_input_grad[3:], strict=True) if need]
         grad_h = torch.empty_like(flat) if ctx.needs_input_grad[2] else None
         sums: list[torch.Tensor | None] = [None] * len(wanted)
-        devices = [h.device] if h.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=ctx.rng is not None):
-            if ctx.rng is not None:  # the slices draw their dropout masks in the same order as forward did
-                torch.set_rng_state(ctx.rng[0])
-                if ctx.rng[1] is not None:
-                    torch.cuda.set_rng_state(ctx.rng[1], h.device)
+        with replayed_rng(ctx.rng, h.device):  # the slices draw their dropout masks in the same order as forward
             for start in range(0, flat.shape[0], TILE_TOKENS):
                 x = flat[start : start + TILE_TOKENS].detach().requires_grad_(grad_h is not None)
                 with torch.enable_grad():
