@@ -27,6 +27,7 @@ costed as full attention, in memory and time alike (``window_note`` says why).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kotune.config import Config
@@ -184,12 +185,33 @@ def tile_from() -> int:
 
 
 def longest_sequence(shape: ModelShape, cfg: Config, gpu: Gpu, fast: bool, shards: int = 1) -> int:
-    """The most tokens one sequence (one row a pass) may have for the plan's peak to stay within the budget."""
+    """The most tokens one sequence (one row a pass) may have for the plan's peak to stay within the budget, to
+    within 256 (0: not even the weights fit).
+
+    The peak grows with the tokens except where a fast pass starts slicing its MLP (past ``tile_from()``): there it
+    drops, so a budget between the two levels fits longer sequences but not the edge. Each side is bisected alone.
+    """
     budget = gpu.memory_bytes * (1 - MARGIN)
-    low, high = 0, 1 << 24
-    while high - low > 256:  # the peak grows with the tokens: bisect
+
+    def fits(tokens: int) -> bool:
+        return sum(memory_parts(shape, cfg, tokens, fast, shards).values()) <= budget
+
+    sliced = longest_fitting(fits, tile_from() + 1, 1 << 24)
+    if sliced is not None:
+        return sliced
+    return longest_fitting(fits, 0, tile_from()) or 0  # None: not even the weights fit
+
+
+def longest_fitting(fits: Callable[[int], bool], low: int, high: int, step: int = 256) -> int | None:
+    """The largest n in [low, high] with ``fits(n)``, to within ``step``, for a ``fits`` that holds up to some n
+    and not beyond it; None when not even ``low`` fits."""
+    if not fits(low):
+        return None
+    if fits(high):
+        return high
+    while high - low > step:  # fits(low), not fits(high)
         mid = (low + high) // 2
-        low, high = (mid, high) if sum(memory_parts(shape, cfg, mid, fast, shards).values()) <= budget else (low, mid)
+        low, high = (mid, high) if fits(mid) else (low, mid)
     return low
 
 
