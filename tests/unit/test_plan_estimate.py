@@ -177,3 +177,25 @@ def test_a_grpo_plan_counts_the_generation_batch_and_its_kv_cache():
     kv = plan.parts[f"KV cache (generating 16 sequences of up to {length:,} tokens)"]
     assert kv == 2 * 32 * 8 * 128 * 16 * length * 2  # keys and values, 32 layers, 8 kv heads of 128, bf16
     assert plan.parts[f"activations (longest pass, {16 * length:,} tokens)"] > 0
+
+
+def grpo_plan(iterations: int) -> est.Plan:
+    """A GRPO run of one epoch over six prompts, two a step (three groups of steps), on the fast path."""
+    cfg = config(**{"train.objective": "grpo", "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 1,
+                    "grpo.generations": 4, "grpo.max_new_tokens": 128, "grpo.iterations": iterations})  # fmt: skip
+    return est.estimate(LLAMA3_8B, cfg, [100, 300, 50, 70, 80, 90], gpu_named("H100-80GB"), fast=True)
+
+
+def test_grpo_iterations_sample_once_a_group_and_train_every_step():
+    """With ``grpo.iterations`` 2 an epoch takes twice the steps (``data.order.total_steps``), each trained on the
+    same prompts' completions, but only the first step of each pair samples them (``GrpoObjective.start_step``):
+    the epoch's sampling time is unchanged and its training time doubles."""
+    once, twice = grpo_plan(1), grpo_plan(2)
+    assert (once.steps, twice.steps) == (3, 6)
+    assert [p.rows for p in twice.passes] == [p.rows for p in once.passes for _ in range(2)]
+    one_pass = est.DECODE * 32 * 128  # a decode step a new token, every decoder layer
+    assert once.sample_seconds == pytest.approx(3 * one_pass)
+    assert twice.sample_seconds == pytest.approx(once.sample_seconds)
+    trained_once = once.run_seconds - once.sample_seconds
+    assert twice.run_seconds - twice.sample_seconds == pytest.approx(2 * trained_once)
+    assert twice.run_seconds < 2 * once.run_seconds

@@ -19,6 +19,10 @@ were fitted by ``bench/fit_plan.py`` to kotune's own runs (``bench/RESULTS.md``,
 Llama-3-8B shape, fast path. Other shapes and GPUs are extrapolations of that fit, and the plain path (no fast
 kernels: CPU, 8-bit weights, unsupported models) is arithmetic only; ``Plan.basis`` says which applies.
 
+GRPO adds the sampling of completions, ``DECODE x layers x max_new_tokens`` a pass, on the steps that sample: the
+first of each group of ``grpo.iterations`` steps, whose others train again on the same completions. DECODE is one
+measured point, not a fit.
+
 Families differ in what ``plan.shape`` reads: the projections' width (heads x head_dim), q/k norm weights and extra
 norms, tied embeddings (one table on the GPU, shared with the output layer), and the vocabulary, whose logits the
 plain path holds whole (Gemma 3's 262k tokens make them the largest part of a long pass). Sliding-window layers are
@@ -47,6 +51,11 @@ A, B, C = 1.89, 2.45, 0.042
 """Inverse efficiency of the linear and attention products on the fast path, and a pass's fixed GPU time (s)."""
 LAUNCH = 0.0122
 """Host time to launch one decoder layer's kernels for a pass (forward, recompute, backward), seconds."""
+DECODE = 0.00277
+"""GRPO sampling: seconds a decoder layer takes a decode step (one new token of every completion of a pass), the
+prefill included. One measurement: 64 completions of 128 tokens in 11.36 s (721 generated tokens/s) on one H100,
+Llama-3-8B shape in NF4 (``bench/RESULTS.md``, "GRPO against TRL's GRPOTrainer", call 5): 11.36 / (128 x 32).
+Bound by the host (a Python loop a token, 4-bit kernels launched a layer at a time), so not scaled by the GPU."""
 MARGIN = 0.08
 """Share of the GPU's memory kept free for the caching allocator's fragmentation and the CUDA context."""
 
@@ -77,12 +86,15 @@ class Plan:
     step_seconds: float
     """Mean over the run's steps."""
     run_seconds: float
+    """Training and, for GRPO, sampling (``sample_seconds``)."""
     gpu: Gpu
     fast: bool
     passes: list[Pass] = field(default_factory=list)
     """Every pass of the run on the first process, in order."""
     world: int = 1
     notes: list[str] = field(default_factory=list)
+    sample_seconds: float = 0.0
+    """Of ``run_seconds``, GRPO's sampling of completions."""
 
     @property
     def peak_bytes(self) -> int:
@@ -220,6 +232,18 @@ def host_bytes(shape: ModelShape, cfg: Config, tokens: int) -> int:
     return shape.layers * tokens * shape.hidden * DTYPE_BYTES[cfg.model.compute_dtype]
 
 
+def sampling_pass(cfg: Config, p: Pass) -> bool:
+    """Whether GRPO samples pass ``p``'s completions: on the first step of each group of ``grpo.iterations``, as
+    ``training.grpo.GrpoObjective.start_step`` does; the group's other steps train on the same completions."""
+    return cfg.train.objective == "grpo" and p.step % cfg.grpo.iterations == 0
+
+
+def sample_seconds(shape: ModelShape, cfg: Config) -> float:
+    """GRPO: the time to sample a pass's completions, as if none stopped before ``max_new_tokens`` (sampling stops
+    when all have): one decode step a new token, host-bound (``DECODE``)."""
+    return DECODE * shape.layers * cfg.grpo.max_new_tokens
+
+
 def pass_seconds(shape: ModelShape, cfg: Config, p: Pass, gpu: Gpu) -> float:
     lora = shape.lora_params(cfg.lora.target_modules, cfg.lora.r)
     # forward, recomputed forward and the input-gradient backward of every frozen product; LoRA's are small
@@ -236,7 +260,8 @@ def estimate(shape: ModelShape, cfg: Config, lengths: list[int], gpu: Gpu, fast:
 
     passes = run_passes(lengths, cfg, world, 0, feeds_packed(cfg.train, fast))
     longest = max(passes, key=lambda p: p.tokens)
-    seconds = sum(pass_seconds(shape, cfg, p, gpu) for p in passes)
+    sampling = sum(sample_seconds(shape, cfg) for p in passes if sampling_pass(cfg, p))
+    seconds = sum(pass_seconds(shape, cfg, p, gpu) for p in passes) + sampling
     steps = passes[-1].step + 1
     shards = world if cfg.train.distributed == "fsdp" else 1
     parts = memory_parts(shape, cfg, longest.tokens, fast, shards)
@@ -247,7 +272,9 @@ def estimate(shape: ModelShape, cfg: Config, lengths: list[int], gpu: Gpu, fast:
             shape, cfg, sequences, length
         )
     plan = Plan(parts, longest, steps, seconds / steps, seconds, gpu, fast)
-    plan.passes, plan.world = passes, world
+    plan.passes, plan.world, plan.sample_seconds = passes, world, sampling
+    if sampling:
+        plan.notes.append(sampling_note(cfg, sampling))
     longest_fit = longest_sequence(shape, cfg, gpu, fast, shards)
     plan.notes.append(f"the longest single sequence this plan fits: {longest_fit:,} tokens (one row a pass)")
     parked = host_bytes(shape, cfg, longest.tokens)
@@ -260,6 +287,15 @@ def estimate(shape: ModelShape, cfg: Config, lengths: list[int], gpu: Gpu, fast:
     elif world > 1:
         plan.notes.append(f"per process of {world} (DDP: each holds the whole base model; the step's rows are split)")
     return plan
+
+
+def sampling_note(cfg: Config, seconds: float) -> str:
+    """What the time holds of GRPO's sampling, and on what it rests."""
+    every = f"every {cfg.grpo.iterations} steps" if cfg.grpo.iterations > 1 else "every step"
+    return (
+        f"of the time, {duration(seconds)} samples completions ({every}, each to grpo.max_new_tokens; measured at "
+        "the Llama-3-8B shape on an H100, host-bound, not scaled to other GPUs)"
+    )
 
 
 def window_note(shape: ModelShape) -> str:
