@@ -41,7 +41,9 @@ def test_left_pad_and_positions():
     ids, mask = inference.left_pad([[5, 6, 7], [8]], pad_id=0, device="cpu")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert inference.positions(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+    from kotune.fast.generation import positions
+
+    assert positions(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
 # -- generation on the tiny model -------------------------------------------------------------------

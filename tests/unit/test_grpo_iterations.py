@@ -88,6 +88,7 @@ def test_the_second_iteration_trains_on_the_same_completions_with_the_ratio_off_
     obj = make()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     obj.start_step(0)
+    obj.prepare([units])  # as the loop does before a step's passes: a sampling step samples here
     first = obj.collate(units, True)
     assert "old_logps" not in first
     old = plain_logps(model, first)  # the sampling policy's log-probs, before the update
@@ -99,6 +100,7 @@ def test_the_second_iteration_trains_on_the_same_completions_with_the_ratio_off_
     optimizer.zero_grad()
 
     obj.start_step(1)
+    obj.prepare([units])  # a group's later step: nothing to sample
     second = obj.collate(units, True)
     for key in ("input_ids", "labels", "rewards", "advantages"):
         assert torch.equal(second[key], first[key]), key  # the same completions, scored as before
@@ -114,6 +116,7 @@ def test_the_second_iteration_trains_on_the_same_completions_with_the_ratio_off_
     assert not record["sampled"] and "reward" not in record and record["clip_low"] + record["clip_high"] > 0
 
     obj.start_step(2)  # the next group samples afresh
+    obj.prepare([units])
     third = obj.collate(units, True)
     assert "old_logps" not in third and not torch.equal(third["input_ids"], first["input_ids"])
 
@@ -122,6 +125,7 @@ def test_a_groups_samples_come_back_from_a_checkpoint_exactly(setup):
     model, make, units = setup
     obj = make()
     obj.start_step(0)
+    obj.prepare([units])  # as the loop does before a step's passes: a sampling step samples here
     first = obj.collate(units, True)
     train_pass(obj, model, first)
     assert obj.checkpoint_tensors(2) == {}  # the end of the group: the next step samples
@@ -130,6 +134,7 @@ def test_a_groups_samples_come_back_from_a_checkpoint_exactly(setup):
     resumed.restore_tensors({k: v.clone() for k, v in saved.items()}, 1)
     obj.start_step(1)
     resumed.start_step(1)
+    obj.prepare([units]), resumed.prepare([units])
     want, got = obj.collate(units, True), resumed.collate(units, True)
     assert want.keys() == got.keys()
     for key, value in want.items():

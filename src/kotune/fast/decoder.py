@@ -18,6 +18,7 @@ dequantized per use (:mod:`kotune.fast.lora`), layers checkpointed with optional
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,12 @@ class Rows:
     training: bool
 
 
-def _eps(norm: torch.nn.Module) -> float:
+Attend = Callable[["DecoderLayer", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(layer, q [b, heads, t, d], k, v [b, kv_heads, t, d]) -> [b, heads, t, d]``, rotary embedding applied."""
+
+
+def norm_eps(norm: torch.nn.Module) -> float:
+    """An RMSNorm module's epsilon, whichever name its family gives it."""
     return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps  # Llama's / Gemma's name
 
 
@@ -79,9 +85,9 @@ class DecoderLayer:
         return contextlib.nullcontext()
 
     def _norm(self, x: torch.Tensor, norm: torch.nn.Module | None, in_place: bool = True) -> torch.Tensor:
-        return x if norm is None else self._rms(x, norm.weight, _eps(norm), in_place)
+        return x if norm is None else self._rms(x, norm.weight, norm_eps(norm), in_place)
 
-    def _attention(self, h: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def _attention(self, h: torch.Tensor, rows: Rows, attend: Attend | None) -> torch.Tensor:
         b, t, _ = h.shape
         p, train = self.proj, rows.training
         q, k, v = (project(h, p[n], train).view(b, t, -1, self.head_dim) for n in ATTENTION[:3])
@@ -91,17 +97,21 @@ class DecoderLayer:
         if self.spec.rope is not None:
             q, k = self.ops.rope(q, k, *rows.rope[self.spec.rope])
         window = self.spec.window
-        if rows.cu_seqlens is None:
+        if attend is not None:
+            a = attend(self, q, k, v)
+        elif rows.cu_seqlens is None:
             a = causal_attention(q, k, v, self.groups, self.scale, window)
         else:
             a = packed_attention(q, k, v, self.groups, rows.cu_seqlens, rows.bounds, self.scale, window)
         return project(a.transpose(1, 2).reshape(b, t, -1), p["o_proj"], train)
 
-    def __call__(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rows: Rows, attend: Attend | None = None) -> torch.Tensor:
+        """The layer's output for ``x``; ``attend(layer, q, k, v)``, when given, computes the attention instead
+        of the causal or packed kernels (generation's, over its KV cache: ``kotune.fast.generation``)."""
         train = rows.training
         attn_in, attn_out, mlp_in, mlp_out = self.norms
         # a norm after attention or MLP feeds the residual sum: its gradient is shared, so not overwritten in place
-        x = x + self._norm(self._attention(self._norm(x, attn_in), rows), attn_out, in_place=False)
+        x = x + self._norm(self._attention(self._norm(x, attn_in), rows, attend), attn_out, in_place=False)
         h = self._norm(x, mlp_in)
         if h.shape[0] * h.shape[1] > TILE_FROM:  # a long pass: the MLP's activations a slice at a time
             m = tiled(lambda t: self._mlp(t, train), h, self._mlp_params, train and self._mlp_dropout)
@@ -113,6 +123,36 @@ class DecoderLayer:
         p = self.proj
         m = self._act(project(h, p["gate_proj"], train), project(h, p["up_proj"], train))
         return project(m, p["down_proj"], train)
+
+
+class Decoder:
+    """The parts of a transformers decoder the fast path computes with, read from a (base) model: its
+    embedding, final norm, rotary module, output layer and one :class:`DecoderLayer` per layer."""
+
+    def __init__(self, base: torch.nn.Module, fused: bool, triton_dequant: bool = True):
+        reason = unsupported_reason(base.config, [])
+        if reason:
+            raise UnsupportedModule(reason)
+        inner = base.model.language_model if hasattr(base.model, "language_model") else base.model  # Gemma 3's
+        spec = family(base.config)
+        self.inner, self.embed, self.norm = inner, inner.embed_tokens, inner.norm
+        self.rotary, self.head = inner.rotary_emb, base.get_output_embeddings()
+        if getattr(self.head.weight, "quant_state", None) is not None:
+            raise UnsupportedModule("a quantized output layer")
+        if len(inner.layers) != len(spec.layers) or spec.embed_scale != hasattr(inner.embed_tokens, "embed_scale"):
+            raise UnsupportedModule(f"{type(inner).__name__} does not have the layers its config describes")
+        self.ops = Ops(fused)
+        self.final_norm = self.ops.gemma_rms_norm if spec.gemma_norm else self.ops.rms_norm
+        # the rotary tables the layers read: the model's one, or one per layer type (Gemma 3)
+        self.tables = sorted({s.rope for s in spec.layers if s.rope is not None})
+        self.layers = [DecoderLayer(layer, self.ops, s) for layer, s in zip(inner.layers, spec.layers, strict=True)]
+        for proj in (p for layer in self.layers for p in layer.proj.values()):
+            proj.triton_dequant = triton_dequant
+
+
+def rotary_tables(rotary: torch.nn.Module, names: list[str], x: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """(cos, sin) of ``position_ids`` from the model's rotary module, for each table name the layers read."""
+    return {n: rotary(x, position_ids) if n == "default" else rotary(x, position_ids, n) for n in names}
 
 
 class _Gathered:
@@ -181,25 +221,11 @@ class FastCausalLM(torch.nn.Module):
         weights dequantized by ``kotune.fast.nf4``."""
         super().__init__()
         self.model = peft_model  # registered, so parameters() and DDP see the adapter
-        base = peft_model.get_base_model()
-        reason = unsupported_reason(base.config, [])
-        if reason:
-            raise UnsupportedModule(reason)
-        inner = base.model.language_model if hasattr(base.model, "language_model") else base.model  # Gemma 3's
-        spec = family(base.config)
         self.dtype_, self.checkpoint = compute_dtype, checkpoint
-        self._parts = (inner.embed_tokens, inner.norm, inner.rotary_emb, base.get_output_embeddings())
-        if getattr(self._parts[3].weight, "quant_state", None) is not None:
-            raise UnsupportedModule("a quantized output layer")
-        if len(inner.layers) != len(spec.layers) or spec.embed_scale != hasattr(inner.embed_tokens, "embed_scale"):
-            raise UnsupportedModule(f"{type(inner).__name__} does not have the layers its config describes")
-        self.ops = Ops(fused)
-        self._final_norm = self.ops.gemma_rms_norm if spec.gemma_norm else self.ops.rms_norm
-        # the rotary tables the layers read: the model's one, or one per layer type (Gemma 3)
-        self._tables = sorted({s.rope for s in spec.layers if s.rope is not None})
-        self.layers = [DecoderLayer(layer, self.ops, s) for layer, s in zip(inner.layers, spec.layers, strict=True)]
-        for proj in (p for layer in self.layers for p in layer.proj.values()):
-            proj.triton_dequant = triton_dequant
+        d = Decoder(peft_model.get_base_model(), fused, triton_dequant)
+        self.ops, self.layers, self._final_norm, self._tables = d.ops, d.layers, d.final_norm, d.tables
+        self._parts = (d.embed, d.norm, d.rotary, d.head)
+        inner = d.inner
         device = self._parts[3].weight.device  # the output layer's: the embedding may already be in host memory
         self.store = ActivationStore(device, offload)
         tied = inner.embed_tokens.weight.data_ptr() == self._parts[3].weight.data_ptr()
@@ -227,9 +253,7 @@ class FastCausalLM(torch.nn.Module):
             x = x.to(self.dtype_)
             if position_ids is None:
                 position_ids = torch.arange(input_ids.shape[1], device=device)[None].expand(input_ids.shape[0], -1)
-            tables = {
-                n: rotary(x, position_ids) if n == "default" else rotary(x, position_ids, n) for n in self._tables
-            }
+            tables = rotary_tables(rotary, self._tables, x, position_ids)
             if host is not None:
                 bounds = host.bounds
             else:
@@ -243,7 +267,7 @@ class FastCausalLM(torch.nn.Module):
                 else:
                     with layer.gathered():
                         x = layer(x, rows)
-            x = self._final_norm(x, norm.weight, _eps(norm))
+            x = self._final_norm(x, norm.weight, norm_eps(norm))
             if temperature is not None:
                 return linear_token_logps(x, head.weight.to(self.dtype_), labels, temperature)
             if per_sequence:

@@ -163,11 +163,11 @@ def unsupported_reason(config, lora_targets) -> str | None:
     return None
 
 
-GPU_CHECKED = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma3_text", "exaone4")
+GPU_CHECKED = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma3_text", "gemma3", "exaone4")
 """Families whose fast path has passed its GPU tests (bf16 on 4-bit bases, the Liger and flash kernels, sliding
 windows in the flash kernel; ``bench/RESULTS.md``). A family exact in the CPU parity tests whose GPU kernels have
-not run on a GPU takes the plain path on CUDA until they have: ``gemma3`` (Gemma 3's text decoder inside the
-multimodal model) is the one left."""
+not run on a GPU takes the plain path on CUDA until they have (every family in ``SUPPORTED`` has, since the
+multimodal ``gemma3`` wrapper's tests passed on 2026-12-06)."""
 
 
 def gpu_unchecked_reason(config) -> str | None:

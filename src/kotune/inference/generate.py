@@ -110,11 +110,6 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token (padding gets 0, it is masked anyway)."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 @functools.cache
 def cache_name() -> str:
     """The KV cache's keyword and output field: ``cache`` from transformers 5.24, ``past_key_values`` before."""
@@ -125,6 +120,8 @@ def cache_name() -> str:
 
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor):
     """Run the prompts; returns the last position's logits (float32) and the KV cache."""
+    from kotune.fast.generation import positions
+
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float(), getattr(out, cache_name())
 
@@ -135,6 +132,45 @@ def decode_step(model, token: torch.Tensor, mask: torch.Tensor, cache):
     name = cache_name()
     out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True, **{name: cache})
     return out.logits[:, -1].float(), getattr(out, name)
+
+
+class ModelSteps:
+    """Prefill and decode steps through transformers' own forward and its growing cache (where
+    :class:`kotune.fast.generation.FastGenerator` does not apply: the CPU, other families)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def start(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        self.mask = mask
+        logits, self.cache = prefill(self.model, ids, mask)
+        return logits
+
+    def step(self, token: torch.Tensor, going: torch.Tensor) -> torch.Tensor:
+        """One token per row; rows not ``going`` (stopped) feed theirs masked out."""
+        import torch
+
+        self.mask = torch.cat([self.mask, going.to(self.mask.dtype)[:, None]], dim=-1)
+        logits, self.cache = decode_step(self.model, token, self.mask, self.cache)
+        return logits
+
+    def drop(self, keep: torch.Tensor) -> bool:
+        """Keep only the batch rows ``keep`` (the others stopped): their cache and mask shrink."""
+        self.cache.reorder_cache(keep)
+        self.mask = self.mask[keep]
+        return True
+
+    def release(self) -> None:
+        self.cache = None
+
+
+def steps_for(model):
+    """The fast path's generator (``kotune.fast.generation``) where it applies (CUDA, a family it computes
+    exactly), else :class:`ModelSteps`. Both have ``start``, ``step``, ``release``; only :class:`ModelSteps`
+    drops stopped rows (the fast one keeps the batch's shape, so its recorded decode step serves every token)."""
+    from kotune.fast.generation import fast_generator
+
+    return fast_generator(model) or ModelSteps(model)
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -187,36 +223,40 @@ def decode(
 
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
-    with torch.inference_mode():
-        logits, cache = prefill(model, ids, mask)
-    # the original row of each row still in the batch: a row that stopped leaves the batch and the cache, so a few
-    # long replies do not keep every row computing to max_new_tokens
+    steps = steps_for(model)
+    with torch.no_grad():
+        logits = steps.start(ids, mask, sampling.max_new_tokens)
+    # the original row of each row still in the batch: with transformers' steps a row that stopped leaves the
+    # batch and the cache, so a few long replies do not keep every row computing to max_new_tokens
     rows = list(range(len(prompts)))
+    going = torch.ones(len(prompts), dtype=torch.bool, device=device)
     stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
     seen = SeenTokens(ids, mask, logits.shape[-1]) if sampling.repetition_penalty != 1.0 else None
-    for step in range(sampling.max_new_tokens):
-        if seen is not None:
-            logits = seen.penalize(logits, sampling.repetition_penalty)
-        token = sample(logits, sampling, generator)
-        if seen is not None:
-            seen.add(token)
-        produced: list[int | None] = [None] * len(prompts)
-        for row, t in zip(rows, token.tolist(), strict=True):
-            produced[row] = t
-        yield produced
-        going = ~torch.isin(token, stop_tensor)
-        if not going.any() or step + 1 == sampling.max_new_tokens:
-            return
-        if not going.all():
-            keep = going.nonzero().squeeze(1)
-            rows = [rows[i] for i in keep.tolist()]
-            token, mask = token[keep], mask[keep]
-            cache.reorder_cache(keep)
+    try:
+        for step in range(sampling.max_new_tokens):
             if seen is not None:
-                seen.seen = seen.seen[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        with torch.inference_mode():
-            logits, cache = decode_step(model, token, mask, cache)
+                logits = seen.penalize(logits, sampling.repetition_penalty)
+            token = sample(logits, sampling, generator)
+            if seen is not None:
+                seen.add(token)
+            produced: list[int | None] = [None] * len(prompts)
+            for row, t, live in zip(rows, token.tolist(), going.tolist(), strict=True):
+                produced[row] = t if live else None
+            yield produced
+            going &= ~torch.isin(token, stop_tensor)
+            if not going.any() or step + 1 == sampling.max_new_tokens:
+                return
+            if not going.all() and isinstance(steps, ModelSteps):
+                keep = going.nonzero().squeeze(1)
+                steps.drop(keep)
+                rows = [rows[i] for i in keep.tolist()]
+                token, going = token[keep], going[keep]
+                if seen is not None:
+                    seen.seen = seen.seen[keep]
+            with torch.no_grad():
+                logits = steps.step(token, going)
+    finally:
+        steps.release()
 
 
 # -- strip ------------------------------------------------------------------------------------------

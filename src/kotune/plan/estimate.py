@@ -19,7 +19,7 @@ were fitted by ``bench/fit_plan.py`` to kotune's own runs (``bench/RESULTS.md``,
 Llama-3-8B shape, fast path. Other shapes and GPUs are extrapolations of that fit, and the plain path (no fast
 kernels: CPU, 8-bit weights, unsupported models) is arithmetic only; ``Plan.basis`` says which applies.
 
-GRPO adds the sampling of completions, ``DECODE x layers x max_new_tokens`` a pass, on the steps that sample: the
+GRPO adds the sampling of completions, ``DECODE x layers x max_new_tokens`` a step, on the steps that sample: the
 first of each group of ``grpo.iterations`` steps, whose others train again on the same completions. DECODE is one
 measured point, not a fit.
 
@@ -51,11 +51,11 @@ A, B, C = 1.89, 2.45, 0.042
 """Inverse efficiency of the linear and attention products on the fast path, and a pass's fixed GPU time (s)."""
 LAUNCH = 0.0122
 """Host time to launch one decoder layer's kernels for a pass (forward, recompute, backward), seconds."""
-DECODE = 0.00277
-"""GRPO sampling: seconds a decoder layer takes a decode step (one new token of every completion of a pass), the
-prefill included. One measurement: 64 completions of 128 tokens in 11.36 s (721 generated tokens/s) on one H100,
-Llama-3-8B shape in NF4 (``bench/RESULTS.md``, "GRPO against TRL's GRPOTrainer", call 5): 11.36 / (128 x 32).
-Bound by the host (a Python loop a token, 4-bit kernels launched a layer at a time), so not scaled by the GPU."""
+DECODE = 0.000642
+"""GRPO sampling: seconds a decoder layer takes a decode step (one new token of every completion of a step), the
+prefill and the rewards included. One measurement, through ``kotune.fast.generation``: 64 completions of 128 tokens
+in 2.63 s (3,117 generated tokens/s) on one H100, Llama-3-8B shape in NF4 (``bench/RESULTS.md``, "Rollouts on the
+fast path", call 3): 2.63 / (128 x 32). Not scaled by the GPU or the batch (one point)."""
 MARGIN = 0.08
 """Share of the GPU's memory kept free for the caching allocator's fragmentation and the CUDA context."""
 
@@ -239,8 +239,8 @@ def sampling_pass(cfg: Config, p: Pass) -> bool:
 
 
 def sample_seconds(shape: ModelShape, cfg: Config) -> float:
-    """GRPO: the time to sample a pass's completions, as if none stopped before ``max_new_tokens`` (sampling stops
-    when all have): one decode step a new token, host-bound (``DECODE``)."""
+    """GRPO: the time to sample a step's completions (all its passes' together), as if none stopped before
+    ``max_new_tokens`` (sampling stops when all have): one decode step a new token (``DECODE``)."""
     return DECODE * shape.layers * cfg.grpo.max_new_tokens
 
 
@@ -260,14 +260,16 @@ def estimate(shape: ModelShape, cfg: Config, lengths: list[int], gpu: Gpu, fast:
 
     passes = run_passes(lengths, cfg, world, 0, feeds_packed(cfg.train, fast))
     longest = max(passes, key=lambda p: p.tokens)
-    sampling = sum(sample_seconds(shape, cfg) for p in passes if sampling_pass(cfg, p))
+    sampling_steps = sorted({p.step for p in passes if sampling_pass(cfg, p)})  # a step samples its passes at once
+    sampling = sample_seconds(shape, cfg) * len(sampling_steps)
     seconds = sum(pass_seconds(shape, cfg, p, gpu) for p in passes) + sampling
     steps = passes[-1].step + 1
     shards = world if cfg.train.distributed == "fsdp" else 1
     parts = memory_parts(shape, cfg, longest.tokens, fast, shards)
-    if cfg.train.objective == "grpo":  # sampling holds the cache of the pass's completions beside the weights
-        sequences = len(longest.rows) * cfg.grpo.generations
-        length = generation_length(lengths, longest.rows, cfg)
+    if cfg.train.objective == "grpo":  # sampling holds the cache of the step's completions beside the weights
+        rows = max(([r for p in passes if p.step == s for r in p.rows] for s in sampling_steps), key=len)
+        sequences = len(rows) * cfg.grpo.generations
+        length = generation_length(lengths, rows, cfg)
         parts[f"KV cache (generating {sequences} sequences of up to {length:,} tokens)"] = kv_cache_bytes(
             shape, cfg, sequences, length
         )
@@ -294,7 +296,7 @@ def sampling_note(cfg: Config, seconds: float) -> str:
     every = f"every {cfg.grpo.iterations} steps" if cfg.grpo.iterations > 1 else "every step"
     return (
         f"of the time, {duration(seconds)} samples completions ({every}, each to grpo.max_new_tokens; measured at "
-        "the Llama-3-8B shape on an H100, host-bound, not scaled to other GPUs)"
+        "the Llama-3-8B shape on an H100 through the fast generator, one point, not scaled to other GPUs)"
     )
 
 

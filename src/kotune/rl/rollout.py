@@ -5,7 +5,8 @@ The seed of a completion is a function of (``train.seed``, step, prompt row, its
 run, or a run on another number of processes (each samples its share of the step's prompts), draws the same tokens
 from the same distributions: the sampler's state is the step a checkpoint holds. Prefill and decode step are
 inference's (``kotune.inference.generate``); sampling here also keeps each token's log-probability, which the
-training forward recomputes (their difference is reported per step).
+training forward recomputes (their difference is reported per step). On the fast path the steps are
+``kotune.fast.generation``'s: the training path's layers, a static KV cache, decode steps replayed as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kotune.inference.generate import decode_step, left_pad, prefill
+from kotune.inference.generate import ModelSteps, left_pad
 
 
 @dataclass
@@ -70,43 +71,45 @@ def ended_by_string(tokenizer, ids: list[int], stops: tuple[str, ...]) -> bool:
 
 
 @torch.no_grad()
-def rollout(model, tokenizer, prompts: list[list[int]], seeds: list[int], s: Sampler) -> list[Completion]:
+def rollout(model, tokenizer, prompts: list[list[int]], seeds: list[int], s: Sampler, steps=None) -> list[Completion]:
     """Sample a completion of each prompt (``seeds[i]`` seeds prompt i's generator) in one batch; ``model`` is put
-    in eval mode for it (no LoRA dropout) and back after."""
+    in eval mode for it (no LoRA dropout) and back after. ``steps``: what runs the prefill and decode steps
+    (``kotune.fast.generation.FastGenerator`` on the fast path), by default transformers' forward."""
     training = model.training
     model.eval()
     try:
-        return _decode(model, tokenizer, prompts, seeds, s)
+        return _decode(steps or ModelSteps(model), tokenizer, prompts, seeds, s, next(model.parameters()).device)
     finally:
         model.train(training)
 
 
-def _decode(model, tokenizer, prompts, seeds, s: Sampler) -> list[Completion]:
-    device = next(model.parameters()).device
+def _decode(steps, tokenizer, prompts, seeds, s: Sampler, device) -> list[Completion]:
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
     ids, mask = left_pad(prompts, s.pad_id, device)
-    logits, cache = prefill(model, ids, mask)
+    logits = steps.start(ids, mask, s.max_new_tokens)
     out = [Completion([], [], False) for _ in prompts]
     going = [True] * len(prompts)
     stops = set(s.stop_ids)
-    for step in range(s.max_new_tokens):
-        if s.temperature > 0:
-            logits = logits / s.temperature
-            token = sample_rows(logits, s.top_p, generators)
-        else:  # greedy (evaluations)
-            token = logits.argmax(-1)
-        logps = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1).tolist()
-        for i, (t, lp) in enumerate(zip(token.tolist(), logps, strict=True)):
-            if not going[i]:
-                continue
-            out[i].ids.append(t)
-            out[i].logps.append(lp)
-            if t in stops or ended_by_string(tokenizer, out[i].ids, s.stop_strings):
-                going[i], out[i].stopped = False, True
-        if not any(going) or step + 1 == s.max_new_tokens:
-            break
-        # rows that ended keep decoding pad tokens (masked out) so the batch and its cache keep their shape
-        token = torch.where(torch.tensor(going, device=device), token, torch.full_like(token, s.pad_id))
-        mask = torch.cat([mask, torch.tensor(going, device=device, dtype=mask.dtype)[:, None]], dim=-1)
-        logits, cache = decode_step(model, token, mask, cache)
+    try:
+        for step in range(s.max_new_tokens):
+            if s.temperature > 0:
+                logits = logits / s.temperature
+                token = sample_rows(logits, s.top_p, generators)
+            else:  # greedy (evaluations)
+                token = logits.argmax(-1)
+            logps = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1).tolist()
+            for i, (t, lp) in enumerate(zip(token.tolist(), logps, strict=True)):
+                if not going[i]:
+                    continue
+                out[i].ids.append(t)
+                out[i].logps.append(lp)
+                if t in stops or ended_by_string(tokenizer, out[i].ids, s.stop_strings):
+                    going[i], out[i].stopped = False, True
+            if not any(going) or step + 1 == s.max_new_tokens:
+                break
+            # rows that ended keep decoding pad tokens (masked out) so the batch and its cache keep their shape
+            live = torch.tensor(going, device=device)
+            logits = steps.step(torch.where(live, token, torch.full_like(token, s.pad_id)), live)
+    finally:
+        steps.release()
     return out

@@ -1,10 +1,11 @@
 """GRPO (``train.objective: grpo``) for the one loop: prompts in, the same adapter out.
 
 A step's units are prompts (``micro_batch_size`` a pass, ``gradient_accumulation_steps`` passes, split over the
-processes as any units are). A pass's ``collate`` samples ``grpo.generations`` completions of each of its prompts
-from the model being trained (``rl.rollout``), scores them (``rl.rewards``) and makes each completion's advantage
-relative to its group; ``pass_sums`` runs the training forward over prompt + completion and returns the policy loss
-(``rl.loss``). The loop divides the step's summed loss by the aggregation's normaliser over the whole step.
+processes as any units are). Before its passes, a step samples ``grpo.generations`` completions of each of its
+prompts (each process its own) in one batch from the model being trained (``rl.rollout``), scores them
+(``rl.rewards``) and makes each completion's advantage relative to its group; ``pass_sums`` runs the training
+forward over prompt + completion and returns the policy loss (``rl.loss``). The loop divides the step's summed loss
+by the aggregation's normaliser over the whole step.
 
 With ``grpo.iterations`` = mu > 1, only steps whose number is a multiple of mu sample: the mu steps of a group
 start at the same prompts (the loop moves on in the data order once a group: ``data.order.step_start``), the
@@ -85,8 +86,16 @@ class GrpoObjective(Objective):
     fault_hint = ", or grpo.beta"
     max_keys = ("logp_delta_max",)
 
-    def __init__(self, cfg: Config, peft_model, tokenizer, rewards: RewardSet, stop_ids, start: StartWeights | None):
+    def __init__(
+        self, cfg: Config, peft_model, tokenizer, rewards: RewardSet, stop_ids, start: StartWeights | None, fast=False
+    ):
+        """``fast``: the run trains on the fast path, so it samples through it too (``kotune.fast.generation``)."""
         self.cfg, self.g, self.model, self.tokenizer = cfg, cfg.grpo, peft_model, tokenizer
+        self.generator = None
+        if fast:
+            from kotune.fast.generation import fast_generator
+
+            self.generator = fast_generator(peft_model)
         self.rewards, self.start = rewards, start
         self.components = [f"reward[{name}]" for name in rewards.names]
         self.extra_keys = (
@@ -96,7 +105,7 @@ class GrpoObjective(Objective):
         g = self.g
         self.sampler = Sampler(tokenizer.pad_token_id, tuple(stop_ids), tuple(g.stop), g.max_new_tokens,
                                g.temperature, g.top_p)  # fmt: skip
-        self.step, self.sampling = 0, True
+        self.step, self.sampling, self.rollout_seconds = 0, True, 0.0
         self.samples: dict[int, Sample] = {}
         """This process's samples of the current group, by prompt row (``rl.samples``)."""
 
@@ -106,15 +115,29 @@ class GrpoObjective(Objective):
         if self.sampling:
             self.samples = {}
 
-    def collate(self, units: list[PromptRow], train: bool) -> dict[str, torch.Tensor]:
-        if train and not self.sampling:  # a later step of a group: the completions its first step sampled
-            return self.batch(units, [self.kept(u.row) for u in units], train, old=True)
+    def prepare(self, passes: list[list[PromptRow]]) -> None:
+        """A sampling step samples all of its passes' prompts together: one generation batch of the step's
+        prompts x ``generations`` (TRL's generation batch), however many passes train on them."""
+        if not self.sampling:
+            return
+        units = [u for p in passes for u in p]
         started = time.perf_counter()
-        samples = self.sample(units, train)  # ends reading the sampled ids back: the device is done with it
-        seconds = time.perf_counter() - started
-        if train:
-            self.samples.update(zip((u.row for u in units), samples, strict=True))
-        return {**self.batch(units, samples, train, old=False), "rollout_s": torch.tensor(seconds)}
+        samples = self.sample(units, True)  # ends reading the sampled ids back: the device is done with it
+        self.rollout_seconds = time.perf_counter() - started
+        self.samples.update(zip((u.row for u in units), samples, strict=True))
+
+    def collate(self, units: list[PromptRow], train: bool) -> dict[str, torch.Tensor]:
+        if train:  # what ``prepare`` sampled, or on a group's later step what its first step sampled
+            batch = self.batch(units, [self.kept(u.row) for u in units], train, old=not self.sampling)
+            if self.sampling:  # the step's sampling time, on its first pass
+                batch["rollout_s"], self.rollout_seconds = torch.tensor(self.rollout_seconds), 0.0
+            return batch
+        started = time.perf_counter()
+        samples = self.sample(units, train)
+        return {
+            **self.batch(units, samples, train, old=False),
+            "rollout_s": torch.tensor(time.perf_counter() - started),
+        }
 
     def sample(self, units: list[PromptRow], train: bool) -> list[Sample]:
         """Sample and score ``generations`` completions of each prompt (an evaluation: one, greedy)."""
@@ -122,7 +145,7 @@ class GrpoObjective(Objective):
         prompts = [u.ids for u in units for _ in range(group)]
         seeds = [completion_seed(self.cfg.train.seed, self.step, u.row, k) for u in units for k in range(group)]
         sampler = self.sampler if train else replace(self.sampler, temperature=0.0)  # evaluations: greedy
-        completions = rollout(self.model, self.tokenizer, prompts, seeds, sampler)
+        completions = rollout(self.model, self.tokenizer, prompts, seeds, sampler, self.generator)
         texts = [completion_text(self.tokenizer, c.ids) for c in completions]
         totals, parts = self.rewards.score(texts, [u.fields for u in units for _ in range(group)])
         columns = [parts[name] for name in self.rewards.names]
@@ -173,7 +196,7 @@ class GrpoObjective(Objective):
         sampled = "old_logps" not in batch
         stats = [
             rewards.new_tensor(float(sampled)),
-            batch["rollout_s"] if sampled else zero,
+            batch.get("rollout_s", zero),  # on a sampling step's first pass
             rewards.new_tensor(float(len(rewards))),
             rewards.sum(),
             (rewards**2).sum(),

@@ -177,6 +177,7 @@ class Fit:
         start = self.state.micro_step
         obj.start_step(self.state.step)
         passes = [[self.train_units[i] for i in p] for p in self.order.passes(start)]
+        obj.prepare(passes)
         batches = [obj.collate(units, True) for units in passes]
         # [normaliser, supervised tokens, input tokens of process 0, 1, ...]: one all-reduce gives the totals
         host_counts = [0.0] * (2 + self.world)

@@ -55,6 +55,9 @@ class Objective:
     def start_step(self, step: int) -> None:
         """Called before a training step's batches are made, with the number of steps done (restored on resume)."""
 
+    def prepare(self, passes: list[list]) -> None:
+        """Called with a training step's units, pass by pass, before any of its passes is collated."""
+
     def checkpoint_tensors(self, step: int) -> dict[str, torch.Tensor]:
         """What a checkpoint at ``step`` (steps done) needs of the objective for the next steps to train as an
         uninterrupted run would, besides weights, optimizer, RNG and counters; every process calls it (it may

@@ -261,7 +261,7 @@ def objective_for(cfg: Config, model: TrainingModel, tokenizer, data: RunData) -
     start = StartWeights(model.peft) if cfg.model.adapter else None  # the reference is the start, not the base
     if cfg.train.objective == "grpo":
         stops = stop_ids(tokenizer, model.peft.generation_config, data.chat_template)
-        return GrpoObjective(cfg, model.peft, tokenizer, data.rewards, stops, start)
+        return GrpoObjective(cfg, model.peft, tokenizer, data.rewards, stops, start, fast=model.fast is not None)
     unpaired = isinstance(data.train[0], UnpairedResponse)
     return PreferenceObjective(cfg, model.peft, tokenizer.pad_token_id, unpaired, model.fast is not None, start)
 
