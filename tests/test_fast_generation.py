@@ -14,6 +14,7 @@ import torch
 from test_fast_model import _config, _four_bit_models, _peft_model, cuda
 
 from kotune.fast import generation
+from kotune.fast.decoder import FastCausalLM
 from kotune.fast.generation import FastGenerator, unusable_reason
 from kotune.inference import generate as inference
 from kotune.inference.generate import ModelSteps, Sampling, left_pad
@@ -88,7 +89,8 @@ def test_only_models_the_fast_path_computes_exactly_get_the_generator():
 @pytest.mark.parametrize("kind", ["llama", "qwen3-window", "gemma3_text"])
 def test_bf16_four_bit_graph_replays_equal_eager_steps_and_follow_transformers(tmp_path, kind):
     """A recorded decode step replays exactly what the eager step computes (the same kernels); both stay within
-    bf16 rounding of transformers' forward on the same 4-bit model and adapter."""
+    bf16 rounding of transformers' forward on the same 4-bit model and adapter; with the embedding table in host
+    memory (GRPO's training fast path puts it there) the steps compute the same."""
     _, model = _four_bit_models(tmp_path, kind)
     model.eval()
     with torch.no_grad():
@@ -98,3 +100,10 @@ def test_bf16_four_bit_graph_replays_equal_eager_steps_and_follow_transformers(t
     _assert_same_logits(replayed, eager, rtol=0, atol=0)
     scale = max(w.abs().max().item() for w in want[0])
     _assert_same_logits(eager, want, rtol=0, atol=0.05 * scale)
+    # GRPO's training fast path moves an untied embedding table to host memory: the generator reads it there
+    FastCausalLM(model, torch.bfloat16, checkpoint=True, offload=True, fused=True, host_embeddings=True)
+    if kind != "qwen3-window":  # qwen3's test model ties its embeddings: the table stays on the GPU
+        assert not model.get_input_embeddings().weight.is_cuda
+    with torch.no_grad():
+        host = _logits(FastGenerator(model), PROMPTS, "cuda")
+    _assert_same_logits(host, eager, rtol=0, atol=1e-3 * scale)

@@ -39,8 +39,9 @@ def build(peft_model, cfg: Config, **levers):
     """
     from kotune.fast.decoder import FastCausalLM
 
-    # GRPO samples through the peft model itself, whose forward needs its embedding table on the GPU
-    host_embeddings = cfg.train.objective != "grpo"
+    # GRPO samples through kotune.fast.generation, which reads the table where it is; its KL reference pass (beta)
+    # runs the peft model's own forward, which needs the table on the GPU
+    host_embeddings = cfg.train.objective != "grpo" or not cfg.grpo.beta
     options = {"offload": True, "fused": True, "host_embeddings": host_embeddings, "triton_dequant": True, **levers}
     return FastCausalLM(
         peft_model,

@@ -23,7 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kotune.fast.decoder import Decoder, DecoderLayer, Rows, norm_eps, rotary_tables
+from kotune.fast.decoder import Decoder, DecoderLayer, HostEmbedding, Rows, norm_eps, rotary_tables
 from kotune.fast.families import gpu_unchecked_reason, unsupported_reason
 from kotune.fast.lora import UnsupportedModule
 
@@ -66,6 +66,9 @@ class FastGenerator:
         self.dtype = self.d.head.weight.dtype
         self.device = self.d.head.weight.device
         self.graphs = graphs and self.device.type == "cuda"
+        # where the training fast path keeps the embedding table in host memory, rows are gathered there too
+        on_host = self.d.embed.weight.device.type == "cpu" and self.device.type == "cuda"
+        self.host = HostEmbedding(self.d.embed) if on_host else None
         self.windows = sorted({layer.spec.window for layer in self.d.layers if layer.spec.window is not None})
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -79,9 +82,9 @@ class FastGenerator:
             heads = layer.proj["k_proj"].base.out_features // layer.head_dim
             self.k.append(torch.zeros(batch, heads, length, layer.head_dim, **kw))
             self.v.append(torch.zeros(batch, heads, length, layer.head_dim, **kw))
-        # what a decode step reads, in tensors a recorded graph keeps reading: the new tokens, their positions and
-        # column, and per window the columns each row attends to
-        self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        # what a decode step reads, in tensors a recorded graph keeps reading: the new tokens' embeddings, their
+        # positions and column, and per window the columns each row attends to
+        self.x = torch.zeros(batch, 1, self.d.embed.weight.shape[1], **kw)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.column = torch.zeros(1, dtype=torch.long, device=self.device)
         self.masks = {w: torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=self.device) for w in self._keys()}
@@ -115,7 +118,7 @@ class FastGenerator:
             masks = {
                 w: (allowed if w is None else allowed & (columns[None] > query - w))[:, None] for w in self._keys()
             }
-            logits.append(self._forward(ids[rows], pos[rows], columns[:width], masks, rows))
+            logits.append(self._forward(self._embed(ids[rows]), pos[rows], columns[:width], masks, rows))
         return torch.cat(logits)
 
     @torch.no_grad()
@@ -127,7 +130,7 @@ class FastGenerator:
         columns = torch.arange(self.valid.shape[1], device=self.device)
         for w, m in self.masks.items():
             m.copy_((self.valid if w is None else self.valid & (columns > c - w))[:, None, None])
-        self.token.copy_(token[:, None])
+        self.x.copy_(self._embed(token[:, None]))  # outside the graph: the table may be in host memory
         self.position += 1
         self.column.fill_(c)
         if not self.graphs:
@@ -146,12 +149,15 @@ class FastGenerator:
         return self._graph[1]
 
     def _decode(self) -> torch.Tensor:
-        return self._forward(self.token, self.position, self.column, self.masks)
+        return self._forward(self.x, self.position, self.column, self.masks)
 
-    def _forward(self, ids, pos, columns, masks, rows: slice = slice(None)) -> torch.Tensor:
-        """Logits of the last column of ``ids``, the batch ``rows`` of the cache (all: a decode step)."""
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.d.embed(ids) if self.host is None else self.host(ids)).to(self.dtype)
+
+    def _forward(self, x, pos, columns, masks, rows: slice = slice(None)) -> torch.Tensor:
+        """Logits after the last column of ``x`` (embedded tokens), for the batch ``rows`` of the cache (all of
+        them: a decode step)."""
         d = self.d
-        x = d.embed(ids).to(self.dtype)
         tables = Rows(rotary_tables(d.rotary, d.tables, x, pos), None, None, training=False)
         for i, layer in enumerate(d.layers):
             x = layer(x, tables, functools.partial(self._attend, i, rows, columns, masks))
@@ -176,7 +182,7 @@ class FastGenerator:
 
 def fast_generator(model) -> FastGenerator | None:
     """A :class:`FastGenerator` for ``model`` on CUDA, None where transformers' own forward must generate."""
-    if not next(model.parameters()).is_cuda or unusable_reason(model) is not None:
+    if not model.get_output_embeddings().weight.is_cuda or unusable_reason(model) is not None:
         return None
     try:
         return FastGenerator(model)

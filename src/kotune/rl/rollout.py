@@ -78,7 +78,9 @@ def rollout(model, tokenizer, prompts: list[list[int]], seeds: list[int], s: Sam
     training = model.training
     model.eval()
     try:
-        return _decode(steps or ModelSteps(model), tokenizer, prompts, seeds, s, next(model.parameters()).device)
+        # the output layer's device: the fast path may keep the embedding table in host memory
+        device = model.get_output_embeddings().weight.device
+        return _decode(steps or ModelSteps(model), tokenizer, prompts, seeds, s, device)
     finally:
         model.train(training)
 

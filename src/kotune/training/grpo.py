@@ -96,6 +96,8 @@ class GrpoObjective(Objective):
             from kotune.fast.generation import fast_generator
 
             self.generator = fast_generator(peft_model)
+            if self.generator is None:  # the fast path may have put the embedding table in host memory
+                raise RuntimeError("the fast path trains this model but kotune.fast.generation cannot sample it")
         self.rewards, self.start = rewards, start
         self.components = [f"reward[{name}]" for name in rewards.names]
         self.extra_keys = (
