@@ -10,6 +10,7 @@ import torch
 
 from kotune import run_folder
 from kotune.data import conversations
+from kotune.fast.generation import positions
 from kotune.inference import generate as inference
 from kotune.inference import load
 from kotune.inference.generate import Sampling
@@ -41,8 +42,6 @@ def test_left_pad_and_positions():
     ids, mask = inference.left_pad([[5, 6, 7], [8]], pad_id=0, device="cpu")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    from kotune.fast.generation import positions
-
     assert positions(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
 
 

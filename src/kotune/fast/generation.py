@@ -182,7 +182,8 @@ class FastGenerator:
 
 def fast_generator(model) -> FastGenerator | None:
     """A :class:`FastGenerator` for ``model`` on CUDA, None where transformers' own forward must generate."""
-    if not model.get_output_embeddings().weight.is_cuda or unusable_reason(model) is not None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not head.weight.is_cuda or unusable_reason(model) is not None:
         return None
     try:
         return FastGenerator(model)

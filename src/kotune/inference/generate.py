@@ -154,11 +154,10 @@ class ModelSteps:
         logits, self.cache = decode_step(self.model, token, self.mask, self.cache)
         return logits
 
-    def drop(self, keep: torch.Tensor) -> bool:
+    def drop(self, keep: torch.Tensor) -> None:
         """Keep only the batch rows ``keep`` (the others stopped): their cache and mask shrink."""
         self.cache.reorder_cache(keep)
         self.mask = self.mask[keep]
-        return True
 
     def release(self) -> None:
         self.cache = None
