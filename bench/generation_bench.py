@@ -54,16 +54,20 @@ def prompts(n: int) -> list[list[int]]:
     return [[rng.randrange(1000, 128000) for _ in range(PROMPT_TOKENS)] for _ in range(n)]
 
 
-def transformers_generate(model, rows: list[list[int]]) -> list[list[int]]:
+def greedy(model, ids, mask, **extra):
+    """transformers' ``generate``: greedy, exactly NEW tokens a row (EOS ignored), ``extra`` passed on."""
     import torch
 
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
+                              min_new_tokens=NEW, pad_token_id=0, **extra)  # fmt: skip
+
+
+def transformers_generate(model, rows: list[list[int]]) -> list[list[int]]:
     from kotune.inference.generate import left_pad
 
     ids, mask = left_pad(rows, 0, "cuda")
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
-                             min_new_tokens=NEW, pad_token_id=0)  # fmt: skip
-    return out[:, ids.shape[1] :].tolist()
+    return greedy(model, ids, mask)[:, ids.shape[1] :].tolist()
 
 
 def kotune_generate(model, rows: list[list[int]]) -> list[list[int]]:
@@ -94,16 +98,7 @@ def agreement(model, rows: list[list[int]]) -> dict:
 
     ids, mask = left_pad(rows, 0, "cuda")
     with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=NEW,
-            min_new_tokens=NEW,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        out = greedy(model, ids, mask, output_logits=True, return_dict_in_generate=True)
         reply = out.sequences[:, ids.shape[1] :]
         picked = torch.stack(out.logits, 1).float()  # [batch, NEW, vocab]
         fast = fast_generator(model)

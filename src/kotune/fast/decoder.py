@@ -135,7 +135,7 @@ class Decoder:
             raise UnsupportedModule(reason)
         inner = base.model.language_model if hasattr(base.model, "language_model") else base.model  # Gemma 3's
         spec = family(base.config)
-        self.inner, self.embed, self.norm = inner, inner.embed_tokens, inner.norm
+        self.embed, self.norm = inner.embed_tokens, inner.norm
         self.rotary, self.head = inner.rotary_emb, base.get_output_embeddings()
         if getattr(self.head.weight, "quant_state", None) is not None:
             raise UnsupportedModule("a quantized output layer")
@@ -225,15 +225,14 @@ class FastCausalLM(torch.nn.Module):
         d = Decoder(peft_model.get_base_model(), fused, triton_dequant)
         self.ops, self.layers, self._final_norm, self._tables = d.ops, d.layers, d.final_norm, d.tables
         self._parts = (d.embed, d.norm, d.rotary, d.head)
-        inner = d.inner
-        device = self._parts[3].weight.device  # the output layer's: the embedding may already be in host memory
+        device = d.head.weight.device  # the output layer's: the embedding may already be in host memory
         self.store = ActivationStore(device, offload)
-        tied = inner.embed_tokens.weight.data_ptr() == self._parts[3].weight.data_ptr()
+        tied = d.embed.weight.data_ptr() == d.head.weight.data_ptr()
         self.host_embedding = None
         if host_embeddings and device.type == "cuda" and not tied:
-            self.host_embedding = HostEmbedding(inner.embed_tokens)
+            self.host_embedding = HostEmbedding(d.embed)
         else:  # where an earlier fast model of this peft model may have left it
-            inner.embed_tokens.to(device)
+            d.embed.to(device)
 
     def forward(
         self, input_ids, labels, position_ids=None, cu_seqlens=None, per_sequence=False, host=None, temperature=None
