@@ -53,6 +53,9 @@ VARIANTS = {
     # the same 8 sequences a step in fewer, longer passes (micro-batch x accumulation stays 8)
     "fullmb2": {"packing": "full", "optimizer": "adamw_fused", "micro_batch_size": 2},
     "fullmb4": {"packing": "full", "optimizer": "adamw_fused", "micro_batch_size": 4},
+    # what LoRA dropout costs: the case's own settings with lora.dropout 0
+    "nodrop": {"dropout": 0.0},
+    "fullnodrop": {"packing": "full", "optimizer": "adamw_fused", "dropout": 0.0},
 }
 
 
@@ -138,6 +141,7 @@ def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
     packing = options.pop("packing", "auto")
     optimizer = options.pop("optimizer", "paged_adamw_8bit")
     micro_batch = options.pop("micro_batch_size", 1)
+    case = replace(case, dropout=options.pop("dropout", case.dropout))
     steps = None if case.name == "V" and not args.steps else case.steps + case.warm
     cfg = case_config(case, args.model_dir, args.plain, packing, steps)
     cfg.train.optimizer = optimizer if torch.cuda.is_available() else cfg.train.optimizer
