@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CASES, MODEL_DIR, V_ROWS, V_SEED, Case, anchor, emit, fixed_rows, gpu_name  # noqa: E402
 
 from kotune import fast  # noqa: E402
+from kotune.fast import decoder  # noqa: E402
 from kotune.config import Config  # noqa: E402
 from kotune.config_load import load_config  # noqa: E402
 from kotune.data.batching import epoch_order  # noqa: E402
@@ -56,6 +57,8 @@ VARIANTS = {
     # what LoRA dropout costs: the case's own settings with lora.dropout 0
     "nodrop": {"dropout": 0.0},
     "fullnodrop": {"packing": "full", "optimizer": "adamw_fused", "dropout": 0.0},
+    # the adapter cast to bf16 at each use (~7 a pass) instead of once a pass (kotune.fast.decoder.CAST_PER_PASS)
+    "castsperuse": {"casts_per_use": True},
 }
 
 
@@ -142,6 +145,7 @@ def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
     optimizer = options.pop("optimizer", "paged_adamw_8bit")
     micro_batch = options.pop("micro_batch_size", 1)
     case = replace(case, dropout=options.pop("dropout", case.dropout))
+    decoder.CAST_PER_PASS = not options.pop("casts_per_use", False)
     steps = None if case.name == "V" and not args.steps else case.steps + case.warm
     cfg = case_config(case, args.model_dir, args.plain, packing, steps)
     cfg.train.optimizer = optimizer if torch.cuda.is_available() else cfg.train.optimizer

@@ -32,6 +32,10 @@ from kotune.fast.loss import linear_cross_entropy_sum, linear_sequence_logps, li
 from kotune.fast.ops import Ops
 from kotune.fast.tiled import TILE_FROM, tiled
 
+CAST_PER_PASS = True
+"""Cast the adapter to the compute dtype once a training pass (``Rows.casts``); False: at each use (the bench's
+``castsperuse`` ablation)."""
+
 
 @dataclass
 class Rows:
@@ -41,6 +45,9 @@ class Rows:
     cu_seqlens: torch.Tensor | None
     bounds: list[int] | None
     training: bool
+    casts: dict | None = None
+    """A training pass's adapter in the compute dtype, filled as the layers first use it (``lora.adapter_in``);
+    None: cast at each use (generation, whose CUDA graphs must read the adapter as it is at each replay)."""
 
 
 Attend = Callable[["DecoderLayer", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -90,7 +97,7 @@ class DecoderLayer:
     def _attention(self, h: torch.Tensor, rows: Rows, attend: Attend | None) -> torch.Tensor:
         b, t, _ = h.shape
         p, train = self.proj, rows.training
-        q, k, v = (project(h, p[n], train).view(b, t, -1, self.head_dim) for n in ATTENTION[:3])
+        q, k, v = (project(h, p[n], train, rows.casts).view(b, t, -1, self.head_dim) for n in ATTENTION[:3])
         if self.qk_norms is not None:
             q, k = self._norm(q, self.qk_norms[0]), self._norm(k, self.qk_norms[1])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -103,7 +110,7 @@ class DecoderLayer:
             a = causal_attention(q, k, v, self.groups, self.scale, window)
         else:
             a = packed_attention(q, k, v, self.groups, rows.cu_seqlens, rows.bounds, self.scale, window)
-        return project(a.transpose(1, 2).reshape(b, t, -1), p["o_proj"], train)
+        return project(a.transpose(1, 2).reshape(b, t, -1), p["o_proj"], train, rows.casts)
 
     def __call__(self, x: torch.Tensor, rows: Rows, attend: Attend | None = None) -> torch.Tensor:
         """The layer's output for ``x``; ``attend(layer, q, k, v)``, when given, computes the attention instead
@@ -114,15 +121,15 @@ class DecoderLayer:
         x = x + self._norm(self._attention(self._norm(x, attn_in), rows, attend), attn_out, in_place=False)
         h = self._norm(x, mlp_in)
         if h.shape[0] * h.shape[1] > TILE_FROM:  # a long pass: the MLP's activations a slice at a time
-            m = tiled(lambda t: self._mlp(t, train), h, self._mlp_params, train and self._mlp_dropout)
+            m = tiled(lambda t: self._mlp(t, train, rows.casts), h, self._mlp_params, train and self._mlp_dropout)
         else:
-            m = self._mlp(h, train)
+            m = self._mlp(h, train, rows.casts)
         return x + self._norm(m, mlp_out, in_place=False)
 
-    def _mlp(self, h: torch.Tensor, train: bool) -> torch.Tensor:
+    def _mlp(self, h: torch.Tensor, train: bool, casts: dict | None) -> torch.Tensor:
         p = self.proj
-        m = self._act(project(h, p["gate_proj"], train), project(h, p["up_proj"], train))
-        return project(m, p["down_proj"], train)
+        m = self._act(project(h, p["gate_proj"], train, casts), project(h, p["up_proj"], train, casts))
+        return project(m, p["down_proj"], train, casts)
 
 
 class Decoder:
@@ -257,7 +264,8 @@ class FastCausalLM(torch.nn.Module):
                 bounds = host.bounds
             else:
                 bounds = None if cu_seqlens is None else cu_seqlens.tolist()
-            rows = Rows(tables, cu_seqlens, bounds, self.training and torch.is_grad_enabled())
+            training = self.training and torch.is_grad_enabled()
+            rows = Rows(tables, cu_seqlens, bounds, training, {} if training and CAST_PER_PASS else None)
             keep = self.checkpoint and torch.is_grad_enabled()
             rng = rows.training and any(p.dropout > 0 for layer in self.layers for p in layer.proj.values())
             for i, layer in enumerate(self.layers):

@@ -89,7 +89,7 @@ def _check_base(module: torch.nn.Module) -> None:
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_lora, proj: Projection, a, b, dtype):
+    def forward(ctx, x, x_lora, proj: Projection, a, b, dtype, casts):
         w = proj.weight(dtype)
         out = torch.nn.functional.linear(x, w, proj.bias(dtype))
         del w
@@ -97,39 +97,54 @@ class _LoraLinear(torch.autograd.Function):
         if a is None:
             ctx.save_for_backward(None, None, None, None)
             return out
+        a_c, b_c = adapter_in(proj, dtype, casts)
+        ctx.param_dtypes = a.dtype, b.dtype
         flat = x_lora.reshape(-1, x_lora.shape[-1])
-        xa = flat @ a.to(dtype).T
+        xa = flat @ a_c.T
         out2d = out.view(-1, out.shape[-1])
-        out2d.addmm_(xa, b.to(dtype).T, alpha=proj.scale)
-        ctx.save_for_backward(flat, xa, a, b)
+        out2d.addmm_(xa, b_c.T, alpha=proj.scale)
+        ctx.save_for_backward(flat, xa, a_c, b_c)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        flat, xa, a, b = ctx.saved_tensors
+        flat, xa, a, b = ctx.saved_tensors  # the adapter already in the compute dtype
         proj, dtype = ctx.proj, ctx.dtype
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
         grad_x = grad_x_lora = grad_a = grad_b = None
-        gb = None if a is None else (g @ b.to(dtype)) * proj.scale
+        gb = None if a is None else (g @ b) * proj.scale
         if ctx.needs_input_grad[0]:
             grad_x = g @ proj.weight(dtype)
             if gb is not None and ctx.shared:
-                grad_x.addmm_(gb, a.to(dtype))
+                grad_x.addmm_(gb, a)
             grad_x = grad_x.view(grad_out.shape[:-1] + (grad_x.shape[-1],))
         if gb is not None and ctx.needs_input_grad[1] and not ctx.shared:
-            grad_x_lora = (gb @ a.to(dtype)).view(grad_out.shape[:-1] + (a.shape[1],))
+            grad_x_lora = (gb @ a).view(grad_out.shape[:-1] + (a.shape[1],))
         if a is not None:
-            grad_a = (gb.T @ flat).to(a.dtype)
-            grad_b = (proj.scale * (g.T @ xa)).to(b.dtype)
-        return grad_x, grad_x_lora, None, grad_a, grad_b, None
+            grad_a = (gb.T @ flat).to(ctx.param_dtypes[0])
+            grad_b = (proj.scale * (g.T @ xa)).to(ctx.param_dtypes[1])
+        return grad_x, grad_x_lora, None, grad_a, grad_b, None, None
 
 
-def project(x: torch.Tensor, proj: Projection, training: bool) -> torch.Tensor:
-    """``proj``'s output for ``x`` in ``x``'s dtype (LoRA dropout applied when training)."""
+def adapter_in(proj: Projection, dtype: torch.dtype, casts: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``proj``'s LoRA A and B in ``dtype``, detached. ``casts``, when given, keeps them for the rest of one
+    forward and its backward (the adapter does not change in between): cast once a pass instead of at each of the
+    ~7 uses (forward, recomputation, backward), a launch each."""
+    if casts is not None and id(proj) in casts:
+        return casts[id(proj)]
+    pair = proj.lora_a.detach().to(dtype), proj.lora_b.detach().to(dtype)
+    if casts is not None:
+        casts[id(proj)] = pair
+    return pair
+
+
+def project(x: torch.Tensor, proj: Projection, training: bool, casts: dict | None = None) -> torch.Tensor:
+    """``proj``'s output for ``x`` in ``x``'s dtype (LoRA dropout applied when training); ``casts``: one pass's
+    store of the adapter in the compute dtype (:func:`adapter_in`)."""
     x_lora = x
     if proj.lora_a is not None and training and proj.dropout > 0:
         x_lora = torch.nn.functional.dropout(x, proj.dropout, training=True)
-    return _LoraLinear.apply(x, x_lora, proj, proj.lora_a, proj.lora_b, x.dtype)
+    return _LoraLinear.apply(x, x_lora, proj, proj.lora_a, proj.lora_b, x.dtype, casts)
 
 
 def reference_project(x: torch.Tensor, proj: Projection, training: bool) -> torch.Tensor:
