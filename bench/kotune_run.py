@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CASES, MODEL_DIR, V_ROWS, V_SEED, Case, anchor, emit, fixed_rows, gpu_name  # noqa: E402
 
 from kotune import fast  # noqa: E402
-from kotune.fast import decoder  # noqa: E402
 from kotune.config import Config  # noqa: E402
 from kotune.config_load import load_config  # noqa: E402
 from kotune.data.batching import epoch_order  # noqa: E402
 from kotune.data.examples import Example  # noqa: E402
 from kotune.data.order import feeds_packed  # noqa: E402
+from kotune.fast import decoder  # noqa: E402
 from kotune.model.load import load_base_model, load_tokenizer  # noqa: E402
 from kotune.model.lora import attach_lora  # noqa: E402
 from kotune.training.build import TrainingModel  # noqa: E402
