@@ -199,3 +199,14 @@ def test_grpo_iterations_sample_once_a_group_and_train_every_step():
     trained_once = once.run_seconds - once.sample_seconds
     assert twice.run_seconds - twice.sample_seconds == pytest.approx(2 * trained_once)
     assert twice.run_seconds < 2 * once.run_seconds
+
+
+def test_the_longest_sequence_note_says_the_host_memory_its_layer_inputs_need():
+    """On the fast path a pass parks every layer's input in pinned host memory (32 x 4,096 x 2 bytes a token at
+    8B), which on an 80 GB card's host is the tighter limit: the note names it beside the length."""
+    plan = est.estimate(LLAMA3_8B, config(), [100, 300], gpu_named("H100-80GB"), fast=True)
+    (note,) = [n for n in plan.notes if n.startswith("the longest single sequence")]
+    longest = est.longest_sequence(LLAMA3_8B, config(), gpu_named("H100-80GB"), fast=True)
+    assert f"{longest:,} tokens" in note and f"need {est.gib(32 * longest * 4096 * 2)} of host memory" in note
+    plain = est.estimate(LLAMA3_8B, config(), [100, 300], gpu_named("H100-80GB"), fast=False)
+    assert "host memory" not in next(n for n in plain.notes if n.startswith("the longest single sequence"))

@@ -278,7 +278,8 @@ def estimate(shape: ModelShape, cfg: Config, lengths: list[int], gpu: Gpu, fast:
     if sampling:
         plan.notes.append(sampling_note(cfg, sampling))
     longest_fit = longest_sequence(shape, cfg, gpu, fast, shards)
-    plan.notes.append(f"the longest single sequence this plan fits: {longest_fit:,} tokens (one row a pass)")
+    host = f"; its layer inputs need {gib(host_bytes(shape, cfg, longest_fit))} of host memory" if fast else ""
+    plan.notes.append(f"the longest single sequence this plan fits: {longest_fit:,} tokens (one row a pass{host})")
     parked = host_bytes(shape, cfg, longest.tokens)
     if fast and parked >= GiB:  # the fast path parks layer inputs in host memory: a long pass needs much of it
         plan.notes.append(f"host memory: the longest pass's layer inputs wait in {gib(parked)} of pinned host memory")
