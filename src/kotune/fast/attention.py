@@ -126,20 +126,15 @@ def packed_attention(
         return packed_attention_reference(q, k, v, groups, bounds, scale, window)
     from torch.nn.attention.varlen import varlen_attn
 
-    kwargs = _varlen_kwargs(scale, window)
-    if groups > 1 and "enable_gqa" in _varlen_params():
-        kwargs["enable_gqa"] = True  # the kernel reads the shared heads: no repeated copies, forward or backward
-    else:  # releases without it want as many key/value heads as query heads
-        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-    # varlen takes [total, heads, d]: the projections' own layout, so these transposes copy nothing
+    # varlen takes [total, heads, d]; keys/values are repeated so every release's kernel accepts them
     out = varlen_attn(
         q[0].transpose(0, 1).contiguous(),
-        k[0].transpose(0, 1).contiguous(),
-        v[0].transpose(0, 1).contiguous(),
+        repeat_kv(k, groups)[0].transpose(0, 1).contiguous(),
+        repeat_kv(v, groups)[0].transpose(0, 1).contiguous(),
         cu_seqlens,
         cu_seqlens,
         longest,
         longest,
-        **kwargs,
+        **_varlen_kwargs(scale, window),
     )
     return out.transpose(0, 1).unsqueeze(0)
