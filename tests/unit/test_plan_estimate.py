@@ -210,3 +210,19 @@ def test_the_longest_sequence_note_says_the_host_memory_its_layer_inputs_need():
     assert f"{longest:,} tokens" in note and f"need {est.gib(32 * longest * 4096 * 2)} of host memory" in note
     plain = est.estimate(LLAMA3_8B, config(), [100, 300], gpu_named("H100-80GB"), fast=False)
     assert "host memory" not in next(n for n in plain.notes if n.startswith("the longest single sequence"))
+
+
+def test_a_pass_whose_layer_inputs_outgrow_the_host_memory_is_refused_with_its_size():
+    """The fast path parks 32 x 4,096 x 2 bytes a token at 8B in pinned host memory: 84 GiB for a 344,064-token
+    row, which a 125 GiB host holds and a 64 GiB host does not (its out-of-memory killer would end the run)."""
+    cfg = config(**{"data.cutoff_len": 344_064, "train.micro_batch_size": 1, "train.gradient_accumulation_steps": 1})
+    plan = est.estimate(LLAMA3_8B, cfg, [344_064], gpu_named("H100-80GB"), fast=True)
+    assert gate.host_refusal(plan, LLAMA3_8B, cfg, 125 * GiB, processes=1) is None
+    why = gate.host_refusal(plan, LLAMA3_8B, cfg, 64 * GiB, processes=1)
+    assert "344,064 tokens, parks 84.00 GiB" in why and "64.00 GiB available" in why and "data.cutoff_len=172032" in why
+    # two processes on the host park twice; the plain path and an unreadable meminfo park nothing kotune can see
+    assert "2 processes" in gate.host_refusal(plan, LLAMA3_8B, cfg, 125 * GiB, processes=2)
+    plain = est.estimate(LLAMA3_8B, cfg, [344_064], gpu_named("H100-80GB"), fast=False)
+    assert gate.host_refusal(plain, LLAMA3_8B, cfg, 64 * GiB, processes=1) is None
+    assert gate.host_refusal(plan, LLAMA3_8B, cfg, None, processes=1) is None
+    assert gate.available_host_bytes() is None or gate.available_host_bytes() > 0

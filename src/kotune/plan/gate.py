@@ -6,11 +6,12 @@ naming the rows and the setting to change in the first seconds.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 from kotune.config import Config
 from kotune.errors import KotuneError
-from kotune.plan.estimate import Plan, estimate, gib, render
+from kotune.plan.estimate import Plan, estimate, gib, host_bytes, render
 from kotune.plan.gpus import Gpu
 from kotune.plan.packing_advice import packing_advice
 from kotune.plan.shape import ModelShape, shape_of
@@ -99,6 +100,40 @@ def refusal(plan: Plan, cfg: Config) -> str:
     )
 
 
+HOST_SHARE = 0.9
+"""Of the host memory available, what a run's parked layer inputs may take: the process needs the rest (13 GB of
+host memory beside 84 GiB of inputs, measured at 8B and 344,064 tokens; ``bench/RESULTS.md``)."""
+
+
+def available_host_bytes() -> int | None:
+    """The host memory available to new allocations (Linux's ``MemAvailable``); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def host_refusal(plan: Plan, shape: ModelShape, cfg: Config, available: int | None, processes: int) -> str | None:
+    """Why the fast path's longest pass would not fit the host's memory, or None. With gradient checkpointing it
+    parks every layer's input in pinned host memory (``kotune.fast.checkpoint``), each of this host's
+    ``processes`` its own; past what the host has, the kernel's out-of-memory killer ends the run, no message."""
+    if not (plan.fast and cfg.model.gradient_checkpointing) or available is None:
+        return None
+    parked = host_bytes(shape, cfg, plan.longest.tokens) * processes
+    if parked <= HOST_SHARE * available:
+        return None
+    p, each = plan.longest, f" ({processes} processes, each its own)" if processes > 1 else ""
+    return (
+        f"the longest pass, step {p.step + 1}, {p.tokens:,} tokens, parks {gib(parked)} of layer inputs in pinned host "
+        f"memory{each}, and this machine has {gib(available)} available: the host would stop the run. Try "
+        f"data.cutoff_len={cfg.data.cutoff_len // 2} (longer rows are cut) or fewer tokens a pass, or --force"
+    )
+
+
 def check_before_loading(
     cfg: Config, model_path: str, lengths: list[int], world: int, force: bool, fit: bool, log
 ) -> Config:
@@ -131,6 +166,9 @@ def check_before_loading(
         log(line)
     if not plan.fits and not force:
         raise WouldNotFit(refusal(plan, cfg))
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # torchrun's processes on this host
+    if not force and (why := host_refusal(plan, shape, cfg, available_host_bytes(), processes)):
+        raise WouldNotFit(why)
     if advice := packing_advice(cfg, lengths, world, plan, shape):
         log(advice)
     return cfg
