@@ -285,6 +285,35 @@ def test_per_token_logps_at_a_temperature_match_the_plain_path():
     _assert_same(_loss_and_grads(_fast(model), params, loss, batch), _loss_and_grads(model, params, loss, batch))
 
 
+def test_grpo_reference_logps_on_the_fast_path_are_the_plain_paths():
+    """GRPO's KL reference (``grpo.beta``) through the fast model (LoRA B zeroed, or the starting adapter swapped
+    in) gives the plain path's token log-probs (adapter switched off, or swapped in), and leaves the adapter as it
+    was; LoRA dropout stays out of both."""
+    from kotune.training.objectives import StartWeights, reference_of, token_logps
+
+    model = _peft_model(targets="all-linear", dropout=0.3)
+    batch = collate(_rows([13, 6, 9]), pad_id=0)
+    fast = _fast(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    start = StartWeights(model)
+    with torch.no_grad():
+        for p in _params(model):
+            p.add_(0.05)
+    got = {}
+    for weights in (None, start):
+        with reference_of(model, weights) as plain:
+            want = token_logps(plain, batch, temperature=0.7)
+        with reference_of(model, weights, fast) as runner:
+            assert runner is fast and not fast.training
+            got[weights] = token_logps(runner, batch, temperature=0.7)
+        torch.testing.assert_close(got[weights], want)
+        assert fast.training and model.training
+    assert not torch.allclose(got[None], got[start])  # the base and the starting adapter are two references
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, before[n] + 0.05)
+
+
 def test_eval_mode_and_no_grad_give_the_eval_loss():
     model = _peft_model(dropout=0.3)
     batch = collate(_rows([10, 4]), pad_id=0)

@@ -39,10 +39,9 @@ def build(peft_model, cfg: Config, **levers):
     """
     from kotune.fast.decoder import FastCausalLM
 
-    # GRPO samples through kotune.fast.generation, which reads the table where it is; its KL reference pass (beta)
-    # runs the peft model's own forward, which needs the table on the GPU
-    host_embeddings = cfg.train.objective != "grpo" or not cfg.grpo.beta
-    options = {"offload": True, "fused": True, "host_embeddings": host_embeddings, "triton_dequant": True, **levers}
+    # GRPO samples through kotune.fast.generation, which reads the table where it is, and computes its KL reference
+    # (grpo.beta) on this model too (``training.objectives.reference_of``)
+    options = {"offload": True, "fused": True, "host_embeddings": True, "triton_dequant": True, **levers}
     return FastCausalLM(
         peft_model,
         compute_dtype=cfg.model.torch_dtype(),

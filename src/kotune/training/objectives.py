@@ -182,10 +182,11 @@ def lora_b_zeroed(model):
                 params[name].copy_(value)
 
 
-def reference_logps(model, batch, start: StartWeights | None = None, fast=None) -> torch.Tensor:
-    """Summed log-probs under the reference, without gradients: the starting weights when ``start`` is given,
-    else the same model with its LoRA adapter switched off (the base). ``fast``: the fast-path model computing
-    them (from the same weights)."""
+@contextmanager
+def reference_of(model, start: StartWeights | None = None, fast=None):
+    """A block, without gradients, in which the module it yields computes the reference: the starting weights
+    when ``start`` is given, else the same model with its LoRA adapter switched off (the base). ``fast``: the
+    fast-path model of ``model`` (it reads the same weights), which then computes it."""
     if start is not None:
         switch = start.swapped_in(model)
     elif fast is not None:
@@ -197,9 +198,15 @@ def reference_logps(model, batch, start: StartWeights | None = None, fast=None) 
     runner.eval()  # the reference is deterministic: no LoRA dropout in its pass (the start weights have LoRA)
     try:
         with torch.no_grad(), switch:
-            return sequence_logps(runner, batch)[0]
+            yield runner
     finally:
         runner.train(training)
+
+
+def reference_logps(model, batch, start: StartWeights | None = None, fast=None) -> torch.Tensor:
+    """Summed log-probs of each sequence under the reference (``reference_of``)."""
+    with reference_of(model, start, fast) as runner:
+        return sequence_logps(runner, batch)[0]
 
 
 def preference_step(
