@@ -15,6 +15,7 @@ from after the model load (the anchor's convention).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -34,7 +35,7 @@ from kotune.config_load import load_config  # noqa: E402
 from kotune.data.batching import epoch_order  # noqa: E402
 from kotune.data.examples import Example  # noqa: E402
 from kotune.data.order import feeds_packed  # noqa: E402
-from kotune.fast import decoder  # noqa: E402
+from kotune.fast import lora  # noqa: E402
 from kotune.model.load import load_base_model, load_tokenizer  # noqa: E402
 from kotune.model.lora import attach_lora  # noqa: E402
 from kotune.training.build import TrainingModel  # noqa: E402
@@ -57,7 +58,7 @@ VARIANTS = {
     # what LoRA dropout costs: the case's own settings with lora.dropout 0
     "nodrop": {"dropout": 0.0},
     "fullnodrop": {"packing": "full", "optimizer": "adamw_fused", "dropout": 0.0},
-    # the adapter cast to bf16 at each use (~7 a pass) instead of once a pass (kotune.fast.decoder.CAST_PER_PASS)
+    # the adapter cast to bf16 at each use (~7 a pass) instead of once a pass (kotune.fast.lora.adapter_in's store)
     "castsperuse": {"casts_per_use": True},
 }
 
@@ -139,13 +140,25 @@ def timed_run(fit: Fit, warm: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def casting_at_each_use(on: bool):
+    """The ``castsperuse`` ablation: ``kotune.fast.lora.adapter_in`` keeps no pass's casts, as before it did."""
+    kept = lora.adapter_in
+    if on:
+        lora.adapter_in = lambda proj, dtype, casts: kept(proj, dtype, None)
+    try:
+        yield
+    finally:
+        lora.adapter_in = kept
+
+
 def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
     options = dict(VARIANTS[variant])
     packing = options.pop("packing", "auto")
     optimizer = options.pop("optimizer", "paged_adamw_8bit")
     micro_batch = options.pop("micro_batch_size", 1)
     case = replace(case, dropout=options.pop("dropout", case.dropout))
-    decoder.CAST_PER_PASS = not options.pop("casts_per_use", False)
+    casts_per_use = options.pop("casts_per_use", False)
     steps = None if case.name == "V" and not args.steps else case.steps + case.warm
     cfg = case_config(case, args.model_dir, args.plain, packing, steps)
     cfg.train.optimizer = optimizer if torch.cuda.is_available() else cfg.train.optimizer
@@ -168,11 +181,12 @@ def run_case(base, tokenizer, case: Case, variant: str, args) -> dict:
     record = {"tool": "kotune-plain" if args.plain else "kotune", "case": case.name, "variant": variant}
     record.update(fast_path=trained.fast is not None, packing=packing, optimizer=cfg.train.optimizer)
     record.update(micro_batch_size=micro_batch, rows=len(rows), gpu=gpu_name())
-    record.update(timed_run(fit, case.warm))
-    if args.profile and torch.cuda.is_available():
-        from profile_step import profile
+    with casting_at_each_use(casts_per_use):
+        record.update(timed_run(fit, case.warm))
+        if args.profile and torch.cuda.is_available():
+            from profile_step import profile
 
-        record.update(profile(fit, f"{case.name}/{variant}"))
+            record.update(profile(fit, f"{case.name}/{variant}"))
     del fit
     model.unload()  # takes the LoRA layers out again, so the next case starts from the bare base model
     del model

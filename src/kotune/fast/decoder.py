@@ -32,10 +32,6 @@ from kotune.fast.loss import linear_cross_entropy_sum, linear_sequence_logps, li
 from kotune.fast.ops import Ops
 from kotune.fast.tiled import TILE_FROM, tiled
 
-CAST_PER_PASS = True
-"""Cast the adapter to the compute dtype once a training pass (``Rows.casts``); False: at each use (the bench's
-``castsperuse`` ablation)."""
-
 
 @dataclass
 class Rows:
@@ -265,7 +261,7 @@ class FastCausalLM(torch.nn.Module):
             else:
                 bounds = None if cu_seqlens is None else cu_seqlens.tolist()
             training = self.training and torch.is_grad_enabled()
-            rows = Rows(tables, cu_seqlens, bounds, training, {} if training and CAST_PER_PASS else None)
+            rows = Rows(tables, cu_seqlens, bounds, training, {} if training else None)
             keep = self.checkpoint and torch.is_grad_enabled()
             rng = rows.training and any(p.dropout > 0 for layer in self.layers for p in layer.proj.values())
             for i, layer in enumerate(self.layers):

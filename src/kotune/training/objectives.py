@@ -42,6 +42,11 @@ def is_fast(model) -> bool:
     return isinstance(getattr(model, "module", None) or model, FastCausalLM)
 
 
+def fast_module(forward):
+    """The fast path's ``FastCausalLM`` that ``forward`` is or wraps (DDP), None for any other module or None."""
+    return getattr(forward, "module", forward) if forward is not None and is_fast(forward) else None
+
+
 def token_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
     """Log-probability of each next token [rows, length - 1] with the logits divided by ``temperature``, in
     float32 (0 where unlabelled). Shared by the preference objectives (summed per sequence) and GRPO (per token).
@@ -223,8 +228,7 @@ def preference_step(
     responses (``desirable`` in it) trains KTO, one loss per response."""
     # the reference pass first: swapping weights in and out after the policy's forward would invalidate what
     # autograd saved for its backward
-    fast = getattr(forward, "module", forward) if forward is not None and is_fast(forward) else None
-    ref = reference_logps(model, batch, start, fast) if objective in ("dpo", "kto") else None
+    ref = reference_logps(model, batch, start, fast_module(forward)) if objective in ("dpo", "kto") else None
     logps, counts = sequence_logps(model if forward is None else forward, batch)
     if "desirable" in batch:
         if objective != "kto":
