@@ -50,7 +50,9 @@ def error(text: str, every_process: bool = True) -> None:
     """The one line a failed command ends with, on stderr; every process prints its own, unless the error is one
     each process meets alike (``every_process=False``: ``KotuneError.refusal``), which the first one says."""
     if every_process or _first_process():
-        print(f"kotune: error: {text}", file=sys.stderr)
+        # one write, newline included: print's two (text, then end) let two processes' lines run together in a log
+        sys.stderr.write(f"kotune: error: {text}\n")
+        sys.stderr.flush()
 
 
 class LineProgress:

@@ -80,3 +80,23 @@ def test_under_torchrun_a_refusal_is_said_once_and_a_process_own_error_by_each(m
             assert main(["report", "somewhere"]) == 2
             said = capsys.readouterr().err.startswith("kotune: error:")
             assert said == (rank == "0" or said_by_second), (type(error).__name__, rank)
+
+
+def test_an_error_line_is_one_write_with_its_newline(monkeypatch):
+    """Under torchrun every process writes its own error line to the same log: written as text then newline
+    (print's two writes), two processes' lines ran together on one line (CI, 2026-12-06)."""
+    import io
+    import sys
+
+    from kotune import output
+
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, s):
+            writes.append(s)
+            return len(s)
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    output.error("the step went wrong")
+    assert writes == ["kotune: error: the step went wrong\n"]
